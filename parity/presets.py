@@ -1,0 +1,27 @@
+"""Model presets as plain numbers, so the case validator can check them without importing torch."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    ffn_hidden: int
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+PRESETS = {
+    # torchtitan's llama3 debug model: dim 256, 6 layers, 16 heads, vocab 2048,
+    # FFN hidden compute_ffn_hidden_dim(256, multiple_of=256) = 768, RoPE theta 500000.
+    "debugmodel": ModelConfig(dim=256, n_layers=6, n_heads=16, vocab_size=2048, ffn_hidden=768),
+    # Small enough for unit tests on 2 CPU cores; 4 layers so interleaved PP fits 2 ranks x 2 stages.
+    "tiny": ModelConfig(dim=64, n_layers=4, n_heads=4, vocab_size=256, ffn_hidden=192),
+}

@@ -1,0 +1,142 @@
+"""The files a run leaves behind, written atomically and read back bit-exactly.
+
+metrics.csv  step,loss,grad_norm,lr,tokens,step_time_s   one row per optimizer step (1-based)
+weights.csv  param,norm,sha256                            one row per parameter (full tensor)
+run.json     provenance of one setup's run
+
+Floats are written with `repr`, which round-trips every IEEE double exactly; they are parsed
+with `float`, never through a lossy text-to-float path.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+METRIC_COLUMNS = ("step", "loss", "grad_norm", "lr", "tokens", "step_time_s")
+WEIGHT_COLUMNS = ("param", "norm", "sha256")
+INT_COLUMNS = {"step", "tokens"}
+STR_COLUMNS = {"param", "sha256"}
+
+
+class RecordError(ValueError):
+    """A record file that cannot be read; the message names the file and the line."""
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temporary file in the same directory and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_value(value) -> str:
+    if isinstance(value, float):
+        return repr(value)  # shortest string that parses back to the same double; 'nan', 'inf' too
+    return str(value)
+
+
+def csv_text(columns, rows, header_lines=()) -> str:
+    buf = io.StringIO()
+    for line in header_lines:
+        buf.write(f"# {line}\n")
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([format_value(row[c]) for c in columns])
+    return buf.getvalue()
+
+
+def write_csv(path, columns, rows, header_lines=()) -> None:
+    atomic_write_text(path, csv_text(columns, rows, header_lines))
+
+
+def read_csv(path: str | Path) -> tuple[dict[str, str], list[dict]]:
+    """Returns (the `# key: value` header lines, the rows with ints, floats and strings parsed)."""
+    path = Path(path)
+    header: dict[str, str] = {}
+    rows: list[dict] = []
+    columns = None
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise RecordError(f"{path}: cannot read: {e.strerror}") from None
+    for lineno, line in enumerate(lines, 1):
+        if line.startswith("#"):
+            key, sep, value = line[1:].partition(":")
+            if not sep:
+                raise RecordError(f"{path}:{lineno}: header line is not '# key: value'")
+            header[key.strip()] = value.strip()
+            continue
+        cells = next(csv.reader([line]))
+        if columns is None:
+            columns = cells
+            continue
+        if len(cells) != len(columns):
+            raise RecordError(f"{path}:{lineno}: {len(cells)} fields, expected {len(columns)} ({','.join(columns)})")
+        row = {}
+        for name, cell in zip(columns, cells):
+            try:
+                row[name] = cell if name in STR_COLUMNS else int(cell) if name in INT_COLUMNS else float(cell)
+            except ValueError:
+                raise RecordError(f"{path}:{lineno}: column {name!r}: {cell!r} is not a number") from None
+        rows.append(row)
+    if columns is None:
+        raise RecordError(f"{path}: no header row")
+    return header, rows
+
+
+def write_metrics(path, rows) -> None:
+    write_csv(path, METRIC_COLUMNS, rows)
+
+
+def read_metrics(path) -> list[dict]:
+    return read_csv(path)[1]
+
+
+def write_weights(path, rows) -> None:
+    write_csv(path, WEIGHT_COLUMNS, rows)
+
+
+def read_weights(path) -> list[dict]:
+    return read_csv(path)[1]
+
+
+def _jsonable(value):
+    # JSON has no NaN/Inf; write them as strings so the file stays standard and nothing is lost.
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json(path, obj) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RecordError(f"{path}: cannot read JSON: {e}") from None
+
+
+def setup_dir(out: str | Path, case: str, setup: str) -> Path:
+    return Path(out) / case / setup

@@ -1,0 +1,345 @@
+"""Case files: the schema, its defaults, and validation that names the file and the key.
+
+A case is `cases/NAME.toml`. Nothing here imports torch: a bad case is rejected before any
+process starts, and the comparison and report code can read cases cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from parity.presets import PRESETS, ModelConfig
+
+DP_APIS = ("fully_shard", "replicate", "ddp", "none")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+DTYPES = ("float32", "bfloat16", "float64")
+ATTENTION = ("math", "flash", "efficient", "cudnn")
+MODES = ("bitwise", "tolerance")
+OUTCOMES = ("match", "diverge")
+METRICS = ("loss", "grad_norm", "weights")
+# Planted faults: the negative controls prove the harness catches these, and `hang`/`crash`
+# prove that a stuck or failing rank is reported and cleaned up.
+FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash")
+
+# Default tolerances by the lowest precision any setup computes in. fp32 numbers come from
+# shared/research/probe.md §3 (observed across DDP/FSDP/HSDP/TP/PP at 8 ranks: loss rel <= 2e-7,
+# grad norm rel <= 8.5e-6) with ~10x headroom; bf16 from its §7 (loss rel 2.4e-4, gnorm 7.7e-3).
+# `weights` compares the per-parameter L2 norms of the final weights.
+DEFAULT_TOLERANCES = {
+    "float64": {"loss": (1e-12, 0.0), "grad_norm": (1e-10, 0.0), "weights": (1e-10, 0.0)},
+    "float32": {"loss": (1e-5, 0.0), "grad_norm": (1e-4, 0.0), "weights": (1e-4, 0.0)},
+    "bfloat16": {"loss": (1e-2, 0.0), "grad_norm": (5e-2, 0.0), "weights": (2e-2, 0.0)},
+}
+
+
+class SpecError(ValueError):
+    """One line: `FILE: KEY: what is wrong; allowed: ...`."""
+
+
+@dataclass(frozen=True)
+class Train:
+    model: str = "debugmodel"
+    steps: int = 10
+    seed: int = 42
+    global_batch: int = 16
+    seq_len: int = 128
+    lr: float = 8e-4
+    warmup_steps: int = 2
+    max_norm: float = 1.0  # 0 disables clipping; the pre-clip norm is recorded either way
+    weight_decay: float = 0.1
+    dtype: str = "float32"
+    attention: str = "math"  # SDPA backend, pinned for every setup of a case
+    data: str | None = None  # path to a .npy of token ids; None = the built-in generator
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return PRESETS[self.model]
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    train: Train
+    dp_api: str = "fully_shard"
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    microbatches: int = 1
+    param_dtype: str | None = None  # None: train.dtype (no mixed precision)
+    reduce_dtype: str | None = None
+    gradient_divide_factor: float | None = None
+    fault: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+
+    @property
+    def dp_degree(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def stages_per_rank(self) -> int:
+        return 2 if self.pp > 1 and self.pp_schedule == "interleaved_1f1b" else 1
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.param_dtype or self.train.dtype
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+
+    def allows(self, a: float, b: float) -> bool:
+        return abs(a - b) <= self.atol + self.rtol * abs(b)
+
+
+@dataclass(frozen=True)
+class Expect:
+    mode: str = "bitwise"
+    outcome: str = "match"
+    tolerance: dict[str, Tolerance] = field(default_factory=dict)
+    tolerance_source: dict[str, str] = field(default_factory=dict)  # "case" or "default for <dtype>"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    path: Path
+    description: str
+    setups: tuple[Setup, ...]
+    expect: Expect
+    sha256: str
+    seed_checkpoint: Path | None = None
+
+    @property
+    def reference(self) -> Setup:
+        return self.setups[0]
+
+    @property
+    def world_size(self) -> int:
+        return max(s.world_size for s in self.setups)
+
+    def setup(self, name: str) -> Setup:
+        return next(s for s in self.setups if s.name == name)
+
+
+TRAIN_KEYS = {f.name for f in fields(Train)}
+SETUP_KEYS = {f.name for f in fields(Setup)} - {"name", "train"} | {"world_size"}
+TOP_KEYS = {"description", "seed_checkpoint", "train", "setups", "expect"}
+
+
+def load_case(path: str | Path) -> Case:
+    path = Path(path)
+    where = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SpecError(f"{where}: cannot read: {e.strerror}") from None
+    try:
+        doc = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"{where}: not valid TOML: {e}") from None
+    v = _Validator(where)
+    v.keys(doc, TOP_KEYS, "")
+    description = doc.get("description")
+    if not isinstance(description, str) or not description.strip():
+        v.fail("description", "required: a sentence on why these setups should agree, and how closely")
+    train = v.train(doc.get("train", {}), "train", Train())
+    setups_doc = doc.get("setups")
+    if not isinstance(setups_doc, dict) or len(setups_doc) < 2:
+        v.fail("setups", "need two or more [setups.NAME] tables; the first is the reference")
+    setups = tuple(v.setup(name, body, train) for name, body in setups_doc.items())
+    expect = v.expect(doc.get("expect", {}), setups)
+    seed = doc.get("seed_checkpoint")
+    seed_path = None
+    if seed is not None:
+        if not isinstance(seed, str):
+            v.fail("seed_checkpoint", f"must be a path string, got {seed!r}")
+        seed_path = (path.parent / seed).resolve()
+        if not (seed_path / ".metadata").is_file():
+            v.fail("seed_checkpoint", f"{seed_path} is not a torch.distributed.checkpoint directory (no .metadata)")
+    return Case(
+        name=path.stem,
+        path=path,
+        description=description.strip(),
+        setups=setups,
+        expect=expect,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        seed_checkpoint=seed_path,
+    )
+
+
+def default_tolerances(setups) -> tuple[str, dict[str, Tolerance]]:
+    """Tolerances for the lowest precision that any setup computes in."""
+    order = ("bfloat16", "float32", "float64")
+    dtypes = {s.compute_dtype for s in setups} | {s.reduce_dtype for s in setups if s.reduce_dtype}
+    dtype = next(d for d in order if d in dtypes)
+    return dtype, {m: Tolerance(*DEFAULT_TOLERANCES[dtype][m]) for m in METRICS}
+
+
+class _Validator:
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, key: str, message: str):
+        raise SpecError(f"{self.where}: {key}: {message}")
+
+    def keys(self, table: dict, allowed: set[str], prefix: str):
+        if not isinstance(table, dict):
+            self.fail(prefix.rstrip(".") or "<top>", f"must be a table, got {table!r}")
+        for key in table:
+            if key not in allowed:
+                self.fail(prefix + key, f"unknown key; allowed: {', '.join(sorted(allowed))}")
+
+    def choice(self, key: str, value, allowed):
+        if value not in allowed:
+            self.fail(key, f"{value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+        return value
+
+    def integer(self, key: str, value, minimum: int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.fail(key, f"{value!r} is not allowed; allowed: an integer >= {minimum}")
+        return value
+
+    def number(self, key: str, value, positive: bool = False):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or value < 0 or (positive and value == 0):
+            self.fail(key, f"{value!r} is not allowed; allowed: a finite number {'> 0' if positive else '>= 0'}")
+        return float(value)
+
+    def train(self, table: dict, prefix: str, base: Train) -> Train:
+        self.keys(table, TRAIN_KEYS, prefix + ".")
+        values = {}
+        for key, value in table.items():
+            k = f"{prefix}.{key}"
+            if key == "model":
+                values[key] = self.choice(k, value, tuple(PRESETS))
+            elif key in ("dtype",):
+                values[key] = self.choice(k, value, DTYPES)
+            elif key == "attention":
+                values[key] = self.choice(k, value, ATTENTION)
+            elif key in ("steps", "global_batch"):
+                values[key] = self.integer(k, value, 1)
+            elif key == "seq_len":
+                values[key] = self.integer(k, value, 2)
+            elif key in ("seed", "warmup_steps"):
+                values[key] = self.integer(k, value, 0)
+            elif key == "lr":
+                values[key] = self.number(k, value, positive=True)
+            elif key in ("max_norm", "weight_decay"):
+                values[key] = self.number(k, value)
+            elif key == "data":
+                p = Path(self.where).parent / str(value)
+                if not str(value).endswith(".npy") or not p.is_file():
+                    self.fail(k, f"{value!r} is not allowed; allowed: an existing .npy file of token ids")
+                values[key] = str(p.resolve())
+        return replace(base, **values)
+
+    def setup(self, name: str, body: dict, train: Train) -> Setup:
+        prefix = f"setups.{name}"
+        self.keys(body, SETUP_KEYS | TRAIN_KEYS, prefix + ".")
+        overrides = {k: v for k, v in body.items() if k in TRAIN_KEYS}
+        setup_train = self.train(overrides, prefix, train)
+        values = {}
+        for key, value in body.items():
+            k = f"{prefix}.{key}"
+            if key in TRAIN_KEYS or key == "world_size":
+                continue
+            if key == "dp_api":
+                values[key] = self.choice(k, value, DP_APIS)
+            elif key == "dp_shard" and value == -1:
+                values[key] = -1  # filled from world_size below, as torchtitan does
+            elif key in ("dp_replicate", "dp_shard", "tp", "pp", "microbatches"):
+                values[key] = self.integer(k, value, 1)
+            elif key == "pp_schedule":
+                values[key] = self.choice(k, value, PP_SCHEDULES)
+            elif key in ("param_dtype", "reduce_dtype"):
+                values[key] = self.choice(k, value, DTYPES)
+            elif key == "gradient_divide_factor":
+                values[key] = self.number(k, value, positive=True)
+            elif key == "fault":
+                values[key] = self.choice(k, value, FAULTS)
+        s = Setup(name=name, train=setup_train, **values)
+        world = body.get("world_size")
+        if s.dp_shard == -1:
+            if world is None:
+                self.fail(f"{prefix}.dp_shard", "-1 (fill from world size) needs world_size in the same setup")
+            rest = s.dp_replicate * s.tp * s.pp
+            if self.integer(f"{prefix}.world_size", world, 1) % rest:
+                self.fail(f"{prefix}.world_size", f"{world} is not divisible by dp_replicate*tp*pp = {rest}")
+            s = replace(s, dp_shard=world // rest)
+        if world is not None and self.integer(f"{prefix}.world_size", world, 1) != s.world_size:
+            self.fail(
+                f"{prefix}.world_size",
+                f"{world} does not factor as dp_replicate*dp_shard*tp*pp = "
+                f"{s.dp_replicate}*{s.dp_shard}*{s.tp}*{s.pp} = {s.world_size}",
+            )
+        self.consistent(s, prefix)
+        return s
+
+    def consistent(self, s: Setup, prefix: str):
+        cfg, t = s.train.model_config, s.train
+        if s.dp_api == "replicate" and s.dp_shard > 1:
+            self.fail(f"{prefix}.dp_shard", f"{s.dp_shard} with dp_api = \"replicate\"; allowed: 1 (replicate does not shard)")
+        if s.dp_api == "ddp" and (s.dp_shard > 1 or s.tp > 1 or s.pp > 1):
+            self.fail(f"{prefix}.dp_api", "\"ddp\" takes only dp_replicate; allowed with dp_shard = tp = pp = 1 "
+                      "(PP x DDP fails in torch; use replicate or fully_shard)")
+        if s.dp_api == "none" and s.dp_degree > 1:
+            self.fail(f"{prefix}.dp_api", f"\"none\" with a data-parallel degree of {s.dp_degree}; allowed: dp_replicate = dp_shard = 1")
+        for what, n in (("n_heads", cfg.n_heads), ("ffn_hidden", cfg.ffn_hidden), ("vocab_size", cfg.vocab_size), ("seq_len", t.seq_len)):
+            if n % s.tp:
+                self.fail(f"{prefix}.tp", f"{s.tp} does not divide {what} {n} of model {t.model!r}; allowed: a divisor of {n}")
+        stages = s.pp * s.stages_per_rank
+        if stages > cfg.n_layers:
+            self.fail(f"{prefix}.pp", f"{stages} pipeline stages exceed the {cfg.n_layers} layers of model {t.model!r}")
+        if t.global_batch % s.dp_degree:
+            self.fail(f"{prefix}.dp_replicate", f"data-parallel degree {s.dp_degree} does not divide global_batch {t.global_batch}")
+        local = t.global_batch // s.dp_degree
+        if local % s.microbatches:
+            self.fail(f"{prefix}.microbatches", f"{s.microbatches} does not divide the local batch {local}; allowed: a divisor of {local}")
+        if s.pp > 1 and s.pp_schedule != "gpipe" and s.microbatches < s.pp:
+            self.fail(f"{prefix}.microbatches", f"{s.microbatches} < pp {s.pp}; {s.pp_schedule} needs at least one microbatch per stage")
+        if s.pp_schedule == "interleaved_1f1b" and s.pp > 1:
+            rounds = max(1, s.microbatches // s.pp)
+            if s.microbatches % rounds:
+                self.fail(f"{prefix}.microbatches", f"{s.microbatches} is not a multiple of the {rounds} rounds interleaved_1f1b needs")
+        mixed = (s.param_dtype or t.dtype) != t.dtype or (s.reduce_dtype or t.dtype) != t.dtype
+        if mixed and s.dp_api not in ("fully_shard", "replicate"):
+            self.fail(f"{prefix}.param_dtype", "mixed precision is a MixedPrecisionPolicy; allowed only with dp_api fully_shard or replicate")
+        if s.gradient_divide_factor is not None and s.dp_api not in ("fully_shard", "replicate"):
+            self.fail(f"{prefix}.gradient_divide_factor", "allowed only with dp_api fully_shard or replicate")
+
+    def expect(self, table: dict, setups) -> Expect:
+        self.keys(table, {"mode", "outcome", "tolerance"}, "expect.")
+        mode = self.choice("expect.mode", table.get("mode", "bitwise"), MODES)
+        outcome = self.choice("expect.outcome", table.get("outcome", "match"), OUTCOMES)
+        dtype, tolerance = default_tolerances(setups)
+        source = {m: f"default for {dtype}" for m in METRICS}
+        tol_doc = table.get("tolerance", {})
+        self.keys(tol_doc, set(METRICS), "expect.tolerance.")
+        for metric, bounds in tol_doc.items():
+            key = f"expect.tolerance.{metric}"
+            self.keys(bounds, {"rtol", "atol"}, key + ".")
+            base = tolerance[metric]
+            tolerance[metric] = Tolerance(
+                rtol=self.number(f"{key}.rtol", bounds.get("rtol", base.rtol)),
+                atol=self.number(f"{key}.atol", bounds.get("atol", base.atol)),
+            )
+            source[metric] = "case"
+        return Expect(mode=mode, outcome=outcome, tolerance=tolerance, tolerance_source=source)
+
+
+def find_cases(directory: str | Path = "cases") -> list[Path]:
+    return sorted(Path(directory).glob("*.toml"))
