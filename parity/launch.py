@@ -1,0 +1,141 @@
+"""Run a case's setups under torchrun: one launch per world size, with a timeout and clean teardown.
+
+torchrun starts its workers in new sessions, so killing torchrun's process group does not reach
+them; on a timeout we walk /proc for every descendant and signal each one. Workers also die with
+their parent (PR_SET_PDEATHSIG in parity.train), so not even a SIGKILLed launcher leaves ranks behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from parity import records
+from parity.train import ERROR_MARK
+
+DEFAULT_TIMEOUT_S = 900.0
+LOG_TAIL_LINES = 15
+
+
+@dataclass
+class LaunchResult:
+    status: str  # "ok" | "failed" | "timeout"
+    returncode: int | None
+    message: str
+    wall_s: float
+
+
+def torchrun_argv(nproc: int, plan_path: Path) -> list[str]:
+    # --standalone: a private rendezvous on a free local port, so concurrent launches (xdist) never collide.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "parity.train", str(plan_path)]
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of pid, found through /proc (they may sit in other sessions)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM torchrun and all its workers, give them grace_s to exit, then SIGKILL the rest."""
+    pids = descendants(proc.pid) + [proc.pid]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            proc.poll()  # reap torchrun so it does not count as alive
+            if not any(_alive(p) for p in pids):
+                break
+            time.sleep(0.1)
+        else:
+            continue
+        break
+    proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def log_tails(log_dirs: list[Path], lines: int = LOG_TAIL_LINES) -> str:
+    parts = []
+    for d in log_dirs:
+        for log in sorted(d.glob("rank*.log"), key=lambda p: int(p.stem[4:])):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {log} (last {len(tail)} lines) ---\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
+def first_error(log_dirs: list[Path]) -> str | None:
+    for d in log_dirs:
+        for log in sorted(d.glob("rank*.log")):
+            for line in log.read_text(errors="replace").splitlines():
+                if line.startswith(ERROR_MARK):
+                    return line[len(ERROR_MARK):].strip()
+    return None
+
+
+def launch(plan: dict, nproc: int, workdir: Path, timeout_s: float = DEFAULT_TIMEOUT_S, on_progress=None) -> LaunchResult:
+    """Write the plan, run torchrun over it, and wait; never returns with a process left running."""
+    case_dir = Path(plan["out"]) / plan["case"]
+    plan_path = workdir / f"plan-ws{nproc}.json"
+    records.atomic_write_text(plan_path, json.dumps(plan, indent=2))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("PARITY_OMP_THREADS", "1"), PYTHONUNBUFFERED="1")
+    launcher_log = workdir / f"torchrun-ws{nproc}.log"
+    log_dirs = [case_dir / s["name"] for s in plan["setups"]]
+    start = time.monotonic()
+    with open(launcher_log, "w") as log:
+        proc = subprocess.Popen(torchrun_argv(nproc, plan_path), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            while proc.poll() is None:
+                if time.monotonic() - start > timeout_s:
+                    kill_tree(proc)
+                    return LaunchResult("timeout", None, f"timed out after {timeout_s:.0f} s; killed torchrun and its "
+                                        f"ranks. Rank log tails:\n{log_tails(log_dirs)}", time.monotonic() - start)
+                if on_progress:
+                    on_progress(case_dir / ".progress", time.monotonic() - start)
+                time.sleep(0.25)
+        except BaseException:  # Ctrl-C or an error here: take the ranks down with us
+            kill_tree(proc)
+            raise
+    wall = time.monotonic() - start
+    leftovers = descendants(proc.pid)
+    if leftovers:  # a rank that outlived torchrun's own exit (should not happen): reap it
+        kill_tree(proc)
+    if proc.returncode == 0:
+        return LaunchResult("ok", 0, "", wall)
+    error = first_error(log_dirs)
+    head = f"a rank failed: {error}" if error else f"torchrun exited with code {proc.returncode}"
+    launcher_tail = "\n".join(launcher_log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
+    return LaunchResult("failed", proc.returncode, f"{head}\nRank log tails:\n{log_tails(log_dirs)}\n"
+                        f"--- {launcher_log} ---\n{launcher_tail}", wall)

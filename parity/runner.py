@@ -1,0 +1,114 @@
+"""Run one case: seed checkpoint, then one torchrun launch per world size, then provenance for failures.
+
+This is the glue the CLI and the pytest plugin share; it returns the run directory's contents as
+plain values and leaves verdicts to parity.compare.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from parity import records
+from parity.launch import DEFAULT_TIMEOUT_S, LaunchResult, launch
+from parity.spec import Case, Setup
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def resolve_device(requested: str, world_size: int) -> str:
+    """auto: CUDA when enough GPUs are visible for the case, else CPU with gloo ranks."""
+    if requested == "cpu":
+        return "cpu"
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested == "cuda":
+        if gpus < world_size:
+            raise RuntimeError(f"--device cuda: the case needs {world_size} GPUs, {gpus} visible")
+        return "cuda"
+    return "cuda" if gpus >= world_size else "cpu"
+
+
+def with_steps(case: Case, steps: int | None) -> Case:
+    if not steps:
+        return case
+    return replace(case, setups=tuple(replace(s, train=replace(s.train, steps=steps)) for s in case.setups))
+
+
+def group_by_world_size(setups) -> dict[int, list[Setup]]:
+    groups: dict[int, list[Setup]] = {}
+    for s in setups:
+        groups.setdefault(s.world_size, []).append(s)
+    return groups
+
+
+def seed_for(case: Case, cache: Path | None) -> tuple[str, str]:
+    """(checkpoint path, sha256) for the case: its own seed_checkpoint, or the cached built one."""
+    from parity.seed import checkpoint_sha256, seed_checkpoint
+
+    if case.seed_checkpoint is not None:
+        return str(case.seed_checkpoint), checkpoint_sha256(case.seed_checkpoint)
+    keys = {(s.train.model, s.train.seed, s.train.dtype) for s in case.setups}
+    if len(keys) != 1:  # a per-setup seed override means deliberately different starts; take the reference's
+        keys = {(case.reference.train.model, case.reference.train.seed, case.reference.train.dtype)}
+    model, seed, dtype = keys.pop()
+    path, sha, _ = seed_checkpoint(model, seed, dtype, cache)
+    return str(path), sha
+
+
+def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = None,
+             timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None, on_progress=None,
+             command: list[str] | None = None) -> dict[str, LaunchResult]:
+    """Run every setup of the case; returns {setup name: how its launch ended}."""
+    import torch
+
+    case = with_steps(case, steps)
+    device = resolve_device(device, case.world_size)
+    case_dir = Path(out) / case.name
+    shutil.rmtree(case_dir, ignore_errors=True)  # stale files from an older run must never be compared
+    case_dir.mkdir(parents=True)
+    ckpt, seed_sha = seed_for(case, cache)
+    provenance = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
+                  "seed_checkpoint": ckpt, "seed_checkpoint_sha256": seed_sha, "case_path": str(case.path),
+                  "case_sha256": case.sha256, "git_commit": git_commit(), "command": command}
+    results: dict[str, LaunchResult] = {}
+    with tempfile.TemporaryDirectory(prefix=".launch-", dir=case_dir) as workdir:
+        for world_size, setups in sorted(group_by_world_size(case.setups).items()):
+            plan = {"case": case.name, "out": str(Path(out).resolve()), "device": device, "seed_checkpoint": ckpt,
+                    "provenance": provenance, "setups": [s.to_dict() for s in setups]}
+            result = launch(plan, world_size, Path(workdir), timeout_s, on_progress)
+            if result.status != "ok":
+                keep = case_dir / f"torchrun-ws{world_size}.log"
+                shutil.copy(Path(workdir) / f"torchrun-ws{world_size}.log", keep)
+            for s in setups:
+                results[s.name] = result
+                _record_failure(case, s, result, provenance, device, out)
+    (case_dir / ".progress").unlink(missing_ok=True)
+    return results
+
+
+def _record_failure(case: Case, s: Setup, result: LaunchResult, provenance: dict, device: str, out: Path):
+    """A setup without a complete run gets a run.json that says so, so no comparison can pass on it."""
+    d = records.setup_dir(out, case.name, s.name)
+    if (d / "run.json").is_file():  # rank 0 writes run.json last, after the metrics: this setup finished
+        return
+    status = result.status if result.status != "ok" else "failed"
+    records.write_json(d / "run.json", {**provenance, "case": case.name, "setup": s.name, "status": status,
+                                        "device": device, "world_size": s.world_size, "message": result.message,
+                                        "ended": datetime.now(timezone.utc).isoformat()})

@@ -1,0 +1,297 @@
+"""Per-rank entry point: `python -m torch.distributed.run ... -m parity.train PLAN.json`.
+
+For each setup in the plan (all share this launch's world size), one after another: fresh mesh
+and model, seed checkpoint loaded, N training steps, metrics and a weight digest written by
+rank 0. This module records numbers; it never decides pass or fail.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from parity import records
+from parity.data import Batches
+from parity.model import build_model
+from parity.parallelize import Parallel, parallelize
+from parity.spec import Setup, Train
+
+ERROR_MARK = "PARITY-ERROR:"
+FAULT_RANK = 1  # the rank that hangs or crashes in the `hang` / `crash` fault setups
+FAULT_STEP = 2
+
+
+def die_with_parent():
+    """If torchrun is killed outright, take this rank down too (Linux PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def redirect_output(path: Path):
+    """Send this rank's stdout/stderr (Python and C++ alike) to its own log file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def setup_from_dict(d: dict) -> Setup:
+    d = dict(d)
+    return Setup(train=Train(**d.pop("train")), **d)
+
+
+def sdpa_context(backend: str, device: torch.device):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    return sdpa_kernel([chosen])
+
+
+def loss_fn(logits, labels):
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+def _grad_groups(par: Parallel):
+    """Parameters with gradients, grouped by DTensor mesh (clipping cannot mix meshes)."""
+    groups: dict = {}
+    for m in par.modules:
+        for p in m.parameters():
+            if p.grad is not None:
+                groups.setdefault(getattr(p, "device_mesh", None), []).append(p)
+    return list(groups.values())
+
+
+def grad_norm_and_clip(par: Parallel, max_norm: float) -> float:
+    """Total pre-clip L2 norm over the whole model, across DTensor meshes and pipeline stages, then clip."""
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    groups = _grad_groups(par)
+    norms = []
+    for params in groups:
+        n = get_total_norm([p.grad for p in params], norm_type=2.0)
+        norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
+    if len(norms) == 1 and par.pp_group is None:
+        total = norms[0]  # no re-squaring: keeps the single-mesh norm exactly as torch computes it
+    else:
+        sq = torch.stack([n.float() ** 2 for n in norms]).sum() if norms else torch.zeros((), device=_device())
+        if par.pp_group is not None:
+            dist.all_reduce(sq, group=par.pp_group)
+        total = sq.sqrt()
+    if max_norm > 0:
+        for params in groups:
+            clip_grads_with_norm_(params, max_norm, total)
+    return total.item()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def load_seed(par: Parallel, ckpt: str):
+    """DCP load into the wrapped model(s): each rank reads only what its shards hold."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    parts = [get_model_state_dict(m) for m in par.modules]
+    merged = {k: v for part in parts for k, v in part.items()}  # stage FQNs are disjoint
+    dcp.load(merged, checkpoint_id=ckpt)
+    for m, part in zip(par.modules, parts):
+        set_model_state_dict(m, {k: merged[k] for k in part})
+
+
+def load_seed_plain(model, ckpt: str):
+    """DDP and single-process setups: load before wrapping (DDP broadcasts from rank 0 anyway)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = model.state_dict()
+    dcp.load(state, checkpoint_id=ckpt)
+    model.load_state_dict(state)
+
+
+def weight_digest(par: Parallel) -> list[dict]:
+    """Per parameter of the full model: L2 norm (float64) and sha256 of the full tensor's bytes."""
+    import hashlib
+
+    rows = {}
+    for m in par.modules:
+        for name, p in m.named_parameters():
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            full = full.detach().cpu().contiguous()
+            name = name.removeprefix("module.")  # DDP
+            rows[name] = {"param": name, "norm": torch.linalg.vector_norm(full.double()).item(),
+                          "sha256": hashlib.sha256(full.view(torch.uint8).numpy().tobytes()).hexdigest()}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, rows)
+    merged = {}
+    for part in gathered:
+        merged.update(part)
+    return [merged[k] for k in sorted(merged, key=_param_order)]
+
+
+def _param_order(name: str):
+    parts = name.split(".")
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts]
+
+
+def global_loss(par: Parallel, local: float | None) -> float:
+    """Mean over data-parallel ranks of their local mean losses, summed in float64 in dp-rank order."""
+    holder = local is not None and par.tp_rank == 0
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (par.dp_rank, local if holder else None))
+    by_rank = {r: v for r, v in gathered if v is not None}
+    return math.fsum(by_rank[r] for r in sorted(by_rank)) / len(by_rank)
+
+
+def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict | None:
+    t = setup.train
+    cfg = t.model_config
+    rank = dist.get_rank()
+    dtype = getattr(torch, t.dtype)
+    fault = setup.fault
+    # The seed-skip fault still starts from a deterministic init, just not the seed checkpoint's.
+    model = build_model(cfg, t.seq_len, t.seed + (1000 if fault == "skip_seed_load" else 0), dtype).to(device)
+    load_before_wrap = setup.dp_api == "ddp" or (setup.dp_api == "none" and setup.tp == 1 and setup.pp == 1)
+    if load_before_wrap and fault != "skip_seed_load":
+        load_seed_plain(model, plan["seed_checkpoint"])
+    par = parallelize(model, setup, device, loss_fn)
+    if not load_before_wrap and fault != "skip_seed_load":
+        load_seed(par, plan["seed_checkpoint"])
+    params = [p for m in par.modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=t.weight_decay, foreach=False)
+    batches = Batches(t.seed, t.global_batch, t.seq_len, cfg.vocab_size, t.data)
+    dp_rank = 0 if fault == "replicated_data" else par.dp_rank
+    rows = []
+    for step in range(1, t.steps + 1):
+        if fault in ("hang", "crash") and rank == FAULT_RANK and step == FAULT_STEP:
+            if fault == "crash":
+                raise RuntimeError(f"planted fault: rank {rank} crashes at step {step}")
+            print(f"planted fault: rank {rank} hangs at step {step}", flush=True)
+            time.sleep(10**6)
+        start = time.perf_counter()
+        lr = t.lr * min(1.0, step / max(t.warmup_steps, 1))  # linear warmup; step 1 already trains
+        for group in opt.param_groups:
+            group["lr"] = lr
+        inputs, labels = (torch.from_numpy(a).to(device) for a in batches.local(step, setup.dp_degree, dp_rank))
+        with sdpa_context(t.attention, device):
+            local = forward_backward(par, setup, inputs, labels)
+        norm = grad_norm_and_clip(par, t.max_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = global_loss(par, local)
+        rows.append({"step": step, "loss": loss, "grad_norm": norm, "lr": lr,
+                     "tokens": t.global_batch * t.seq_len, "step_time_s": time.perf_counter() - start})
+        if rank == 0:
+            print(f"step {step}: loss {loss!r} grad_norm {norm!r} lr {lr!r} time {rows[-1]['step_time_s']:.3f}s", flush=True)
+            _progress(plan, setup, step, t.steps)
+    digest = weight_digest(par)
+    return {"rows": rows, "digest": digest, "par": par}
+
+
+def forward_backward(par: Parallel, setup: Setup, inputs, labels) -> float | None:
+    """Returns this rank's mean loss over its microbatches (None where no loss lives: non-last PP stages)."""
+    n = setup.microbatches
+    if par.schedule is not None:
+        losses = [] if par.has_last_stage else None
+        target = labels if par.has_last_stage else None
+        if par.has_first_stage:
+            par.schedule.step(inputs, target=target, losses=losses)
+        else:
+            par.schedule.step(target=target, losses=losses)
+        return math.fsum(l.item() for l in losses) / n if losses is not None else None
+    model = par.modules[0]
+    total = []
+    for x, y in zip(inputs.chunk(n), labels.chunk(n)):
+        loss = loss_fn(model(x), y)
+        (loss / n if n > 1 else loss).backward()
+        total.append(loss.item())
+    return math.fsum(total) / n
+
+
+def _progress(plan: dict, setup: Setup, step: int, total: int):
+    """A one-line progress file the launcher polls to draw its display."""
+    path = Path(plan["out"]) / plan["case"] / ".progress"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"setup": setup.name, "step": step, "steps": total}))
+    os.replace(tmp, path)
+
+
+def write_outputs(setup: Setup, plan: dict, result: dict, started: str, par: Parallel, device: torch.device):
+    out = records.setup_dir(plan["out"], plan["case"], setup.name)
+    records.write_metrics(out / "metrics.csv", result["rows"])
+    records.write_weights(out / "weights.csv", result["digest"])
+    records.write_json(out / "run.json", {
+        **plan["provenance"],
+        "case": plan["case"],
+        "setup": setup.name,
+        "status": "ok",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "backend": dist.get_backend(),
+        "world_size": dist.get_world_size(),
+        "mesh_shape": par.mesh_shape,
+        "mesh_dim_names": par.mesh_dim_names,
+        "setup_config": {k: v for k, v in setup.to_dict().items() if k != "train"},
+        "train": setup.to_dict()["train"],
+        "notes": par.notes,
+        "started": started,
+        "ended": datetime.now(timezone.utc).isoformat(),
+    })
+
+
+def main(plan_path: str) -> int:
+    die_with_parent()
+    plan = json.loads(Path(plan_path).read_text())
+    rank = int(os.environ["RANK"])
+    setups = [setup_from_dict(d) for d in plan["setups"]]
+    redirect_output(records.setup_dir(plan["out"], plan["case"], setups[0].name) / f"rank{rank}.log")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if plan["device"] == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", torch.cuda.current_device())
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    current = setups[0].name
+    try:
+        for setup in setups:
+            current = setup.name
+            redirect_output(records.setup_dir(plan["out"], plan["case"], setup.name) / f"rank{rank}.log")
+            print(f"== setup {setup.name} (rank {rank} of {dist.get_world_size()}) ==", flush=True)
+            dist.barrier()
+            started = datetime.now(timezone.utc).isoformat()
+            result = train_setup(setup, plan, device)
+            if rank == 0:
+                write_outputs(setup, plan, result, started, result["par"], device)
+            del result
+            dist.barrier()
+    except BaseException as e:  # noqa: BLE001 - report any failure in a form the launcher can find
+        traceback.print_exc()
+        print(f"{ERROR_MARK} setup {current} rank {rank}: {type(e).__name__}: {e}", flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    # Skip interpreter teardown: destroying gloo groups can hang; every rank passed the last barrier.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
