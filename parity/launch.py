@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from parity import records
-from parity.train import ERROR_MARK
 
 DEFAULT_TIMEOUT_S = 900.0
+ERROR_MARK = "PARITY-ERROR:"  # a failing rank prints this line; the launcher reports it
 LOG_TAIL_LINES = 15
 
 

@@ -31,6 +31,10 @@ def git_commit() -> str:
         return "unknown"
 
 
+class DeviceError(RuntimeError):
+    """The requested device cannot run the case (too few GPUs)."""
+
+
 def resolve_device(requested: str, world_size: int) -> str:
     """auto: CUDA when enough GPUs are visible for the case, else CPU with gloo ranks."""
     if requested == "cpu":
@@ -40,7 +44,7 @@ def resolve_device(requested: str, world_size: int) -> str:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if requested == "cuda":
         if gpus < world_size:
-            raise RuntimeError(f"--device cuda: the case needs {world_size} GPUs, {gpus} visible")
+            raise DeviceError(f"--device cuda: the case needs {world_size} GPUs, {gpus} visible")
         return "cuda"
     return "cuda" if gpus >= world_size else "cpu"
 

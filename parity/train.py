@@ -25,11 +25,11 @@ import torch.nn.functional as F
 
 from parity import records
 from parity.data import Batches
+from parity.launch import ERROR_MARK
 from parity.model import build_model
 from parity.parallelize import Parallel, parallelize
 from parity.spec import Setup, Train
 
-ERROR_MARK = "PARITY-ERROR:"
 FAULT_RANK = 1  # the rank that hangs or crashes in the `hang` / `crash` fault setups
 FAULT_STEP = 2
 

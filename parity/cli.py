@@ -1,0 +1,270 @@
+"""The `parity` command line. Each subcommand parses, calls the library, prints; no logic of its own.
+
+Exit codes: 0 every expectation held, 1 one failed (or a run crashed), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from parity import records
+from parity.runner import DeviceError
+from parity.spec import SpecError, find_cases, load_case
+
+UPDATE_MODES = ("failing", "new", "all")
+DEFAULT_OUT = Path("reports/runs/latest")
+
+
+class UsageError(Exception):
+    """Bad input found by the CLI itself: printed as one line, exit 2."""
+
+
+def _load_cases(paths: list[str]):
+    cases = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            cases.extend(load_case(c) for c in find_cases(path))
+        else:
+            cases.append(load_case(path))
+    names = [c.name for c in cases]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise UsageError(f"case names must be unique in one run: {', '.join(sorted(dupes))}")
+    return cases
+
+
+def step_table(case, run_dir: Path) -> str:
+    """Side by side: step, then loss and grad norm of every setup, '=' where bitwise equal to the reference."""
+    series = {}
+    for s in case.setups:
+        try:
+            series[s.name] = {r["step"]: r for r in records.read_metrics(run_dir / case.name / s.name / "metrics.csv")}
+        except records.RecordError:
+            series[s.name] = {}
+    ref = case.reference.name
+    steps = sorted({k for rows in series.values() for k in rows})
+    header = ["step"]
+    for metric in ("loss", "grad_norm"):
+        header += [f"{metric}[{s.name}]" + ("" if s.name == ref else " =ref") for s in case.setups]
+    lines = [header]
+    for step in steps:
+        row = [str(step)]
+        for metric in ("loss", "grad_norm"):
+            base = series[ref].get(step, {}).get(metric)
+            for s in case.setups:
+                v = series[s.name].get(step, {}).get(metric)
+                cell = "-" if v is None else repr(v)
+                if s.name != ref and v is not None:
+                    cell += "  =" if base is not None and v == base else "  ≠"
+                row.append(cell)
+        lines.append(row)
+    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in lines)
+
+
+def cmd_run(args) -> int:
+    from parity import baselines, compare
+    from parity.progress import Progress
+    from parity.runner import run_case
+
+    cases = _load_cases(args.cases)
+    out = Path(args.out)
+    progress = Progress()
+    command = ["parity", "run", *args.cases, "--device", args.device, "--out", str(out)]
+    if args.steps:
+        command += ["--steps", str(args.steps)]
+    failed = False
+    for case in cases:
+        def on_progress(path, elapsed, case=case):
+            try:
+                p = records.read_json(path)
+            except records.RecordError:
+                return
+            progress.update(case.name, p["setup"], p["step"], p["steps"], elapsed)
+
+        results = run_case(case, out, args.device, args.steps, args.timeout, on_progress=on_progress, command=command)
+        progress.done()
+        for name, r in results.items():
+            if r.status != "ok":
+                print(f"{case.name}/{name}: {r.status}: {r.message}", file=sys.stderr)
+        print(f"\n== {case.name} ({out / case.name}) ==")
+        print(step_table(case, out))
+        checks = baselines.check_case_baselines(case, out, Path(args.baselines), args.update_baselines)
+        verdict = compare.compare_case(case, out, checks)
+        compare.write_verdict(out, verdict)
+        print(compare.format_verdict(verdict))
+        failed |= not verdict["passed"]
+    if not args.no_report:
+        from parity.report import write_report
+
+        md, html = write_report(out)
+        print(f"\nreport: {md}  {html}")
+    return 1 if failed else 0
+
+
+def cmd_list(args) -> int:
+    from parity.plugin import markers_for
+
+    cases = _load_cases(args.cases or ["cases"])
+    rows = [("case", "world size", "setups", "mode", "outcome", "markers")]
+    for c in cases:
+        rows.append((c.name, str(c.world_size), ", ".join(s.name for s in c.setups), c.expect.mode, c.expect.outcome,
+                     " ".join(markers_for(c))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """Re-judge an existing run directory (e.g. one copied from a GPU cluster) without running anything."""
+    from parity import baselines, compare
+
+    failed = False
+    for case in _load_cases(args.cases):
+        checks = baselines.check_case_baselines(case, Path(args.run_dir), Path(args.baselines), args.update_baselines)
+        verdict = compare.compare_case(case, Path(args.run_dir), checks)
+        compare.write_verdict(Path(args.run_dir), verdict)
+        print(compare.format_verdict(verdict))
+        failed |= not verdict["passed"]
+    return 1 if failed else 0
+
+
+def cmd_report(args) -> int:
+    from parity.report import regression_report, write_report
+
+    run_dir = _existing_dir(args.run_dir, "RUN_DIR")
+    md, html = write_report(run_dir)
+    print(f"report: {md}\n        {html}")
+    if args.against:
+        text, changed = regression_report(run_dir, _existing_dir(args.against, "--against"))
+        print(text)
+        return 1 if changed else 0
+    return 0
+
+
+def cmd_evidence(args) -> int:
+    from parity.report import evidence
+
+    print(evidence(_existing_dir(args.run_dir, "RUN_DIR"), args.case))
+    return 0
+
+
+def cmd_baselines(args) -> int:
+    from parity import baselines
+
+    root = Path(args.baselines)
+    if args.action == "lint":
+        problems = baselines.lint(root)
+        unused = baselines.unused_baselines(root, _load_cases(["cases"]))
+        for p in problems:
+            print(p)
+        for p in unused:
+            print(f"{p}: unused: its case or setup no longer exists")
+        print(f"{len(problems)} problem(s), {len(unused)} unused baseline(s) in {root}")
+        return 1 if problems else 0
+    return 2
+
+
+def cmd_calibrate(args) -> int:
+    from parity.calibrate import calibrate
+
+    for case in _load_cases(args.cases):
+        print(calibrate(case, Path(args.out), args.steps, args.timeout, args.multiple, args.floor))
+    return 0
+
+
+def _existing_dir(p: str, what: str) -> Path:
+    path = Path(p)
+    if not path.is_dir():
+        raise UsageError(f"{what}: {p} is not a directory")
+    return path
+
+
+def _update_mode(value: str) -> str:
+    if value not in UPDATE_MODES:
+        raise argparse.ArgumentTypeError(f"allowed: {', '.join(UPDATE_MODES)}")
+    return value
+
+
+def _positive(kind):
+    def parse(value):
+        v = kind(value)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+        return v
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="parity", description="Numerics parity tests for PyTorch distributed training setups.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common_run(sp):
+        sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA when enough GPUs are visible, else CPU with gloo ranks")
+        sp.add_argument("--out", default=str(DEFAULT_OUT), help="run directory (default %(default)s)")
+        sp.add_argument("--steps", type=_positive(int), help="override every setup's step count")
+        sp.add_argument("--timeout", type=_positive(float), default=900.0, help="seconds per launch before ranks are killed")
+
+    r = sub.add_parser("run", help="run cases and judge them")
+    r.add_argument("cases", nargs="+", help="case files or directories of them")
+    common_run(r)
+    r.add_argument("--baselines", default="baselines", help="baseline root (default %(default)s)")
+    r.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None,
+                   metavar="{failing,new,all}", help="write baselines: failing (default), new, all")
+    r.add_argument("--no-report", action="store_true", help="skip report.md/report.html")
+    r.set_defaults(fn=cmd_run)
+
+    c = sub.add_parser("compare", help="judge an existing run directory without running")
+    c.add_argument("run_dir")
+    c.add_argument("cases", nargs="+")
+    c.add_argument("--baselines", default="baselines")
+    c.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None)
+    c.set_defaults(fn=cmd_compare)
+
+    rep = sub.add_parser("report", help="write report.md and report.html for a run directory")
+    rep.add_argument("run_dir")
+    rep.add_argument("--against", help="an older run directory: list the cases whose verdict or numbers changed")
+    rep.set_defaults(fn=cmd_report)
+
+    ev = sub.add_parser("evidence", help="print a markdown block for a pull request")
+    ev.add_argument("run_dir")
+    ev.add_argument("--case")
+    ev.set_defaults(fn=cmd_evidence)
+
+    ls = sub.add_parser("list", help="list cases with world size, mode, outcome and markers")
+    ls.add_argument("cases", nargs="*")
+    ls.set_defaults(fn=cmd_list)
+
+    b = sub.add_parser("baselines", help="check the stored baselines")
+    b.add_argument("action", choices=("lint",))
+    b.add_argument("--baselines", default="baselines")
+    b.set_defaults(fn=cmd_baselines)
+
+    cal = sub.add_parser("calibrate", help="measure each setup's error against a float64 CPU oracle; propose tolerances")
+    cal.add_argument("cases", nargs="+")
+    common_run(cal)
+    cal.add_argument("--multiple", type=_positive(float), default=10.0, help="proposed tolerance = multiple x observed error")
+    cal.add_argument("--floor", type=_positive(float), default=1e-7, help="smallest rtol proposed")
+    cal.set_defaults(fn=cmd_calibrate)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (SpecError, UsageError, records.RecordError, DeviceError) as e:
+        print(f"parity: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("parity: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

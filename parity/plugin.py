@@ -1,0 +1,180 @@
+"""pytest plugin (entry point `parity`): `pytest parity -m 8gpu` runs every case as one test item.
+
+Items come from parity/test_parity.py, parametrized over the case files; this module owns the
+options, the markers, the per-xdist-worker GPU split and the end-of-session report. Importing it
+must stay cheap (no torch): pytest loads it in every session of this environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+WORLD_MARKERS = {1: "1gpu", 2: "2gpu", 4: "4gpu", 8: "8gpu"}
+MARKERS = {
+    "cpu": "case runs on CPU with gloo ranks (every case whose attention kernel exists on CPU)",
+    "1gpu": "largest setup needs 1 rank",
+    "2gpu": "largest setup needs 2 ranks",
+    "4gpu": "largest setup needs 3-4 ranks",
+    "8gpu": "largest setup needs 5-8 ranks",
+    "multinode": "largest setup needs more than 8 ranks",
+    "parity_case": "a parity case (one item per cases/*.toml)",
+}
+CUDA_ONLY_ATTENTION = {"flash", "efficient", "cudnn"}
+
+
+def markers_for(case) -> list[str]:
+    names = []
+    if all(s.train.attention not in CUDA_ONLY_ATTENTION for s in case.setups):
+        names.append("cpu")
+    names.append(next((m for n, m in WORLD_MARKERS.items() if case.world_size <= n), "multinode"))
+    return names
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("parity", "numerics parity cases")
+    g.addoption("--parity-device", choices=("auto", "cpu", "cuda"), default="auto",
+                help="auto: CUDA when enough GPUs are visible for a case, else CPU with gloo ranks")
+    g.addoption("--parity-out", default=None, help="run directory for case outputs and the report (default reports/runs/pytest)")
+    g.addoption("--parity-update-baselines", nargs="?", const="failing", default=None,
+                choices=("failing", "new", "all"), help="write baselines: failing (default when given), new, all")
+    g.addoption("--parity-steps", type=int, default=None, help="override every case's step count")
+    g.addoption("--parity-timeout", type=float, default=900.0, help="seconds per torchrun launch before its ranks are killed")
+    g.addoption("--parity-strict", action="store_true", help="fail instead of skip when --parity-device cuda has too few GPUs")
+    g.addoption("--parity-cases", default=None, help="directory of case files (default <rootdir>/cases)")
+    g.addoption("--parity-baselines", default=None, help="baseline root (default <rootdir>/baselines)")
+
+
+def pytest_configure(config):
+    for name, doc in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {doc}")
+    worker = getattr(config, "workerinput", None)
+    if worker is not None and config.getoption("parity_device") != "cpu":
+        _split_gpus(worker)
+
+
+def _split_gpus(worker: dict):
+    """Give each xdist worker a disjoint slice of the visible GPUs, before anything initialises CUDA."""
+    count = int(worker.get("workercount", 1))
+    index = int(worker["workerid"].removeprefix("gw"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v for v in visible.split(",") if v.strip()]
+    else:
+        ids = [str(i) for i in range(_nvidia_gpu_count())]
+    if not ids or count <= 1:
+        return
+    per = len(ids) // count
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids[index * per:(index + 1) * per])
+
+
+def _nvidia_gpu_count() -> int:
+    # /proc/driver/nvidia/gpus lists one entry per GPU without initialising CUDA in this process.
+    path = Path("/proc/driver/nvidia/gpus")
+    return len(list(path.iterdir())) if path.is_dir() else 0
+
+
+def parity_paths(config) -> tuple[Path, Path, Path]:
+    root = config.rootpath
+    cases = Path(config.getoption("parity_cases") or root / "cases")
+    baselines = Path(config.getoption("parity_baselines") or root / "baselines")
+    out = Path(config.getoption("parity_out") or root / "reports" / "runs" / "pytest")
+    return cases, baselines, out
+
+
+def pytest_sessionstart(session):
+    """The report covers this session only: clear case outputs an earlier session left in the run directory."""
+    config = session.config
+    if getattr(config, "workerinput", None) is not None:
+        return
+    import shutil
+
+    _, _, out = parity_paths(config)
+    if out.is_dir():
+        for child in out.iterdir():
+            if child.is_dir() and ((child / "verdict.json").exists() or any(child.glob("*/run.json"))):
+                shutil.rmtree(child)
+        for name in ("report.md", "report.html"):
+            (out / name).unlink(missing_ok=True)
+
+
+def pytest_generate_tests(metafunc):
+    if "parity_case" not in metafunc.fixturenames:
+        return
+    from parity.spec import find_cases, load_case
+
+    cases_dir, _, _ = parity_paths(metafunc.config)
+    params = []
+    for path in find_cases(cases_dir):
+        case = load_case(path)  # a bad case file is a collection error naming the file and key
+        marks = [getattr(pytest.mark, m) for m in markers_for(case)] + [pytest.mark.parity_case]
+        params.append(pytest.param(case, id=case.name, marks=marks))
+    metafunc.parametrize("parity_case", params)
+
+
+def run_and_judge(case, config) -> tuple[dict, str]:
+    """Run one case as the CLI would; returns (verdict, failure message)."""
+    from parity import baselines, compare
+    from parity.runner import DeviceError, resolve_device, run_case
+
+    _, baseline_root, out = parity_paths(config)
+    device = config.getoption("parity_device")
+    try:
+        resolve_device(device, case.world_size)
+    except DeviceError as e:
+        if config.getoption("parity_strict"):
+            pytest.fail(str(e), pytrace=False)
+        pytest.skip(str(e))
+    steps = config.getoption("parity_steps")
+    command = ["pytest", "parity", "-k", case.name, "--parity-device", device] + (["--parity-steps", str(steps)] if steps else [])
+    run_case(case, out, device, steps, config.getoption("parity_timeout"), command=command)
+    checks = baselines.check_case_baselines(case, out, baseline_root, config.getoption("parity_update_baselines"))
+    verdict = compare.compare_case(case, out, checks)
+    compare.write_verdict(out, verdict)
+    message = ""
+    if not verdict["passed"]:
+        message = _failure_message(case, verdict, out)
+    return verdict, message
+
+
+def _failure_message(case, verdict, out: Path) -> str:
+    from parity import compare
+
+    lines = [f"parity case {case.name} failed ({case.path})", compare.divergence_table(verdict)]
+    for b in verdict.get("baselines", []):
+        if not b.get("passed"):
+            lines.append(f"baseline {b['setup']}: {b['status']}: {b['message']}")
+            if b.get("obtained"):
+                lines.append(f"  obtained: {b['obtained']}")
+    for p in verdict.get("problems", []):
+        lines.append(f"problem: {p}")
+    try:
+        from parity.report import plot_case
+
+        png, _ = plot_case(out, case.name)
+        lines.append(f"plot: {png}")
+    except Exception as e:  # noqa: BLE001 - a plotting failure must not hide the verdict
+        lines.append(f"plot: not drawn ({type(e).__name__}: {e})")
+    lines.append(f"run directory: {out / case.name}")
+    return "\n".join(lines)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    if getattr(config, "workerinput", None) is not None:
+        return  # workers share the run directory; the controller writes one merged report
+    _, _, out = parity_paths(config)
+    if not any(out.glob("*/verdict.json")) if out.is_dir() else True:
+        return
+    from parity.report import write_report
+
+    md, html = write_report(out)
+    config._parity_report = (md, html)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    report = getattr(config, "_parity_report", None)
+    if report:
+        terminalreporter.write_line(f"parity report: {report[0]}  {report[1]}")
