@@ -74,7 +74,8 @@ def seed_checkpoint(model: str, seed: int, dtype: str, cache: Path | None = None
 
         from parity.model import build_model
 
-        state = build_model(PRESETS[model], 1, seed, getattr(torch, dtype))  # RoPE tables are not saved.state_dict()
+        # seq_len 1: the RoPE tables are derived buffers, not part of the checkpoint
+        state = build_model(PRESETS[model], 1, seed, getattr(torch, dtype)).state_dict()
         sha = state_dict_sha256(state)
         final = cache / sha
         if not (final / ".metadata").is_file():

@@ -1,0 +1,286 @@
+"""Stored baselines: `baselines/<case>/<setup>.<platform>.csv`, one per setup and hardware class.
+
+A baseline is the metrics.csv of a known-good run (step, loss, grad_norm, lr, tokens) with
+`# key: value` provenance lines on top, floats in full `repr` precision. A run is compared with
+the baseline for its platform:
+
+- exactly (bit for bit) when the baseline was made with the same torch version on the same
+  platform, since then nothing but our code can have changed the numbers;
+- otherwise within the case's tolerances (case.expect.tolerance), because a torch or hardware
+  change legitimately moves the last bits.
+
+A missing baseline fails (never a silent pass) and says which command creates it. Update modes,
+after the pain points in shared/research/golden.md (pytest-regressions' --force-regen surprise,
+pytest-mpl overwriting everything, syrupy's "new only"):
+
+    None       never write a baseline
+    "new"      write missing baselines only; a mismatch still fails
+    "failing"  write missing and mismatching ones (the default when the flag is given bare)
+    "all"      rewrite every baseline, matching or not
+
+A matching baseline is never rewritten except under "all", so its bytes and mtime stay put.
+
+Writes are a full-file replace via a temporary file and rename (records.atomic_write_text): a
+reader, or another pytest-xdist worker, sees the old file or the new one, never half of one.
+Each baseline belongs to exactly one case, and a case is one test item, so no two workers write
+the same file and no lock is needed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+from parity.compare import compare_series, not_compared
+from parity.records import RecordError, atomic_write_text, csv_text, read_csv, read_json, setup_dir
+from parity.spec import Case, Setup
+
+DEFAULT_ROOT = Path("baselines")
+COLUMNS = ("step", "loss", "grad_norm", "lr", "tokens")
+COMPARED = ("loss", "grad_norm")
+PROVENANCE = ("torch", "device", "platform", "world_size", "mesh", "seed_checkpoint_sha256",
+              "case_sha256", "date", "git_commit")
+UPDATE_MODES = (None, "new", "failing", "all")
+# A double written with repr needs ~15-17 significant digits unless it is a short dyadic number
+# (0.5, 2.25). A loss or grad-norm column where *every* value has at most this many digits was
+# almost surely rounded on the way in (Megatron's 5-decimal goldens have 6-7, "%.9g" float32
+# printing has 9), and rounding quietly turns an exact check into an approximate one.
+ROUNDED_DIGITS = 10
+ROUNDED_MIN_ROWS = 3
+
+
+def platform_key(device_name: str) -> str:
+    """The hardware class a baseline is valid for.
+
+    - "cpu" (any device name starting with "cpu") -> "cpu".
+    - A GPU -> "cuda-<model>", where <model> is the first word of the device name, after
+      dropping the vendor word "NVIDIA", that is letters followed by digits (and optional
+      letters): "NVIDIA H100 80GB HBM3" -> "cuda-h100", "NVIDIA H200" -> "cuda-h200",
+      "NVIDIA A100-SXM4-80GB" -> "cuda-a100", "Tesla V100-SXM2-16GB" -> "cuda-v100",
+      "NVIDIA L40S" -> "cuda-l40s". Memory size and form factor (80GB, SXM4, PCIe) are left out:
+      they do not change the arithmetic.
+    - No such word: "cuda-" + the lowercased name with every run of non-alphanumerics turned
+      into "-" ("NVIDIA GeForce RTX 4090" -> "cuda-nvidia-geforce-rtx-4090").
+    """
+    name = (device_name or "").strip().lower()
+    if name.startswith("cpu"):
+        return "cpu"
+    words = [w for w in re.split(r"[^a-z0-9]+", name) if w and w != "nvidia"]
+    model = next((w for w in words if re.fullmatch(r"[a-z]+\d+[a-z]*", w)), None)
+    return "cuda-" + (model or re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown")
+
+
+def baseline_path(root, case_name: str, setup_name: str, platform: str) -> Path:
+    return Path(root if root is not None else DEFAULT_ROOT) / case_name / f"{setup_name}.{platform}.csv"
+
+
+def obtained_path(run_dir, case_name: str, setup_name: str) -> Path:
+    return Path(run_dir) / case_name / f"{setup_name}.obtained.csv"
+
+
+def baseline_text(metrics_rows, provenance: dict) -> str:
+    header = [f"{k}: {provenance.get(k, '')}" for k in PROVENANCE]
+    header += [f"{k}: {v}" for k, v in provenance.items() if k not in PROVENANCE]
+    if any("\n" in line for line in header):
+        raise ValueError("provenance values must be single lines")
+    return csv_text(COLUMNS, metrics_rows, header)
+
+
+def write_baseline(path, metrics_rows, provenance: dict) -> None:
+    """Write a baseline (or an obtained file) atomically: provenance lines, then the rows."""
+    atomic_write_text(path, baseline_text(metrics_rows, provenance))
+
+
+def provenance(run: dict, case: Case, setup_name: str, platform: str) -> dict:
+    """Provenance lines for a baseline made from a run's run.json."""
+    shape, names = run.get("mesh_shape"), run.get("mesh_dim_names")
+    mesh = "x".join(f"{n}={s}" for n, s in zip(names, shape)) if shape and names else str(shape or "none")
+    return {
+        "torch": run.get("torch", "unknown"),
+        "device": run.get("device", "unknown"),
+        "platform": platform,
+        "world_size": run.get("world_size", "unknown"),
+        "mesh": mesh,
+        "seed_checkpoint_sha256": run.get("seed_checkpoint_sha256") or "none",
+        "case_sha256": run.get("case_sha256") or case.sha256,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": run.get("git_commit") or "unknown",
+        "case": case.name,
+        "setup": setup_name,
+    }
+
+
+def create_commands(case: Case, mode: str = "new") -> str:
+    return (f"`parity run {case.path} --update-baselines={mode}` "
+            f"(or `pytest parity -k {case.name} --parity-update-baselines={mode}`)")
+
+
+def _result(setup, path, platform, status, how, passed, message, metrics=None, obtained=None) -> dict:
+    return {"setup": setup, "path": str(path) if path else None, "platform": platform, "status": status, "how": how,
+            "passed": passed, "metrics": metrics or {m: not_compared(message) for m in COMPARED},
+            "message": message, "obtained": str(obtained) if obtained else None}
+
+
+def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str, torch_version: str,
+                   update: str | None = None) -> dict:
+    """Compare one setup's run with its baseline, writing files as `update` allows; returns B."""
+    if update not in UPDATE_MODES:
+        raise ValueError(f"update mode {update!r}; allowed: new, failing, all (or none)")
+    name = setup if isinstance(setup, str) else setup.name
+    path = baseline_path(root, case.name, name, platform)
+    result = partial(_result, name, path, platform)
+    run_path = setup_dir(run_dir, case.name, name)
+    try:
+        run = read_json(run_path / "run.json")
+        rows = read_csv(run_path / "metrics.csv")[1]
+    except RecordError as e:
+        return result("error", "exact", False, f"cannot read the run: {e}")
+    if run.get("status") != "ok":
+        return result("error", "exact", False, f"run status is {run.get('status')!r}; not compared, nothing written")
+    bad = [r["step"] for r in rows if not all(math.isfinite(r[m]) for m in COMPARED)]
+    if bad:
+        return result("error", "exact", False, f"the run has NaN/Inf at steps {bad}; not compared, nothing written")
+    prov = provenance(run, case, name, platform)
+
+    if not path.exists():
+        if update is None:
+            return result("missing", "exact", False,
+                          f"no baseline {path} for platform {platform}; create it with {create_commands(case)}")
+        write_baseline(path, rows, prov)
+        return result("updated", "exact", True, f"wrote new baseline {path}")
+    try:
+        header, base = read_csv(path)
+    except RecordError as e:
+        if update in ("failing", "all"):
+            write_baseline(path, rows, prov)
+            return result("updated", "exact", True, f"rewrote unreadable baseline {path} ({e})")
+        return result("error", "exact", False, f"{e}; fix or recreate it with {create_commands(case, 'failing')}")
+
+    exact = header.get("torch") == torch_version and header.get("platform") == platform
+    how = "exact" if exact else "tolerance"
+    # A run may be shorter than its baseline (pytest --parity-steps): compare the steps it made.
+    # It must not be longer: steps the baseline lacks are unverified.
+    last = rows[-1]["step"] if rows else 0
+    stored = len(base)
+    base = [r for r in base if r["step"] <= last]
+    part = f" (its first {len(base)} of {stored} steps)" if len(base) < stored else ""
+    labels = ("baseline", "run")
+    metrics = {m: compare_series([r["step"] for r in base], [r[m] for r in base], [r["step"] for r in rows],
+                                 [r[m] for r in rows], case.expect.tolerance[m],
+                                 "bitwise" if exact else "tolerance", labels) for m in COMPARED}
+    why = "" if exact else (f" (baseline torch {header.get('torch')} on {header.get('platform')}, "
+                            f"run torch {torch_version} on {platform}: compared within tolerance)")
+    if all(m["passed"] for m in metrics.values()):
+        if update == "all" and not part:
+            write_baseline(path, rows, prov)
+            return result("updated", how, True, f"matches; rewrote {path} (update mode all)", metrics)
+        return result("match", how, True, f"matches {path}{part}{why}", metrics)
+
+    diff = "; ".join(_difference(name, m, metric, how) for metric, m in metrics.items() if not m["passed"])
+    if exact and all(m["within_tolerance"] for m in metrics.values()):
+        diff += " (every step is within the case tolerance: bit-level drift, not a large change)"
+    # A shortened run (--parity-steps) never replaces a longer baseline, whatever the mode.
+    if update in ("failing", "all") and not part:
+        write_baseline(path, rows, prov)
+        return result("updated", how, True, f"rewrote {path}; it differed: {diff}", metrics)
+    obtained = obtained_path(run_dir, case.name, name)
+    write_baseline(obtained, rows, prov)
+    accept = ("not rewritten: the run made fewer steps than the baseline; rerun all steps to update it"
+              if part and update else f"accept them with {create_commands(case, 'failing')}")
+    return result("mismatch", how, False,
+                  f"differs from {path}{part}{why}: {diff}; obtained values in {obtained}; {accept}",
+                  metrics, obtained)
+
+
+def _difference(setup: str, m: dict, metric: str, how: str) -> str:
+    if m["problems"]:
+        return f"{setup} {metric}: " + "; ".join(m["problems"])
+    e = m["first_divergence"] if how == "exact" else m["first_tolerance_failure"]
+    return (f"{setup} {metric} step {e['step']}: baseline {e['value_ref']!r}, run {e['value_other']!r} "
+            f"(abs {e['abs']:.3g}, rel {e['rel']:.3g}, {e['ulps']} ulps)")
+
+
+def check_case_baselines(case: Case, run_dir, root=None, update: str | None = None) -> list[dict]:
+    """check_baseline for every setup, with platform and torch version from its run.json."""
+    results = []
+    for s in case.setups:
+        try:
+            run = read_json(setup_dir(run_dir, case.name, s.name) / "run.json")
+        except RecordError as e:
+            results.append(_result(s.name, None, "unknown", "error", "exact", False, f"cannot read the run: {e}"))
+            continue
+        platform = run.get("platform") or platform_key(run.get("device", ""))
+        results.append(check_baseline(case, s, run_dir, root, platform, run.get("torch", "unknown"), update))
+    return results
+
+
+def _split_name(path: Path) -> tuple[str, str] | None:
+    stem = path.name[: -len(".csv")]
+    setup, dot, platform = stem.rpartition(".")
+    return (setup, platform) if dot and setup and platform else None
+
+
+def baseline_files(root=None) -> list[Path]:
+    return sorted(Path(root if root is not None else DEFAULT_ROOT).glob("*/*.csv"))
+
+
+def unused_baselines(root, cases: list[Case]) -> list[Path]:
+    """Baseline files whose case or setup no longer exists (or whose name is not setup.platform.csv)."""
+    known = {c.name: {s.name for s in c.setups} for c in cases}
+    unused = []
+    for path in baseline_files(root):
+        parts = _split_name(path)
+        if parts is None or parts[0] not in known.get(path.parent.name, ()):
+            unused.append(path)
+    return unused
+
+
+def _data_lines(path: Path) -> list[int]:
+    """Line numbers of the data rows, in the order read_csv returns them."""
+    numbers = [i for i, line in enumerate(path.read_text().splitlines(), 1) if not line.startswith("#")]
+    return numbers[1:]  # the first non-comment line is the column header
+
+
+def _significant_digits(x: float) -> int:
+    mantissa = repr(abs(x)).split("e")[0].replace(".", "")
+    return len(mantissa.strip("0")) or 1
+
+
+def lint(root=None) -> list[str]:
+    """Problems in the stored baselines, one line each naming file and line."""
+    problems = []
+    for path in baseline_files(root):
+        try:
+            header, rows = read_csv(path)
+        except RecordError as e:
+            problems.append(str(e))
+            continue
+        missing = [k for k in PROVENANCE if not header.get(k)]
+        if missing:
+            problems.append(f"{path}:1: missing provenance: {', '.join(missing)}")
+        parts = _split_name(path)
+        if parts and header.get("platform") and header["platform"] != parts[1]:
+            problems.append(f"{path}:1: provenance platform {header['platform']!r} but the file name says {parts[1]!r}")
+        lines = _data_lines(path)
+        absent = [c for c in COLUMNS if rows and c not in rows[0]]
+        if absent or not rows:
+            problems.append(f"{path}:{lines[0] if lines else 1}: " +
+                            (f"missing columns: {', '.join(absent)}" if absent else "no data rows"))
+            continue
+        previous = None
+        for row, line in zip(rows, lines):
+            for column in ("loss", "grad_norm", "lr"):
+                if not math.isfinite(row[column]):
+                    problems.append(f"{path}:{line}: {column} is {row[column]!r}")
+            if previous is not None and row["step"] <= previous:
+                problems.append(f"{path}:{line}: step {row['step']} does not increase (after {previous})")
+            previous = row["step"]
+        for column in COMPARED:
+            digits = [_significant_digits(r[column]) for r in rows]
+            if len(rows) >= ROUNDED_MIN_ROWS and max(digits) <= ROUNDED_DIGITS:
+                problems.append(f"{path}:{lines[0]}: {column} looks rounded: every value has at most "
+                                f"{max(digits)} significant digits; store full repr precision")
+    return problems

@@ -1,0 +1,354 @@
+"""Verdicts: the reference setup of a case against every other setup, metric by metric.
+
+Every metric gets two lanes side by side, whatever the case's mode:
+
+- exact: the two values are the same IEEE-754 double, compared as 8-byte patterns. So -0.0 and
+  0.0 are *not* equal (a sign flip is a real numerical difference), and a non-finite value is
+  never equal to anything, NaN included, because NaN/Inf always fail (see below). For weights,
+  exact means the sha256 of the full parameter tensors agree.
+- tolerance: |other - ref| <= atol + rtol * |ref|, the reference value scaling the bound
+  (spec.Tolerance.allows). NaN never passes.
+
+NaN or Inf anywhere, and missing, extra, duplicated or out-of-order steps, are *problems*: a
+metric with a problem fails, and a pair with a problem fails whatever the case expects. A
+negative control (outcome "diverge") must show a numerical divergence between two healthy
+runs; a crash, a missing file or a NaN is not the divergence it is looking for.
+
+The verdict, `<out>/<case>/verdict.json` (a contract for the plugin, CLI and reports):
+
+    {case, passed, mode, outcome, reference, platform,
+     tolerance: {loss|grad_norm|weights: {rtol, atol, source}},
+     pairs: [{reference, other, passed, problems: [str],
+              diverged: null | {metric, step, param, value_ref, value_other, abs, rel, ulps},
+              metrics: {loss: M, grad_norm: M, weights: M}}],
+     baselines: [B (see baselines.py)], problems: [str]}
+    M = {n, exact_equal_steps, bitwise, within_tolerance, max_abs, max_rel, failing_steps,
+         first_divergence, first_tolerance_failure, passed, problems}
+
+`first_divergence` is the first entry that is not bitwise equal, `first_tolerance_failure` the
+first outside tolerance; each is {step (or param), value_ref, value_other, abs, rel, ulps}.
+`M.passed` means "matches under the case's mode"; `pair.passed` applies the outcome on top (for
+"diverge" it is true when some metric does not match). `problems` lists every reason a pair or
+the case fails, so `passed == not problems`. `diverged` is set whenever something diverged,
+whatever the outcome. max_abs/max_rel are over the finite entries only.
+
+This module reads files and numbers only; it never imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from parity.records import RecordError, read_csv, read_json, write_json
+from parity.spec import Case, Tolerance
+
+STEP_METRICS = ("loss", "grad_norm")
+LISTED = 5  # how many steps a problem line names before "..."
+
+
+def ulps_apart(a: float, b: float) -> int | None:
+    """Distance between a and b in float32 units in the last place; None if either is not finite.
+
+    Both values are rounded to float32 first (the training dtype of most cases, so "2 ULPs" reads
+    the same for every case); two doubles closer than a float32 ULP can be 0 apart. Bit patterns
+    are mapped onto a monotonic integer line (negative floats mirrored below zero, -0.0 == 0.0) so
+    the distance counts the representable float32 values between them.
+    """
+    with np.errstate(over="ignore"):
+        fa, fb = np.float32(a), np.float32(b)
+    if not (np.isfinite(fa) and np.isfinite(fb)):
+        return None
+    return abs(_ordered(fa) - _ordered(fb))
+
+
+def _ordered(x: np.float32) -> int:
+    bits = int(np.array(x, dtype=np.float32).view(np.int32))
+    return bits if bits >= 0 else -(bits & 0x7FFFFFFF)
+
+
+def bitwise_equal(a: float, b: float) -> bool:
+    return math.isfinite(a) and math.isfinite(b) and struct.pack("<d", a) == struct.pack("<d", b)
+
+
+def _entry(key_name: str, key, ref: float, other: float) -> dict:
+    diff = abs(other - ref)
+    if diff == 0.0:
+        rel = 0.0
+    elif ref == 0.0:
+        rel = math.inf
+    else:
+        rel = diff / abs(ref)
+    return {key_name: key, "value_ref": ref, "value_other": other, "abs": diff, "rel": rel,
+            "ulps": ulps_apart(ref, other)}
+
+
+def _span(keys) -> str:
+    keys = list(keys)
+    shown = ", ".join(map(str, keys[:LISTED]))
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > LISTED else "")
+
+
+def _index(keys, values, label: str, what: str, problems: list[str]) -> dict:
+    """key -> value, recording duplicated, out-of-order and non-finite entries as problems."""
+    keys, values = list(keys), [float(v) for v in values]
+    if len(keys) != len(values):
+        problems.append(f"{label} has {len(keys)} {what}s but {len(values)} values")
+    out: dict = {}
+    for k, v in zip(keys, values):
+        if k in out:
+            problems.append(f"{label} has {what} {k} twice")
+        elif what == "step" and out and k < next(reversed(out)):
+            problems.append(f"{label} steps are out of order: {k} after {next(reversed(out))}")
+        out[k] = v
+    bad = [f"{k} ({v!r})" for k, v in out.items() if not math.isfinite(v)]
+    if bad:
+        problems.append(f"{label} has non-finite values at {what} {_span(bad)}")
+    return out
+
+
+def _summarize(entries: list[dict], exact: list[bool], tol: Tolerance, mode: str, problems: list[str]) -> dict:
+    within = [math.isfinite(e["value_ref"]) and math.isfinite(e["value_other"])
+              and tol.allows(e["value_other"], e["value_ref"]) for e in entries]
+    finite = [e for e in entries if math.isfinite(e["abs"])]
+    n = len(entries)
+    if n == 0 and not problems:
+        problems.append("nothing to compare")
+    bitwise = not problems and all(exact)
+    within_tolerance = not problems and all(within)
+    return {
+        "n": n,
+        "exact_equal_steps": sum(exact),
+        "bitwise": bitwise,
+        "within_tolerance": within_tolerance,
+        "max_abs": max((e["abs"] for e in finite), default=0.0),
+        "max_rel": max((e["rel"] for e in finite), default=0.0),
+        "failing_steps": within.count(False),
+        "first_divergence": next((e for e, ok in zip(entries, exact) if not ok), None),
+        "first_tolerance_failure": next((e for e, ok in zip(entries, within) if not ok), None),
+        "passed": bitwise if mode == "bitwise" else within_tolerance,
+        "problems": problems,
+    }
+
+
+def compare_series(ref_steps, ref_values, other_steps, other_values, tol: Tolerance,
+                   mode: str = "tolerance", labels=("reference", "other")) -> dict:
+    """One step-wise metric; returns the metric result M (see the module docstring).
+
+    `passed` follows `mode`: "bitwise" needs every step exact, "tolerance" every step within tol.
+    """
+    problems: list[str] = []
+    ref = _index(ref_steps, ref_values, labels[0], "step", problems)
+    other = _index(other_steps, other_values, labels[1], "step", problems)
+    missing = [s for s in ref if s not in other]
+    extra = [s for s in other if s not in ref]
+    if missing:
+        problems.append(f"{labels[1]} lacks steps {_span(missing)} that {labels[0]} has")
+    if extra:
+        problems.append(f"{labels[1]} has steps {_span(extra)} that {labels[0]} lacks")
+    entries = [_entry("step", s, ref[s], other[s]) for s in ref if s in other]
+    exact = [bitwise_equal(e["value_ref"], e["value_other"]) for e in entries]
+    return _summarize(entries, exact, tol, mode, problems)
+
+
+def compare_weights(ref_rows, other_rows, tol: Tolerance, mode: str = "tolerance",
+                    labels=("reference", "other")) -> dict:
+    """Final weights, keyed by parameter name: exact = sha256 equal, tolerance = on the L2 norms."""
+    problems: list[str] = []
+    ref = _index([r["param"] for r in ref_rows], [r["norm"] for r in ref_rows], labels[0], "param", problems)
+    other = _index([r["param"] for r in other_rows], [r["norm"] for r in other_rows], labels[1], "param", problems)
+    ref_sha = {r["param"]: r["sha256"] for r in ref_rows}
+    other_sha = {r["param"]: r["sha256"] for r in other_rows}
+    missing = [p for p in ref if p not in other]
+    extra = [p for p in other if p not in ref]
+    if missing:
+        problems.append(f"{labels[1]} lacks params {_span(missing)}")
+    if extra:
+        problems.append(f"{labels[1]} has extra params {_span(extra)}")
+    keys = [p for p in ref if p in other]
+    entries = [_entry("param", p, ref[p], other[p]) for p in keys]
+    exact = [ref_sha[p] == other_sha[p] and math.isfinite(ref[p]) and math.isfinite(other[p]) for p in keys]
+    return _summarize(entries, exact, tol, mode, problems)
+
+
+def not_compared(reason: str) -> dict:
+    """A metric result for a metric that could not be compared; it never passes."""
+    return {"n": 0, "exact_equal_steps": 0, "bitwise": False, "within_tolerance": False, "max_abs": 0.0,
+            "max_rel": 0.0, "failing_steps": 0, "first_divergence": None, "first_tolerance_failure": None,
+            "passed": False, "problems": [f"not compared: {reason}"]}
+
+
+def _load_run(directory: Path, name: str) -> dict:
+    """run.json, metrics and weights of one setup, with a problem line for anything unusable."""
+    run = {"info": None, "metrics": None, "weights": None, "problems": []}
+    try:
+        run["info"] = read_json(directory / "run.json")
+    except RecordError as e:
+        run["problems"].append(f"{name}: {e}")
+    else:
+        status = run["info"].get("status")
+        if status != "ok":
+            detail = run["info"].get("error")
+            run["problems"].append(f"{name}: run status is {status!r}" + (f": {detail}" if detail else ""))
+    for key, file in (("metrics", "metrics.csv"), ("weights", "weights.csv")):
+        try:
+            run[key] = read_csv(directory / file)[1]
+        except RecordError as e:
+            run["problems"].append(f"{name}: {e}")
+    return run
+
+
+def _mismatch(metric: str, m: dict, mode: str) -> str:
+    unit = "params" if metric == "weights" else "steps"
+    if mode == "bitwise":
+        how = "have another sha256" if metric == "weights" else "differ bitwise"
+        e, text = m["first_divergence"], f"{m['n'] - m['exact_equal_steps']} of {m['n']} {unit} {how}"
+    else:
+        e, text = m["first_tolerance_failure"], f"{m['failing_steps']} of {m['n']} {unit} outside tolerance"
+    return f"{metric}: {text}; first at {_where(e)}: {e['value_ref']!r} vs {e['value_other']!r} " \
+           f"(abs {e['abs']:.3g}, rel {e['rel']:.3g}, {e['ulps']} ulps)"
+
+
+def _where(e: dict) -> str:
+    return f"param {e['param']}" if "param" in e else f"step {e['step']}"
+
+
+def _diverged(metrics: dict, mode: str) -> dict | None:
+    """Earliest divergent step across loss and grad_norm (loss first on a tie); else weights."""
+    key = "first_divergence" if mode == "bitwise" else "first_tolerance_failure"
+    found = [(metrics[name][key]["step"], i, name, metrics[name][key])
+             for i, name in enumerate(STEP_METRICS) if metrics[name][key] is not None]
+    if found:
+        _, _, name, e = min(found, key=lambda t: t[:2])
+        return {"metric": name, "step": e["step"], "param": None, **{k: v for k, v in e.items() if k != "step"}}
+    e = metrics["weights"][key]
+    if e is not None:
+        return {"metric": "weights", "step": None, **e}
+    return None
+
+
+def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict, case: Case) -> dict:
+    mode, outcome, tol = case.expect.mode, case.expect.outcome, case.expect.tolerance
+    labels = (ref_name, other_name)
+    problems = ref_run["problems"] + other_run["problems"]
+    metrics = {}
+    for metric in STEP_METRICS:
+        a, b = ref_run["metrics"], other_run["metrics"]
+        if a is None or b is None:
+            metrics[metric] = not_compared("metrics.csv unreadable")
+            continue
+        metrics[metric] = compare_series([r["step"] for r in a], [r[metric] for r in a],
+                                         [r["step"] for r in b], [r[metric] for r in b], tol[metric], mode, labels)
+        problems += [f"{metric}: {p}" for p in metrics[metric]["problems"]]
+    if ref_run["weights"] is None or other_run["weights"] is None:
+        metrics["weights"] = not_compared("weights.csv unreadable")
+    else:
+        metrics["weights"] = compare_weights(ref_run["weights"], other_run["weights"], tol["weights"], mode, labels)
+        problems += [f"weights: {p}" for p in metrics["weights"]["problems"]]
+    if not problems:
+        differing = [name for name, m in metrics.items() if not m["passed"]]
+        if outcome == "match":
+            problems += [_mismatch(name, metrics[name], mode) for name in differing]
+        elif not differing:
+            problems.append(f"expected a divergence (negative control), but every metric matches ({mode})")
+    return {"reference": ref_name, "other": other_name, "passed": not problems, "problems": problems,
+            "diverged": _diverged(metrics, mode), "metrics": metrics}
+
+
+def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None = None) -> dict:
+    """The verdict of one case from the runs under run_dir/<case>/ (and baseline checks, if given)."""
+    base = Path(run_dir) / case.name
+    runs = {s.name: _load_run(base / s.name, s.name) for s in case.setups}
+    ref = case.reference.name
+    pairs = [compare_pair(ref, runs[ref], s.name, runs[s.name], case) for s in case.setups[1:]]
+    baselines = list(baselines or [])
+    problems = [f"{p['reference']} vs {p['other']}: {line}" for p in pairs for line in p["problems"]]
+    problems += [f"baseline {b['setup']}: {b['message']}" for b in baselines if not b["passed"]]
+    info = runs[ref]["info"] or {}
+    return {
+        "case": case.name,
+        "passed": not problems,
+        "mode": case.expect.mode,
+        "outcome": case.expect.outcome,
+        "reference": ref,
+        "platform": info.get("platform", "unknown"),
+        "tolerance": {m: {"rtol": t.rtol, "atol": t.atol, "source": case.expect.tolerance_source.get(m, "case")}
+                      for m, t in case.expect.tolerance.items()},
+        "pairs": pairs,
+        "baselines": baselines,
+        "problems": problems,
+    }
+
+
+def verdict_path(run_dir: str | Path, case_name: str) -> Path:
+    return Path(run_dir) / case_name / "verdict.json"
+
+
+def write_verdict(run_dir: str | Path, verdict: dict) -> Path:
+    path = verdict_path(run_dir, verdict["case"])
+    write_json(path, verdict)
+    return path
+
+
+def _g(x) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def _metric_line(name: str, m: dict) -> str:
+    unit = "params" if name == "weights" else "steps"
+    line = f"{name:<10} exact {m['exact_equal_steps']}/{m['n']} {unit}, max abs {_g(m['max_abs'])}, " \
+           f"max rel {_g(m['max_rel'])}, outside tolerance {m['failing_steps']}"
+    e = m["first_divergence"]
+    # Problems are listed once, under the pair.
+    return line + (f", first divergence {_where(e)} ({e['ulps']} ulps)" if e else ", no divergence")
+
+
+def format_verdict(verdict: dict) -> str:
+    """A short human summary: per pair and metric both lanes, the tolerances used, the baselines."""
+    v = verdict
+    lines = [f"{v['case']}: {'PASS' if v['passed'] else 'FAIL'} (mode {v['mode']}, outcome {v['outcome']}, "
+             f"reference {v['reference']}, platform {v['platform']})"]
+    lines.append("  tolerance: " + "; ".join(f"{m} rtol={t['rtol']!r} atol={t['atol']!r} ({t['source']})"
+                                            for m, t in v["tolerance"].items()))
+    for p in v["pairs"]:
+        d = p["diverged"]
+        where = "" if d is None else f"; first diverged: {d['metric']} at " + (
+            f"step {d['step']}" if d["step"] is not None else f"param {d['param']}")
+        lines.append(f"  {p['reference']} vs {p['other']}: {'PASS' if p['passed'] else 'FAIL'}{where}")
+        lines += [f"    {_metric_line(name, m)}" for name, m in p["metrics"].items()]
+        lines += [f"    - {line}" for line in p["problems"]]
+    for b in v["baselines"]:
+        lines.append(f"  baseline {b['setup']} [{b['platform']}, {b['how']}]: {b['status']}"
+                     f"{'' if b['passed'] else ' FAIL'}: {b['message']}")
+    return "\n".join(lines)
+
+
+def divergence_table(verdict: dict) -> str:
+    """The failing rows only: for each failing pair/baseline and metric, its first failing entry."""
+    rows = []
+    for p in verdict["pairs"]:
+        if p["passed"]:
+            continue
+        key = "first_divergence" if verdict["mode"] == "bitwise" else "first_tolerance_failure"
+        for name, m in p["metrics"].items():
+            if not m["passed"] and m[key] is not None and verdict["outcome"] == "match":
+                rows.append((f"{p['reference']} vs {p['other']}", name, m[key]))
+    for b in verdict["baselines"]:
+        if b["passed"]:
+            continue
+        key = "first_divergence" if b["how"] == "exact" else "first_tolerance_failure"
+        for name, m in b["metrics"].items():
+            if m[key] is not None:
+                rows.append((f"baseline {b['setup']} vs run", name, m[key]))
+    header = ("pair", "metric", "step|param", "reference", "other", "abs", "rel", "ulps")
+    table = [header] + [(who, name, str(e.get("step", e.get("param"))), repr(e["value_ref"]),
+                         repr(e["value_other"]), repr(e["abs"]), repr(e["rel"]), str(e["ulps"]))
+                        for who, name, e in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table) if rows else ""
+    # The problem lines carry what a table row cannot: crashed runs, missing steps, NaN, a negative
+    # control that did not diverge, a missing baseline and the command that creates it.
+    return "\n".join(filter(None, [text, *("- " + line for line in verdict["problems"])]))

@@ -1,0 +1,300 @@
+"""Stored baselines: paths, bit-exact I/O, check and update modes, unused files, lint."""
+
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from parity import records
+from parity.baselines import (
+    PROVENANCE, baseline_path, check_baseline, check_case_baselines, lint, platform_key, unused_baselines,
+    write_baseline,
+)
+from parity.compare import compare_case, divergence_table
+from parity.spec import Case, Expect, Setup, Tolerance, Train
+
+TOL = {"loss": Tolerance(1e-5, 0.0), "grad_norm": Tolerance(1e-4, 0.0), "weights": Tolerance(1e-4, 0.0)}
+RNG = np.random.default_rng(7)
+LOSS = [float(x) for x in 7.0 - np.sort(RNG.random(5))]
+GNORM = [float(x) for x in 1.0 + RNG.random(5)]
+TORCH = "2.13.0+cpu"
+
+
+def make_case(names=("ref", "other"), name="demo") -> Case:
+    setups = tuple(Setup(name=n, train=Train()) for n in names)
+    expect = Expect(tolerance=TOL, tolerance_source={m: "default for float32" for m in TOL})
+    return Case(name=name, path=Path(f"cases/{name}.toml"), description="d", setups=setups, expect=expect,
+                sha256="c" * 64)
+
+
+def rows(loss=LOSS, gnorm=GNORM):
+    return [{"step": i + 1, "loss": l, "grad_norm": g, "lr": 8e-4 * min(1.0, (i + 1) / 2), "tokens": 2048 * (i + 1),
+             "step_time_s": 0.25} for i, (l, g) in enumerate(zip(loss, gnorm))]
+
+
+def write_run(out: Path, setup: str, metric_rows=None, status="ok", torch=TORCH, case="demo"):
+    d = out / case / setup
+    records.write_metrics(d / "metrics.csv", metric_rows if metric_rows is not None else rows())
+    records.write_weights(d / "weights.csv", [{"param": "w", "norm": 1.2345678901234567, "sha256": "a" * 64}])
+    records.write_json(d / "run.json", {
+        "case": case, "setup": setup, "status": status, "torch": torch, "device": "cpu", "platform": "cpu",
+        "world_size": 8, "mesh_shape": [2, 4], "mesh_dim_names": ["dp_replicate", "dp_shard"],
+        "seed_checkpoint_sha256": "5" * 64, "case_sha256": "c" * 64, "git_commit": "abc123"})
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """A case with two setups run, baselines written for both; returns (case, run_dir, root)."""
+    case, run_dir, root = make_case(), tmp_path / "out", tmp_path / "baselines"
+    write_run(run_dir, "ref")
+    write_run(run_dir, "other")
+    for b in check_case_baselines(case, run_dir, root, update="new"):
+        assert b["status"] == "updated" and b["passed"]
+    return case, run_dir, root
+
+
+def bits(x: float) -> bytes:
+    return struct.pack("<d", x)
+
+
+# ---- platform key and paths ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name,key", [
+    ("cpu", "cpu"),
+    ("NVIDIA H100 80GB HBM3", "cuda-h100"),
+    ("NVIDIA H200", "cuda-h200"),
+    ("NVIDIA A100-SXM4-80GB", "cuda-a100"),
+    ("Tesla V100-SXM2-16GB", "cuda-v100"),
+    ("NVIDIA L40S", "cuda-l40s"),
+    ("NVIDIA GeForce RTX 4090", "cuda-nvidia-geforce-rtx-4090"),
+])
+def test_platform_key(name, key):
+    assert platform_key(name) == key
+
+
+def test_baseline_path():
+    assert baseline_path("b", "case1", "hsdp", "cuda-h100") == Path("b/case1/hsdp.cuda-h100.csv")
+    assert baseline_path(None, "case1", "ref", "cpu") == Path("baselines/case1/ref.cpu.csv")
+
+
+# ---- file format ---------------------------------------------------------------------------
+
+def test_round_trip_is_bit_exact(tmp_path):
+    values = [5e-324, 1e-300, 0.1 + 0.2, -0.0, 1.7976931348623157e308, 7.123456789012345]
+    path = tmp_path / "b.csv"
+    write_baseline(path, rows(loss=values, gnorm=values[::-1]), {"torch": TORCH, "mesh": "dp_shard=8"})
+    header, back = records.read_csv(path)
+    assert [bits(r["loss"]) for r in back] == [bits(v) for v in values]
+    assert [bits(r["grad_norm"]) for r in back] == [bits(v) for v in values[::-1]]
+    assert header["torch"] == TORCH and header["mesh"] == "dp_shard=8"
+    assert list(back[0]) == ["step", "loss", "grad_norm", "lr", "tokens"]
+
+
+def test_corrupted_file_names_file_and_line(tmp_path, runs):
+    case, run_dir, root = runs
+    path = root / "demo" / "ref.cpu.csv"
+    lines = path.read_text().splitlines()
+    bad_line = len(lines) - 1  # 1-based number of the second-to-last line
+    lines[bad_line - 1] = lines[bad_line - 1].replace(".", "x", 1)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(records.RecordError, match=rf"{path}:{bad_line}: column 'loss'"):
+        records.read_csv(path)
+    b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
+    assert b["status"] == "error" and not b["passed"] and f"{path}:{bad_line}:" in b["message"]
+    assert any(p.startswith(f"{path}:{bad_line}:") for p in lint(root))
+
+
+# ---- checks --------------------------------------------------------------------------------
+
+def test_match_exact(runs):
+    case, run_dir, root = runs
+    results = check_case_baselines(case, run_dir, root)
+    assert [(b["setup"], b["status"], b["how"], b["passed"]) for b in results] == [
+        ("ref", "match", "exact", True), ("other", "match", "exact", True)]
+    assert results[0]["metrics"]["loss"]["exact_equal_steps"] == 5 and results[0]["obtained"] is None
+    assert set(results[0]) == {"setup", "path", "platform", "status", "how", "passed", "metrics", "message", "obtained"}
+    assert set(results[0]["metrics"]) == {"loss", "grad_norm"}
+    header, _ = records.read_csv(root / "demo" / "ref.cpu.csv")
+    assert all(header.get(k) for k in PROVENANCE)
+    assert header["mesh"] == "dp_replicate=2xdp_shard=4" and header["git_commit"] == "abc123"
+
+
+def test_missing_baseline_fails_with_create_command(tmp_path):
+    case, run_dir, root = make_case(), tmp_path / "out", tmp_path / "baselines"
+    write_run(run_dir, "ref")
+    b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
+    assert b["status"] == "missing" and not b["passed"]
+    assert "parity run cases/demo.toml --update-baselines=new" in b["message"]
+    assert "pytest parity -k demo --parity-update-baselines=new" in b["message"]
+    assert not (root / "demo" / "ref.cpu.csv").exists()  # update None never writes
+    v = compare_case(case, run_dir, [b])
+    assert not v["passed"] and "--update-baselines=new" in divergence_table(v)
+
+
+def nudge(path: Path, step: int, factor=1 + 1e-4):
+    header, back = records.read_csv(path)
+    back[step - 1]["loss"] *= factor
+    write_baseline(path, back, header)
+    return back[step - 1]["loss"]
+
+
+def test_changed_loss_is_a_mismatch_naming_setup_metric_step(runs):
+    case, run_dir, root = runs
+    stored = nudge(root / "demo" / "other.cpu.csv", step=3)
+    results = check_case_baselines(case, run_dir, root)
+    ref, other = results
+    assert ref["status"] == "match"
+    assert other["status"] == "mismatch" and not other["passed"]
+    assert "other loss step 3" in other["message"] and repr(stored) in other["message"]
+    assert "drift" not in other["message"]
+    assert other["metrics"]["loss"]["first_divergence"]["step"] == 3
+    assert other["metrics"]["grad_norm"]["passed"]
+    obtained = run_dir / "demo" / "other.obtained.csv"
+    assert other["obtained"] == str(obtained)
+    assert [bits(r["loss"]) for r in records.read_csv(obtained)[1]] == [bits(x) for x in LOSS]
+    v = compare_case(case, run_dir, results)
+    assert not v["passed"] and v["problems"][0].startswith("baseline other: ")
+    table = divergence_table(v)
+    assert "baseline other vs run" in table and repr(stored) in table and repr(LOSS[2]) in table
+
+
+def test_update_failing_rewrites_only_that_file(runs):
+    case, run_dir, root = runs
+    ref_path, other_path = root / "demo" / "ref.cpu.csv", root / "demo" / "other.cpu.csv"
+    nudge(other_path, step=2)
+    before = (ref_path.read_bytes(), ref_path.stat().st_mtime_ns)
+    results = check_case_baselines(case, run_dir, root, update="failing")
+    assert [(b["status"], b["passed"]) for b in results] == [("match", True), ("updated", True)]
+    assert str(other_path) in results[1]["message"] and "other loss step 2" in results[1]["message"]
+    assert (ref_path.read_bytes(), ref_path.stat().st_mtime_ns) == before
+    assert [b["status"] for b in check_case_baselines(case, run_dir, root)] == ["match", "match"]
+
+
+def test_update_new_does_not_overwrite_a_mismatch(runs):
+    case, run_dir, root = runs
+    path = root / "demo" / "other.cpu.csv"
+    nudge(path, step=2)
+    before = path.read_bytes()
+    b = check_baseline(case, "other", run_dir, root, "cpu", TORCH, update="new")
+    assert b["status"] == "mismatch" and not b["passed"] and path.read_bytes() == before
+
+
+def test_update_all_rewrites_matching_and_none_never_writes(runs):
+    case, run_dir, root = runs
+    path = root / "demo" / "ref.cpu.csv"
+    path.write_text(path.read_text().replace("# date: ", "# date: 1999-"))
+    before = path.read_bytes()
+    assert check_baseline(case, "ref", run_dir, root, "cpu", TORCH)["status"] == "match"
+    assert check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update="failing")["status"] == "match"
+    assert path.read_bytes() == before  # a matching baseline is left alone
+    b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update="all")
+    assert b["status"] == "updated" and b["passed"] and path.read_bytes() != before
+    with pytest.raises(ValueError, match="update mode"):
+        check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update="everything")
+
+
+def test_other_torch_version_compares_within_tolerance(runs):
+    case, run_dir, root = runs
+    close = [float(np.nextafter(x, math.inf)) for x in LOSS]
+    write_run(run_dir, "ref", rows(loss=close), torch="2.14.0")
+    b = check_baseline(case, "ref", run_dir, root, "cpu", "2.14.0")
+    assert b["how"] == "tolerance" and b["status"] == "match" and b["passed"]
+    assert not b["metrics"]["loss"]["bitwise"] and "2.14.0" in b["message"]
+    # Same torch and platform: the one-ULP change fails the exact comparison.
+    b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
+    assert b["how"] == "exact" and b["status"] == "mismatch" and "bit-level drift" in b["message"]
+    # Other torch, but beyond tolerance: fails.
+    write_run(run_dir, "ref", rows(loss=[x * (1 + 1e-4) for x in LOSS]), torch="2.14.0")
+    b = check_baseline(case, "ref", run_dir, root, "cpu", "2.14.0")
+    assert b["how"] == "tolerance" and b["status"] == "mismatch"
+
+
+def test_failed_run_is_an_error_and_writes_nothing(tmp_path):
+    case, run_dir, root = make_case(), tmp_path / "out", tmp_path / "baselines"
+    write_run(run_dir, "ref", status="failed")
+    b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update="all")
+    assert b["status"] == "error" and not b["passed"] and not (root / "demo").exists()
+    write_run(run_dir, "ref", rows(loss=[math.nan] * 5))
+    b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update="all")
+    assert b["status"] == "error" and "NaN" in b["message"] and not (root / "demo").exists()
+
+
+def test_shorter_run_compares_a_prefix_and_never_shortens_a_baseline(runs):
+    case, run_dir, root = runs
+    path = root / "demo" / "ref.cpu.csv"
+    write_run(run_dir, "ref", rows()[:3])
+    b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update="failing")
+    assert b["status"] == "match" and "first 3 of 5 steps" in b["message"]
+    write_run(run_dir, "ref", rows(loss=[x * 2 for x in LOSS])[:3])
+    before = path.read_bytes()
+    for mode in ("failing", "all"):
+        b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update=mode)
+        assert b["status"] == "mismatch" and path.read_bytes() == before and "fewer steps" in b["message"]
+    write_run(run_dir, "ref", rows() + [dict(rows()[-1], step=6)])
+    assert check_baseline(case, "ref", run_dir, root, "cpu", TORCH)["status"] == "mismatch"  # longer
+
+
+# ---- unused and lint -----------------------------------------------------------------------
+
+def test_unused_baselines(runs):
+    case, run_dir, root = runs
+    assert unused_baselines(root, [case]) == []
+    gone_setup = root / "demo" / "hsdp.cuda-h100.csv"
+    gone_case = root / "old" / "ref.cpu.csv"
+    for p in (gone_setup, gone_case):
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes((root / "demo" / "ref.cpu.csv").read_bytes())
+    assert unused_baselines(root, [case]) == [gone_setup, gone_case]
+    assert unused_baselines(root, [make_case(("ref", "other", "hsdp"))]) == [gone_case]
+
+
+def test_lint_clean(runs):
+    assert lint(runs[2]) == []
+
+
+def lint_one(tmp_path, metric_rows, provenance=None):
+    path = tmp_path / "b" / "c" / "s.cpu.csv"
+    prov = provenance if provenance is not None else {k: "x" for k in PROVENANCE} | {"platform": "cpu"}
+    write_baseline(path, metric_rows, prov)
+    return path, lint(tmp_path / "b")
+
+
+def test_lint_nan_and_inf(tmp_path):
+    path, problems = lint_one(tmp_path, rows(loss=[LOSS[0], math.nan, *LOSS[2:]], gnorm=[*GNORM[:4], math.inf]))
+    first_row = len(PROVENANCE) + 2
+    assert f"{path}:{first_row + 1}: loss is nan" in problems
+    assert f"{path}:{first_row + 4}: grad_norm is inf" in problems
+
+
+def test_lint_steps_must_increase(tmp_path):
+    bad = rows()
+    bad[3]["step"] = 3
+    path, problems = lint_one(tmp_path, bad)
+    assert problems == [f"{path}:{len(PROVENANCE) + 5}: step 3 does not increase (after 3)"]
+
+
+def test_lint_missing_provenance(tmp_path):
+    path, problems = lint_one(tmp_path, rows(), {"torch": TORCH, "platform": "cpu"})
+    assert len(problems) == 1 and problems[0].startswith(f"{path}:1: missing provenance: device, world_size")
+
+
+def test_lint_platform_must_match_file_name(tmp_path):
+    path, problems = lint_one(tmp_path, rows(), {k: "x" for k in PROVENANCE} | {"platform": "cuda-h100"})
+    assert problems == [f"{path}:1: provenance platform 'cuda-h100' but the file name says 'cpu'"]
+
+
+def test_lint_rounded_values(tmp_path):
+    path, problems = lint_one(tmp_path, rows(loss=[round(x, 5) for x in LOSS]))
+    assert len(problems) == 1 and "loss looks rounded" in problems[0] and problems[0].startswith(f"{path}:")
+    # A few short values among full-precision ones are fine (a loss can be exactly 7.5).
+    _, problems = lint_one(tmp_path, rows(loss=[7.5, 7.25] + LOSS[2:]))
+    assert problems == []
+
+
+def test_lint_unparseable(tmp_path):
+    path = tmp_path / "b" / "c" / "s.cpu.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text("# torch: 2\nstep,loss,grad_norm,lr,tokens\n1,2.5,1.5\n")
+    assert lint(tmp_path / "b") == [f"{path}:3: 3 fields, expected 5 (step,loss,grad_norm,lr,tokens)"]

@@ -1,0 +1,333 @@
+"""The comparison engine on hand-made series and run directories (no torch, milliseconds)."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from parity import records
+from parity.compare import (
+    compare_case, compare_series, compare_weights, divergence_table, format_verdict, ulps_apart, write_verdict,
+)
+from parity.spec import Case, Expect, Setup, Tolerance, Train
+
+EXACT = Tolerance(rtol=0.0, atol=0.0)
+LOOSE = Tolerance(rtol=1e-5, atol=0.0)
+LOSS = [7.6246337890625123, 7.5123456789012345, 7.3987654321098765, 7.2811111111111111]
+GNORM = [3.1415926535897931, 2.7182818284590451, 1.4142135623730951, 1.7320508075688772]
+
+
+def up(x: float, n: int = 1) -> float:
+    for _ in range(n):
+        x = float(np.nextafter(x, math.inf))
+    return x
+
+
+def f32_up(x: float) -> float:
+    return float(np.nextafter(np.float32(x), np.float32(math.inf)))
+
+
+def series(values, other, tol=LOOSE, mode="tolerance"):
+    steps = list(range(1, len(values) + 1))
+    return compare_series(steps, values, list(range(1, len(other) + 1)), other, tol, mode)
+
+
+# ---- ULPs ----------------------------------------------------------------------------------
+
+def test_ulps_apart():
+    assert ulps_apart(1.0, 1.0) == 0
+    assert ulps_apart(1.0, f32_up(1.0)) == 1
+    assert ulps_apart(f32_up(1.0), 1.0) == 1
+    tiny = float(np.float32(1e-45))  # smallest float32 subnormal
+    assert ulps_apart(-tiny, tiny) == 2  # across zero, counting -0/+0 once
+    assert ulps_apart(-0.0, 0.0) == 0
+    assert ulps_apart(1.0, up(1.0)) == 0  # a double ULP vanishes in float32
+    assert ulps_apart(math.nan, 1.0) is None
+    assert ulps_apart(1.0, math.inf) is None
+    assert ulps_apart(1e300, 1.0) is None  # overflows float32
+
+
+# ---- step series ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["bitwise", "tolerance"])
+def test_equal_series_pass(mode):
+    m = series(LOSS, list(LOSS), mode=mode)
+    assert m["passed"] and m["bitwise"] and m["within_tolerance"]
+    assert (m["n"], m["exact_equal_steps"], m["failing_steps"]) == (4, 4, 0)
+    assert m["first_divergence"] is None and m["first_tolerance_failure"] is None
+    assert m["max_abs"] == 0.0 and m["max_rel"] == 0.0 and m["problems"] == []
+
+
+def test_one_float32_ulp_apart():
+    ref = [float(np.float32(v)) for v in LOSS]
+    other = list(ref)
+    other[2] = f32_up(ref[2])
+    bitwise = series(ref, other, mode="bitwise")
+    tolerance = series(ref, other, mode="tolerance")
+    assert not bitwise["passed"] and tolerance["passed"]
+    assert bitwise["exact_equal_steps"] == 3
+    d = bitwise["first_divergence"]
+    assert (d["step"], d["ulps"], d["value_ref"], d["value_other"]) == (3, 1, ref[2], other[2])
+    assert d["abs"] == other[2] - ref[2] and d["rel"] == d["abs"] / ref[2]
+    assert tolerance["first_tolerance_failure"] is None and tolerance["failing_steps"] == 0
+
+
+def test_one_double_ulp_is_not_bitwise_equal():
+    m = series(LOSS, [LOSS[0], up(LOSS[1]), LOSS[2], LOSS[3]], EXACT, "bitwise")
+    assert not m["bitwise"] and m["first_divergence"]["step"] == 2
+
+
+def test_negative_zero_is_not_bitwise_equal():
+    m = series([0.0, 1.5], [-0.0, 1.5], LOOSE, "bitwise")
+    assert not m["bitwise"] and m["within_tolerance"] and m["first_divergence"]["step"] == 1
+
+
+@pytest.mark.parametrize("ref,other", [
+    ([1.5, math.nan], [1.5, 2.0]),
+    ([1.5, 2.0], [1.5, math.nan]),
+    ([1.5, math.nan], [1.5, math.nan]),  # NaN vs NaN, even the same bits, never passes
+])
+@pytest.mark.parametrize("mode", ["bitwise", "tolerance"])
+def test_nan_never_passes(ref, other, mode):
+    m = series(ref, other, Tolerance(rtol=1e9, atol=1e9), mode)
+    assert not m["passed"] and not m["bitwise"] and not m["within_tolerance"]
+    assert any("non-finite" in p and "2 (nan)" in p for p in m["problems"])
+    assert m["exact_equal_steps"] == 1 and m["failing_steps"] == 1
+
+
+@pytest.mark.parametrize("other", [[1.5, math.inf], [1.5, -math.inf]])
+def test_inf_never_passes(other):
+    for ref in ([1.5, 2.0], list(other)):  # inf vs inf too
+        m = series(ref, other, Tolerance(rtol=1e9, atol=1e9))
+        assert not m["passed"] and any("inf" in p for p in m["problems"])
+
+
+def test_length_mismatch():
+    m = series(LOSS, LOSS[:3], EXACT, "bitwise")
+    assert not m["passed"] and not m["bitwise"] and not m["within_tolerance"]
+    assert m["problems"] == ["other lacks steps 4 that reference has"]
+    assert m["exact_equal_steps"] == 3  # the common steps are still reported
+    m = series(LOSS[:3], LOSS)
+    assert not m["passed"] and m["problems"] == ["other has steps 4 that reference lacks"]
+
+
+def test_misaligned_duplicate_and_unordered_steps():
+    m = compare_series([1, 2, 3], LOSS[:3], [1, 2, 4], LOSS[:3], LOOSE)
+    assert not m["passed"] and len(m["problems"]) == 2
+    m = compare_series([1, 2, 3], LOSS[:3], [1, 3, 2], [LOSS[0], LOSS[2], LOSS[1]], LOOSE)
+    assert not m["passed"] and "out of order" in m["problems"][0]
+    m = compare_series([1, 2, 3], LOSS[:3], [1, 2, 2, 3], [LOSS[0], LOSS[1], LOSS[1], LOSS[2]], LOOSE)
+    assert not m["passed"] and "twice" in m["problems"][0]
+    m = compare_series([], [], [], [], LOOSE)
+    assert not m["passed"] and m["problems"] == ["nothing to compare"]
+
+
+@pytest.mark.parametrize("tol,ref,at_bound", [
+    (Tolerance(rtol=0.0, atol=0.5), 1.0, 1.5),      # atol only
+    (Tolerance(rtol=0.25, atol=0.0), 2.0, 2.5),     # rtol only, scaled by the reference
+    (Tolerance(rtol=0.25, atol=0.5), 2.0, 3.0),     # both: 0.5 + 0.25 * 2
+    (Tolerance(rtol=0.0, atol=0.5), 2.0, 1.5),      # below the reference
+])
+def test_tolerance_edges(tol, ref, at_bound):
+    ok = series([ref], [at_bound], tol)
+    assert ok["passed"] and ok["failing_steps"] == 0 and not ok["bitwise"]
+    past = float(np.nextafter(at_bound, math.inf if at_bound > ref else -math.inf))
+    bad = series([ref], [past], tol)
+    assert not bad["passed"] and bad["failing_steps"] == 1
+    assert bad["first_tolerance_failure"]["value_other"] == past
+
+
+def test_rtol_uses_reference_not_other():
+    # |2.5 - 2| = 0.5 = 0.25 * |2| passes; swapped, 0.25 * |2.5| = 0.625 would also pass, so use a
+    # bound that only the reference satisfies.
+    tol = Tolerance(rtol=0.2, atol=0.0)
+    assert not series([2.0], [2.5], tol)["passed"]  # 0.5 > 0.4
+    assert series([2.5], [2.0], tol)["passed"]  # 0.5 <= 0.5
+
+
+# ---- weights -------------------------------------------------------------------------------
+
+def weights(shas=("a" * 64, "b" * 64), norms=(12.345678901234567, 0.98765432109876543)):
+    return [{"param": f"layers.{i}.w", "norm": n, "sha256": s} for i, (n, s) in enumerate(zip(norms, shas))]
+
+
+def test_weights_equal_and_sha_mismatch():
+    assert compare_weights(weights(), weights(), EXACT, "bitwise")["passed"]
+    other = weights(shas=("a" * 64, "c" * 64))
+    m = compare_weights(weights(), other, EXACT, "bitwise")
+    assert not m["passed"] and m["exact_equal_steps"] == 1
+    assert m["first_divergence"]["param"] == "layers.1.w" and m["first_divergence"]["abs"] == 0.0
+    assert compare_weights(weights(), other, EXACT, "tolerance")["passed"]  # same norms
+
+
+def test_weights_missing_param_and_norm_tolerance():
+    m = compare_weights(weights(), weights()[:1], LOOSE)
+    assert not m["passed"] and m["problems"] == ["other lacks params layers.1.w"]
+    far = weights(norms=(12.345678901234567, 0.99))
+    m = compare_weights(weights(), far, LOOSE)
+    assert not m["passed"] and m["first_tolerance_failure"]["param"] == "layers.1.w"
+
+
+# ---- cases and run directories -------------------------------------------------------------
+
+def make_case(mode="bitwise", outcome="match", names=("ref", "other"), tol=None) -> Case:
+    tol = tol or {"loss": LOOSE, "grad_norm": Tolerance(1e-4, 0.0), "weights": Tolerance(1e-4, 0.0)}
+    setups = tuple(Setup(name=n, train=Train()) for n in names)
+    expect = Expect(mode=mode, outcome=outcome, tolerance=tol, tolerance_source={m: "default for float32" for m in tol})
+    return Case(name="demo", path=Path("cases/demo.toml"), description="d", setups=setups, expect=expect, sha256="0" * 64)
+
+
+def write_run(out: Path, setup: str, loss=LOSS, gnorm=GNORM, w=None, status="ok", case="demo"):
+    d = out / case / setup
+    records.write_metrics(d / "metrics.csv", [
+        {"step": i + 1, "loss": l, "grad_norm": g, "lr": 8e-4, "tokens": 2048, "step_time_s": 0.5}
+        for i, (l, g) in enumerate(zip(loss, gnorm))])
+    records.write_weights(d / "weights.csv", w if w is not None else weights())
+    records.write_json(d / "run.json", {"case": case, "setup": setup, "status": status, "platform": "cpu",
+                                        "device": "cpu", "torch": "2.13.0"})
+
+
+def test_case_match_bitwise_pass(tmp_path):
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "other")
+    v = compare_case(make_case(), tmp_path)
+    assert v["passed"] and v["problems"] == []
+    pair = v["pairs"][0]
+    assert (pair["reference"], pair["other"], pair["passed"], pair["diverged"]) == ("ref", "other", True, None)
+    assert set(pair["metrics"]) == {"loss", "grad_norm", "weights"}
+    assert v["tolerance"]["loss"] == {"rtol": 1e-5, "atol": 0.0, "source": "default for float32"}
+    assert v["platform"] == "cpu" and v["reference"] == "ref"
+
+
+def test_case_match_bitwise_fails_at_step(tmp_path):
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "other", loss=[LOSS[0], LOSS[1], up(LOSS[2]), LOSS[3]])
+    v = compare_case(make_case(), tmp_path)
+    assert not v["passed"]
+    pair = v["pairs"][0]
+    assert pair["diverged"]["metric"] == "loss" and pair["diverged"]["step"] == 3
+    assert any("loss: 1 of 4 steps differ bitwise; first at step 3" in p for p in v["problems"])
+    table = divergence_table(v)
+    assert repr(LOSS[2]) in table and repr(up(LOSS[2])) in table and "loss" in table
+    # The same runs pass in tolerance mode.
+    assert compare_case(make_case(mode="tolerance"), tmp_path)["passed"]
+
+
+def test_diverge_mode(tmp_path):
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "same")
+    write_run(tmp_path, "far", loss=[LOSS[0], LOSS[1] * 1.01, LOSS[2] * 1.01, LOSS[3] * 1.01])
+    v = compare_case(make_case(mode="tolerance", outcome="diverge", names=("ref", "far")), tmp_path)
+    assert v["passed"]
+    d = v["pairs"][0]["diverged"]
+    assert (d["metric"], d["step"], d["param"]) == ("loss", 2, None)
+    assert d["value_other"] == LOSS[1] * 1.01
+    v = compare_case(make_case(mode="tolerance", outcome="diverge", names=("ref", "same")), tmp_path)
+    assert not v["passed"] and v["pairs"][0]["diverged"] is None
+    assert "expected a divergence" in v["problems"][0]
+
+
+def test_diverge_grad_norm_first_at_step_1(tmp_path):
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "other", loss=[LOSS[0]] + [x * 1.01 for x in LOSS[1:]], gnorm=[GNORM[0] * 2] + GNORM[1:])
+    v = compare_case(make_case(mode="bitwise", outcome="diverge"), tmp_path)
+    assert v["passed"]
+    d = v["pairs"][0]["diverged"]
+    assert (d["metric"], d["step"]) == ("grad_norm", 1)
+
+
+def test_diverge_tie_prefers_loss_and_weights_last(tmp_path):
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "tie", loss=[up(LOSS[0])] + LOSS[1:], gnorm=[up(GNORM[0])] + GNORM[1:])
+    write_run(tmp_path, "w", w=weights(shas=("a" * 64, "d" * 64)))
+    v = compare_case(make_case(outcome="diverge", names=("ref", "tie", "w")), tmp_path)
+    assert v["passed"]
+    tie, w = v["pairs"]
+    assert (tie["diverged"]["metric"], tie["diverged"]["step"]) == ("loss", 1)
+    assert (w["diverged"]["metric"], w["diverged"]["step"], w["diverged"]["param"]) == ("weights", None, "layers.1.w")
+
+
+@pytest.mark.parametrize("outcome", ["match", "diverge"])
+@pytest.mark.parametrize("bad", ["failed", "timeout"])
+def test_failed_run_never_passes(tmp_path, outcome, bad):
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "other", loss=[x * 2 for x in LOSS], status=bad)
+    v = compare_case(make_case(outcome=outcome), tmp_path)
+    assert not v["passed"] and not v["pairs"][0]["passed"]
+    assert f"other: run status is {bad!r}" in v["pairs"][0]["problems"]
+
+
+def test_failed_reference_fails_every_pair(tmp_path):
+    write_run(tmp_path, "ref", status="failed")
+    write_run(tmp_path, "a")
+    write_run(tmp_path, "b")
+    v = compare_case(make_case(names=("ref", "a", "b")), tmp_path)
+    assert not v["passed"] and not any(p["passed"] for p in v["pairs"])
+
+
+@pytest.mark.parametrize("outcome", ["match", "diverge"])
+def test_missing_files_fail(tmp_path, outcome):
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "other")
+    (tmp_path / "demo" / "other" / "weights.csv").unlink()
+    v = compare_case(make_case(outcome=outcome), tmp_path)
+    pair = v["pairs"][0]
+    assert not v["passed"] and any("weights.csv" in p for p in pair["problems"])
+    assert pair["metrics"]["weights"]["passed"] is False and pair["metrics"]["weights"]["n"] == 0
+    write_run(tmp_path, "gone")
+    shutil.rmtree(tmp_path / "demo" / "gone")
+    v = compare_case(make_case(names=("ref", "gone")), tmp_path)
+    assert not v["passed"] and any("run.json" in p for p in v["problems"])
+
+
+def test_nan_in_run_fails_diverge_mode_too(tmp_path):
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "other", loss=[LOSS[0], math.nan, LOSS[2], LOSS[3]])
+    for outcome in ("match", "diverge"):
+        v = compare_case(make_case(outcome=outcome), tmp_path)
+        assert not v["passed"] and any("nan" in p for p in v["problems"])
+
+
+def test_baseline_results_gate_the_case(tmp_path):
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "other")
+    ok = {"setup": "ref", "passed": True, "message": "matches"}
+    bad = {"setup": "other", "passed": False, "message": "no baseline"}
+    assert compare_case(make_case(), tmp_path, [ok])["passed"]
+    v = compare_case(make_case(), tmp_path, [ok, bad])
+    assert not v["passed"] and v["problems"] == ["baseline other: no baseline"]
+
+
+def test_write_verdict_and_summaries(tmp_path):
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "other", loss=[LOSS[0], math.nan, LOSS[2], LOSS[3]], gnorm=[up(g) for g in GNORM])
+    v = compare_case(make_case(), tmp_path)
+    path = write_verdict(tmp_path, v)
+    assert path == tmp_path / "demo" / "verdict.json"
+    back = json.loads(path.read_text())  # standard JSON: NaN written as a string
+    assert back["passed"] is False and back["pairs"][0]["metrics"]["grad_norm"]["first_divergence"]["step"] == 1
+    assert back["pairs"][0]["metrics"]["grad_norm"]["first_divergence"]["value_other"] == up(GNORM[0])
+    text = format_verdict(v)
+    assert text.startswith("demo: FAIL (mode bitwise, outcome match, reference ref, platform cpu)")
+    assert "loss rtol=1e-05 atol=0.0 (default for float32)" in text
+    assert "grad_norm  exact 0/4 steps" in text and "nan" in text
+    assert "ref vs other: FAIL; first diverged: grad_norm at step 1" in text
+
+
+def test_verdict_schema(tmp_path):
+    """verdict.json is a contract for the plugin, the CLI and the reports: pin its key names."""
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "other", loss=[up(x) for x in LOSS])
+    v = compare_case(make_case(), tmp_path)
+    assert set(v) == {"case", "passed", "mode", "outcome", "reference", "platform", "tolerance", "pairs",
+                      "baselines", "problems"}
+    pair = v["pairs"][0]
+    assert set(pair) == {"reference", "other", "passed", "problems", "diverged", "metrics"}
+    assert set(pair["diverged"]) == {"metric", "step", "param", "value_ref", "value_other", "abs", "rel", "ulps"}
+    m = pair["metrics"]["loss"]
+    assert set(m) == {"n", "exact_equal_steps", "bitwise", "within_tolerance", "max_abs", "max_rel",
+                      "failing_steps", "first_divergence", "first_tolerance_failure", "passed", "problems"}
+    assert set(m["first_divergence"]) == {"step", "value_ref", "value_other", "abs", "rel", "ulps"}

@@ -1,0 +1,94 @@
+"""A rank that hangs or raises: the run fails with a clear message and leaves no process behind."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from parity import records
+from parity.launch import descendants
+from parity.runner import run_case
+from parity.spec import load_case
+
+CASE = """
+description = "a healthy reference and a setup with a planted fault"
+[train]
+model = "tiny"
+steps = 3
+global_batch = 4
+seq_len = 16
+[setups.healthy]
+dp_api = "fully_shard"
+dp_shard = 2
+[setups.faulty]
+dp_api = "fully_shard"
+dp_shard = 2
+fault = "{fault}"
+"""
+
+
+def parity_ranks() -> list[int]:
+    """Every live process on this machine running our per-rank module."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"parity.train" in cmd or b"torch.distributed.run" in cmd and b"parity" in cmd:
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture
+def no_stray_ranks():
+    before = set(parity_ranks())
+    yield
+    assert set(parity_ranks()) - before == set(), "processes left behind"
+
+
+def test_crashing_rank_fails_the_run_with_its_message(write_case, tmp_path, seed_cache, no_stray_ranks):
+    case = load_case(write_case(CASE.format(fault="crash")))
+    results = run_case(case, tmp_path / "out", "cpu", cache=seed_cache, timeout_s=120)
+    assert results["healthy"].status == "ok"  # the setup before the crash completed and keeps its files
+    faulty = results["faulty"]
+    assert faulty.status == "failed"
+    assert "a rank failed: setup faulty rank 1: RuntimeError: planted fault: rank 1 crashes at step 2" in faulty.message
+    run = records.read_json(tmp_path / "out" / case.name / "faulty" / "run.json")
+    assert run["status"] == "failed" and "planted fault" in run["message"]
+    assert (tmp_path / "out" / case.name / "faulty" / "rank1.log").is_file()
+
+
+def test_hanging_rank_is_killed_after_the_timeout(write_case, tmp_path, seed_cache, no_stray_ranks):
+    case = load_case(write_case(CASE.format(fault="hang")))
+    results = run_case(case, tmp_path / "out", "cpu", cache=seed_cache, timeout_s=40)
+    faulty = results["faulty"]
+    assert faulty.status == "timeout"
+    assert "timed out after 40 s" in faulty.message
+    assert "planted fault: rank 1 hangs at step 2" in faulty.message  # the tail of rank 1's log
+    assert "rank0.log" in faulty.message and "rank1.log" in faulty.message
+    assert records.read_json(tmp_path / "out" / case.name / "faulty" / "run.json")["status"] == "timeout"
+    assert not (tmp_path / "out" / case.name / "faulty" / "metrics.csv").exists()
+
+
+def test_descendants_finds_grandchildren(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import subprocess,sys,time; subprocess.Popen([sys.executable,'-c','import time; time.sleep(30)'], start_new_session=True); time.sleep(30)"])
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while not descendants(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        while len(descendants(proc.pid)) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        found = descendants(proc.pid)
+        assert len(found) >= 1
+    finally:
+        from parity.launch import kill_tree
+
+        kill_tree(proc, grace_s=2)
+    assert all(not Path(f"/proc/{p}").exists() or "Z" in Path(f"/proc/{p}/stat").read_text().split(")")[1][:3] for p in found)
