@@ -1,0 +1,714 @@
+"""Figures, reports and PR evidence over a run directory; reads the record files, never writes them.
+
+A run directory holds `<case>/<setup>/{metrics.csv,run.json}` and `<case>/verdict.json`. This module
+draws one figure per case, writes `report.md` and a self-contained `report.html`, compares two
+runs (`regression.md`), and prints a markdown block to paste into a pull request.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+import shlex
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on CI runners and test machines; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+from matplotlib.transforms import blended_transform_factory  # noqa: E402
+
+from parity import records  # noqa: E402
+
+PLOTTED = ("loss", "grad_norm")
+LABEL = {"loss": "loss", "grad_norm": "grad norm"}
+# Columns compared by the regression report; step_time_s is wall time and differs every run.
+NUMERIC = ("loss", "grad_norm", "lr", "tokens")
+MARKERS = "osD^vPX*"
+LINESTYLES = ("-", "--", "-.", ":")
+DPI = 150
+FIGSIZE = (7.2, 9.0)  # inches; at 150 dpi about 1080 px wide, the width of a PR comment
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class SetupRun:
+    name: str
+    run: dict  # run.json, {} when the setup left none
+    metrics: list[dict]  # rows of metrics.csv, [] when it left none
+
+
+@dataclass
+class CaseRun:
+    name: str
+    dir: Path
+    verdict: dict | None
+    setups: list[SetupRun]  # the reference first
+    baselines: dict[str, tuple[dict, list[dict]]] = field(default_factory=dict)  # setup -> (verdict entry, rows)
+
+    @property
+    def platform(self) -> str:
+        if self.verdict and self.verdict.get("platform"):
+            return str(self.verdict["platform"])
+        return next((str(s.run["platform"]) for s in self.setups if s.run.get("platform")), "?")
+
+
+def num(value) -> float | None:
+    """A JSON number, or the strings 'nan'/'inf'/'-inf' that records.write_json writes for them."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_case_dir(d: Path) -> bool:
+    return d.is_dir() and ((d / "verdict.json").is_file() or any(d.glob("*/metrics.csv")))
+
+
+def find_cases(run_dir) -> list[str]:
+    run_dir = Path(run_dir)
+    return sorted(d.name for d in run_dir.iterdir() if _is_case_dir(d)) if run_dir.is_dir() else []
+
+
+def _read_json_or_empty(path: Path) -> dict:
+    try:
+        return records.read_json(path) if path.is_file() else {}
+    except records.RecordError:
+        return {}
+
+
+def _baseline_path(entry: dict, run_dir: Path) -> Path | None:
+    # The verdict stores the path as the comparer saw it: absolute, or relative to where it ran
+    # (the repository root), or possibly to the run directory. Try each; a missing file is fine.
+    raw = entry.get("path")
+    if not raw:
+        return None
+    p = Path(raw)
+    for cand in (p, run_dir / p, run_dir.parent / p):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def load_case_run(run_dir, case: str) -> CaseRun:
+    run_dir = Path(run_dir)
+    cdir = run_dir / case
+    verdict = _read_json_or_empty(cdir / "verdict.json") or None
+    names = sorted(d.name for d in cdir.iterdir() if d.is_dir() and ((d / "metrics.csv").is_file() or (d / "run.json").is_file()))
+    if verdict:
+        # The verdict knows the reference and the case's order; setups it does not name go last.
+        order = [verdict.get("reference")] + [p.get("other") for p in verdict.get("pairs", [])]
+        order = [n for n in dict.fromkeys(order) if n in names]
+        names = order + [n for n in names if n not in order]
+    setups = []
+    for name in names:
+        try:
+            rows = records.read_metrics(cdir / name / "metrics.csv") if (cdir / name / "metrics.csv").is_file() else []
+        except records.RecordError:
+            rows = []
+        setups.append(SetupRun(name, _read_json_or_empty(cdir / name / "run.json"), rows))
+    baselines = {}
+    for entry in (verdict or {}).get("baselines", []) or []:
+        path = _baseline_path(entry, run_dir)
+        if path is None or not entry.get("setup"):
+            continue
+        try:
+            baselines[entry["setup"]] = (entry, records.read_csv(path)[1])
+        except records.RecordError:
+            pass
+    return CaseRun(case, cdir, verdict, setups, baselines)
+
+
+def _series(rows: list[dict], metric: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[metric]) for r in rows if metric in r]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def _verdict_words(v: dict | None) -> str:
+    if not v:
+        return "no verdict"
+    word = "PASS" if v.get("passed") else "FAIL"
+    return f"{word} ({v.get('mode', '?')}, expect {v.get('outcome', '?')})"
+
+
+def _stride(n_steps: int) -> int:
+    # About 15 markers per curve: at 80 steps, a marker on every step merged into a thick band.
+    return max(1, math.ceil(n_steps / 15))
+
+
+def _style(i: int, k: int, n_steps: int) -> dict:
+    """Setup i of k: its own colour, marker, dash and a smaller marker than the one before.
+
+    In a bitwise case every curve lies on the reference. Drawing later setups with thinner
+    dashes and smaller markers on top leaves each earlier one visible as a rim around it, and
+    staggering which steps carry markers keeps long runs readable.
+    """
+    stride = _stride(n_steps)
+    return dict(
+        color=f"C{i % 10}",
+        marker=MARKERS[i % len(MARKERS)],
+        markersize=max(4.0, 10.0 - 6.0 * i / max(1, k - 1)) if k > 1 else 7.0,
+        markeredgecolor="white",  # a light rim separates a marker from the larger one beneath it
+        markeredgewidth=0.7,
+        linestyle=LINESTYLES[i % len(LINESTYLES)],
+        linewidth=max(0.8, 2.6 - 0.6 * i),
+        markevery=(round(i * stride / max(1, k)) % stride, stride),
+        zorder=3 + i,
+    )
+
+
+def _plot_values(ax, c: CaseRun, metric: str, n_steps: int) -> None:
+    k = len(c.setups)
+    for i, s in enumerate(c.setups):
+        st = _style(i, k, n_steps)
+        if s.name in c.baselines:
+            entry, rows = c.baselines[s.name]
+            x, y = _series(rows, metric)
+            if x:
+                # Hollow, larger and dotted, so the run drawn over it stays visible inside it.
+                ax.plot(x, y, color=st["color"], marker=st["marker"], markersize=st["markersize"] + 4,
+                        markerfacecolor="none", markeredgewidth=1.2, linestyle=":", linewidth=1.0,
+                        markevery=st["markevery"], zorder=2, alpha=0.9,
+                        label=f"{s.name} baseline ({entry.get('platform') or '?'}, {entry.get('status', '?')})")
+        x, y = _series(s.metrics, metric)
+        if x:
+            ax.plot(x, y, label=s.name, **st)
+    ax.set_ylabel(LABEL[metric])
+    ax.grid(True, alpha=0.3)
+    # A setup that blows up flattens every other curve onto zero on a linear axis.
+    ys = [v for ln in ax.get_lines() for v in ln.get_ydata() if math.isfinite(v) and v > 0]
+    if ys and max(ys) / min(ys) > 1e3:
+        ax.set_yscale("log")
+
+
+def _diffs(ref: SetupRun, other: SetupRun, metric: str) -> tuple[list[int], list[float], list[float]]:
+    """Common steps, |other - ref|, and |ref| (for the tolerance at each step)."""
+    r = dict(zip(*_series(ref.metrics, metric)))
+    o = dict(zip(*_series(other.metrics, metric)))
+    steps = sorted(set(r) & set(o))
+    return steps, [abs(o[s] - r[s]) if o[s] != r[s] else 0.0 for s in steps], [abs(r[s]) for s in steps]
+
+
+def _tolerance(c: CaseRun, metric: str) -> tuple[float, float] | None:
+    # Only a tolerance-mode case has a band to stay inside; in bitwise mode any difference fails.
+    v = c.verdict or {}
+    t = (v.get("tolerance") or {}).get(metric)
+    if v.get("mode") != "tolerance" or not t:
+        return None
+    rtol, atol = num(t.get("rtol")), num(t.get("atol"))
+    return None if rtol is None or atol is None else (rtol, atol)
+
+
+def _verdict_divergence(c: CaseRun, other: str) -> tuple[str, int] | None:
+    for p in (c.verdict or {}).get("pairs", []) or []:
+        d = p.get("diverged") if p.get("other") == other else None
+        if d and d.get("metric") in PLOTTED and d.get("step") is not None:
+            return d["metric"], int(d["step"])
+    return None
+
+
+def _plot_diffs(ax, c: CaseRun) -> None:
+    ref, others = c.setups[0], [s for s in c.setups[1:] if s.metrics]
+    series = []  # (setup, metric, steps, diffs, colour, marker, linestyle)
+    tol_lines = []  # (metric, steps, tolerance per step)
+    for metric, ls, mk in (("loss", "-", "o"), ("grad_norm", "--", "s")):
+        for s in others:
+            steps, d, mag = _diffs(ref, s, metric)
+            if steps:
+                i = c.setups.index(s)
+                series.append((s.name, metric, steps, d, f"C{i % 10}", mk, ls))
+                tol = _tolerance(c, metric)
+                if tol and not any(t[0] == metric for t in tol_lines):
+                    tol_lines.append((metric, steps, [tol[1] + tol[0] * m for m in mag]))
+    if not series:
+        ax.text(0.5, 0.5, "one setup only: nothing to compare" if len(c.setups) < 2 else "no common steps",
+                ha="center", va="center", transform=ax.transAxes)
+        ax.set_yticks([])
+        return
+
+    # Exact (bitwise-equal) steps have no logarithm. They go in a shaded band under `floor`, one
+    # lane per series, so "equal" is drawn explicitly rather than silently dropped.
+    positive = [v for _, _, _, d, *_ in series for v in d if v > 0 and math.isfinite(v)]
+    positive += [v for _, _, tl in tol_lines for v in tl if v > 0 and math.isfinite(v)]
+    lo = min(positive) if positive else 1e-12
+    hi = max(positive) if positive else lo * 1e4
+    floor = 10 ** (math.floor(math.log10(lo)) - 1)
+    top = 10 ** (math.ceil(math.log10(hi)) + 2)  # headroom for the divergence labels along the top
+    lane = 10 ** 0.35  # factor between lanes on the log axis
+    bottom = floor / lane ** (len(series) + 1)
+    ax.set_yscale("log")
+    ax.set_ylim(bottom, top)
+    ax.axhspan(bottom, floor, color="0.9", zorder=0)
+    # The label sits where the y tick labels are (blanked in the band), clear of the lane markers.
+    trans = blended_transform_factory(ax.transAxes, ax.transData)
+    ax.text(-0.012, floor / lane ** ((len(series) + 1) / 2), "exact", transform=trans,
+            fontsize=9, va="center", ha="right", color="0.25")
+    if not positive:
+        ax.text(0.5, 0.6, "every compared step is bitwise equal", transform=ax.transAxes,
+                ha="center", va="center", fontsize=10, color="darkgreen")
+    # Tick labels inside the band would read as real magnitudes; blank them.
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: "" if y < floor * 0.999 else f"1e{math.log10(y):.0f}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
+
+    for metric, steps, tl in tol_lines:
+        ax.plot(steps, tl, color="0.3", linestyle="-" if metric == "loss" else "--", linewidth=1.4,
+                label=f"tolerance {LABEL[metric]}", zorder=2)
+
+    stride = _stride(max(len(x[2]) for x in series))
+    firsts = {}  # setup -> (step, metric, y) of its earliest difference over both metrics
+    for j, (name, metric, steps, d, color, mk, ls) in enumerate(series):
+        lane_y = floor / lane ** (j + 1)
+        finite = [(s, v) for s, v in zip(steps, d) if v > 0 and math.isfinite(v)]
+        exact = [s for s, v in zip(steps, d) if v == 0]
+        bad = [s for s, v in zip(steps, d) if not math.isfinite(v)]  # NaN/Inf: drawn at the top
+        ax.plot([s for s, _ in finite], [v for _, v in finite], color=color, marker=mk, linestyle=ls,
+                markersize=5, markevery=stride, linewidth=1.4, label=f"{name} {LABEL[metric]}", zorder=4)
+        if exact:
+            # Every exact step gets its mark (no thinning): "equal here" is the claim being shown.
+            ax.plot(exact, [lane_y] * len(exact), color=color, linestyle="none", zorder=4,
+                    **(dict(marker=mk, markersize=4, markerfacecolor="none") if len(steps) <= 30
+                       else dict(marker="|", markersize=4.5)))
+        if bad:
+            ax.plot(bad, [top / lane] * len(bad), color=color, marker="X", linestyle="none", markersize=7,
+                    zorder=4, label=f"{name} {LABEL[metric]} not finite")
+        first = next((s for s, v in zip(steps, d) if v != 0), None)
+        if first is None:
+            continue
+        y_first = dict(finite).get(first, top / lane)
+        ax.plot([first], [y_first], marker="o", markersize=13, markerfacecolor="none",
+                markeredgecolor="crimson", markeredgewidth=1.6, linestyle="none", zorder=5)
+        if name not in firsts or first < firsts[name][0]:
+            firsts[name] = (first, metric, y_first)
+    # One label per setup, in a row along the top where the decade of headroom leaves room,
+    # with a leader to the point (over the data they hid the curves); ordered by step so
+    # the leaders do not cross.
+    for n, (name, (first, metric, y_first)) in enumerate(sorted(firsts.items(), key=lambda kv: kv[1][0])):
+        text = f"{name}: first divergence\n{LABEL[metric]}, step {first}"
+        vd = _verdict_divergence(c, name)
+        if vd and vd != (metric, first):
+            # In tolerance mode the verdict's divergence is the first step beyond tolerance.
+            text += f"\nbeyond tolerance: {LABEL[vd[0]]}, step {vd[1]}"
+        ax.annotate(text, (first, y_first), xytext=(0.02 + 0.32 * n, 0.95), textcoords="axes fraction",
+                    va="top", fontsize=8, color="crimson",
+                    bbox=dict(boxstyle="round,pad=0.25", fc="white", ec="crimson", lw=0.6, alpha=0.9),
+                    arrowprops=dict(arrowstyle="-", color="crimson", lw=0.8, shrinkB=7), zorder=6)
+    ax.set_ylabel(f"|setup − {ref.name}|")
+    ax.grid(True, which="major", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if firsts:
+        handles.append(Line2D([], [], marker="o", markersize=9, markerfacecolor="none", markeredgecolor="crimson",
+                              linestyle="none"))
+        labels.append("first divergence")
+    ax.legend(handles, labels, fontsize=7, ncol=3, loc="upper left", bbox_to_anchor=(0, -0.16), frameon=False)
+
+
+def build_figure(run_dir, case_name: str):
+    """The case's figure: axes[0] loss, axes[1] grad norm, axes[2] |difference| to the reference."""
+    c = load_case_run(run_dir, case_name)
+    n_steps = max((len(s.metrics) for s in c.setups), default=0)
+    fig, axes = plt.subplots(3, 1, figsize=FIGSIZE, sharex=True, height_ratios=(1, 1, 1.25))
+    _plot_values(axes[0], c, "loss", n_steps)
+    _plot_values(axes[1], c, "grad_norm", n_steps)
+    if c.setups:
+        _plot_diffs(axes[2], c)
+    axes[0].legend(fontsize=7.5, ncol=2, loc="best", framealpha=0.85)
+    axes[2].set_xlabel("step")
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[2].tick_params(labelbottom=True)
+    bitwise = (c.verdict or {}).get("mode") == "bitwise"
+    titles = ("(a) loss", "(b) grad norm (pre-clip)",
+              "(c) |difference| to the reference" + (": bitwise mode, any difference fails" if bitwise else ""))
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=9, loc="left")
+    passed = (c.verdict or {}).get("passed")
+    fig.suptitle(f"{c.name}: {' vs '.join(s.name for s in c.setups)}\n"
+                 f"platform {c.platform} · {_verdict_words(c.verdict)}",
+                 fontsize=10.5, color={True: "darkgreen", False: "firebrick"}.get(passed, "black"))
+    fig.tight_layout()
+    return fig
+
+
+def _save_atomic(fig, path: Path, fmt: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format=fmt, dpi=DPI)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot_case(run_dir, case_name: str) -> tuple[Path, Path]:
+    """Writes `<run_dir>/<case>/<case>.png` and `.svg`; returns their paths."""
+    fig = build_figure(run_dir, case_name)
+    base = Path(run_dir) / case_name / case_name
+    try:
+        _save_atomic(fig, base.with_suffix(".png"), "png")
+        _save_atomic(fig, base.with_suffix(".svg"), "svg")
+    finally:
+        plt.close(fig)
+    return base.with_suffix(".png"), base.with_suffix(".svg")
+
+
+# ----------------------------------------------------------------------------- summary rows
+
+
+def fmt(value) -> str:
+    v = num(value)
+    if v is None:
+        return "—"
+    return "0" if v == 0 else f"{v:.3e}"
+
+
+def _max_rel(v: dict | None, metric: str):
+    vals = [num(((p.get("metrics") or {}).get(metric) or {}).get("max_rel")) for p in (v or {}).get("pairs", []) or []]
+    vals = [x for x in vals if x is not None]
+    # NaN compares false with everything; a NaN difference is the worst one, so it wins.
+    return next((x for x in vals if math.isnan(x)), max(vals, default=None))
+
+
+def _divergence_text(v: dict | None) -> str:
+    parts = []
+    for p in (v or {}).get("pairs", []) or []:
+        d = p.get("diverged")
+        if d:
+            where = f"step {d['step']}" if d.get("step") is not None else f"param {d.get('param')}"
+            beyond = " (beyond tolerance)" if (v or {}).get("mode") == "tolerance" else ""
+            parts.append(f"{p.get('other')}: {d.get('metric')} {where}{beyond}")
+    return "; ".join(parts) or "—"
+
+
+def summary_row(c: CaseRun) -> dict:
+    v = c.verdict
+    return {
+        "case": c.name,
+        "setups": ", ".join(s.name for s in c.setups),
+        "mode": (v or {}).get("mode", "—"),
+        "verdict": ("PASS" if v.get("passed") else "FAIL") if v else "no verdict",
+        "max rel diff loss": fmt(_max_rel(v, "loss")),
+        "max rel diff grad norm": fmt(_max_rel(v, "grad_norm")),
+        "first divergence": _divergence_text(v),
+    }
+
+
+SUMMARY_COLUMNS = ("case", "setups", "mode", "verdict", "max rel diff loss", "max rel diff grad norm", "first divergence")
+
+
+def _md_cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(columns, rows) -> str:
+    # GitHub renders the emoji; the HTML report colours the word instead, since a machine
+    # without an emoji font (headless CI) shows an empty box.
+    rows = [{**r, "verdict": {"PASS": "✅ PASS", "FAIL": "❌ FAIL"}.get(r["verdict"], r["verdict"])} if "verdict" in r else r
+            for r in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_md_cell(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _same_or_each(c: CaseRun, key: str) -> str:
+    vals = [str(s.run.get(key)) for s in c.setups if s.run.get(key) not in (None, "")]
+    uniq = list(dict.fromkeys(vals))
+    return " / ".join(uniq) if uniq else "—"
+
+
+def commands(c: CaseRun, run_dir) -> list[str]:
+    """The commands that reproduce the case, from run.json; the CLI invocation when none is recorded."""
+    cmds = [shlex.join(map(str, s.run["command"])) for s in c.setups if s.run.get("command")]
+    if cmds:
+        return list(dict.fromkeys(cmds))
+    case_path = next((s.run.get("case_path") for s in c.setups if s.run.get("case_path")), f"cases/{c.name}.toml")
+    return [shlex.join(["parity", "run", str(case_path), "--out", str(run_dir)])]
+
+
+def _mesh(run: dict) -> str:
+    shape, names = run.get("mesh_shape"), run.get("mesh_dim_names")
+    if not shape:
+        return "—"
+    if names and len(names) == len(shape):
+        return " × ".join(f"{n}={s}" for n, s in zip(names, shape))
+    return " × ".join(map(str, shape))
+
+
+def provenance(c: CaseRun, run_dir) -> dict:
+    """Shared facts about the case's runs (values that differ between setups are joined by ' / ')."""
+    return {
+        "torch": _same_or_each(c, "torch"),
+        "device": _same_or_each(c, "device"),
+        "platform": c.platform,
+        "backend": _same_or_each(c, "backend"),
+        "python": _same_or_each(c, "python"),
+        "seed checkpoint sha256": _same_or_each(c, "seed_checkpoint_sha256"),
+        "case sha256": _same_or_each(c, "case_sha256"),
+        "git commit": _same_or_each(c, "git_commit"),
+        "command": commands(c, run_dir),
+    }
+
+
+SETUP_COLUMNS = ("setup", "status", "world size", "mesh", "started", "ended")
+
+
+def setup_rows(c: CaseRun) -> list[dict]:
+    return [{"setup": s.name, "status": s.run.get("status", "—"), "world size": s.run.get("world_size", "—"),
+             "mesh": _mesh(s.run), "started": s.run.get("started", "—"), "ended": s.run.get("ended", "—")}
+            for s in c.setups]
+
+
+PAIR_COLUMNS = ("pair", "passed", "loss max abs", "loss max rel", "grad norm max abs", "grad norm max rel",
+                "exact steps", "problems")
+
+
+def pair_rows(c: CaseRun) -> list[dict]:
+    rows = []
+    for p in (c.verdict or {}).get("pairs", []) or []:
+        m = p.get("metrics") or {}
+        loss, gn = m.get("loss") or {}, m.get("grad_norm") or {}
+        rows.append({
+            "pair": f"{p.get('other')} vs {p.get('reference')}",
+            "passed": "yes" if p.get("passed") else "no",
+            "loss max abs": fmt(loss.get("max_abs")), "loss max rel": fmt(loss.get("max_rel")),
+            "grad norm max abs": fmt(gn.get("max_abs")), "grad norm max rel": fmt(gn.get("max_rel")),
+            "exact steps": f"{loss.get('exact_equal_steps', '?')}/{loss.get('n', '?')} loss, "
+                           f"{gn.get('exact_equal_steps', '?')}/{gn.get('n', '?')} grad norm",
+            "problems": "; ".join(p.get("problems") or []) or "—",
+        })
+    return rows
+
+
+BASELINE_COLUMNS = ("setup", "platform", "status", "message")
+
+
+def baseline_rows(c: CaseRun) -> list[dict]:
+    return [{"setup": b.get("setup", "?"), "platform": b.get("platform", "?"), "status": b.get("status", "?"),
+             "message": b.get("message") or "—"} for b in (c.verdict or {}).get("baselines", []) or []]
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _load_all(run_dir) -> list[CaseRun]:
+    return [load_case_run(run_dir, name) for name in find_cases(run_dir)]
+
+
+def _figure_or_none(run_dir, c: CaseRun) -> Path | None:
+    if not any(s.metrics for s in c.setups):
+        return None
+    return plot_case(run_dir, c.name)[0]
+
+
+def _md_case(c: CaseRun, run_dir, png: Path | None) -> list[str]:
+    out = [f"## {c.name}", "", f"**{_verdict_words(c.verdict)}** · setups: {', '.join(s.name for s in c.setups)}", ""]
+    problems = (c.verdict or {}).get("problems") or []
+    if problems:
+        out += ["Problems:", ""] + [f"- {p}" for p in problems] + [""]
+    if png:
+        rel = png.relative_to(Path(run_dir)).as_posix()
+        out += [f"![{c.name}]({rel})", "", f"[SVG]({Path(rel).with_suffix('.svg').as_posix()})", ""]
+    else:
+        out += ["_No metrics recorded: no figure._", ""]
+    if pair_rows(c):
+        out += [_md_table(PAIR_COLUMNS, pair_rows(c)), ""]
+    if baseline_rows(c):
+        out += ["Baselines:", "", _md_table(BASELINE_COLUMNS, baseline_rows(c)), ""]
+    prov = provenance(c, run_dir)
+    out += ["Provenance:", ""]
+    out += [f"- {k}: `{v}`" for k, v in prov.items() if k != "command"]
+    out += ["", _md_table(SETUP_COLUMNS, setup_rows(c)), "", "Reproduce:", "", "```sh", *prov["command"], "```", ""]
+    return out
+
+
+def _html_table(columns, rows) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    cls = {"PASS": ' class="pass"', "FAIL": ' class="fail"'}
+    body = "".join("<tr>" + "".join(f"<td{cls.get(r[c], '') if c == 'verdict' else ''}>{html.escape(str(r[c]))}</td>"
+                                    for c in columns) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f3f3f3}code,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.88em}
+pre{background:#f6f8fa;padding:.6em;overflow-x:auto}img{max-width:100%;height:auto;border:1px solid #eee}
+.pass{color:#1a7f37;font-weight:600}.fail{color:#cf222e;font-weight:600}section{border-top:1px solid #ddd;margin-top:2em}
+"""
+
+
+def _html_case(c: CaseRun, run_dir, png: Path | None) -> str:
+    e = html.escape
+    passed = (c.verdict or {}).get("passed")
+    cls = {True: "pass", False: "fail"}.get(passed, "")
+    parts = [f'<section id="case-{e(c.name)}"><h2>{e(c.name)}</h2>',
+             f'<p><strong class="{cls}">{e(_verdict_words(c.verdict))}</strong> · setups: {e(", ".join(s.name for s in c.setups))}</p>']
+    problems = (c.verdict or {}).get("problems") or []
+    if problems:
+        parts.append("<ul>" + "".join(f"<li>{e(p)}</li>" for p in problems) + "</ul>")
+    if png:
+        # Embedded, not linked: the file must open from disk, from an artifact, anywhere.
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        parts.append(f'<img alt="{e(c.name)} figure" src="data:image/png;base64,{data}">')
+    else:
+        parts.append("<p><em>No metrics recorded: no figure.</em></p>")
+    if pair_rows(c):
+        parts.append(_html_table(PAIR_COLUMNS, pair_rows(c)))
+    if baseline_rows(c):
+        parts.append("<h3>Baselines</h3>" + _html_table(BASELINE_COLUMNS, baseline_rows(c)))
+    prov = provenance(c, run_dir)
+    parts.append("<h3>Provenance</h3><ul>" + "".join(
+        f"<li>{e(k)}: <code>{e(str(v))}</code></li>" for k, v in prov.items() if k != "command") + "</ul>")
+    parts.append(_html_table(SETUP_COLUMNS, setup_rows(c)))
+    parts.append("<h3>Reproduce</h3><pre>" + e("\n".join(prov["command"])) + "</pre></section>")
+    return "\n".join(parts)
+
+
+def write_report(run_dir) -> tuple[Path, Path]:
+    """Draws every case's figure and writes `<run_dir>/report.md` and a self-contained `report.html`."""
+    run_dir = Path(run_dir)
+    cases = _load_all(run_dir)
+    pngs = {c.name: _figure_or_none(run_dir, c) for c in cases}
+    rows = [summary_row(c) for c in cases]
+    n_pass = sum(1 for c in cases if c.verdict and c.verdict.get("passed"))
+    n_none = sum(1 for c in cases if not c.verdict)
+    headline = f"{len(cases)} cases · {n_pass} passed · {len(cases) - n_pass - n_none} failed"
+    headline += f" · {n_none} without verdict" if n_none else ""
+
+    md = ["# Parity report", "", f"Run directory: `{run_dir}` · {headline}", "", _md_table(SUMMARY_COLUMNS, rows), ""]
+    for c in cases:
+        md += _md_case(c, run_dir, pngs[c.name])
+    md_path = run_dir / "report.md"
+    records.atomic_write_text(md_path, "\n".join(md))
+
+    e = html.escape
+    body = [f"<h1>Parity report</h1><p>Run directory: <code>{e(str(run_dir))}</code> · {e(headline)}</p>",
+            _html_table(SUMMARY_COLUMNS, rows)]
+    body += [_html_case(c, run_dir, pngs[c.name]) for c in cases]
+    page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Parity report</title>'
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    html_path = run_dir / "report.html"
+    records.atomic_write_text(html_path, page)
+    return md_path, html_path
+
+
+# ----------------------------------------------------------------------------- regression
+
+
+def _bits(x) -> bytes:
+    # Bitwise identity: 0.0 and -0.0 differ, and NaN equals NaN of the same payload.
+    return struct.pack("<d", float(x))
+
+
+def _compare_setup(new_rows: list[dict], old_rows: list[dict]) -> list[str]:
+    """Markdown lines describing how one setup's metrics changed; [] when bitwise identical."""
+    lines = []
+    new_by, old_by = {r["step"]: r for r in new_rows}, {r["step"]: r for r in old_rows}
+    if set(new_by) != set(old_by):
+        lines.append(f"steps differ: {len(old_by)} before, {len(new_by)} now")
+    common = sorted(set(new_by) & set(old_by))
+    for metric in NUMERIC:
+        changed = [s for s in common if metric in new_by[s] and metric in old_by[s]
+                   and _bits(new_by[s][metric]) != _bits(old_by[s][metric])]
+        if not changed:
+            continue
+        abs_d = [abs(new_by[s][metric] - old_by[s][metric]) for s in changed]
+        rel_d = [a / abs(old_by[s][metric]) if old_by[s][metric] else math.inf for a, s in zip(abs_d, changed)]
+        first = changed[0]
+        lines.append(f"{metric}: {len(changed)}/{len(common)} steps changed, max abs {fmt(max(abs_d, key=_nan_max))}, "
+                     f"max rel {fmt(max(rel_d, key=_nan_max))}, first at step {first} "
+                     f"({old_by[first][metric]!r} → {new_by[first][metric]!r})")
+    return lines
+
+
+def _nan_max(x: float) -> float:
+    return math.inf if math.isnan(x) else x
+
+
+def _weights_changes(new_dir: Path, old_dir: Path) -> list[str]:
+    try:
+        new = {r["param"]: r["sha256"] for r in records.read_weights(new_dir / "weights.csv")}
+        old = {r["param"]: r["sha256"] for r in records.read_weights(old_dir / "weights.csv")}
+    except records.RecordError:
+        return []  # one side has no weights file: nothing to compare
+    changed = sorted(p for p in set(new) | set(old) if new.get(p) != old.get(p))
+    return [f"weights: {len(changed)} parameters changed, first {changed[0]}"] if changed else []
+
+
+def regression_report(new_dir, old_dir) -> tuple[str, list[str]]:
+    """Cases whose verdict or numbers changed from `old_dir` to `new_dir`; writes `<new_dir>/regression.md`."""
+    new_dir, old_dir = Path(new_dir), Path(old_dir)
+    new_cases, old_cases = set(find_cases(new_dir)), set(find_cases(old_dir))
+    changed, sections, unchanged = [], [], 0
+    for name in sorted(new_cases & old_cases):
+        new, old = load_case_run(new_dir, name), load_case_run(old_dir, name)
+        lines = []
+        pv, nv = (old.verdict or {}).get("passed"), (new.verdict or {}).get("passed")
+        if pv != nv:
+            lines.append(f"verdict: {_verdict_words(old.verdict)} → {_verdict_words(new.verdict)}")
+        old_setups = {s.name: s for s in old.setups}
+        new_setups = {s.name: s for s in new.setups}
+        for setup in sorted(set(old_setups) | set(new_setups)):
+            if setup not in new_setups or setup not in old_setups:
+                lines.append(f"setup `{setup}` only in the {'old' if setup in old_setups else 'new'} run")
+                continue
+            diffs = _compare_setup(new_setups[setup].metrics, old_setups[setup].metrics)
+            diffs += _weights_changes(new_dir / name / setup, old_dir / name / setup)
+            lines += [f"`{setup}` {d}" for d in diffs]
+        if lines:
+            changed.append(name)
+            sections += [f"### {name}", ""] + [f"- {ln}" for ln in lines] + [""]
+        else:
+            unchanged += 1
+    only_new, only_old = sorted(new_cases - old_cases), sorted(old_cases - new_cases)
+    changed = sorted(changed + only_new + only_old)
+    md = ["# Parity regression report", "", f"New run: `{new_dir}`  ", f"Old run: `{old_dir}`", "",
+          f"{len(changed)} changed · {unchanged} unchanged (bitwise-identical metrics, same verdict)", ""]
+    if only_new:
+        md += ["Only in the new run: " + ", ".join(f"`{n}`" for n in only_new), ""]
+    if only_old:
+        md += ["Only in the old run: " + ", ".join(f"`{n}`" for n in only_old), ""]
+    md += sections
+    text = "\n".join(md)
+    records.atomic_write_text(new_dir / "regression.md", text)
+    return text, changed
+
+
+# ----------------------------------------------------------------------------- evidence
+
+
+def evidence(run_dir, case: str | None = None) -> str:
+    """A markdown block for a pull request: summary, figure, reproducing command, torch and hardware."""
+    run_dir = Path(run_dir)
+    names = [case] if case else find_cases(run_dir)
+    cases = [load_case_run(run_dir, n) for n in names if (run_dir / n).is_dir()]
+    if not cases:
+        return f"No cases found in `{run_dir}`" + (f" named `{case}`" if case else "") + ".\n"
+    out = [_md_table(SUMMARY_COLUMNS, [summary_row(c) for c in cases]), ""]
+    for c in cases:
+        png = run_dir / c.name / f"{c.name}.png"
+        if not png.is_file() and any(s.metrics for s in c.setups):
+            png = plot_case(run_dir, c.name)[0]
+        prov = provenance(c, run_dir)
+        worlds = " / ".join(dict.fromkeys(str(s.run.get("world_size")) for s in c.setups if s.run.get("world_size")))
+        out += [f"**{c.name}**: {_verdict_words(c.verdict)}", ""]
+        if png.is_file():
+            out += [f"![{c.name}]({png.as_posix()})", ""]
+        out += [f"torch `{prov['torch']}` · device `{prov['device']}` · platform `{prov['platform']}` · "
+                f"world size {worlds or '—'} · python `{prov['python']}`", "",
+                "Reproduce:", "", "```sh", *prov["command"], "```", ""]
+    return "\n".join(out)
