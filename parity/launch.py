@@ -96,12 +96,19 @@ def log_tails(log_dirs: list[Path], lines: int = LOG_TAIL_LINES) -> str:
 
 
 def first_error(log_dirs: list[Path]) -> str | None:
+    """The earliest failure any rank reported; the others usually just lost their peer."""
+    errors = []
     for d in log_dirs:
-        for log in sorted(d.glob("rank*.log")):
+        for log in d.glob("rank*.log"):
             for line in log.read_text(errors="replace").splitlines():
                 if line.startswith(ERROR_MARK):
-                    return line[len(ERROR_MARK):].strip()
-    return None
+                    stamp, _, text = line[len(ERROR_MARK):].strip().partition(" ")
+                    errors.append((float(stamp), text))
+    if not errors:
+        return None
+    errors.sort()
+    more = f" ({len(errors) - 1} other rank(s) failed after it)" if len(errors) > 1 else ""
+    return errors[0][1] + more
 
 
 def launch(plan: dict, nproc: int, workdir: Path, timeout_s: float = DEFAULT_TIMEOUT_S, on_progress=None) -> LaunchResult:

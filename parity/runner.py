@@ -100,19 +100,20 @@ def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = No
             if result.status != "ok":
                 keep = case_dir / f"torchrun-ws{world_size}.log"
                 shutil.copy(Path(workdir) / f"torchrun-ws{world_size}.log", keep)
-            for s in setups:
-                results[s.name] = result
-                _record_failure(case, s, result, provenance, device, out)
+            for s in setups:  # a setup that finished before another one failed keeps its "ok"
+                finished = _record_failure(case, s, result, provenance, device, out)
+                results[s.name] = LaunchResult("ok", 0, "", result.wall_s) if finished else result
     (case_dir / ".progress").unlink(missing_ok=True)
     return results
 
 
-def _record_failure(case: Case, s: Setup, result: LaunchResult, provenance: dict, device: str, out: Path):
-    """A setup without a complete run gets a run.json that says so, so no comparison can pass on it."""
+def _record_failure(case: Case, s: Setup, result: LaunchResult, provenance: dict, device: str, out: Path) -> bool:
+    """True if the setup finished; otherwise write a run.json that says why, so no comparison can pass on it."""
     d = records.setup_dir(out, case.name, s.name)
     if (d / "run.json").is_file():  # rank 0 writes run.json last, after the metrics: this setup finished
-        return
+        return True
     status = result.status if result.status != "ok" else "failed"
     records.write_json(d / "run.json", {**provenance, "case": case.name, "setup": s.name, "status": status,
                                         "device": device, "world_size": s.world_size, "message": result.message,
                                         "ended": datetime.now(timezone.utc).isoformat()})
+    return False

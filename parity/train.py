@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parity import records
+from parity.baselines import platform_key
 from parity.data import Batches
 from parity.launch import ERROR_MARK
 from parity.model import build_model
@@ -236,6 +237,7 @@ def _progress(plan: dict, setup: Setup, step: int, total: int):
 
 def write_outputs(setup: Setup, plan: dict, result: dict, started: str, par: Parallel, device: torch.device):
     out = records.setup_dir(plan["out"], plan["case"], setup.name)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     records.write_metrics(out / "metrics.csv", result["rows"])
     records.write_weights(out / "weights.csv", result["digest"])
     records.write_json(out / "run.json", {
@@ -243,7 +245,8 @@ def write_outputs(setup: Setup, plan: dict, result: dict, started: str, par: Par
         "case": plan["case"],
         "setup": setup.name,
         "status": "ok",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name,
+        "platform": platform_key(device_name),
         "backend": dist.get_backend(),
         "world_size": dist.get_world_size(),
         "mesh_shape": par.mesh_shape,
@@ -285,7 +288,8 @@ def main(plan_path: str) -> int:
             dist.barrier()
     except BaseException as e:  # noqa: BLE001 - report any failure in a form the launcher can find
         traceback.print_exc()
-        print(f"{ERROR_MARK} setup {current} rank {rank}: {type(e).__name__}: {e}", flush=True)
+        # The time lets the launcher name the first failure: peers then fail on closed connections.
+        print(f"{ERROR_MARK} {time.time():.6f} setup {current} rank {rank}: {type(e).__name__}: {e}", flush=True)
         sys.stdout.flush()
         os._exit(1)
     sys.stdout.flush()
