@@ -248,7 +248,7 @@ def parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="measure each setup's error against a float64 CPU oracle; propose tolerances")
     cal.add_argument("cases", nargs="+")
     common_run(cal)
-    cal.add_argument("--multiple", type=_positive(float), default=10.0, help="proposed tolerance = multiple x observed error")
+    cal.add_argument("--multiple", type=_positive(float), default=3.0, help="proposed rtol = multiple x the largest error against the oracle (default 3: two setups may err in opposite directions, plus headroom)")
     cal.add_argument("--floor", type=_positive(float), default=1e-7, help="smallest rtol proposed")
     cal.set_defaults(fn=cmd_calibrate)
     return p

@@ -254,8 +254,16 @@ def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict,
             problems += [_mismatch(name, metrics[name], mode) for name in differing]
         elif not differing:
             problems.append(f"expected a divergence (negative control), but every metric matches ({mode})")
+    diverged = _diverged(metrics, mode)
+    want = case.expect.first_divergence
+    if not problems and outcome == "diverge" and want and diverged:
+        # A control must be caught for the right reason: the planted bug's metric, at its step.
+        found = (diverged["metric"], diverged.get("step"))
+        if found != (want["metric"], want["step"]):
+            problems.append(f"expected the first divergence on {want['metric']} at step {want['step']}, "
+                            f"found it on {found[0]} at step {found[1]}")
     return {"reference": ref_name, "other": other_name, "passed": not problems, "problems": problems,
-            "diverged": _diverged(metrics, mode), "metrics": metrics}
+            "diverged": diverged, "metrics": metrics}
 
 
 def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None = None) -> dict:

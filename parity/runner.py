@@ -104,6 +104,9 @@ def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = No
                 finished = _record_failure(case, s, result, provenance, device, out)
                 results[s.name] = LaunchResult("ok", 0, "", result.wall_s) if finished else result
     (case_dir / ".progress").unlink(missing_ok=True)
+    records.write_json(case_dir / "launches.json", [
+        {"world_size": ws, "setups": [s.name for s in setups], "status": results[setups[-1].name].status,
+         "wall_s": results[setups[-1].name].wall_s} for ws, setups in sorted(group_by_world_size(case.setups).items())])
     return results
 
 

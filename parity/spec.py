@@ -111,6 +111,7 @@ class Expect:
     outcome: str = "match"
     tolerance: dict[str, Tolerance] = field(default_factory=dict)
     tolerance_source: dict[str, str] = field(default_factory=dict)  # "case" or "default for <dtype>"
+    first_divergence: dict | None = None  # negative controls: {"metric": ..., "step": ...} they must be caught at
 
 
 @dataclass(frozen=True)
@@ -322,7 +323,7 @@ class _Validator:
             self.fail(f"{prefix}.gradient_divide_factor", "allowed only with dp_api fully_shard or replicate")
 
     def expect(self, table: dict, setups) -> Expect:
-        self.keys(table, {"mode", "outcome", "tolerance"}, "expect.")
+        self.keys(table, {"mode", "outcome", "tolerance", "first_divergence"}, "expect.")
         mode = self.choice("expect.mode", table.get("mode", "bitwise"), MODES)
         outcome = self.choice("expect.outcome", table.get("outcome", "match"), OUTCOMES)
         dtype, tolerance = default_tolerances(setups)
@@ -338,7 +339,17 @@ class _Validator:
                 atol=self.number(f"{key}.atol", bounds.get("atol", base.atol)),
             )
             source[metric] = "case"
-        return Expect(mode=mode, outcome=outcome, tolerance=tolerance, tolerance_source=source)
+        first = table.get("first_divergence")
+        if first is not None:
+            key = "expect.first_divergence"
+            if outcome != "diverge":
+                self.fail(key, "only for outcome = \"diverge\" (a negative control)")
+            if not isinstance(first, dict):
+                self.fail(key, "must be a table { metric = \"loss\" | \"grad_norm\", step = N }")
+            self.keys(first, {"metric", "step"}, key + ".")
+            first = {"metric": self.choice(f"{key}.metric", first.get("metric"), ("loss", "grad_norm")),
+                     "step": self.integer(f"{key}.step", first.get("step"), 1)}
+        return Expect(mode=mode, outcome=outcome, tolerance=tolerance, tolerance_source=source, first_divergence=first)
 
 
 def find_cases(directory: str | Path = "cases") -> list[Path]:

@@ -1,0 +1,69 @@
+"""`parity calibrate CASE`: measure each setup's error against a float64 oracle and propose tolerances.
+
+The oracle is the case's reference setup with every dtype set to float64 (same mesh, same data,
+the same seed weights cast up), run on CPU. Two setups that each sit within e of the truth can
+differ by up to 2e, so the proposal is `multiple x` the largest error any setup showed against
+the oracle (default 3: that 2e bound plus 50% headroom), but never below `floor`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from parity import records
+from parity.runner import run_case
+from parity.spec import Case
+
+ORACLE = "oracle_float64"
+METRICS = ("loss", "grad_norm", "weights")
+
+
+def oracle_setup(case: Case):
+    ref = case.reference
+    return replace(ref, name=ORACLE, param_dtype=None, reduce_dtype=None, train=replace(ref.train, dtype="float64"))
+
+
+def _series(run_dir: Path, case: str, setup: str, metric: str) -> np.ndarray:
+    d = records.setup_dir(run_dir, case, setup)
+    if metric == "weights":
+        return np.array([r["norm"] for r in records.read_weights(d / "weights.csv")])
+    return np.array([r[metric] for r in records.read_metrics(d / "metrics.csv")])
+
+
+def errors_against_oracle(run_dir: Path, case: Case) -> dict[str, dict[str, float]]:
+    """{setup: {metric: max relative error against the oracle}}"""
+    out = {}
+    for s in case.setups:
+        if s.name == ORACLE:
+            continue
+        out[s.name] = {}
+        for m in METRICS:
+            truth, got = _series(run_dir, case.name, ORACLE, m), _series(run_dir, case.name, s.name, m)
+            out[s.name][m] = float(np.max(np.abs(got - truth) / np.abs(truth)))
+    return out
+
+
+def propose(errors: dict[str, dict[str, float]], multiple: float, floor: float) -> dict[str, float]:
+    return {m: max(floor, multiple * max(e[m] for e in errors.values())) for m in METRICS}
+
+
+def calibrate(case: Case, out: Path, steps: int | None, timeout_s: float, multiple: float, floor: float) -> str:
+    calib = replace(case, setups=(oracle_setup(case),) + case.setups)
+    results = run_case(calib, out, "cpu", steps, timeout_s)
+    failed = [f"{name}: {r.status}: {r.message.splitlines()[0]}" for name, r in results.items() if r.status != "ok"]
+    if failed:
+        return f"{case.name}: calibration run failed\n" + "\n".join(failed)
+    errors = errors_against_oracle(out, calib)
+    proposal = propose(errors, multiple, floor)
+    lines = [f"{case.name}: max relative error against the float64 oracle ({out / case.name})",
+             f"  {'setup':<28} " + " ".join(f"{m:>12}" for m in METRICS)]
+    for name, e in errors.items():
+        lines.append(f"  {name:<28} " + " ".join(f"{e[m]:12.3e}" for m in METRICS))
+    lines.append(f"  proposed ({multiple:g} x largest error, floor {floor:g}):")
+    lines.append("  [expect.tolerance]")
+    for m in METRICS:
+        lines.append(f"  {m} = {{ rtol = {proposal[m]:.1e}, atol = 0.0 }}")
+    return "\n".join(lines)
