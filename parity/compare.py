@@ -191,7 +191,8 @@ def _load_run(directory: Path, name: str) -> dict:
     else:
         status = run["info"].get("status")
         if status != "ok":
-            detail = run["info"].get("error")
+            message = run["info"].get("message")  # written by the runner for failed / timed-out setups
+            detail = message.splitlines()[0] if message else None
             run["problems"].append(f"{name}: run status is {status!r}" + (f": {detail}" if detail else ""))
     for key, file in (("metrics", "metrics.csv"), ("weights", "weights.csv")):
         try:

@@ -84,6 +84,7 @@ def parity_paths(config) -> tuple[Path, Path, Path]:
     return cases, baselines, out
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist starts its workers
 def pytest_sessionstart(session):
     """The report covers this session only: clear case outputs an earlier session left in the run directory."""
     config = session.config
