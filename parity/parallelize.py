@@ -8,6 +8,7 @@ feature-detected (hasattr / import probes), never assumed from a version number.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,6 @@ MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "tp")  # torchtitan's order, out
 class Parallel:
     """What the training loop needs to know about a wrapped setup."""
 
-    setup: Setup
     mesh: DeviceMesh | None
     modules: list[nn.Module]  # the model, or this rank's pipeline stage modules
     dp_rank: int = 0
@@ -192,8 +192,6 @@ def _schedule(s: Setup, stages: list, loss_fn):
     cls = {"gpipe": pipelining.ScheduleGPipe, "1f1b": pipelining.Schedule1F1B,
            "interleaved_1f1b": pipelining.ScheduleInterleaved1F1B}[s.pp_schedule]
     kwargs = {"n_microbatches": s.microbatches, "loss_fn": loss_fn}
-    import inspect
-
     # scale_grads: each microbatch loss is a mean, so grads are summed over microbatches and must be divided.
     if "scale_grads" in inspect.signature(cls.__init__).parameters:
         kwargs["scale_grads"] = True
@@ -203,7 +201,7 @@ def _schedule(s: Setup, stages: list, loss_fn):
 def parallelize(model: nn.Module, s: Setup, device: torch.device, loss_fn) -> Parallel:
     """Wrap `model` (already on `device`) for setup `s`. Seeds are loaded afterwards, except for DDP/none."""
     mesh = build_mesh(s, device.type)
-    par = Parallel(setup=s, mesh=mesh, modules=[model], dp_rank=_local_rank(mesh, "dp_replicate") * s.dp_shard + _local_rank(mesh, "dp_shard"),
+    par = Parallel(mesh=mesh, modules=[model], dp_rank=_local_rank(mesh, "dp_replicate") * s.dp_shard + _local_rank(mesh, "dp_shard"),
                    pp_rank=_local_rank(mesh, "pp"), tp_rank=_local_rank(mesh, "tp"))
     if s.dp_api == "ddp":
         from torch.nn.parallel import DistributedDataParallel

@@ -297,6 +297,8 @@ class _Validator:
         if s.dp_api == "ddp" and (s.dp_shard > 1 or s.tp > 1 or s.pp > 1):
             self.fail(f"{prefix}.dp_api", "\"ddp\" takes only dp_replicate; allowed with dp_shard = tp = pp = 1 "
                       "(PP x DDP fails in torch; use replicate or fully_shard)")
+        if s.fault in ("hang", "crash") and s.world_size < 2:
+            self.fail(f"{prefix}.fault", f"\"{s.fault}\" is planted on rank 1; allowed only with world size >= 2")
         if s.dp_api == "none" and s.dp_degree > 1:
             self.fail(f"{prefix}.dp_api", f"\"none\" with a data-parallel degree of {s.dp_degree}; allowed: dp_replicate = dp_shard = 1")
         for what, n in (("n_heads", cfg.n_heads), ("ffn_hidden", cfg.ffn_hidden), ("vocab_size", cfg.vocab_size), ("seq_len", t.seq_len)):

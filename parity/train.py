@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 import traceback
-from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def setup_from_dict(d: dict) -> Setup:
     return Setup(train=Train(**d.pop("train")), **d)
 
 
-def sdpa_context(backend: str, device: torch.device):
+def sdpa_context(backend: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     chosen = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
@@ -81,7 +80,7 @@ def _grad_groups(par: Parallel):
     return list(groups.values())
 
 
-def grad_norm_and_clip(par: Parallel, max_norm: float) -> float:
+def grad_norm_and_clip(par: Parallel, max_norm: float, device: torch.device) -> float:
     """Total pre-clip L2 norm over the whole model, across DTensor meshes and pipeline stages, then clip."""
     from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
@@ -93,7 +92,7 @@ def grad_norm_and_clip(par: Parallel, max_norm: float) -> float:
     if len(norms) == 1 and par.pp_group is None:
         total = norms[0]  # no re-squaring: keeps the single-mesh norm exactly as torch computes it
     else:
-        sq = torch.stack([n.float() ** 2 for n in norms]).sum() if norms else torch.zeros((), device=_device())
+        sq = torch.stack([n.float() ** 2 for n in norms]).sum() if norms else torch.zeros((), device=device)
         if par.pp_group is not None:
             dist.all_reduce(sq, group=par.pp_group)
         total = sq.sqrt()
@@ -101,10 +100,6 @@ def grad_norm_and_clip(par: Parallel, max_norm: float) -> float:
         for params in groups:
             clip_grads_with_norm_(params, max_norm, total)
     return total.item()
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def load_seed(par: Parallel, ckpt: str):
@@ -162,7 +157,7 @@ def global_loss(par: Parallel, local: float | None) -> float:
     return math.fsum(by_rank[r] for r in sorted(by_rank)) / len(by_rank)
 
 
-def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict | None:
+def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
     t = setup.train
     cfg = t.model_config
     rank = dist.get_rank()
@@ -192,9 +187,9 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict | None:
         for group in opt.param_groups:
             group["lr"] = lr
         inputs, labels = (torch.from_numpy(a).to(device) for a in batches.local(step, setup.dp_degree, dp_rank))
-        with sdpa_context(t.attention, device):
+        with sdpa_context(t.attention):
             local = forward_backward(par, setup, inputs, labels)
-        norm = grad_norm_and_clip(par, t.max_norm)
+        norm = grad_norm_and_clip(par, t.max_norm, device)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = global_loss(par, local)
@@ -235,7 +230,8 @@ def _progress(plan: dict, setup: Setup, step: int, total: int):
     os.replace(tmp, path)
 
 
-def write_outputs(setup: Setup, plan: dict, result: dict, started: str, par: Parallel, device: torch.device):
+def write_outputs(setup: Setup, plan: dict, result: dict, started: str, device: torch.device):
+    par = result["par"]
     out = records.setup_dir(plan["out"], plan["case"], setup.name)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     records.write_metrics(out / "metrics.csv", result["rows"])
@@ -283,7 +279,7 @@ def main(plan_path: str) -> int:
             started = datetime.now(timezone.utc).isoformat()
             result = train_setup(setup, plan, device)
             if rank == 0:
-                write_outputs(setup, plan, result, started, result["par"], device)
+                write_outputs(setup, plan, result, started, device)
             del result
             dist.barrier()
     except BaseException as e:  # noqa: BLE001 - report any failure in a form the launcher can find
