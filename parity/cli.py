@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from parity import records
@@ -78,12 +79,14 @@ def cmd_run(args) -> int:
         command += ["--steps", str(args.steps)]
     failed = False
     for case in cases:
-        def on_progress(path, elapsed, case=case):
+        case_start = time.monotonic()
+
+        def on_progress(path, _launch_elapsed, case=case, case_start=case_start):
             try:
                 p = records.read_json(path)
-            except records.RecordError:
+            except records.RecordError:  # not written yet: the ranks are still starting
                 return
-            progress.update(case.name, p["setup"], p["step"], p["steps"], elapsed)
+            progress.update(case.name, p["setup"], p["step"], p["steps"], time.monotonic() - case_start)
 
         results = run_case(case, out, args.device, args.steps, args.timeout, on_progress=on_progress, command=command)
         progress.done()

@@ -119,6 +119,7 @@ def launch(plan: dict, nproc: int, workdir: Path, timeout_s: float = DEFAULT_TIM
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("PARITY_OMP_THREADS", "1"), PYTHONUNBUFFERED="1")
     launcher_log = workdir / f"torchrun-ws{nproc}.log"
     log_dirs = [case_dir / s["name"] for s in plan["setups"]]
+    (case_dir / ".progress").unlink(missing_ok=True)  # the previous launch's last step is not ours
     start = time.monotonic()
     with open(launcher_log, "w") as log:
         proc = subprocess.Popen(torchrun_argv(nproc, plan_path), stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -177,5 +177,12 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_terminal_summary(terminalreporter, config):
     report = getattr(config, "_parity_report", None)
-    if report:
-        terminalreporter.write_line(f"parity report: {report[0]}  {report[1]}")
+    if report is None:
+        return  # no case ran in this session (or this is an xdist worker)
+    terminalreporter.write_line(f"parity report: {report[0]}  {report[1]}")
+    from parity.baselines import unused_baselines
+    from parity.spec import find_cases, load_case
+
+    cases_dir, baseline_root, _ = parity_paths(config)
+    for path in unused_baselines(baseline_root, [load_case(p) for p in find_cases(cases_dir)]):
+        terminalreporter.write_line(f"parity: unused baseline {path}: its case or setup no longer exists")

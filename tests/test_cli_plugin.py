@@ -125,3 +125,12 @@ def test_baseline_tamper_fails_then_update_restores_only_that_file(tmp_path, cac
     assert restored[1]["loss"] == records.read_metrics(out / "small" / "hsdp" / "metrics.csv")[1]["loss"]
     again = run(pytest_cmd, REPO, cache_env)
     assert again.returncode == 0, again.stdout
+
+
+def test_list_shows_every_case_with_world_size_mode_outcome_markers():
+    r = run([sys.executable, "-m", "parity.cli", "list"], REPO)
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
+    assert set(lines) == {p.stem for p in (REPO / "cases").glob("*.toml")}
+    control = lines["control_divide_factor"].split()
+    assert control[1] == "8" and "bitwise" in control and "diverge" in control and control[-2:] == ["cpu", "8gpu"]

@@ -104,3 +104,16 @@ def test_corrupt_metrics_names_file_and_line(tmp_path):
     p.write_text("step,loss,grad_norm,lr,tokens,step_time_s\n1,8.0,0.3,1e-3,10,0.1\n2,eight,0.3,1e-3,10,0.1\n")
     with pytest.raises(records.RecordError, match=rf"{p}:3: column 'loss'"):
         records.read_metrics(p)
+
+
+def test_a_case_may_name_an_existing_dcp_seed(tmp_path, write_case):
+    """`seed_checkpoint = PATH` uses that checkpoint; its content hash equals the built seed's."""
+    from parity.runner import seed_for
+    from parity.spec import load_case
+
+    path, sha, _ = seed_checkpoint("tiny", 42, "float32", tmp_path / "cache")
+    case_text = f'description = "x"\nseed_checkpoint = "{path}"\n[train]\nmodel = "tiny"\n' \
+                '[setups.a]\ndp_api = "none"\n[setups.b]\ndp_api = "none"\n'
+    case = load_case(write_case(case_text))
+    assert seed_for(case, tmp_path / "unused") == (str(path), sha)
+    assert not (tmp_path / "unused").exists()
