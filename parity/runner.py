@@ -71,7 +71,7 @@ def seed_for(case: Case, cache: Path | None) -> tuple[str, str]:
     if case.seed_checkpoint is not None:
         return str(case.seed_checkpoint), checkpoint_sha256(case.seed_checkpoint)
     keys = {(s.train.model, s.train.seed, s.train.dtype) for s in case.setups}
-    if len(keys) != 1:  # a per-setup seed override means deliberately different starts; take the reference's
+    if len(keys) != 1:  # a setup overriding seed or dtype still starts from the reference's weights
         keys = {(case.reference.train.model, case.reference.train.seed, case.reference.train.dtype)}
     model, seed, dtype = keys.pop()
     path, sha, _ = seed_checkpoint(model, seed, dtype, cache)
