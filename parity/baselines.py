@@ -5,7 +5,8 @@ A baseline is the metrics.csv of a known-good run (step, loss, grad_norm, lr, to
 the baseline for its platform:
 
 - exactly (bit for bit) when the baseline was made with the same torch version on the same
-  platform, since then nothing but our code can have changed the numbers;
+  platform (on CPU also the same instruction set, torch.backends.cpu.get_cpu_capability(), as
+  the kernels dispatch on it), since then nothing but our code can have changed the numbers;
 - otherwise within the case's tolerances (case.expect.tolerance), because a torch or hardware
   change legitimately moves the last bits.
 
@@ -41,7 +42,7 @@ from parity.spec import Case, Setup
 DEFAULT_ROOT = Path("baselines")
 COLUMNS = ("step", "loss", "grad_norm", "lr", "tokens")
 COMPARED = ("loss", "grad_norm")
-PROVENANCE = ("torch", "device", "platform", "world_size", "mesh", "seed_checkpoint_sha256",
+PROVENANCE = ("torch", "device", "platform", "cpu_capability", "world_size", "mesh", "seed_checkpoint_sha256",
               "case_sha256", "date", "git_commit")
 UPDATE_MODES = (None, "new", "failing", "all")
 # A double written with repr needs ~15-17 significant digits unless it is a short dyadic number
@@ -102,6 +103,7 @@ def provenance(run: dict, case: Case, setup_name: str, platform: str) -> dict:
         "torch": run.get("torch", "unknown"),
         "device": run.get("device", "unknown"),
         "platform": platform,
+        "cpu_capability": run.get("cpu_capability", "unknown"),
         "world_size": run.get("world_size", "unknown"),
         "mesh": mesh,
         "seed_checkpoint_sha256": run.get("seed_checkpoint_sha256") or "none",
@@ -160,6 +162,8 @@ def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str,
         return result("error", "exact", False, f"{e}; fix or recreate it with {create_commands(case, 'failing')}")
 
     exact = header.get("torch") == torch_version and header.get("platform") == platform
+    if platform == "cpu":  # CPU kernels dispatch on the instruction set (AVX2, AVX512, ...)
+        exact = exact and header.get("cpu_capability") == run.get("cpu_capability")
     how = "exact" if exact else "tolerance"
     # A run may be shorter than its baseline (pytest --parity-steps): compare the steps it made.
     # It must not be longer: steps the baseline lacks are unverified.
@@ -171,8 +175,9 @@ def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str,
     metrics = {m: compare_series([r["step"] for r in base], [r[m] for r in base], [r["step"] for r in rows],
                                  [r[m] for r in rows], case.expect.tolerance[m],
                                  "bitwise" if exact else "tolerance", labels) for m in COMPARED}
-    why = "" if exact else (f" (baseline torch {header.get('torch')} on {header.get('platform')}, "
-                            f"run torch {torch_version} on {platform}: compared within tolerance)")
+    why = "" if exact else (f" (baseline torch {header.get('torch')} on {header.get('platform')} "
+                            f"{header.get('cpu_capability')}, run torch {torch_version} on {platform} "
+                            f"{run.get('cpu_capability')}: compared within tolerance)")
     if all(m["passed"] for m in metrics.values()):
         if update == "all" and not part:
             write_baseline(path, rows, prov)

@@ -7,6 +7,7 @@ their parent (PR_SET_PDEATHSIG in parity.train), so not even a SIGKILLed launche
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 from parity import records
 
 DEFAULT_TIMEOUT_S = 900.0
+PR_SET_PDEATHSIG = 1
 ERROR_MARK = "PARITY-ERROR:"  # a failing rank prints this line; the launcher reports it
 LOG_TAIL_LINES = 15
 
@@ -34,7 +36,19 @@ class LaunchResult:
 def torchrun_argv(nproc: int, plan_path: Path) -> list[str]:
     # --standalone: a private rendezvous on a free local port, so concurrent launches (xdist) never collide.
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "parity.train", str(plan_path)]
+            "-m", "parity.rank", str(plan_path)]
+
+
+def die_with_parent() -> None:
+    """Linux PR_SET_PDEATHSIG: if our process dies (even by SIGKILL), the kernel kills this one.
+
+    Set in torchrun (here, between fork and exec) and in every rank (parity.rank), so a killed
+    `parity` or pytest takes torchrun down, and torchrun takes its ranks down.
+    """
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the timeout and kill_tree still apply
+        pass
 
 
 def descendants(pid: int) -> list[int]:
@@ -123,7 +137,7 @@ def launch(plan: dict, nproc: int, workdir: Path, timeout_s: float = DEFAULT_TIM
     start = time.monotonic()
     with open(launcher_log, "w") as log:
         proc = subprocess.Popen(torchrun_argv(nproc, plan_path), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent)
         try:
             while proc.poll() is None:
                 if time.monotonic() - start > timeout_s:

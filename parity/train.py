@@ -1,4 +1,4 @@
-"""Per-rank entry point: `python -m torch.distributed.run ... -m parity.train PLAN.json`.
+"""Per-rank work, entered through parity.rank: `python -m torch.distributed.run ... -m parity.rank PLAN.json`.
 
 For each setup in the plan (all share this launch's world size), one after another: fresh mesh
 and model, seed checkpoint loaded, N training steps, metrics and a weight digest written by
@@ -7,11 +7,9 @@ rank 0. This module records numbers; it never decides pass or fail.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
-import signal
 import sys
 import time
 import traceback
@@ -32,14 +30,6 @@ from parity.spec import Setup, Train
 
 FAULT_RANK = 1  # the rank that hangs or crashes in the `hang` / `crash` fault setups
 FAULT_STEP = 2
-
-
-def die_with_parent():
-    """If torchrun is killed outright, take this rank down too (Linux PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
 
 
 def redirect_output(path: Path):
@@ -243,6 +233,8 @@ def write_outputs(setup: Setup, plan: dict, result: dict, started: str, device: 
         "status": "ok",
         "device": device_name,
         "platform": platform_key(device_name),
+        # CPU kernels dispatch on the instruction set; bits are only comparable on the same one.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "backend": dist.get_backend(),
         "world_size": dist.get_world_size(),
         "mesh_shape": par.mesh_shape,
@@ -256,7 +248,6 @@ def write_outputs(setup: Setup, plan: dict, result: dict, started: str, device: 
 
 
 def main(plan_path: str) -> int:
-    die_with_parent()
     plan = json.loads(Path(plan_path).read_text())
     rank = int(os.environ["RANK"])
     setups = [setup_from_dict(d) for d in plan["setups"]]
@@ -292,6 +283,3 @@ def main(plan_path: str) -> int:
     # Skip interpreter teardown: destroying gloo groups can hang; every rank passed the last barrier.
     os._exit(0)
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))

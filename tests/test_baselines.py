@@ -34,12 +34,13 @@ def rows(loss=LOSS, gnorm=GNORM):
              "step_time_s": 0.25} for i, (l, g) in enumerate(zip(loss, gnorm))]
 
 
-def write_run(out: Path, setup: str, metric_rows=None, status="ok", torch=TORCH, case="demo"):
+def write_run(out: Path, setup: str, metric_rows=None, status="ok", torch=TORCH, case="demo", isa="AVX512"):
     d = out / case / setup
     records.write_metrics(d / "metrics.csv", metric_rows if metric_rows is not None else rows())
     records.write_weights(d / "weights.csv", [{"param": "w", "norm": 1.2345678901234567, "sha256": "a" * 64}])
     records.write_json(d / "run.json", {
         "case": case, "setup": setup, "status": status, "torch": torch, "device": "cpu", "platform": "cpu",
+        "cpu_capability": isa,
         "world_size": 8, "mesh_shape": [2, 4], "mesh_dim_names": ["dp_replicate", "dp_shard"],
         "seed_checkpoint_sha256": "5" * 64, "case_sha256": "c" * 64, "git_commit": "abc123"})
 
@@ -195,6 +196,14 @@ def test_update_all_rewrites_matching_and_none_never_writes(runs):
         check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update="everything")
 
 
+def test_other_cpu_instruction_set_compares_within_tolerance(runs):
+    """CPU kernels dispatch on AVX2/AVX512: a baseline made on the other set is not a bitwise reference."""
+    case, run_dir, root = runs
+    write_run(run_dir, "ref", rows(loss=[float(np.nextafter(x, math.inf)) for x in LOSS]), isa="AVX2")
+    b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
+    assert b["how"] == "tolerance" and b["passed"] and "AVX2" in b["message"] and "AVX512" in b["message"]
+
+
 def test_other_torch_version_compares_within_tolerance(runs):
     case, run_dir, root = runs
     close = [float(np.nextafter(x, math.inf)) for x in LOSS]
@@ -277,7 +286,7 @@ def test_lint_steps_must_increase(tmp_path):
 
 def test_lint_missing_provenance(tmp_path):
     path, problems = lint_one(tmp_path, rows(), {"torch": TORCH, "platform": "cpu"})
-    assert len(problems) == 1 and problems[0].startswith(f"{path}:1: missing provenance: device, world_size")
+    assert len(problems) == 1 and problems[0].startswith(f"{path}:1: missing provenance: device, cpu_capability, world_size")
 
 
 def test_lint_platform_must_match_file_name(tmp_path):

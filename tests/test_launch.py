@@ -36,7 +36,7 @@ def parity_ranks() -> list[int]:
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"parity.train" in cmd or b"torch.distributed.run" in cmd and b"parity" in cmd:
+            if b"parity.rank" in cmd or b"parity.train" in cmd or b"torch.distributed.run" in cmd and b"parity" in cmd:
                 pids.append(int(entry))
     return pids
 
@@ -92,3 +92,30 @@ def test_descendants_finds_grandchildren(tmp_path):
 
         kill_tree(proc, grace_s=2)
     assert all(not Path(f"/proc/{p}").exists() or "Z" in Path(f"/proc/{p}/stat").read_text().split(")")[1][:3] for p in found)
+
+
+def test_killing_parity_itself_takes_torchrun_and_ranks_down(write_case, tmp_path, seed_cache, no_stray_ranks):
+    """SIGKILL on `parity run` (a cancelled CI job) leaves nothing: PDEATHSIG chains parity -> torchrun -> ranks."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write_case(CASE.format(fault="hang"))
+    proc = subprocess.Popen([sys.executable, "-m", "parity.cli", "run", str(path), "--device", "cpu",
+                             "--out", str(tmp_path / "out"), "--timeout", "600"],
+                            env=dict(os.environ, PARITY_CACHE=str(seed_cache)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(descendants(proc.pid)) < 3 and time.monotonic() < deadline:  # torchrun + 2 ranks
+        time.sleep(0.2)
+    started = descendants(proc.pid)
+    assert len(started) >= 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 15
+    alive = lambda: [p for p in started if Path(f"/proc/{p}").exists() and  # noqa: E731
+                     Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert alive() == []
