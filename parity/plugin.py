@@ -129,7 +129,9 @@ def run_and_judge(case, config) -> tuple[dict, str]:
             pytest.fail(str(e), pytrace=False)
         pytest.skip(str(e))
     steps = config.getoption("parity_steps")
-    command = ["pytest", "parity", "-k", case.name, "--parity-device", device] + (["--parity-steps", str(steps)] if steps else [])
+    # The node id selects exactly this case (-k would also match cases whose names contain it).
+    command = ["pytest", f"parity/test_parity.py::test_case[{case.name}]", "--parity-device", device]
+    command += ["--parity-steps", str(steps)] if steps else []
     run_case(case, out, device, steps, config.getoption("parity_timeout"), command=command)
     checks = baselines.check_case_baselines(case, out, baseline_root, config.getoption("parity_update_baselines"))
     verdict = compare.compare_case(case, out, checks)
