@@ -145,14 +145,9 @@ def run_and_judge(case, config) -> tuple[dict, str]:
 def _failure_message(case, verdict, out: Path) -> str:
     from parity import compare
 
+    # The table already lists every problem line; add only the files a reviewer opens next.
     lines = [f"parity case {case.name} failed ({case.path})", compare.divergence_table(verdict)]
-    for b in verdict.get("baselines", []):
-        if not b.get("passed"):
-            lines.append(f"baseline {b['setup']}: {b['status']}: {b['message']}")
-            if b.get("obtained"):
-                lines.append(f"  obtained: {b['obtained']}")
-    for p in verdict.get("problems", []):
-        lines.append(f"problem: {p}")
+    lines += [f"obtained: {b['obtained']}" for b in verdict["baselines"] if not b["passed"] and b.get("obtained")]
     try:
         from parity.report import plot_case
 
