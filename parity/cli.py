@@ -67,9 +67,9 @@ def step_table(case, run_dir: Path) -> str:
 
 
 def cmd_run(args) -> int:
-    from parity import baselines, compare
+    from parity import compare
     from parity.progress import Progress
-    from parity.runner import run_case
+    from parity.runner import judge, run_case
 
     cases = _load_cases(args.cases)
     out = Path(args.out)
@@ -95,9 +95,7 @@ def cmd_run(args) -> int:
                 print(f"{case.name}/{name}: {r.status}: {r.message}", file=sys.stderr)
         print(f"\n== {case.name} ({out / case.name}) ==")
         print(step_table(case, out))
-        checks = baselines.check_case_baselines(case, out, Path(args.baselines), args.update_baselines)
-        verdict = compare.compare_case(case, out, checks)
-        compare.write_verdict(out, verdict)
+        verdict = judge(case, out, Path(args.baselines), args.update_baselines)
         print(compare.format_verdict(verdict))
         failed |= not verdict["passed"]
     if not args.no_report:
@@ -124,13 +122,12 @@ def cmd_list(args) -> int:
 
 def cmd_compare(args) -> int:
     """Re-judge an existing run directory (e.g. one copied from a GPU cluster) without running anything."""
-    from parity import baselines, compare
+    from parity import compare
+    from parity.runner import judge
 
     failed = False
     for case in _load_cases(args.cases):
-        checks = baselines.check_case_baselines(case, Path(args.run_dir), Path(args.baselines), args.update_baselines)
-        verdict = compare.compare_case(case, Path(args.run_dir), checks)
-        compare.write_verdict(Path(args.run_dir), verdict)
+        verdict = judge(case, Path(args.run_dir), Path(args.baselines), args.update_baselines)
         print(compare.format_verdict(verdict))
         failed |= not verdict["passed"]
     return 1 if failed else 0

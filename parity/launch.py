@@ -1,8 +1,9 @@
 """Run a case's setups under torchrun: one launch per world size, with a timeout and clean teardown.
 
 torchrun starts its workers in new sessions, so killing torchrun's process group does not reach
-them; on a timeout we walk /proc for every descendant and signal each one. Workers also die with
-their parent (PR_SET_PDEATHSIG in parity.train), so not even a SIGKILLed launcher leaves ranks behind.
+them; on a timeout we walk /proc for every descendant and signal each one. torchrun and every rank
+also die with their parent (PR_SET_PDEATHSIG, see die_with_parent), so not even a SIGKILLed
+launcher leaves ranks behind.
 """
 
 from __future__ import annotations
@@ -51,18 +52,27 @@ def die_with_parent() -> None:
         pass
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) from /proc/PID/stat, or None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces and ')'
+        return fields[0], int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"  # a zombie has exited; only its parent's reap is due
+
+
 def descendants(pid: int) -> list[int]:
     """All live descendants of pid, found through /proc (they may sit in other sessions)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
+        if entry.isdigit() and (stat := _stat(int(entry))) is not None:
+            children.setdefault(stat[1], []).append(int(entry))
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -83,21 +93,13 @@ def kill_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             proc.poll()  # reap torchrun so it does not count as alive
-            if not any(_alive(p) for p in pids):
+            if not any(alive(p) for p in pids):
                 break
             time.sleep(0.1)
         else:
             continue
         break
     proc.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def log_tails(log_dirs: list[Path], lines: int = LOG_TAIL_LINES) -> str:
@@ -151,9 +153,6 @@ def launch(plan: dict, nproc: int, workdir: Path, timeout_s: float = DEFAULT_TIM
             kill_tree(proc)
             raise
     wall = time.monotonic() - start
-    leftovers = descendants(proc.pid)
-    if leftovers:  # a rank that outlived torchrun's own exit (should not happen): reap it
-        kill_tree(proc)
     if proc.returncode == 0:
         return LaunchResult("ok", 0, "", wall)
     error = first_error(log_dirs)

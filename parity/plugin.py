@@ -117,8 +117,7 @@ def pytest_generate_tests(metafunc):
 
 def run_and_judge(case, config) -> tuple[dict, str]:
     """Run one case as the CLI would; returns (verdict, failure message)."""
-    from parity import baselines, compare
-    from parity.runner import DeviceError, resolve_device, run_case
+    from parity.runner import DeviceError, judge, resolve_device, run_case
 
     _, baseline_root, out = parity_paths(config)
     device = config.getoption("parity_device")
@@ -133,9 +132,7 @@ def run_and_judge(case, config) -> tuple[dict, str]:
     command = ["pytest", f"parity/test_parity.py::test_case[{case.name}]", "--parity-device", device]
     command += ["--parity-steps", str(steps)] if steps else []
     run_case(case, out, device, steps, config.getoption("parity_timeout"), command=command)
-    checks = baselines.check_case_baselines(case, out, baseline_root, config.getoption("parity_update_baselines"))
-    verdict = compare.compare_case(case, out, checks)
-    compare.write_verdict(out, verdict)
+    verdict = judge(case, out, baseline_root, config.getoption("parity_update_baselines"))
     message = ""
     if not verdict["passed"]:
         message = _failure_message(case, verdict, out)

@@ -94,11 +94,14 @@ def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = No
                   "seed_checkpoint": ckpt, "seed_checkpoint_sha256": seed_sha, "case_path": str(case.path),
                   "case_sha256": case.sha256, "git_commit": git_commit(), "command": command}
     results: dict[str, LaunchResult] = {}
+    launches = []
     with tempfile.TemporaryDirectory(prefix=".launch-", dir=case_dir) as workdir:
         for world_size, setups in sorted(group_by_world_size(case.setups).items()):
             plan = {"case": case.name, "out": str(Path(out).resolve()), "device": device, "seed_checkpoint": ckpt,
                     "provenance": provenance, "setups": [s.to_dict() for s in setups]}
             result = launch(plan, world_size, Path(workdir), timeout_s, on_progress)
+            launches.append({"world_size": world_size, "setups": [s.name for s in setups], "status": result.status,
+                             "wall_s": result.wall_s})
             if result.status != "ok":
                 keep = case_dir / f"torchrun-ws{world_size}.log"
                 shutil.copy(Path(workdir) / f"torchrun-ws{world_size}.log", keep)
@@ -106,10 +109,18 @@ def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = No
                 finished = _record_failure(case, s, result, provenance, device, out)
                 results[s.name] = LaunchResult("ok", 0, "", result.wall_s) if finished else result
     (case_dir / ".progress").unlink(missing_ok=True)
-    records.write_json(case_dir / "launches.json", [
-        {"world_size": ws, "setups": [s.name for s in setups], "status": results[setups[-1].name].status,
-         "wall_s": results[setups[-1].name].wall_s} for ws, setups in sorted(group_by_world_size(case.setups).items())])
+    records.write_json(case_dir / "launches.json", launches)
     return results
+
+
+def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) -> dict:
+    """Baselines checked (and written as `update` allows), then the verdict, written to verdict.json."""
+    from parity import baselines, compare
+
+    checks = baselines.check_case_baselines(case, run_dir, baseline_root, update)
+    verdict = compare.compare_case(case, run_dir, checks)
+    compare.write_verdict(run_dir, verdict)
+    return verdict
 
 
 def _record_failure(case: Case, s: Setup, result: LaunchResult, provenance: dict, device: str, out: Path) -> bool:
