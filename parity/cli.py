@@ -11,14 +11,14 @@ import time
 from pathlib import Path
 
 from parity import records
-from parity.runner import DeviceError
-from parity.spec import SpecError, find_cases, load_case
+from parity.errors import InputError
+from parity.spec import find_cases, load_case
 
 UPDATE_MODES = ("failing", "new", "all")
 DEFAULT_OUT = Path("reports/runs/latest")
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """Bad input found by the CLI itself: printed as one line, exit 2."""
 
 
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (SpecError, UsageError, records.RecordError, DeviceError) as e:
+    except InputError as e:
         print(f"parity: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

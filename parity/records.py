@@ -18,13 +18,15 @@ import os
 import tempfile
 from pathlib import Path
 
+from parity.errors import InputError
+
 METRIC_COLUMNS = ("step", "loss", "grad_norm", "lr", "tokens", "step_time_s")
 WEIGHT_COLUMNS = ("param", "norm", "sha256")
 INT_COLUMNS = {"step", "tokens"}
 STR_COLUMNS = {"param", "sha256"}
 
 
-class RecordError(ValueError):
+class RecordError(InputError):
     """A record file that cannot be read; the message names the file and the line."""
 
 

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from parity import records
+from parity.errors import InputError
 from parity.launch import DEFAULT_TIMEOUT_S, LaunchResult, launch
 from parity.spec import Case, Setup
 
@@ -33,7 +34,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-class DeviceError(RuntimeError):
+class DeviceError(InputError):
     """The requested device cannot run the case (too few GPUs)."""
 
 

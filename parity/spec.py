@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from parity.errors import InputError
 from parity.presets import PRESETS, ModelConfig
 
 DP_APIS = ("fully_shard", "replicate", "ddp", "none")
@@ -36,7 +37,7 @@ DEFAULT_TOLERANCES = {
 }
 
 
-class SpecError(ValueError):
+class SpecError(InputError):
     """One line: `FILE: KEY: what is wrong; allowed: ...`."""
 
 
