@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from parity.errors import InputError
+from parity.paths import duplicates_ignoring_case, name_problem
 from parity.presets import PRESETS, ModelConfig
 
 DP_APIS = ("fully_shard", "replicate", "ddp", "none")
@@ -35,6 +36,17 @@ DEFAULT_TOLERANCES = {
     "float32": {"loss": (1e-5, 0.0), "grad_norm": (1e-4, 0.0), "weights": (1e-4, 0.0)},
     "bfloat16": {"loss": (1e-2, 0.0), "grad_norm": (5e-2, 0.0), "weights": (2e-2, 0.0)},
 }
+
+
+# Upper bounds: far above any parity case on real GPU clusters, far below what would exhaust a
+# machine before the first step (steps = 10**12 would never finish; 4096 ranks would fork-bomb
+# a workstation). A case beyond them is almost surely a typo.
+MAX_STEPS = 1_000_000
+MAX_WORLD_SIZE = 1024
+MAX_SEQ_LEN = 131_072
+MAX_GLOBAL_BATCH = 65_536
+MAX_MICROBATCHES = 4096
+MAX_SEED = 2**63 - 1
 
 
 class SpecError(InputError):
@@ -154,6 +166,8 @@ def load_case(path: str | Path) -> Case:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"{where}: not valid TOML: {e}") from None
     v = _Validator(where)
+    if (problem := name_problem(path.stem)) is not None:
+        v.fail("case name", f"{problem} (the case name is the file name without .toml)")
     v.keys(doc, TOP_KEYS, "")
     description = doc.get("description")
     if not isinstance(description, str) or not description.strip():
@@ -162,7 +176,17 @@ def load_case(path: str | Path) -> Case:
     setups_doc = doc.get("setups")
     if not isinstance(setups_doc, dict) or len(setups_doc) < 2:
         v.fail("setups", "need two or more [setups.NAME] tables; the first is the reference")
+    for name in setups_doc:
+        if (problem := name_problem(name)) is not None:
+            v.fail(f"setups.{name!r}", problem)
+    if clashes := duplicates_ignoring_case(setups_doc):
+        v.fail("setups", f"names must differ in more than letter case: {', '.join(clashes)}")
     setups = tuple(v.setup(name, body, train) for name, body in setups_doc.items())
+    checked = set()
+    for s in setups:  # each distinct (file, seq_len, vocab) once: a large token file is read in full
+        if s.train.data is not None and (s.train.data, s.train.seq_len, s.train.model_config.vocab_size) not in checked:
+            checked.add((s.train.data, s.train.seq_len, s.train.model_config.vocab_size))
+            v.data(s, f"setups.{s.name}.data" if "data" in setups_doc[s.name] else "train.data")
     expect = v.expect(doc.get("expect", {}), setups)
     seed = doc.get("seed_checkpoint")
     seed_path = None
@@ -210,9 +234,11 @@ class _Validator:
             self.fail(key, f"{value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
         return value
 
-    def integer(self, key: str, value, minimum: int):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.fail(key, f"{value!r} is not allowed; allowed: an integer >= {minimum}")
+    def integer(self, key: str, value, minimum: int, maximum: int | None = None):
+        if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+                or (maximum is not None and value > maximum)):
+            allowed = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
+            self.fail(key, f"{value!r} is not allowed; allowed: {allowed}")
         return value
 
     def number(self, key: str, value, positive: bool = False):
@@ -232,19 +258,23 @@ class _Validator:
                 values[key] = self.choice(k, value, DTYPES)
             elif key == "attention":
                 values[key] = self.choice(k, value, ATTENTION)
-            elif key in ("steps", "global_batch"):
-                values[key] = self.integer(k, value, 1)
+            elif key == "steps":
+                values[key] = self.integer(k, value, 1, MAX_STEPS)
+            elif key == "global_batch":
+                values[key] = self.integer(k, value, 1, MAX_GLOBAL_BATCH)
             elif key == "seq_len":
-                values[key] = self.integer(k, value, 2)
-            elif key in ("seed", "warmup_steps"):
-                values[key] = self.integer(k, value, 0)
+                values[key] = self.integer(k, value, 2, MAX_SEQ_LEN)
+            elif key == "seed":
+                values[key] = self.integer(k, value, 0, MAX_SEED)
+            elif key == "warmup_steps":
+                values[key] = self.integer(k, value, 0, MAX_STEPS)
             elif key == "lr":
                 values[key] = self.number(k, value, positive=True)
             elif key in ("max_norm", "weight_decay"):
                 values[key] = self.number(k, value)
             elif key == "data":
                 p = Path(self.where).parent / str(value)
-                if not str(value).endswith(".npy") or not p.is_file():
+                if not isinstance(value, str) or not value.endswith(".npy") or not p.is_file():
                     self.fail(k, f"{value!r} is not allowed; allowed: an existing .npy file of token ids")
                 values[key] = str(p.resolve())
         return replace(base, **values)
@@ -263,8 +293,10 @@ class _Validator:
                 values[key] = self.choice(k, value, DP_APIS)
             elif key == "dp_shard" and value == -1:
                 values[key] = -1  # filled from world_size below, as torchtitan does
-            elif key in ("dp_replicate", "dp_shard", "tp", "pp", "microbatches"):
-                values[key] = self.integer(k, value, 1)
+            elif key in ("dp_replicate", "dp_shard", "tp", "pp"):
+                values[key] = self.integer(k, value, 1, MAX_WORLD_SIZE)
+            elif key == "microbatches":
+                values[key] = self.integer(k, value, 1, MAX_MICROBATCHES)
             elif key == "pp_schedule":
                 values[key] = self.choice(k, value, PP_SCHEDULES)
             elif key in ("param_dtype", "reduce_dtype"):
@@ -279,10 +311,10 @@ class _Validator:
             if world is None:
                 self.fail(f"{prefix}.dp_shard", "-1 (fill from world size) needs world_size in the same setup")
             rest = s.dp_replicate * s.tp * s.pp
-            if self.integer(f"{prefix}.world_size", world, 1) % rest:
+            if self.integer(f"{prefix}.world_size", world, 1, MAX_WORLD_SIZE) % rest:
                 self.fail(f"{prefix}.world_size", f"{world} is not divisible by dp_replicate*tp*pp = {rest}")
             s = replace(s, dp_shard=world // rest)
-        if world is not None and self.integer(f"{prefix}.world_size", world, 1) != s.world_size:
+        if world is not None and self.integer(f"{prefix}.world_size", world, 1, MAX_WORLD_SIZE) != s.world_size:
             self.fail(
                 f"{prefix}.world_size",
                 f"{world} does not factor as dp_replicate*dp_shard*tp*pp = "
@@ -293,6 +325,9 @@ class _Validator:
 
     def consistent(self, s: Setup, prefix: str):
         cfg, t = s.train.model_config, s.train
+        if s.world_size > MAX_WORLD_SIZE:
+            self.fail(f"{prefix}.dp_replicate", f"world size dp_replicate*dp_shard*tp*pp = {s.world_size}; "
+                      f"allowed: at most {MAX_WORLD_SIZE}")
         if s.dp_api == "replicate" and s.dp_shard > 1:
             self.fail(f"{prefix}.dp_shard", f"{s.dp_shard} with dp_api = \"replicate\"; allowed: 1 (replicate does not shard)")
         if s.dp_api == "ddp" and (s.dp_shard > 1 or s.tp > 1 or s.pp > 1):
@@ -325,6 +360,15 @@ class _Validator:
         if s.gradient_divide_factor is not None and s.dp_api not in ("fully_shard", "replicate"):
             self.fail(f"{prefix}.gradient_divide_factor", "allowed only with dp_api fully_shard or replicate")
 
+    def data(self, s: Setup, key: str):
+        """A token file is read and checked here, before any rank starts, against the setup's model."""
+        from parity.data import TokenFileError, load_token_file
+
+        try:
+            load_token_file(s.train.data, s.train.seq_len, s.train.model_config.vocab_size)
+        except TokenFileError as e:
+            self.fail(key, str(e))
+
     def expect(self, table: dict, setups) -> Expect:
         self.keys(table, {"mode", "outcome", "tolerance", "first_divergence"}, "expect.")
         mode = self.choice("expect.mode", table.get("mode", "bitwise"), MODES)
@@ -350,10 +394,27 @@ class _Validator:
             if not isinstance(first, dict):
                 self.fail(key, "must be a table { metric = \"loss\" | \"grad_norm\", step = N }")
             self.keys(first, {"metric", "step"}, key + ".")
+            steps = min(s.train.steps for s in setups)
             first = {"metric": self.choice(f"{key}.metric", first.get("metric"), ("loss", "grad_norm")),
-                     "step": self.integer(f"{key}.step", first.get("step"), 1)}
+                     "step": self.integer(f"{key}.step", first.get("step"), 1, steps)}
         return Expect(mode=mode, outcome=outcome, tolerance=tolerance, tolerance_source=source, first_divergence=first)
 
 
 def find_cases(directory: str | Path = "cases") -> list[Path]:
     return sorted(Path(directory).glob("*.toml"))
+
+
+def load_cases(paths) -> list[Case]:
+    """Case files and directories of them, validated, with names unique ignoring letter case."""
+    cases = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = find_cases(p)
+            if not found:
+                raise SpecError(f"{p}: no case files (*.toml) in this directory")
+            cases.extend(load_case(c) for c in found)
+        else:
+            cases.append(load_case(p))
+    if clashes := duplicates_ignoring_case([c.name for c in cases]):
+        raise SpecError(f"case names must be unique in one run, ignoring letter case: {', '.join(clashes)}")
+    return cases
