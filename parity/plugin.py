@@ -84,18 +84,52 @@ def parity_paths(config) -> tuple[Path, Path, Path]:
     return cases, baselines, out
 
 
+def load_parity_cases(config):
+    """The session's cases, validated with their stored baselines; bad input is a pytest usage error."""
+    from parity.baselines import check_case_files
+    from parity.errors import InputError
+    from parity.spec import find_cases, load_cases
+
+    cases_dir, baseline_root, _ = parity_paths(config)
+    try:
+        cases = load_cases(find_cases(cases_dir))
+        for case in cases:
+            check_case_files(case, baseline_root, config.getoption("parity_update_baselines"))
+    except InputError as e:
+        raise pytest.UsageError(f"parity: {e}") from None
+    return cases
+
+
+def _collects_cases(config) -> bool:
+    """Whether this session's arguments reach parity/test_parity.py (so `pytest tests/x.py` skips the checks)."""
+    module = Path(__file__).with_name("test_parity.py").resolve()
+    for arg in config.args:
+        target = arg.split("::")[0]
+        if config.option.pyargs and target in ("parity", "parity.test_parity"):
+            return True
+        path = (config.invocation_params.dir / target).resolve()
+        if module == path or module.is_relative_to(path):
+            return True
+    return False
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist starts its workers
 def pytest_sessionstart(session):
-    """The report covers this session only: clear case outputs an earlier session left in the run directory."""
+    """Check every case file before any test runs; then clear outputs an earlier session left behind."""
     config = session.config
     if getattr(config, "workerinput", None) is not None:
         return
+    if not _collects_cases(config):
+        return
+    load_parity_cases(config)  # a bad case stops the session here, as a usage error (exit 4)
     import shutil
+
+    from parity.paths import CASE_MARKER
 
     _, _, out = parity_paths(config)
     if out.is_dir():
-        for child in out.iterdir():
-            if child.is_dir() and ((child / "verdict.json").exists() or any(child.glob("*/run.json"))):
+        for child in out.iterdir():  # only folders a parity run made (they carry its mark)
+            if child.is_dir() and not child.is_symlink() and (child / CASE_MARKER).is_file():
                 shutil.rmtree(child)
         for name in ("report.md", "report.html"):
             (out / name).unlink(missing_ok=True)
@@ -104,12 +138,8 @@ def pytest_sessionstart(session):
 def pytest_generate_tests(metafunc):
     if "parity_case" not in metafunc.fixturenames:
         return
-    from parity.spec import find_cases, load_case
-
-    cases_dir, _, _ = parity_paths(metafunc.config)
     params = []
-    for path in find_cases(cases_dir):
-        case = load_case(path)  # a bad case file is a collection error naming the file and key
+    for case in load_parity_cases(metafunc.config):
         marks = [getattr(pytest.mark, m) for m in markers_for(case)] + [pytest.mark.parity_case]
         params.append(pytest.param(case, id=case.name, marks=marks))
     metafunc.parametrize("parity_case", params)
@@ -117,7 +147,7 @@ def pytest_generate_tests(metafunc):
 
 def run_and_judge(case, config) -> tuple[dict, str]:
     """Run one case as the CLI would; returns (verdict, failure message)."""
-    from parity.runner import DeviceError, judge, resolve_device, run_case
+    from parity.runner import DeviceError, case_lock, judge, prepare_out, resolve_device, run_case
 
     _, baseline_root, out = parity_paths(config)
     device = config.getoption("parity_device")
@@ -131,8 +161,10 @@ def run_and_judge(case, config) -> tuple[dict, str]:
     # The node id selects exactly this case (-k would also match cases whose names contain it).
     command = ["pytest", f"parity/test_parity.py::test_case[{case.name}]", "--parity-device", device]
     command += ["--parity-steps", str(steps)] if steps else []
-    run_case(case, out, device, steps, config.getoption("parity_timeout"), command=command)
-    verdict = judge(case, out, baseline_root, config.getoption("parity_update_baselines"))
+    out = prepare_out(out)
+    with case_lock(out, case.name):
+        run_case(case, out, device, steps, config.getoption("parity_timeout"), command=command)
+        verdict = judge(case, out, baseline_root, config.getoption("parity_update_baselines"))
     message = ""
     if not verdict["passed"]:
         message = _failure_message(case, verdict, out)
@@ -175,8 +207,8 @@ def pytest_terminal_summary(terminalreporter, config):
         return  # no case ran in this session (or this is an xdist worker)
     terminalreporter.write_line(f"parity report: {report[0]}  {report[1]}")
     from parity.baselines import unused_baselines
-    from parity.spec import find_cases, load_case
+    from parity.spec import find_cases, load_cases
 
     cases_dir, baseline_root, _ = parity_paths(config)
-    for path in unused_baselines(baseline_root, [load_case(p) for p in find_cases(cases_dir)]):
+    for path in unused_baselines(baseline_root, load_cases(find_cases(cases_dir))):
         terminalreporter.write_line(f"parity: unused baseline {path}: its case or setup no longer exists")

@@ -6,10 +6,13 @@ plain values and leaves verdicts to parity.compare.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import platform
 import shutil
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +20,7 @@ from pathlib import Path
 from parity import records
 from parity.errors import InputError
 from parity.launch import DEFAULT_TIMEOUT_S, LaunchResult, launch
+from parity.paths import CASE_MARKER, inside
 from parity.spec import Case, Setup
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,44 +83,106 @@ def seed_for(case: Case, cache: Path | None) -> tuple[str, str]:
     return str(path), sha
 
 
+def prepare_out(out: Path) -> Path:
+    """The run directory, created if need be; any reason it cannot hold a run is bad input, found now."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory; allowed: a directory or a new path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write there ({e.strerror}); allowed: a writable directory") from None
+    return out
+
+
+@contextmanager
+def case_lock(out: Path, case_name: str):
+    """One run of a case into one --out at a time: a second one fails at once instead of mixing files."""
+    path = inside(out, f".{case_name}.lock")
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{out / case_name}: another parity run is writing this case now; wait for it "
+                             "or choose another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def fresh_case_dir(out: Path, case_name: str) -> Path:
+    """An empty <out>/<case>/, marked as ours. An older folder is deleted only if it carries our mark."""
+    case_dir = inside(out, case_name)
+    if case_dir.is_symlink() or (case_dir.exists() and not (case_dir / CASE_MARKER).is_file()):
+        raise InputError(f"{case_dir}: exists and was not made by parity; refusing to delete it; "
+                         "allowed: move it away or choose another --out")
+    if case_dir.exists():
+        shutil.rmtree(case_dir)  # stale files from an older run must never be compared
+    case_dir.mkdir()
+    (case_dir / CASE_MARKER).write_text(case_name + "\n")
+    return case_dir
+
+
 def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = None,
              timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None, on_progress=None,
              command: list[str] | None = None) -> dict[str, LaunchResult]:
-    """Run every setup of the case; returns {setup name: how its launch ended}."""
+    """Run every setup of the case; returns {setup name: how its launch ended}.
+
+    The caller holds case_lock(out, case.name) for the run and its verdict.
+    """
     import torch
 
     case = with_steps(case, steps)
     device = resolve_device(device, case.world_size)
-    case_dir = Path(out) / case.name
-    shutil.rmtree(case_dir, ignore_errors=True)  # stale files from an older run must never be compared
-    case_dir.mkdir(parents=True)
+    out = prepare_out(out)
+    case_dir = fresh_case_dir(out, case.name)
     ckpt, seed_sha = seed_for(case, cache)
     provenance = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
                   "seed_checkpoint": ckpt, "seed_checkpoint_sha256": seed_sha, "case_path": str(case.path),
                   "case_sha256": case.sha256, "git_commit": git_commit(), "command": command}
     results: dict[str, LaunchResult] = {}
     launches = []
-    with tempfile.TemporaryDirectory(prefix=".launch-", dir=case_dir) as workdir:
-        for world_size, setups in sorted(group_by_world_size(case.setups).items()):
-            plan = {"case": case.name, "out": str(Path(out).resolve()), "device": device, "seed_checkpoint": ckpt,
-                    "provenance": provenance, "setups": [s.to_dict() for s in setups]}
-            result = launch(plan, world_size, Path(workdir), timeout_s, on_progress)
-            launches.append({"world_size": world_size, "setups": [s.name for s in setups], "status": result.status,
-                             "wall_s": result.wall_s})
-            if result.status != "ok":
-                keep = case_dir / f"torchrun-ws{world_size}.log"
-                shutil.copy(Path(workdir) / f"torchrun-ws{world_size}.log", keep)
-            for s in setups:  # a setup that finished before another one failed keeps its "ok"
-                finished = _record_failure(case, s, result, provenance, device, out)
-                results[s.name] = LaunchResult("ok", 0, "", result.wall_s) if finished else result
-    (case_dir / ".progress").unlink(missing_ok=True)
-    records.write_json(case_dir / "launches.json", launches)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".launch-", dir=case_dir) as workdir:
+            _launch_all(case, out, device, ckpt, provenance, timeout_s, on_progress, Path(workdir), results, launches)
+    except BaseException:  # Ctrl-C, SIGTERM: the setups that did not finish say so
+        interrupted = LaunchResult("interrupted", None, "the run was interrupted before this setup finished", 0.0)
+        for s in case.setups:
+            if s.name not in results:
+                _record_failure(case, s, interrupted, provenance, device, out)
+        raise
+    finally:
+        (case_dir / ".progress").unlink(missing_ok=True)
+        records.write_json(case_dir / "launches.json", launches)
     return results
+
+
+def _launch_all(case, out, device, ckpt, provenance, timeout_s, on_progress, workdir: Path, results, launches):
+    """One torchrun launch per world size; fills results and launches as each one ends."""
+    case_dir = out / case.name
+    for world_size, setups in sorted(group_by_world_size(case.setups).items()):
+        plan = {"case": case.name, "out": str(Path(out).resolve()), "device": device, "seed_checkpoint": ckpt,
+                "provenance": provenance, "setups": [s.to_dict() for s in setups]}
+        result = launch(plan, world_size, workdir, timeout_s, on_progress)
+        launches.append({"world_size": world_size, "setups": [s.name for s in setups], "status": result.status,
+                         "wall_s": result.wall_s})
+        if result.status != "ok":
+            keep = case_dir / f"torchrun-ws{world_size}.log"
+            shutil.copy(workdir / f"torchrun-ws{world_size}.log", keep)
+        for s in setups:  # a setup that finished before another one failed keeps its "ok"
+            finished = _record_failure(case, s, result, provenance, device, out)
+            results[s.name] = LaunchResult("ok", 0, "", result.wall_s) if finished else result
 
 
 def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) -> dict:
     """Baselines checked (and written as `update` allows), then the verdict, written to verdict.json."""
     from parity import baselines, compare
+
+    if not inside(run_dir, case.name).is_dir():
+        raise InputError(f"{run_dir}: no run of case {case.name} here ({Path(run_dir) / case.name} is not a directory)")
 
     checks = baselines.check_case_baselines(case, run_dir, baseline_root, update)
     verdict = compare.compare_case(case, run_dir, checks)
