@@ -68,9 +68,11 @@ def step_table(case, run_dir: Path) -> str:
 def cmd_run(args) -> int:
     from parity import compare
     from parity.progress import Progress
-    from parity.runner import case_lock, judge, prepare_out, run_case
+    from parity.runner import case_lock, check_out, judge, prepare_out, run_case, seed_for
 
     cases = _load_cases(args.cases, args.baselines, args.update_baselines)
+    check_out(Path(args.out))
+    seeds = {c.name: seed_for(c, None) for c in cases}  # every seed checked (or built) before anything is written
     out = prepare_out(Path(args.out))
     progress = Progress()
     command = ["parity", "run", *args.cases, "--device", args.device, "--out", str(out)]
@@ -89,7 +91,7 @@ def cmd_run(args) -> int:
 
         with case_lock(out, case.name):
             results = run_case(case, out, args.device, args.steps, args.timeout, on_progress=on_progress,
-                               command=command)
+                               command=command, seed=seeds[case.name])
             progress.done()
             for name, r in results.items():
                 if r.status != "ok":

@@ -147,7 +147,7 @@ def pytest_generate_tests(metafunc):
 
 def run_and_judge(case, config) -> tuple[dict, str]:
     """Run one case as the CLI would; returns (verdict, failure message)."""
-    from parity.runner import DeviceError, case_lock, judge, prepare_out, resolve_device, run_case
+    from parity.runner import DeviceError, case_lock, judge, prepare_out, resolve_device, run_case, seed_for
 
     _, baseline_root, out = parity_paths(config)
     device = config.getoption("parity_device")
@@ -161,9 +161,10 @@ def run_and_judge(case, config) -> tuple[dict, str]:
     # The node id selects exactly this case (-k would also match cases whose names contain it).
     command = ["pytest", f"parity/test_parity.py::test_case[{case.name}]", "--parity-device", device]
     command += ["--parity-steps", str(steps)] if steps else []
+    seed = seed_for(case, None)
     out = prepare_out(out)
     with case_lock(out, case.name):
-        run_case(case, out, device, steps, config.getoption("parity_timeout"), command=command)
+        run_case(case, out, device, steps, config.getoption("parity_timeout"), command=command, seed=seed)
         verdict = judge(case, out, baseline_root, config.getoption("parity_update_baselines"))
     message = ""
     if not verdict["passed"]:

@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
@@ -69,25 +70,35 @@ def group_by_world_size(setups) -> dict[int, list[Setup]]:
     return groups
 
 
-def seed_for(case: Case, cache: Path | None) -> tuple[str, str]:
-    """(checkpoint path, sha256) for the case: its own seed_checkpoint, or the cached built one."""
-    from parity.seed import checkpoint_sha256, seed_checkpoint
+def seed_for(case: Case, cache: Path | None):
+    """The case's seed checkpoint (its own seed_checkpoint, or the cached build), hashed and checked now.
 
-    if case.seed_checkpoint is not None:
-        return str(case.seed_checkpoint), checkpoint_sha256(case.seed_checkpoint)
+    Returns parity.seed.SeedInfo; the notes say what was found damaged and repaired on the way.
+    """
+    from parity.seed import resolve_seed
+
     keys = {(s.train.model, s.train.seed, s.train.dtype) for s in case.setups}
     if len(keys) != 1:  # a setup overriding seed or dtype still starts from the reference's weights
         keys = {(case.reference.train.model, case.reference.train.seed, case.reference.train.dtype)}
     model, seed, dtype = keys.pop()
-    path, sha, _ = seed_checkpoint(model, seed, dtype, cache)
-    return str(path), sha
+    return resolve_seed(model, seed, dtype, cache, external=case.seed_checkpoint)
+
+
+def check_out(out: Path) -> Path:
+    """Whether --out can become a run directory, judged without writing anything."""
+    out = Path(out)
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        what = "exists and is not a directory" if existing == out else f"lies under {existing}, which is not a directory"
+        raise InputError(f"--out {out}: {what}; allowed: a directory or a new path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {existing} is not writable; allowed: a writable directory")
+    return out
 
 
 def prepare_out(out: Path) -> Path:
     """The run directory, created if need be; any reason it cannot hold a run is bad input, found now."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory; allowed: a directory or a new path")
+    out = check_out(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -128,18 +139,24 @@ def fresh_case_dir(out: Path, case_name: str) -> Path:
 
 def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = None,
              timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None, on_progress=None,
-             command: list[str] | None = None) -> dict[str, LaunchResult]:
+             command: list[str] | None = None, seed=None) -> dict[str, LaunchResult]:
     """Run every setup of the case; returns {setup name: how its launch ended}.
 
+    `seed` is seed_for(case, cache) when the caller checked it already (before writing anything).
     The caller holds case_lock(out, case.name) for the run and its verdict.
     """
     import torch
 
+    from parity.seed import verify
+
     case = with_steps(case, steps)
     device = resolve_device(device, case.world_size)
+    seed = seed or seed_for(case, cache)
+    for note in seed.notes:
+        print(f"parity: {note}", file=sys.stderr, flush=True)
     out = prepare_out(out)
     case_dir = fresh_case_dir(out, case.name)
-    ckpt, seed_sha = seed_for(case, cache)
+    ckpt, seed_sha = str(seed.path), seed.sha256
     provenance = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
                   "seed_checkpoint": ckpt, "seed_checkpoint_sha256": seed_sha, "case_path": str(case.path),
                   "case_sha256": case.sha256, "git_commit": git_commit(), "command": command}
@@ -157,6 +174,11 @@ def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = No
     finally:
         (case_dir / ".progress").unlink(missing_ok=True)
         records.write_json(case_dir / "launches.json", launches)
+    if not verify(seed.path, seed.sha256):  # no verdict, and no baseline, may rest on a changed seed
+        changed = LaunchResult("failed", None, f"seed checkpoint {seed.path} changed during the run", 0.0)
+        for s in case.setups:
+            _record_failure(case, s, changed, provenance, device, out, overwrite=True)
+            results[s.name] = changed
     return results
 
 
@@ -190,10 +212,11 @@ def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) ->
     return verdict
 
 
-def _record_failure(case: Case, s: Setup, result: LaunchResult, provenance: dict, device: str, out: Path) -> bool:
+def _record_failure(case: Case, s: Setup, result: LaunchResult, provenance: dict, device: str, out: Path,
+                    overwrite: bool = False) -> bool:
     """True if the setup finished; otherwise write a run.json that says why, so no comparison can pass on it."""
     d = records.setup_dir(out, case.name, s.name)
-    if (d / "run.json").is_file():  # rank 0 writes run.json last, after the metrics: this setup finished
+    if (d / "run.json").is_file() and not overwrite:  # rank 0 writes run.json last: this setup finished
         return True
     status = result.status if result.status != "ok" else "failed"
     records.write_json(d / "run.json", {**provenance, "case": case.name, "setup": s.name, "status": status,

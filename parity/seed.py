@@ -289,13 +289,3 @@ def state_dict_sha256(state_dict) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-# The entry points callers used before resolve_seed; they drop the notes.
-def seed_checkpoint(model: str, seed: int, dtype: str, cache: Path | None = None) -> tuple[Path, str, bool]:
-    info = resolve_seed(model, seed, dtype, cache)
-    return info.path, info.sha256, False
-
-
-def checkpoint_sha256(path: Path) -> str:
-    return resolve_seed("", 0, "", external=Path(path)).sha256

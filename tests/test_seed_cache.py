@@ -286,5 +286,5 @@ def test_a_case_may_name_an_existing_dcp_seed(tmp_path, write_case):
                 '[setups.a]\ndp_api = "none"\n[setups.b]\ndp_api = "none"\n'
     case = load_case(write_case(case_text))
     got = seed_for(case, tmp_path / "unused")
-    assert (str(got[0]), got[1]) == (str(info.path), info.sha256)
+    assert (str(got.path), got.sha256) == (str(info.path), info.sha256)
     assert not (tmp_path / "unused").exists()
