@@ -11,7 +11,7 @@ the baseline for its platform:
   change legitimately moves the last bits.
 
 A missing baseline fails (never a silent pass) and says which command creates it. Update modes,
-after the pain points in shared/research/golden.md (pytest-regressions' --force-regen surprise,
+after the pain points of other golden-file tools (pytest-regressions' --force-regen surprise,
 pytest-mpl overwriting everything, syrupy's "new only"):
 
     None       never write a baseline

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from parity.paths import inside
 from parity.records import RUN_STATUSES, RecordError, read_json, read_metrics, read_weights, write_json
 from parity.spec import Case, Tolerance
 
@@ -293,7 +294,7 @@ def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None =
 
 
 def verdict_path(run_dir: str | Path, case_name: str) -> Path:
-    return Path(run_dir) / case_name / "verdict.json"
+    return inside(run_dir, case_name, "verdict.json")
 
 
 def write_verdict(run_dir: str | Path, verdict: dict) -> Path:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from parity.errors import InputError
@@ -33,21 +34,28 @@ class RecordError(InputError):
     """A record file that cannot be read; the message names the file and the line."""
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file in the same directory and rename: readers never see half a file."""
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w"):
+    """A file object whose contents appear at `path` whole, on success only: a temporary file in the
+    same directory, renamed over `path`. Readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a team's shared report must stay readable
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)
 
 
 def current_umask() -> int:

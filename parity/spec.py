@@ -27,9 +27,9 @@ METRICS = ("loss", "grad_norm", "weights")
 # prove that a stuck or failing rank is reported and cleaned up.
 FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash")
 
-# Default tolerances by the lowest precision any setup computes in. fp32 numbers come from
-# shared/research/probe.md §3 (observed across DDP/FSDP/HSDP/TP/PP at 8 ranks: loss rel <= 2e-7,
-# grad norm rel <= 8.5e-6) with ~10x headroom; bf16 from its §7 (loss rel 2.4e-4, gnorm 7.7e-3).
+# Default tolerances by the lowest precision any setup computes in. fp32 numbers: observed across
+# DDP/FSDP/HSDP/TP/PP at 8 CPU ranks (loss rel <= 2e-7, grad norm rel <= 8.5e-6) with ~10x
+# headroom; bf16 from mixed-precision runs (loss rel 2.4e-4, grad norm 7.7e-3).
 # `weights` compares the per-parameter L2 norms of the final weights.
 DEFAULT_TOLERANCES = {
     "float64": {"loss": (1e-12, 0.0), "grad_norm": (1e-10, 0.0), "weights": (1e-10, 0.0)},

@@ -37,7 +37,7 @@ def redirect_output(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)  # the umask decides who may read it
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
