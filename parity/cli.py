@@ -226,6 +226,10 @@ def _positive(kind, maximum=None):
     return parse
 
 
+STEPS = _positive(int, MAX_STEPS)
+TIMEOUT = _positive(float, 7 * 24 * 3600.0)  # a week: beyond it, a typo (and nan, inf would never fire)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parity", description="Numerics parity tests for PyTorch distributed training setups.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -234,9 +238,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CUDA when enough GPUs are visible, else CPU with gloo ranks")
         sp.add_argument("--out", default=str(DEFAULT_OUT), help="run directory (default %(default)s)")
-        sp.add_argument("--steps", type=_positive(int, MAX_STEPS), help="override every setup's step count")
-        sp.add_argument("--timeout", type=_positive(float, 7 * 24 * 3600.0), default=900.0,
-                        help="seconds per launch before ranks are killed")
+        sp.add_argument("--steps", type=STEPS, help="override every setup's step count")
+        sp.add_argument("--timeout", type=TIMEOUT, default=900.0, help="seconds per launch before ranks are killed")
 
     r = sub.add_parser("run", help="run cases and judge them")
     r.add_argument("cases", nargs="+", help="case files or directories of them")

@@ -34,14 +34,16 @@ def markers_for(case) -> list[str]:
 
 
 def pytest_addoption(parser):
+    from parity.cli import STEPS, TIMEOUT  # one parser per value, shared with the command line
+
     g = parser.getgroup("parity", "numerics parity cases")
     g.addoption("--parity-device", choices=("auto", "cpu", "cuda"), default="auto",
                 help="auto: CUDA when enough GPUs are visible for a case, else CPU with gloo ranks")
     g.addoption("--parity-out", default=None, help="run directory for case outputs and the report (default reports/runs/pytest)")
     g.addoption("--parity-update-baselines", nargs="?", const="failing", default=None,
                 choices=("failing", "new", "all"), help="write baselines: failing (default when given), new, all")
-    g.addoption("--parity-steps", type=int, default=None, help="override every case's step count")
-    g.addoption("--parity-timeout", type=float, default=900.0, help="seconds per torchrun launch before its ranks are killed")
+    g.addoption("--parity-steps", type=STEPS, default=None, help="override every case's step count")
+    g.addoption("--parity-timeout", type=TIMEOUT, default=900.0, help="seconds per torchrun launch before its ranks are killed")
     g.addoption("--parity-strict", action="store_true", help="fail instead of skip when --parity-device cuda has too few GPUs")
     g.addoption("--parity-cases", default=None, help="directory of case files (default <rootdir>/cases)")
     g.addoption("--parity-baselines", default=None, help="baseline root (default <rootdir>/baselines)")
