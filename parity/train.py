@@ -57,7 +57,8 @@ def sdpa_context(backend: str):
 
 
 def loss_fn(logits, labels):
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    # At least float32 (bf16 logits are upcast, as torchtitan does); a float64 oracle stays float64.
+    return F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)), labels.flatten())
 
 
 def _grad_groups(par: Parallel):
