@@ -207,6 +207,19 @@ def _run_dir(p: str, what: str) -> Path:
     return path
 
 
+def bare_flag_default(argv: list[str], flag: str, choices, default: str) -> list[str]:
+    """`FLAG` followed by something other than one of its choices means `FLAG=default`.
+
+    argparse would otherwise take the next word (`--update-baselines cases/x.toml`) as the flag's
+    value and reject or, worse, swallow a case path.
+    """
+    fixed = list(argv)
+    for i, word in enumerate(fixed):
+        if word == flag and (i + 1 == len(fixed) or fixed[i + 1] not in choices):
+            fixed[i] = f"{flag}={default}"
+    return fixed
+
+
 def _update_mode(value: str) -> str:
     if value not in UPDATE_MODES:
         raise argparse.ArgumentTypeError(f"allowed: {', '.join(UPDATE_MODES)}")
@@ -292,6 +305,7 @@ def _terminate(signum, _frame):
 
 
 def main(argv=None) -> int:
+    argv = bare_flag_default(sys.argv[1:] if argv is None else argv, "--update-baselines", UPDATE_MODES, "failing")
     args = parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:

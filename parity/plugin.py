@@ -40,8 +40,8 @@ def pytest_addoption(parser):
     g.addoption("--parity-device", choices=("auto", "cpu", "cuda"), default="auto",
                 help="auto: CUDA when enough GPUs are visible for a case, else CPU with gloo ranks")
     g.addoption("--parity-out", default=None, help="run directory for case outputs and the report (default reports/runs/pytest)")
-    g.addoption("--parity-update-baselines", nargs="?", const="failing", default=None,
-                choices=("failing", "new", "all"), help="write baselines: failing (default when given), new, all")
+    g.addoption("--parity-update-baselines", nargs="?", const="failing", default=None, type=_mode_or_path,
+                metavar="{failing,new,all}", help="write baselines: failing (default when given), new, all")
     g.addoption("--parity-steps", type=STEPS, default=None, help="override every case's step count")
     g.addoption("--parity-timeout", type=TIMEOUT, default=900.0, help="seconds per torchrun launch before its ranks are killed")
     g.addoption("--parity-strict", action="store_true", help="fail instead of skip when --parity-device cuda has too few GPUs")
@@ -49,7 +49,33 @@ def pytest_addoption(parser):
     g.addoption("--parity-baselines", default=None, help="baseline root (default <rootdir>/baselines)")
 
 
+class _SwallowedArg(str):
+    """A word argparse took as the mode of a bare --parity-update-baselines; it was meant as a path."""
+
+
+def _mode_or_path(value: str) -> str:
+    from parity.cli import UPDATE_MODES
+
+    return value if value in UPDATE_MODES else _SwallowedArg(value)
+
+
+def _give_back_swallowed_arg(config) -> None:
+    """`pytest --parity-update-baselines parity` means mode "failing" and the path `parity`, as the CLI reads it."""
+    value = config.getoption("parity_update_baselines")
+    if not isinstance(value, _SwallowedArg):
+        return
+    if value.startswith("-") or not (config.invocation_params.dir / value.split("::")[0]).exists():
+        from parity.cli import UPDATE_MODES
+
+        raise pytest.UsageError(f"--parity-update-baselines: {value!r} is neither a mode "
+                                f"({', '.join(UPDATE_MODES)}) nor an existing path")
+    config.option.parity_update_baselines = "failing"
+    given = config.args_source == pytest.Config.ArgsSource.ARGS
+    config.args[:] = [*config.args, str(value)] if given else [str(value)]
+
+
 def pytest_configure(config):
+    _give_back_swallowed_arg(config)
     for name, doc in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {doc}")
     worker = getattr(config, "workerinput", None)
