@@ -24,8 +24,11 @@ MODES = ("bitwise", "tolerance")
 OUTCOMES = ("match", "diverge")
 METRICS = ("loss", "grad_norm", "weights")
 # Planted faults: the negative controls prove the harness catches these, and `hang`/`crash`
-# prove that a stuck or failing rank is reported and cleaned up.
-FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash")
+# prove that a stuck or failing rank is reported and cleaned up. `negate_shard` and
+# `transpose_shard` corrupt rank 0's local shard of one parameter after the last step (negated,
+# or its transpose written back row-major: a permutation of the shard): the norms stay the
+# same, so only the weight sketches can catch them, on that parameter.
+FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash", "negate_shard", "transpose_shard")
 
 # Default tolerances by the lowest precision any setup computes in. fp32 numbers: observed across
 # DDP/FSDP/HSDP/TP/PP at 8 CPU ranks (loss rel <= 2e-7, grad norm rel <= 8.5e-6) with ~10x
