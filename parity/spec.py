@@ -117,8 +117,12 @@ class Tolerance:
     rtol: float
     atol: float
 
+    def bound(self, scale: float) -> float:
+        """The largest difference allowed against a reference of this size."""
+        return self.atol + self.rtol * abs(scale)
+
     def allows(self, a: float, b: float) -> bool:
-        return abs(a - b) <= self.atol + self.rtol * abs(b)
+        return abs(a - b) <= self.bound(b)
 
 
 @dataclass(frozen=True)
