@@ -174,6 +174,9 @@ def test_calibrate_measures_sketch_errors_against_the_norm(tmp_path):
 
 # float64 training, so that the layouts' weights differ by float64 rounding only (~1e-16
 # relative): what is left for 1e-12 to catch is the sketch itself disagreeing across layouts.
+# The layouts cover every way a rank holds a parameter: a DDP copy, FSDP row shards, HSDP and
+# replicate replicas (Replicate placements), TP column and row shards, FSDP over TP
+# (_StridedShard), and pipeline stages holding DTensors or plain tensors (pp_plain, 2 ranks).
 LAYOUTS = """
 description = "one training, several layouts, two with a corrupted shard"
 [train]
@@ -205,6 +208,18 @@ dp_shard = 2
 pp = 2
 pp_schedule = "gpipe"
 microbatches = 2
+[setups.replicate]
+dp_api = "replicate"
+dp_replicate = 4
+[setups.replicate_tp]
+dp_api = "replicate"
+dp_replicate = 2
+tp = 2
+[setups.pp_plain]
+dp_api = "none"
+pp = 2
+pp_schedule = "gpipe"
+microbatches = 2
 [setups.fsdp_negate]
 dp_api = "fully_shard"
 dp_shard = 4
@@ -217,7 +232,7 @@ fault = "transpose_shard"
 [expect]
 mode = "tolerance"
 """
-HEALTHY = ("fsdp", "hsdp", "fsdp_tp", "tp", "pp_fsdp")
+HEALTHY = ("fsdp", "hsdp", "fsdp_tp", "tp", "pp_fsdp", "replicate", "replicate_tp", "pp_plain")
 FAULTY = {"fsdp_negate": "fsdp", "fsdp_tp_transpose": "fsdp_tp"}  # each with its healthy twin
 
 
