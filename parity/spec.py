@@ -27,7 +27,7 @@ METRICS = ("loss", "grad_norm", "weights")
 # prove that a stuck or failing rank is reported and cleaned up. `negate_shard` and
 # `transpose_shard` corrupt rank 0's local shard of one parameter after the last step (negated,
 # or its transpose written back row-major: a permutation of the shard): the norms stay the
-# same, so only the weight sketches can catch them, on that parameter.
+# same (up to the rounding of their sums), so only the weight sketches catch them, on that parameter.
 FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash", "negate_shard", "transpose_shard")
 
 # Default tolerances by the lowest precision any setup computes in. fp32 numbers: observed across

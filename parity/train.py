@@ -365,7 +365,8 @@ def plant_shard_fault(par: Parallel, fault: str) -> None:
     """Corrupt rank 0's local shard of FAULT_PARAM in place, after training (loss and grad norm
     stay as they were): negate it, or write the shard's transpose back into its storage in
     row-major order (for a square shard exactly its transpose; for any shape a permutation of
-    its elements, as a missing .t() in a shard copy would leave it). Neither changes the norm."""
+    its elements, as a missing .t() in a shard copy would leave it). Negation leaves the norm's bits
+    as they were, a permutation moves it by the rounding of its sum at most."""
     if dist.get_rank() != 0:
         return
     for m in par.modules:
