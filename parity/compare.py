@@ -7,7 +7,8 @@ Every metric gets two lanes side by side, whatever the case's mode:
   never equal to anything, NaN included, because NaN/Inf always fail (see below). For weights,
   exact means the sha256 of the full parameter tensors agree.
 - tolerance: |other - ref| <= atol + rtol * |ref|, the reference value scaling the bound
-  (spec.Tolerance.allows). NaN never passes.
+  (spec.Tolerance.allows). NaN never passes. For weights, each parameter's norm and each of its
+  sketches, the sketches bounded by atol + rtol * norm(ref) (see compare_weights).
 
 NaN or Inf anywhere, and missing, extra, duplicated or out-of-order steps, are *problems*: a
 metric with a problem fails, and a pair with a problem fails whatever the case expects. A
@@ -26,7 +27,9 @@ The verdict, `<out>/<case>/verdict.json` (a contract for the plugin, CLI and rep
          first_divergence, first_tolerance_failure, passed, problems}
 
 `first_divergence` is the first entry that is not bitwise equal, `first_tolerance_failure` the
-first outside tolerance; each is {step (or param), value_ref, value_other, abs, rel, ulps}.
+first outside tolerance; each is {step (or param), value_ref, value_other, abs, rel, ulps}. A
+weights entry of a parameter whose sketch failed also has `sketch` (which one, 0-based) and gives
+that sketch's values, with rel relative to the reference norm; `diverged` then carries it too.
 `M.passed` means "matches under the case's mode"; `pair.passed` applies the outcome on top (for
 "diverge" it is true when some metric does not match). `problems` lists every reason a pair or
 the case fails, so `passed == not problems`. `diverged` is set whenever something diverged,
