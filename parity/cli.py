@@ -69,14 +69,18 @@ def step_table(case, run_dir: Path) -> str:
 def cmd_run(args) -> int:
     from parity import compare
     from parity.progress import Progress
-    from parity.runner import judge, run_case
+    from parity.runner import judge, resolve_device, run_case
 
     cases = _load_cases(args.cases)
+    # Every case's device (GPU count, SDPA kernels) is checked before the first one runs: bad input writes nothing.
+    devices = {case.name: resolve_device(args.device, case) for case in cases}
     out = Path(args.out)
     progress = Progress()
     command = ["parity", "run", *args.cases, "--device", args.device, "--out", str(out)]
     if args.steps:
         command += ["--steps", str(args.steps)]
+    if args.repeat is not None:
+        command += ["--repeat" if args.repeat else "--no-repeat"]
     failed = False
     for case in cases:
         case_start = time.monotonic()
@@ -88,7 +92,8 @@ def cmd_run(args) -> int:
                 return
             progress.update(case.name, p["setup"], p["step"], p["steps"], time.monotonic() - case_start)
 
-        results = run_case(case, out, args.device, args.steps, args.timeout, on_progress=on_progress, command=command)
+        results = run_case(case, out, devices[case.name], args.steps, args.timeout, on_progress=on_progress,
+                           command=command, repeat=args.repeat)
         progress.done()
         for name, r in results.items():
             if r.status != "ok":
@@ -98,6 +103,8 @@ def cmd_run(args) -> int:
         verdict = judge(case, out, Path(args.baselines), args.update_baselines)
         print(compare.format_verdict(verdict))
         failed |= not verdict["passed"]
+    ran = {c.name for c in cases}
+    print(f"\ncases per device: {compare.device_counts(out, ran)[1]}")
     if not args.no_report:
         from parity.report import write_report
 
@@ -217,6 +224,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None,
                    metavar="{failing,new,all}", help="write baselines: failing (default), new, all")
     r.add_argument("--no-report", action="store_true", help="skip report.md/report.html")
+    r.add_argument("--repeat", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each reference twice and compare bitwise before anything else "
+                        "(default: the case's [expect] repeat, else on for CUDA, off for CPU)")
     r.set_defaults(fn=cmd_run)
 
     c = sub.add_parser("compare", help="judge an existing run directory without running")
