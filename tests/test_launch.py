@@ -27,8 +27,9 @@ fault = "{fault}"
 """
 
 
-def parity_ranks() -> list[int]:
-    """Every live process on this machine running our per-rank module."""
+def parity_ranks(tag: str) -> list[int]:
+    """Every live process running our per-rank module (or torchrun) with `tag` (the test's tmp_path) in its
+    command line: other tests' ranks, under pytest-xdist, must not count as leftovers of this one."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -36,16 +37,17 @@ def parity_ranks() -> list[int]:
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
+            if tag.encode() not in cmd:
+                continue
             if b"parity.rank" in cmd or b"parity.train" in cmd or b"torch.distributed.run" in cmd and b"parity" in cmd:
                 pids.append(int(entry))
     return pids
 
 
 @pytest.fixture
-def no_stray_ranks():
-    before = set(parity_ranks())
+def no_stray_ranks(tmp_path):
     yield
-    assert set(parity_ranks()) - before == set(), "processes left behind"
+    assert parity_ranks(str(tmp_path)) == [], "processes left behind"
 
 
 def test_crashing_rank_fails_the_run_with_its_message(write_case, tmp_path, seed_cache, no_stray_ranks):
