@@ -185,3 +185,22 @@ def test_gpu_check_cases_are_world_size_1_and_run_on_cuda_as_written():
         check_attention(case, "cuda")
         assert case.world_size == 1 and case.expect.repeat is True
     assert load_case(paths[0]).reference.train.attention == "flash"
+
+
+def test_device_resolution_never_falls_back_quietly(write_case):
+    from parity.runner import DeviceError, resolve_device, wants_repeat
+
+    case = load_case(write_case(HEALTHY.format(attention="math")))
+    assert resolve_device("auto", case, gpus=1) == "cpu"  # auto may choose CPU; the verdict then says so
+    assert resolve_device("auto", case, gpus=2) == "cuda"
+    assert resolve_device("cuda", case, gpus=2) == "cuda"
+    with pytest.raises(DeviceError, match=r"case case needs 2 GPUs \(one per rank of its largest setup\), 1 visible"):
+        resolve_device("cuda", case, gpus=1)
+    flash32 = load_case(write_case(HEALTHY.format(attention="flash"), "flash32"))
+    assert resolve_device("auto", flash32, gpus=0) == "cpu"  # CPU has a float32 flash kernel
+    with pytest.raises(BackendError, match="'flash' cannot run in float32 on cuda"):
+        resolve_device("auto", flash32, gpus=2)
+    # repeat: the command line, else the case, else on for CUDA only
+    assert (wants_repeat(case, "cuda"), wants_repeat(case, "cpu")) == (True, False)
+    on = load_case(write_case(HEALTHY.format(attention="math") + "[expect]\nrepeat = true\n", "on"))
+    assert wants_repeat(on, "cpu") is True and wants_repeat(on, "cpu", requested=False) is False
