@@ -16,7 +16,7 @@ runs; a crash, a missing file or a NaN is not the divergence it is looking for.
 
 The verdict, `<out>/<case>/verdict.json` (a contract for the plugin, CLI and reports):
 
-    {case, passed, mode, outcome, reference, platform, device, backend,
+    {case, passed, mode, outcome, reference, platform, device, backend, notes: [str],
      tolerance: {loss|grad_norm|weights: {rtol, atol, source}},
      repeat: null | P (the reference against its repeat run, always bitwise),
      pairs: [P], baselines: [B (see baselines.py)], problems: [str]}
@@ -364,7 +364,23 @@ def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None =
         "pairs": pairs,
         "baselines": baselines,
         "problems": problems,
+        "notes": _case_file_notes(case, runs),
     }
+
+
+def _case_file_notes(case: Case, runs: dict) -> list[str]:
+    """Say so when the runs were made from another version of the case file than the one judging them.
+
+    Not a failure: re-judging a run with edited tolerances is a normal use. But the reader must know.
+    """
+    made_from = {r["info"].get("case_sha256") for r in runs.values()} - {case.sha256}
+    if not made_from:
+        return []
+    if None in made_from:
+        return [f"the runs do not record their case file's sha256: cannot tell whether they were made from {case.path}"]
+    shown = ", ".join(sorted(str(h)[:12] for h in made_from))
+    return [f"the runs were made from another version of {case.path} (case sha256 {shown}…, now "
+            f"{case.sha256[:12]}…): judged against the file as it is now"]
 
 
 def verdict_path(run_dir: str | Path, case_name: str) -> Path:
@@ -397,6 +413,7 @@ def format_verdict(verdict: dict) -> str:
              f"outcome {v['outcome']}, reference {v['reference']}, platform {v['platform']})"]
     lines.append("  tolerance: " + "; ".join(f"{m} rtol={t['rtol']!r} atol={t['atol']!r} ({t['source']})"
                                             for m, t in v["tolerance"].items()))
+    lines += [f"  note: {n}" for n in v.get("notes", [])]
     r = v.get("repeat")
     if r is not None:
         lines.append(f"  repeat check ({r['reference']} twice, bitwise): "

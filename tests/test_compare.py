@@ -338,7 +338,7 @@ def test_verdict_schema(tmp_path):
     write_run(tmp_path, "other", loss=[up(x) for x in LOSS])
     v = compare_case(make_case(), tmp_path)
     assert set(v) == {"case", "passed", "mode", "outcome", "reference", "platform", "device", "backend",
-                      "tolerance", "repeat", "pairs", "baselines", "problems"}
+                      "tolerance", "repeat", "pairs", "baselines", "problems", "notes"}
     pair = v["pairs"][0]
     assert set(pair) == {"reference", "other", "passed", "problems", "diverged", "effect", "metrics"}
     assert set(pair["diverged"]) == {"metric", "step", "param", "value_ref", "value_other", "abs", "rel", "ulps",
@@ -387,3 +387,20 @@ def test_no_repeat_directory_means_no_repeat_check(tmp_path):
     write_run(tmp_path, "ref")
     write_run(tmp_path, "other")
     assert compare_case(make_case(), tmp_path)["repeat"] is None
+
+
+def test_runs_from_another_version_of_the_case_file_are_named(tmp_path):
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "other")
+    case = make_case()
+    assert "do not record their case file's sha256" in compare_case(case, tmp_path)["notes"][0]
+    for name in ("ref", "other"):
+        info = tmp_path / "demo" / name / "run.json"
+        records.write_json(info, {**records.read_json(info), "case_sha256": "f" * 64})
+    v = compare_case(case, tmp_path)
+    assert v["passed"] and "made from another version of cases/demo.toml (case sha256 ffffffffffff" in v["notes"][0]
+    assert "note: the runs were made from another version" in format_verdict(v)
+    for name in ("ref", "other"):
+        info = tmp_path / "demo" / name / "run.json"
+        records.write_json(info, {**records.read_json(info), "case_sha256": case.sha256})
+    assert compare_case(case, tmp_path)["notes"] == []
