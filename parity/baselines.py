@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
-from parity.compare import compare_series, not_compared
+from parity.compare import compare_series, not_compared, ulps_text
 from parity.fingerprint import determinism_summary, differing_fields, platform_key
 from parity.paths import check_platform, inside
 from parity.records import RecordError, atomic_write_text, csv_text, read_csv, read_json, setup_dir
@@ -191,7 +191,7 @@ def _difference(setup: str, m: dict, metric: str, how: str) -> str:
         return f"{setup} {metric}: " + "; ".join(m["problems"])
     e = m["first_divergence"] if how == "exact" else m["first_tolerance_failure"]
     return (f"{setup} {metric} step {e['step']}: baseline {e['value_ref']!r}, run {e['value_other']!r} "
-            f"(abs {e['abs']:.3g}, rel {e['rel']:.3g}, {e['ulps']} ulps)")
+            f"(abs {e['abs']:.3g}, rel {e['rel']:.3g}, {ulps_text(e)})")
 
 
 def check_case_baselines(case: Case, run_dir, root=None, update: str | None = None) -> list[dict]:

@@ -82,9 +82,12 @@ class Train:
     seed: int = 42
     global_batch: int = 16
     seq_len: int = 128
-    lr: float = 8e-4
+    # lr and max_norm are chosen so that a 10-step debugmodel case exercises what it claims to test:
+    # the loss falls below ln(vocab) by step 6, and the pre-clip grad norm passes max_norm from
+    # step 6 on, so a wrong norm used for clipping changes the weights.
+    lr: float = 5e-3
     warmup_steps: int = 2
-    max_norm: float = 1.0  # 0 disables clipping; the pre-clip norm is recorded either way
+    max_norm: float = 0.4  # 0 disables clipping; the pre-clip norm is recorded either way
     weight_decay: float = 0.1
     dtype: str = "float32"
     attention: str = "math"  # SDPA backend, pinned for every setup of a case

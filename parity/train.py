@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from parity import records
 from parity import fingerprint
 from parity.data import Batches, _splitmix64
-from parity.launch import ERROR_MARK
+from parity.lifeline import ERROR_MARK
 from parity.model import build_model
 from parity.parallelize import Parallel, parallelize
 from parity.spec import Setup, Train
