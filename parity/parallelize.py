@@ -18,7 +18,6 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from parity.spec import Setup
 
-MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "tp")  # torchtitan's order, outermost first
 
 
 @dataclass
@@ -46,12 +45,8 @@ class Parallel:
 
 
 def mesh_dims(s: Setup) -> dict[str, int]:
-    """Only the dims a setup needs, except that HSDP keeps a size-1 shard dim: (n, 1) is its own mesh."""
-    sizes = {"pp": s.pp, "dp_replicate": s.dp_replicate, "dp_shard": s.dp_shard, "tp": s.tp}
-    keep = {k for k, v in sizes.items() if v > 1}
-    if s.dp_api == "fully_shard":
-        keep.add("dp_shard")  # FSDP over 1 rank is still FSDP (world size 1 included)
-    return {k: sizes[k] for k in MESH_ORDER if k in keep}
+    """The mesh dims that exist for `s`, outermost first (the rule lives in parity.parallel_dims)."""
+    return s.dims.mesh
 
 
 def build_mesh(s: Setup, device_type: str) -> DeviceMesh | None:
@@ -65,11 +60,12 @@ def _local_rank(mesh: DeviceMesh | None, name: str) -> int:
     return mesh.get_local_rank(name) if mesh is not None and name in mesh.mesh_dim_names else 0
 
 
-def _dp_mesh(s: Setup, mesh: DeviceMesh):
-    if s.dp_api == "fully_shard":
-        names = ("dp_replicate", "dp_shard") if s.dp_replicate > 1 else ("dp_shard",)
-        return mesh[names] if len(names) > 1 else mesh[names[0]]
-    return mesh["dp_replicate"] if "dp_replicate" in mesh.mesh_dim_names else None
+def _dp_mesh(s: Setup, mesh: DeviceMesh | None):
+    """The (sub)mesh fully_shard / replicate span; None when the setup has no FSDP2 wrapper."""
+    names = s.dims.dp_dims
+    if not names:
+        return None
+    return mesh[names] if len(names) > 1 else mesh[names[0]]
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
@@ -208,7 +204,7 @@ def parallelize(model: nn.Module, s: Setup, device: torch.device, loss_fn) -> Pa
 
         par.modules = [DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)]
         return par
-    if s.dp_api == "none" and s.tp == 1 and s.pp == 1:
+    if not s.dims.wraps:
         return par
     if s.pp > 1:
         from torch.distributed.pipelining import PipelineStage
@@ -232,7 +228,6 @@ def parallelize(model: nn.Module, s: Setup, device: torch.device, loss_fn) -> Pa
 def _wrap(m: nn.Module, s: Setup, mesh: DeviceMesh, notes: list[str], pipelined: bool) -> None:
     if s.tp > 1:
         apply_tp(m, mesh["tp"])
-    if s.dp_api in ("fully_shard", "replicate"):
-        dp_mesh = _dp_mesh(s, mesh)
-        if dp_mesh is not None:
-            apply_dp(m, s, dp_mesh, notes, pipelined)
+    dp_mesh = _dp_mesh(s, mesh)
+    if dp_mesh is not None:
+        apply_dp(m, s, dp_mesh, notes, pipelined)
