@@ -182,3 +182,16 @@ def test_replicate_with_one_replica_runs_and_keeps_its_policy(write_case, tmp_pa
     assert [r["loss"] for r in got] != [r["loss"] for r in ref]
     for a, b in zip(ref, got):
         assert abs(a["loss"] - b["loss"]) <= 2e-2 * abs(a["loss"]), (a, b)
+
+
+def test_fsdp_groups_are_blocks_then_root():
+    """Each block, then the root holding token embeddings, norm and output: README states how this differs from
+    torchtitan (which also groups the embeddings, and norm with output), and the committed baselines depend on it."""
+    from parity.model import build_model
+    from parity.parallelize import dp_groups, stage_module
+    from parity.presets import PRESETS
+
+    model = build_model(PRESETS["tiny"], 32, seed=0)
+    assert dp_groups(model) == [*model.layers.values(), model]
+    last = stage_module(model, 1, 2)
+    assert dp_groups(last) == [*last.layers.values(), last]
