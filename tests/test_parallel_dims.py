@@ -122,8 +122,9 @@ def test_parallelize_reads_the_same_rules():
 
 
 # Combinations that used to crash (replicate at world size 1) or run without their wrapper
-# (replicate with dp_replicate = 1 beside TP), launched for real with torchrun and gloo.
-LAUNCH = HEAD.replace("[setups.s]\n", "") + """
+# (replicate with dp_replicate = 1 beside TP or PP), launched for real with torchrun and gloo.
+# All setups of one text share a world size, hence one launch.
+WORLD_1 = HEAD.replace("[setups.s]\n", "") + """
 [setups.replicate_1]
 dp_api = "replicate"
 [setups.replicate_1_half]
@@ -133,8 +134,8 @@ param_dtype = "bfloat16"
 mode = "tolerance"
 """
 
-LAUNCH_TP = """
-description = "replicate with dp_replicate = 1 beside TP 2 against TP alone"
+WORLD_2 = """
+description = "replicate with dp_replicate = 1 beside TP 2 or PP 2 against TP or PP alone"
 [train]
 model = "tiny"
 steps = 3
@@ -150,6 +151,14 @@ tp = 2
 dp_api = "replicate"
 tp = 2
 param_dtype = "bfloat16"
+[setups.pp_only]
+dp_api = "none"
+pp = 2
+microbatches = 2
+[setups.replicate_1_pp]
+dp_api = "replicate"
+pp = 2
+microbatches = 2
 [expect]
 mode = "tolerance"
 """
@@ -163,22 +172,24 @@ def _strip(rows):
     return [{k: v for k, v in r.items() if k != "step_time_s"} for r in rows]
 
 
-@pytest.mark.parametrize("text, plain, wrapped, half, mesh", [
-    (LAUNCH, "ref", "replicate_1", "replicate_1_half", (["dp_replicate"], [1])),
-    (LAUNCH_TP, "tp_only", "replicate_1_tp", "replicate_1_tp_half", (["dp_replicate", "tp"], [1, 2])),
-], ids=["world_size_1", "tp_2"])
-def test_replicate_with_one_replica_runs_and_keeps_its_policy(write_case, tmp_path, seed_cache, text, plain, wrapped, half, mesh):
+@pytest.mark.parametrize("text, pairs, half", [
+    (WORLD_1, [("ref", "replicate_1", (["dp_replicate"], [1]))], ("ref", "replicate_1_half")),
+    (WORLD_2, [("tp_only", "replicate_1_tp", (["dp_replicate", "tp"], [1, 2])),
+               ("pp_only", "replicate_1_pp", (["pp", "dp_replicate"], [2, 1]))], ("tp_only", "replicate_1_tp_half")),
+], ids=["world_size_1", "tp_2_and_pp_2"])
+def test_replicate_with_one_replica_runs_and_keeps_its_policy(write_case, tmp_path, seed_cache, text, pairs, half):
     case = load_case(write_case(text, "replicate_one"))
     results = run_case(case, tmp_path / "out", "cpu", cache=seed_cache, timeout_s=600)
-    for name in (plain, wrapped, half):
-        assert results[name].status == "ok", results[name].message
+    for s in case.setups:
+        assert results[s.name].status == "ok", results[s.name].message
     out = tmp_path / "out"
-    run = records.read_json(out / case.name / wrapped / "run.json")
-    assert (run["mesh_dim_names"], run["mesh_shape"]) == mesh  # the wrapper's dim exists, at size 1
-    # Averaging over one replica changes nothing: bit for bit the unwrapped setup.
-    assert _strip(_metrics(out, case, wrapped)) == _strip(_metrics(out, case, plain))
+    for plain, wrapped, mesh in pairs:
+        run = records.read_json(out / case.name / wrapped / "run.json")
+        assert (run["mesh_dim_names"], run["mesh_shape"]) == mesh  # the wrapper's dim exists, at size 1
+        # Averaging over one replica changes nothing: bit for bit the unwrapped setup.
+        assert _strip(_metrics(out, case, wrapped)) == _strip(_metrics(out, case, plain)), wrapped
     # The bf16 param_dtype is applied, not dropped: the numbers move, by bf16 rounding only.
-    ref, got = _metrics(out, case, plain), _metrics(out, case, half)
+    ref, got = _metrics(out, case, half[0]), _metrics(out, case, half[1])
     assert [r["loss"] for r in got] != [r["loss"] for r in ref]
     for a, b in zip(ref, got):
         assert abs(a["loss"] - b["loss"]) <= 2e-2 * abs(a["loss"]), (a, b)
