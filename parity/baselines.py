@@ -1,18 +1,20 @@
 """Stored baselines: `baselines/<case>/<setup>.<platform>.csv`, one per setup and hardware class.
 
 A baseline is the metrics.csv of a known-good run (step, loss, grad_norm, lr, tokens) with
-`# key: value` provenance lines on top, floats in full `repr` precision. A run is compared with
-the baseline for its platform:
+`# key: value` provenance lines on top (the run's fingerprint among them), floats in full `repr`
+precision. A run is compared with the baseline for its platform (parity.fingerprint.platform_key):
 
-- exactly (bit for bit) when the baseline was made with the same torch version on the same
-  platform (on CPU also the same instruction set, torch.backends.cpu.get_cpu_capability(), as
-  the kernels dispatch on it), since then nothing but our code can have changed the numbers;
+- exactly (bit for bit) when every field that changes bits matches
+  (parity.fingerprint.BIT_FIELDS: torch and, on CPU, the CPU model, instruction set and thread count; on a
+  GPU the model, SM count, compute capability, CUDA, cuDNN, NCCL, driver and determinism
+  settings), since then nothing but our code can have changed the numbers;
 - otherwise within the case's tolerances (case.expect.tolerance), because a torch or hardware
-  change legitimately moves the last bits.
+  change legitimately moves the last bits; the message names the fields that differ.
 
-A missing baseline fails (never a silent pass) and says which command creates it. Update modes,
-after the pain points of other golden-file tools (pytest-regressions' --force-regen surprise,
-pytest-mpl overwriting everything, syrupy's "new only"):
+A baseline is only written from a case that passed (runner.judge). A missing baseline fails
+(never a silent pass) and says which command creates it. Update modes, after the pain points of
+other golden-file tools (pytest-regressions' --force-regen surprise, pytest-mpl overwriting
+everything, syrupy's "new only"):
 
     None       never write a baseline
     "new"      write missing baselines only; a mismatch still fails
@@ -30,12 +32,12 @@ the same file and no lock is needed.
 from __future__ import annotations
 
 import math
-import re
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
 from parity.compare import compare_series, not_compared
+from parity.fingerprint import determinism_summary, differing_fields, platform_key
 from parity.paths import check_platform, inside
 from parity.records import RecordError, atomic_write_text, csv_text, read_csv, read_json, setup_dir
 from parity.spec import Case, Setup
@@ -45,6 +47,8 @@ COLUMNS = ("step", "loss", "grad_norm", "lr", "tokens")
 COMPARED = ("loss", "grad_norm")
 PROVENANCE = ("torch", "device", "platform", "cpu_capability", "world_size", "mesh", "seed_checkpoint_sha256",
               "case_sha256", "date", "git_commit")
+# Fingerprint fields recorded when the run has them (the GPU ones only on a GPU).
+FINGERPRINT = ("cpu_model", "threads", "gpu", "gpu_count", "sm_count", "compute_capability", "cuda", "cudnn", "nccl", "driver")
 UPDATE_MODES = (None, "new", "failing", "all")
 # A double written with repr needs ~15-17 significant digits unless it is a short dyadic number
 # (0.5, 2.25). A loss or grad-norm column where *every* value has at most this many digits was
@@ -52,27 +56,6 @@ UPDATE_MODES = (None, "new", "failing", "all")
 # printing has 9), and rounding quietly turns an exact check into an approximate one.
 ROUNDED_DIGITS = 10
 ROUNDED_MIN_ROWS = 3
-
-
-def platform_key(device_name: str) -> str:
-    """The hardware class a baseline is valid for.
-
-    - "cpu" (any device name starting with "cpu") -> "cpu".
-    - A GPU -> "cuda-<model>", where <model> is the first word of the device name, after
-      dropping the vendor word "NVIDIA", that is letters followed by digits (and optional
-      letters): "NVIDIA H100 80GB HBM3" -> "cuda-h100", "NVIDIA H200" -> "cuda-h200",
-      "NVIDIA A100-SXM4-80GB" -> "cuda-a100", "Tesla V100-SXM2-16GB" -> "cuda-v100",
-      "NVIDIA L40S" -> "cuda-l40s". Memory size and form factor (80GB, SXM4, PCIe) are left out:
-      they do not change the arithmetic.
-    - No such word: "cuda-" + the lowercased name with every run of non-alphanumerics turned
-      into "-" ("NVIDIA GeForce RTX 4090" -> "cuda-nvidia-geforce-rtx-4090").
-    """
-    name = (device_name or "").strip().lower()
-    if name.startswith("cpu"):
-        return "cpu"
-    words = [w for w in re.split(r"[^a-z0-9]+", name) if w and w != "nvidia"]
-    model = next((w for w in words if re.fullmatch(r"[a-z]+\d+[a-z]*", w)), None)
-    return "cuda-" + (model or re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown")
 
 
 def baseline_path(root, case_name: str, setup_name: str, platform: str) -> Path:
@@ -101,17 +84,21 @@ def provenance(run: dict, case: Case, setup_name: str, platform: str) -> dict:
     """Provenance lines for a baseline made from a run's run.json."""
     shape, names = run.get("mesh_shape"), run.get("mesh_dim_names")
     mesh = "x".join(f"{n}={s}" for n, s in zip(names, shape)) if shape and names else str(shape or "none")
+    fp = run.get("fingerprint") or {}
+    settings = (run.get("determinism") or {}).get("settings")
     return {
         "torch": run.get("torch", "unknown"),
         "device": run.get("device", "unknown"),
         "platform": platform,
-        "cpu_capability": run.get("cpu_capability", "unknown"),
+        "cpu_capability": fp.get("cpu_capability") or run.get("cpu_capability", "unknown"),
         "world_size": run.get("world_size", "unknown"),
         "mesh": mesh,
         "seed_checkpoint_sha256": run.get("seed_checkpoint_sha256") or "none",
         "case_sha256": run.get("case_sha256") or case.sha256,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": run.get("git_commit") or "unknown",
+        **{k: fp[k] for k in FINGERPRINT if fp.get(k) is not None},
+        **({"determinism": determinism_summary(settings)} if settings else {}),
         "case": case.name,
         "setup": setup_name,
     }
@@ -160,9 +147,9 @@ def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str,
             return result("updated", "exact", True, f"rewrote unreadable baseline {path} ({e})")
         raise RecordError(f"{e}; fix or recreate it with {create_commands(case, 'failing')}") from None
 
-    exact = header.get("torch") == torch_version and header.get("platform") == platform
-    if platform == "cpu":  # CPU kernels dispatch on the instruction set (AVX2, AVX512, ...)
-        exact = exact and header.get("cpu_capability") == run.get("cpu_capability")
+    mine = {**prov, "torch": torch_version}
+    differ = differing_fields(platform, header, mine)
+    exact = header.get("platform") == platform and not differ
     how = "exact" if exact else "tolerance"
     # A run may be shorter than its baseline (pytest --parity-steps): compare the steps it made.
     # It must not be longer: steps the baseline lacks are unverified.
@@ -174,9 +161,9 @@ def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str,
     metrics = {m: compare_series([r["step"] for r in base], [r[m] for r in base], [r["step"] for r in rows],
                                  [r[m] for r in rows], case.expect.tolerance[m],
                                  "bitwise" if exact else "tolerance", labels) for m in COMPARED}
-    why = "" if exact else (f" (baseline torch {header.get('torch')} on {header.get('platform')} "
-                            f"{header.get('cpu_capability')}, run torch {torch_version} on {platform} "
-                            f"{run.get('cpu_capability')}: compared within tolerance)")
+    why = "" if exact else (" (baseline and run differ in " + ", ".join(
+        f"{k}: {header.get(k, 'not recorded')} vs {mine.get(k, 'not recorded')}"
+        for k in (differ or ["platform"])) + ": compared within tolerance)")
     if all(m["passed"] for m in metrics.values()):
         if update == "all" and not part:
             write_baseline(path, rows, prov)

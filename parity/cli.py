@@ -68,16 +68,21 @@ def step_table(case, run_dir: Path) -> str:
 def cmd_run(args) -> int:
     from parity import compare
     from parity.progress import Progress
-    from parity.runner import case_lock, check_out, judge, prepare_out, run_case, seed_for
+    from parity.runner import case_lock, check_out, judge, prepare_out, resolve_device, run_case, seed_for
 
     cases = _load_cases(args.cases, args.baselines, args.update_baselines)
+    # Every case's device (GPU count, SDPA kernels), --out and seed checkpoint are checked before the
+    # first case runs: bad input writes nothing.
+    devices = {case.name: resolve_device(args.device, case) for case in cases}
     check_out(Path(args.out))
-    seeds = {c.name: seed_for(c, None) for c in cases}  # every seed checked (or built) before anything is written
+    seeds = {c.name: seed_for(c, None) for c in cases}
     out = prepare_out(Path(args.out))
     progress = Progress()
     command = ["parity", "run", *args.cases, "--device", args.device, "--out", str(out)]
     if args.steps:
         command += ["--steps", str(args.steps)]
+    if args.repeat is not None:
+        command += ["--repeat" if args.repeat else "--no-repeat"]
     failed = False
     for case in cases:
         case_start = time.monotonic()
@@ -90,8 +95,8 @@ def cmd_run(args) -> int:
             progress.update(case.name, p["setup"], p["step"], p["steps"], time.monotonic() - case_start)
 
         with case_lock(out, case.name):
-            results = run_case(case, out, args.device, args.steps, args.timeout, on_progress=on_progress,
-                               command=command, seed=seeds[case.name])
+            results = run_case(case, out, devices[case.name], args.steps, args.timeout, on_progress=on_progress,
+                               command=command, repeat=args.repeat, seed=seeds[case.name])
             progress.done()
             for name, r in results.items():
                 if r.status != "ok":
@@ -101,6 +106,8 @@ def cmd_run(args) -> int:
             verdict = judge(case, out, Path(args.baselines), args.update_baselines)
         print(compare.format_verdict(verdict))
         failed |= not verdict["passed"]
+    ran = {c.name for c in cases}
+    print(f"\ncases per device: {compare.device_counts(out, ran)[1]}")
     if not args.no_report:
         from parity.report import write_report
 
@@ -207,6 +214,22 @@ def _run_dir(p: str, what: str) -> Path:
     return path
 
 
+def bare_flag_default(argv: list[str], flag: str, choices, default: str) -> list[str]:
+    """`FLAG` followed by an option, an existing path or nothing means `FLAG=default`.
+
+    argparse would otherwise take the next word (`--update-baselines cases/x.toml`) as the flag's
+    value and reject or, worse, swallow a case path. Any other word stays the flag's value, so a
+    misspelt mode is reported against the flag.
+    """
+    fixed = list(argv)
+    for i, word in enumerate(fixed):
+        following = fixed[i + 1] if i + 1 < len(fixed) else None
+        if word == flag and following not in choices and (
+                following is None or following.startswith("-") or Path(following).exists()):
+            fixed[i] = f"{flag}={default}"
+    return fixed
+
+
 def _update_mode(value: str) -> str:
     if value not in UPDATE_MODES:
         raise argparse.ArgumentTypeError(f"allowed: {', '.join(UPDATE_MODES)}")
@@ -248,6 +271,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None,
                    metavar="{failing,new,all}", help="write baselines: failing (default), new, all")
     r.add_argument("--no-report", action="store_true", help="skip report.md/report.html")
+    r.add_argument("--repeat", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each reference twice and compare bitwise before anything else "
+                        "(default: the case's [expect] repeat, else on for CUDA, off for CPU)")
     r.set_defaults(fn=cmd_run)
 
     c = sub.add_parser("compare", help="judge an existing run directory without running")
@@ -292,6 +318,7 @@ def _terminate(signum, _frame):
 
 
 def main(argv=None) -> int:
+    argv = bare_flag_default(sys.argv[1:] if argv is None else argv, "--update-baselines", UPDATE_MODES, "failing")
     args = parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -16,17 +16,22 @@ runs; a crash, a missing file or a NaN is not the divergence it is looking for.
 
 The verdict, `<out>/<case>/verdict.json` (a contract for the plugin, CLI and reports):
 
-    {case, passed, mode, outcome, reference, platform,
+    {case, passed, mode, outcome, reference, platform, device, backend,
      tolerance: {loss|grad_norm|weights: {rtol, atol, source}},
-     pairs: [{reference, other, passed, problems: [str],
-              diverged: null | {metric, step, param, value_ref, value_other, abs, rel, ulps},
-              metrics: {loss: M, grad_norm: M, weights: M}}],
-     baselines: [B (see baselines.py)], problems: [str]}
+     repeat: null | P (the reference against its repeat run, always bitwise),
+     pairs: [P], baselines: [B (see baselines.py)], problems: [str]}
+    P = {reference, other, passed, problems: [str],
+         diverged: null | {metric, step, param, value_ref, value_other, abs, rel, ulps},
+         metrics: {loss: M, grad_norm: M, weights: M}}
     M = {n, exact_equal_steps, bitwise, within_tolerance, max_abs, max_rel, failing_steps,
          first_divergence, first_tolerance_failure, passed, problems}
 
 `first_divergence` is the first entry that is not bitwise equal, `first_tolerance_failure` the
 first outside tolerance; each is {step (or param), value_ref, value_other, abs, rel, ulps}.
+The repeat check comes first: when the run directory holds `<reference>.repeat` (the reference
+run a second time in the same launch), the two must be bitwise equal, or the case fails with
+"nondeterministic reference": then no bitwise verdict between setups means anything.
+
 `M.passed` means "matches under the case's mode"; `pair.passed` applies the outcome on top (for
 "diverge" it is true when some metric does not match). `problems` lists every reason a pair or
 the case fails, so `passed == not problems`. `diverged` is set whenever something diverged,
@@ -39,13 +44,14 @@ from __future__ import annotations
 
 import math
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from parity.paths import inside
 from parity.records import RUN_STATUSES, RecordError, read_json, read_metrics, read_weights, write_json
-from parity.spec import Case, Tolerance
+from parity.spec import REPEAT_SUFFIX, Case, Tolerance
 
 STEP_METRICS = ("loss", "grad_norm")
 LISTED = 5  # how many steps a problem line names before "..."
@@ -268,14 +274,35 @@ def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict,
             "diverged": diverged, "metrics": metrics}
 
 
+def _repeat_cause(pair: dict, run_problems: list[str]) -> str | None:
+    """The cause line of a failed repeat check (None if it passed)."""
+    if pair["passed"]:
+        return None
+    d = pair["diverged"]
+    if run_problems or d is None or any(m["problems"] for m in pair["metrics"].values()):
+        return "repeat check: " + "; ".join(pair["problems"])
+    where = f"step {d['step']}" if d["step"] is not None else f"param {d['param']}"
+    return (f"nondeterministic reference: {pair['reference']} run twice in one launch differs first at {where} "
+            f"on {d['metric']} ({d['value_ref']!r} vs {d['value_other']!r}); until that is fixed no bitwise "
+            "verdict between setups means anything")
+
+
 def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None = None) -> dict:
     """The verdict of one case from the runs under run_dir/<case>/ (and baseline checks, if given)."""
     base = Path(run_dir) / case.name
     runs = {s.name: _load_run(base / s.name, s.name) for s in case.setups}
     ref = case.reference.name
+    repeat = None
+    if (base / (ref + REPEAT_SUFFIX)).is_dir():
+        bitwise = replace(case, expect=replace(case.expect, mode="bitwise", outcome="match", first_divergence=None))
+        name = ref + REPEAT_SUFFIX
+        again = _load_run(base / name, name)
+        repeat = compare_pair(ref, runs[ref], name, again, bitwise)
+        repeat["cause"] = _repeat_cause(repeat, runs[ref]["problems"] + again["problems"])
     pairs = [compare_pair(ref, runs[ref], s.name, runs[s.name], case) for s in case.setups[1:]]
     baselines = list(baselines or [])
-    problems = [f"{p['reference']} vs {p['other']}: {line}" for p in pairs for line in p["problems"]]
+    problems = [repeat["cause"]] if repeat and repeat["cause"] else []
+    problems += [f"{p['reference']} vs {p['other']}: {line}" for p in pairs for line in p["problems"]]
     problems += [f"baseline {b['setup']}: {b['message']}" for b in baselines if not b["passed"]]
     info = runs[ref]["info"] or {}
     return {
@@ -285,8 +312,11 @@ def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None =
         "outcome": case.expect.outcome,
         "reference": ref,
         "platform": info.get("platform", "unknown"),
+        "device": info.get("device", "unknown"),
+        "backend": info.get("backend", "unknown"),
         "tolerance": {m: {"rtol": t.rtol, "atol": t.atol, "source": case.expect.tolerance_source.get(m, "case")}
                       for m, t in case.expect.tolerance.items()},
+        "repeat": repeat,
         "pairs": pairs,
         "baselines": baselines,
         "problems": problems,
@@ -319,10 +349,14 @@ def _metric_line(name: str, m: dict) -> str:
 def format_verdict(verdict: dict) -> str:
     """A short human summary: per pair and metric both lanes, the tolerances used, the baselines."""
     v = verdict
-    lines = [f"{v['case']}: {'PASS' if v['passed'] else 'FAIL'} (mode {v['mode']}, outcome {v['outcome']}, "
-             f"reference {v['reference']}, platform {v['platform']})"]
+    lines = [f"{v['case']}: {'PASS' if v['passed'] else 'FAIL'} on {ran_on(v)} (mode {v['mode']}, "
+             f"outcome {v['outcome']}, reference {v['reference']}, platform {v['platform']})"]
     lines.append("  tolerance: " + "; ".join(f"{m} rtol={t['rtol']!r} atol={t['atol']!r} ({t['source']})"
                                             for m, t in v["tolerance"].items()))
+    r = v.get("repeat")
+    if r is not None:
+        lines.append(f"  repeat check ({r['reference']} twice, bitwise): "
+                     + ("PASS" if r["passed"] else "FAIL: " + r["cause"]))
     for p in v["pairs"]:
         d = p["diverged"]
         where = "" if d is None else f"; first diverged: {d['metric']} at " + (
@@ -334,6 +368,29 @@ def format_verdict(verdict: dict) -> str:
         lines.append(f"  baseline {b['setup']} [{b['platform']}, {b['how']}]: {b['status']}"
                      f"{'' if b['passed'] else ' FAIL'}: {b['message']}")
     return "\n".join(lines)
+
+
+def ran_on(verdict: dict) -> str:
+    """Where the case actually ran, e.g. "cuda/nccl (NVIDIA H100 80GB HBM3)" or "cpu/gloo"."""
+    device, backend = verdict.get("device", "unknown"), verdict.get("backend", "unknown")
+    kind = {"nccl": "cuda", "gloo": "cpu"}.get(backend, "unknown")
+    return f"{kind}/{backend}" + (f" ({device})" if kind == "cuda" and device not in ("cuda", "unknown") else "")
+
+
+def device_counts(run_dir, cases=None) -> tuple[list[str], str]:
+    """One line per judged case in run_dir (or those named) naming where it ran, and the count per device."""
+    lines, counts = [], {}
+    for path in sorted(Path(run_dir).glob("*/verdict.json")):
+        if cases is not None and path.parent.name not in cases:
+            continue
+        try:
+            v = read_json(path)
+        except RecordError:
+            continue
+        where = ran_on(v)
+        counts[where] = counts.get(where, 0) + 1
+        lines.append(f"{v.get('case')} {'PASS' if v.get('passed') else 'FAIL'} on {where}")
+    return lines, ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
 
 
 def divergence_table(verdict: dict) -> str:

@@ -127,12 +127,18 @@ def first_error(log_dirs: list[Path]) -> str | None:
     return errors[0][1] + more
 
 
-def launch(plan: dict, nproc: int, workdir: Path, timeout_s: float = DEFAULT_TIMEOUT_S, on_progress=None) -> LaunchResult:
-    """Write the plan, run torchrun over it, and wait; never returns with a process left running."""
+def launch(plan: dict, nproc: int, workdir: Path, timeout_s: float = DEFAULT_TIMEOUT_S, on_progress=None,
+           gpus: list[str] | None = None) -> LaunchResult:
+    """Write the plan, run torchrun over it, and wait; never returns with a process left running.
+
+    `gpus`: the GPU ids the ranks may see (CUDA_VISIBLE_DEVICES); None leaves the environment's.
+    """
     case_dir = Path(plan["out"]) / plan["case"]
     plan_path = workdir / f"plan-ws{nproc}.json"
     records.atomic_write_text(plan_path, json.dumps(plan, indent=2))
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("PARITY_OMP_THREADS", "1"), PYTHONUNBUFFERED="1")
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     launcher_log = workdir / f"torchrun-ws{nproc}.log"
     log_dirs = [case_dir / s["name"] for s in plan["setups"]]
     (case_dir / ".progress").unlink(missing_ok=True)  # the previous launch's last step is not ours

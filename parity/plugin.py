@@ -1,20 +1,22 @@
 """pytest plugin (entry point `parity`): `pytest parity -m 8gpu` runs every case as one test item.
 
 Items come from parity/test_parity.py, parametrized over the case files; this module owns the
-options, the markers, the per-xdist-worker GPU split and the end-of-session report. Importing it
-must stay cheap (no torch): pytest loads it in every session of this environment.
+options, the markers, the GPU pool shared by xdist workers and the end-of-session report.
+Importing it must stay cheap (no torch): pytest loads it in every session of this environment.
 """
 
 from __future__ import annotations
 
-import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 
+from parity.gpupool import GpuPool, pool_dir, visible_gpu_ids
+
 WORLD_MARKERS = {1: "1gpu", 2: "2gpu", 4: "4gpu", 8: "8gpu"}
 MARKERS = {
-    "cpu": "case runs on CPU with gloo ranks (every case whose attention kernel exists on CPU)",
+    "cpu": "case runs on CPU with gloo ranks (SDPA math or flash; the CPU build has no efficient or cudnn kernel)",
     "1gpu": "largest setup needs 1 rank",
     "2gpu": "largest setup needs 2 ranks",
     "4gpu": "largest setup needs 3-4 ranks",
@@ -22,12 +24,11 @@ MARKERS = {
     "multinode": "largest setup needs more than 8 ranks",
     "parity_case": "a parity case (one item per cases/*.toml)",
 }
-CUDA_ONLY_ATTENTION = {"flash", "efficient", "cudnn"}
-
-
 def markers_for(case) -> list[str]:
+    from parity.spec import attention_problem
+
     names = []
-    if all(s.train.attention not in CUDA_ONLY_ATTENTION for s in case.setups):
+    if all(attention_problem(case, s, "cpu") is None for s in case.setups):
         names.append("cpu")
     names.append(next((m for n, m in WORLD_MARKERS.items() if case.world_size <= n), "multinode"))
     return names
@@ -40,42 +41,57 @@ def pytest_addoption(parser):
     g.addoption("--parity-device", choices=("auto", "cpu", "cuda"), default="auto",
                 help="auto: CUDA when enough GPUs are visible for a case, else CPU with gloo ranks")
     g.addoption("--parity-out", default=None, help="run directory for case outputs and the report (default reports/runs/pytest)")
-    g.addoption("--parity-update-baselines", nargs="?", const="failing", default=None,
-                choices=("failing", "new", "all"), help="write baselines: failing (default when given), new, all")
+    g.addoption("--parity-update-baselines", nargs="?", const="failing", default=None, type=_mode_or_path,
+                metavar="{failing,new,all}", help="write baselines: failing (default when given), new, all")
     g.addoption("--parity-steps", type=STEPS, default=None, help="override every case's step count")
     g.addoption("--parity-timeout", type=TIMEOUT, default=900.0, help="seconds per torchrun launch before its ranks are killed")
-    g.addoption("--parity-strict", action="store_true", help="fail instead of skip when --parity-device cuda has too few GPUs")
+    g.addoption("--parity-strict", action="store_true",
+                help="fail instead of skip when --parity-device cuda has too few GPUs or a case cannot run on the device")
+    g.addoption("--parity-repeat", action="store_const", const=True, dest="parity_repeat", default=None,
+                help="run each case's reference twice and compare bitwise first (default: on for CUDA, off for CPU, "
+                     "unless the case says [expect] repeat)")
+    g.addoption("--parity-no-repeat", action="store_const", const=False, dest="parity_repeat",
+                help="never run the repeat check")
     g.addoption("--parity-cases", default=None, help="directory of case files (default <rootdir>/cases)")
     g.addoption("--parity-baselines", default=None, help="baseline root (default <rootdir>/baselines)")
 
 
+class _SwallowedArg(str):
+    """A word argparse took as the mode of a bare --parity-update-baselines; it was meant as a path."""
+
+
+def _mode_or_path(value: str) -> str:
+    from parity.cli import UPDATE_MODES
+
+    return value if value in UPDATE_MODES else _SwallowedArg(value)
+
+
+def _give_back_swallowed_arg(config) -> None:
+    """`pytest --parity-update-baselines parity` means mode "failing" and the path `parity`, as the CLI reads it."""
+    value = config.getoption("parity_update_baselines")
+    if not isinstance(value, _SwallowedArg):
+        return
+    if value.startswith("-") or not (config.invocation_params.dir / value.split("::")[0]).exists():
+        from parity.cli import UPDATE_MODES
+
+        raise pytest.UsageError(f"--parity-update-baselines: {value!r} is neither a mode "
+                                f"({', '.join(UPDATE_MODES)}) nor an existing path")
+    config.option.parity_update_baselines = "failing"
+    given = config.args_source == pytest.Config.ArgsSource.ARGS
+    config.args[:] = [*config.args, str(value)] if given else [str(value)]
+
+
 def pytest_configure(config):
+    _give_back_swallowed_arg(config)
     for name, doc in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {doc}")
     worker = getattr(config, "workerinput", None)
+    config._parity_gpu_pool = None
     if worker is not None and config.getoption("parity_device") != "cpu":
-        _split_gpus(worker)
-
-
-def _split_gpus(worker: dict):
-    """Give each xdist worker a disjoint slice of the visible GPUs, before anything initialises CUDA."""
-    count = int(worker.get("workercount", 1))
-    index = int(worker["workerid"].removeprefix("gw"))
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        ids = [v for v in visible.split(",") if v.strip()]
-    else:
-        ids = [str(i) for i in range(_nvidia_gpu_count())]
-    if not ids or count <= 1:
-        return
-    per = len(ids) // count
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids[index * per:(index + 1) * per])
-
-
-def _nvidia_gpu_count() -> int:
-    # /proc/driver/nvidia/gpus lists one entry per GPU without initialising CUDA in this process.
-    path = Path("/proc/driver/nvidia/gpus")
-    return len(list(path.iterdir())) if path.is_dir() else 0
+        # xdist workers share every visible GPU through one pool; a case takes what it needs or waits.
+        ids = visible_gpu_ids()
+        if ids:
+            config._parity_gpu_pool = GpuPool(pool_dir(worker["testrunuid"]), ids)
 
 
 def parity_paths(config) -> tuple[Path, Path, Path]:
@@ -150,23 +166,28 @@ def pytest_generate_tests(metafunc):
 def run_and_judge(case, config) -> tuple[dict, str]:
     """Run one case as the CLI would; returns (verdict, failure message)."""
     from parity.runner import DeviceError, case_lock, judge, prepare_out, resolve_device, run_case, seed_for
+    from parity.spec import BackendError
 
     _, baseline_root, out = parity_paths(config)
     device = config.getoption("parity_device")
+    pool = config._parity_gpu_pool
     try:
-        resolve_device(device, case.world_size)
-    except DeviceError as e:
+        resolved = resolve_device(device, case, len(pool.ids) if pool else None)
+    except (DeviceError, BackendError) as e:
         if config.getoption("parity_strict"):
             pytest.fail(str(e), pytrace=False)
         pytest.skip(str(e))
-    steps = config.getoption("parity_steps")
+    steps, repeat = config.getoption("parity_steps"), config.getoption("parity_repeat")
     # The node id selects exactly this case (-k would also match cases whose names contain it).
     command = ["pytest", f"parity/test_parity.py::test_case[{case.name}]", "--parity-device", device]
     command += ["--parity-steps", str(steps)] if steps else []
+    command += [] if repeat is None else ["--parity-repeat" if repeat else "--parity-no-repeat"]
     seed = seed_for(case, None)
     out = prepare_out(out)
     with case_lock(out, case.name):
-        run_case(case, out, device, steps, config.getoption("parity_timeout"), command=command, seed=seed)
+        with pool.acquire(case.world_size) if pool and resolved == "cuda" else nullcontext() as gpus:
+            run_case(case, out, resolved, steps, config.getoption("parity_timeout"), command=command, repeat=repeat,
+                     gpus=gpus, seed=seed)
         verdict = judge(case, out, baseline_root, config.getoption("parity_update_baselines"))
     message = ""
     if not verdict["passed"]:
@@ -178,7 +199,8 @@ def _failure_message(case, verdict, out: Path) -> str:
     from parity import compare
 
     # The table already lists every problem line; add only the files a reviewer opens next.
-    lines = [f"parity case {case.name} failed ({case.path})", compare.divergence_table(verdict)]
+    lines = [f"parity case {case.name} failed on {compare.ran_on(verdict)} ({case.path})",
+             compare.divergence_table(verdict)]
     lines += [f"obtained: {b['obtained']}" for b in verdict["baselines"] if not b["passed"] and b.get("obtained")]
     try:
         from parity.report import plot_case
@@ -209,6 +231,13 @@ def pytest_terminal_summary(terminalreporter, config):
     if report is None:
         return  # no case ran in this session (or this is an xdist worker)
     terminalreporter.write_line(f"parity report: {report[0]}  {report[1]}")
+    from parity.compare import device_counts
+
+    _, _, out = parity_paths(config)
+    lines, counts = device_counts(out)
+    for line in lines:
+        terminalreporter.write_line(f"parity: {line}")
+    terminalreporter.write_line(f"parity: cases per device: {counts}")
     from parity.baselines import unused_baselines
     from parity.spec import find_cases, load_cases
 

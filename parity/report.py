@@ -25,6 +25,7 @@ from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from parity import records  # noqa: E402
 from parity.paths import inside  # noqa: E402
+from parity.compare import ran_on  # noqa: E402
 
 PLOTTED = ("loss", "grad_norm")
 LABEL = {"loss": "loss", "grad_norm": "grad norm"}
@@ -393,13 +394,14 @@ def summary_row(c: CaseRun) -> dict:
         "setups": ", ".join(s.name for s in c.setups),
         "mode": (v or {}).get("mode", "—"),
         "verdict": ("PASS" if v.get("passed") else "FAIL") if v else "no verdict",
+        "ran on": ran_on(v) if v else "—",
         "max rel diff loss": fmt(_max_rel(v, "loss")),
         "max rel diff grad norm": fmt(_max_rel(v, "grad_norm")),
         "first divergence": _divergence_text(v),
     }
 
 
-SUMMARY_COLUMNS = ("case", "setups", "mode", "verdict", "max rel diff loss", "max rel diff grad norm", "first divergence")
+SUMMARY_COLUMNS = ("case", "setups", "mode", "verdict", "ran on", "max rel diff loss", "max rel diff grad norm", "first divergence")
 
 
 def _md_cell(text) -> str:

@@ -22,7 +22,7 @@ from parity import records
 from parity.errors import InputError
 from parity.launch import DEFAULT_TIMEOUT_S, LaunchResult, launch
 from parity.paths import CASE_MARKER, inside
-from parity.spec import Case, Setup
+from parity.spec import REPEAT_SUFFIX, Case, Setup, check_attention
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,18 +43,45 @@ class DeviceError(InputError):
     """The requested device cannot run the case (too few GPUs)."""
 
 
-def resolve_device(requested: str, world_size: int) -> str:
-    """auto: CUDA when enough GPUs are visible for the case, else CPU with gloo ranks."""
-    if requested == "cpu":
-        return "cpu"
+def visible_gpus() -> int:
     import torch
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if requested == "cuda":
-        if gpus < world_size:
-            raise DeviceError(f"--device cuda: the case needs {world_size} GPUs, {gpus} visible")
-        return "cuda"
-    return "cuda" if gpus >= world_size else "cpu"
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_device(requested: str, case: Case, gpus: int | None = None) -> str:
+    """auto: CUDA when enough GPUs are visible for the case, else CPU with gloo ranks; never a quiet fallback.
+
+    `gpus` is how many GPUs this process may use (default: all visible). The device's SDPA
+    kernels are checked too, so a case that cannot run there is rejected before anything starts.
+    """
+    if requested == "cpu":
+        device = "cpu"
+    else:
+        gpus = visible_gpus() if gpus is None else gpus
+        if requested == "cuda" and gpus < case.world_size:
+            raise DeviceError(f"{case.path}: device cuda: case {case.name} needs {case.world_size} GPUs "
+                              f"(one per rank of its largest setup), {gpus} visible")
+        device = "cuda" if gpus >= case.world_size else "cpu"
+    check_attention(case, device)
+    return device
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def repeat_setup(case: Case) -> Setup:
+    """The reference's second run, compared bitwise with the first before anything else."""
+    return replace(case.reference, name=case.reference.name + REPEAT_SUFFIX, repeat=True)
+
+
+def wants_repeat(case: Case, device: str, requested: bool | None = None) -> bool:
+    """The command line's choice, else the case's `[expect] repeat`, else on for CUDA and off for CPU."""
+    for choice in (requested, case.expect.repeat):
+        if choice is not None:
+            return choice
+    return device == "cuda"
 
 
 def with_steps(case: Case, steps: int | None) -> Case:
@@ -139,9 +166,12 @@ def fresh_case_dir(out: Path, case_name: str) -> Path:
 
 def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = None,
              timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None, on_progress=None,
-             command: list[str] | None = None, seed=None) -> dict[str, LaunchResult]:
+             command: list[str] | None = None, repeat: bool | None = None,
+             gpus: list[str] | None = None, seed=None) -> dict[str, LaunchResult]:
     """Run every setup of the case; returns {setup name: how its launch ended}.
 
+    `gpus`: the GPU ids this run may use (CUDA_VISIBLE_DEVICES of its launches); default all visible.
+    With `repeat` (see wants_repeat), the reference runs a second time, last in its launch.
     `seed` is seed_for(case, cache) when the caller checked it already (before writing anything).
     The caller holds case_lock(out, case.name) for the run and its verdict.
     """
@@ -150,7 +180,8 @@ def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = No
     from parity.seed import verify
 
     case = with_steps(case, steps)
-    device = resolve_device(device, case.world_size)
+    device = resolve_device(device, case, None if gpus is None else len(gpus))
+    setups = list(case.setups) + ([repeat_setup(case)] if wants_repeat(case, device, repeat) else [])
     seed = seed or seed_for(case, cache)
     for note in seed.notes:
         print(f"parity: {note}", file=sys.stderr, flush=True)
@@ -164,10 +195,11 @@ def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = No
     launches = []
     try:
         with tempfile.TemporaryDirectory(prefix=".launch-", dir=case_dir) as workdir:
-            _launch_all(case, out, device, ckpt, provenance, timeout_s, on_progress, Path(workdir), results, launches)
+            _launch_all(case, setups, out, device, ckpt, provenance, timeout_s, on_progress, Path(workdir), gpus,
+                        results, launches)
     except BaseException:  # Ctrl-C, SIGTERM: the setups that did not finish say so
         interrupted = LaunchResult("interrupted", None, "the run was interrupted before this setup finished", 0.0)
-        for s in case.setups:
+        for s in setups:
             if s.name not in results:
                 _record_failure(case, s, interrupted, provenance, device, out)
         raise
@@ -176,37 +208,47 @@ def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = No
         records.write_json(case_dir / "launches.json", launches)
     if not verify(seed.path, seed.sha256):  # no verdict, and no baseline, may rest on a changed seed
         changed = LaunchResult("failed", None, f"seed checkpoint {seed.path} changed during the run", 0.0)
-        for s in case.setups:
+        for s in setups:
             _record_failure(case, s, changed, provenance, device, out, overwrite=True)
             results[s.name] = changed
     return results
 
 
-def _launch_all(case, out, device, ckpt, provenance, timeout_s, on_progress, workdir: Path, results, launches):
+def _launch_all(case, setups, out, device, ckpt, provenance, timeout_s, on_progress, workdir: Path, gpus,
+                results, launches):
     """One torchrun launch per world size; fills results and launches as each one ends."""
     case_dir = out / case.name
-    for world_size, setups in sorted(group_by_world_size(case.setups).items()):
+    for world_size, group in sorted(group_by_world_size(setups).items()):
         plan = {"case": case.name, "out": str(Path(out).resolve()), "device": device, "seed_checkpoint": ckpt,
-                "provenance": provenance, "setups": [s.to_dict() for s in setups]}
-        result = launch(plan, world_size, workdir, timeout_s, on_progress)
-        launches.append({"world_size": world_size, "setups": [s.name for s in setups], "status": result.status,
+                "provenance": provenance, "determinism": case.determinism, "timeout_s": timeout_s,
+                "setups": [s.to_dict() for s in group]}
+        result = launch(plan, world_size, workdir, timeout_s, on_progress, gpus)
+        launches.append({"world_size": world_size, "setups": [s.name for s in group], "status": result.status,
                          "wall_s": result.wall_s})
         if result.status != "ok":
             keep = case_dir / f"torchrun-ws{world_size}.log"
             shutil.copy(workdir / f"torchrun-ws{world_size}.log", keep)
-        for s in setups:  # a setup that finished before another one failed keeps its "ok"
+        for s in group:  # a setup that finished before another one failed keeps its "ok"
             finished = _record_failure(case, s, result, provenance, device, out)
             results[s.name] = LaunchResult("ok", 0, "", result.wall_s) if finished else result
 
 
 def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) -> dict:
-    """Baselines checked (and written as `update` allows), then the verdict, written to verdict.json."""
+    """The verdict between setups first, then the baselines, written to verdict.json.
+
+    A baseline is written (as `update` allows) only from a case that passed: a run whose setups
+    disagree, or whose reference is nondeterministic, is no reference for anyone.
+    """
     from parity import baselines, compare
 
     if not inside(run_dir, case.name).is_dir():
         raise InputError(f"{run_dir}: no run of case {case.name} here ({Path(run_dir) / case.name} is not a directory)")
-
-    checks = baselines.check_case_baselines(case, run_dir, baseline_root, update)
+    passed = compare.compare_case(case, run_dir)["passed"]
+    checks = baselines.check_case_baselines(case, run_dir, baseline_root, update if passed else None)
+    if update and not passed:
+        for b in checks:
+            b["message"] += (f"; --update-baselines={update} wrote nothing: the case failed, and only a passing "
+                             "case makes a baseline")
     verdict = compare.compare_case(case, run_dir, checks)
     compare.write_verdict(run_dir, verdict)
     return verdict
@@ -220,6 +262,7 @@ def _record_failure(case: Case, s: Setup, result: LaunchResult, provenance: dict
         return True
     status = result.status if result.status != "ok" else "failed"
     records.write_json(d / "run.json", {**provenance, "case": case.name, "setup": s.name, "status": status,
-                                        "device": device, "world_size": s.world_size, "message": result.message,
+                                        "device": device, "backend": backend_for(device),
+                                        "world_size": s.world_size, "message": result.message,
                                         "ended": datetime.now(timezone.utc).isoformat()})
     return False

@@ -1,6 +1,6 @@
 """The seed checkpoint: built once per (model preset, seed, dtype) in one process, cached by content hash.
 
-Layout of the cache (default ~/.cache/parity/seeds, or $PARITY_CACHE, or --cache):
+Layout of the cache (default ~/.cache/parity/seeds, or $PARITY_CACHE):
     <cache>/<sha256>/            a torch.distributed.checkpoint directory, named by the hash of its files
     <cache>/keys/<key>.txt       which hash a (preset config, seed, dtype) key resolved to
     <cache>/.corrupt-<sha256>-<utc time>   an entry that failed its check, moved aside for inspection
@@ -135,7 +135,7 @@ def resolve_seed(model: str, seed: int, dtype: str, cache: Path | None = None,
     try:
         return _cached(cache, model, seed, dtype)
     except OSError as e:
-        raise InputError(f"seed cache {cache}: {e.strerror or e}; set PARITY_CACHE or --cache "
+        raise InputError(f"seed cache {cache}: {e.strerror or e}; set PARITY_CACHE "
                          "to a directory you can write") from None
 
 

@@ -15,18 +15,29 @@ from pathlib import Path
 from parity.errors import InputError
 from parity.parallel_dims import MAX_WORLD_SIZE, ParallelDims, problems
 from parity.paths import duplicates_ignoring_case, name_problem
+from parity.fingerprint import DETERMINISM, NCCL_CHOICES
 from parity.presets import PRESETS, ModelConfig
 
 DP_APIS = ("fully_shard", "replicate", "ddp", "none")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 DTYPES = ("float32", "bfloat16", "float64")
 ATTENTION = ("math", "flash", "efficient", "cudnn")
+# Which SDPA backend has a kernel for which compute dtype, per device. CPU, as the torch 2.13 CPU
+# build runs them (tests/test_spec.py tries each one): math and flash in every dtype, no
+# efficient or cuDNN kernel. CUDA: flash and cuDNN need 16-bit inputs; efficient has no float64.
+ATTENTION_DTYPES = {
+    "cpu": {"math": DTYPES, "flash": DTYPES},
+    "cuda": {"math": DTYPES, "flash": ("bfloat16",), "efficient": ("float32", "bfloat16"), "cudnn": ("bfloat16",)},
+}
 MODES = ("bitwise", "tolerance")
 OUTCOMES = ("match", "diverge")
 METRICS = ("loss", "grad_norm", "weights")
 # Planted faults: the negative controls prove the harness catches these, and `hang`/`crash`
 # prove that a stuck or failing rank is reported and cleaned up.
-FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash")
+# `noise` nudges the reference's gradients at step 2 in its repeat run only: a stand-in for a
+# nondeterministic kernel, which the repeat check must catch.
+FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash", "noise")
+REPEAT_SUFFIX = ".repeat"  # the reference's second run in the same launch: `<reference>.repeat`
 
 # Default tolerances by the lowest precision any setup computes in. fp32 numbers: observed across
 # DDP/FSDP/HSDP/TP/PP at 8 CPU ranks (loss rel <= 2e-7, grad norm rel <= 8.5e-6) with ~10x
@@ -51,6 +62,10 @@ MAX_SEED = 2**63 - 1
 
 class SpecError(InputError):
     """One line: `FILE: KEY: what is wrong; allowed: ...`."""
+
+
+class BackendError(SpecError):
+    """A valid case that the chosen device cannot run (an SDPA backend without a kernel there)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,7 @@ class Setup:
     reduce_dtype: str | None = None
     gradient_divide_factor: float | None = None
     fault: str | None = None
+    repeat: bool = False  # set by the runner on the reference's second run, never by a case file
 
     @property
     def dims(self) -> ParallelDims:
@@ -130,6 +146,7 @@ class Expect:
     tolerance: dict[str, Tolerance] = field(default_factory=dict)
     tolerance_source: dict[str, str] = field(default_factory=dict)  # "case" or "default for <dtype>"
     first_divergence: dict | None = None  # negative controls: {"metric": ..., "step": ...} they must be caught at
+    repeat: bool | None = None  # run the reference twice and compare bitwise; None: on for CUDA, off for CPU
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,7 @@ class Case:
     expect: Expect
     sha256: str
     seed_checkpoint: Path | None = None
+    determinism: dict = field(default_factory=lambda: dict(DETERMINISM))  # parity.fingerprint.DETERMINISM + relaxations
 
     @property
     def reference(self) -> Setup:
@@ -159,8 +177,8 @@ TRAIN_KEYS = {f.name for f in fields(Train)}
 # number of steps or on other batch shapes would differ for a reason no verdict names. A setup may
 # still change the seed and the optimizer keys (negative controls do).
 SHARED_TRAIN_KEYS = ("model", "steps", "seq_len", "global_batch", "data")
-SETUP_KEYS = {f.name for f in fields(Setup)} - {"name", "train"} | {"world_size"}
-TOP_KEYS = {"description", "seed_checkpoint", "train", "setups", "expect"}
+SETUP_KEYS = {f.name for f in fields(Setup)} - {"name", "train", "repeat"} | {"world_size"}
+TOP_KEYS = {"description", "seed_checkpoint", "train", "setups", "expect", "determinism"}
 
 
 def load_case(path: str | Path) -> Case:
@@ -187,13 +205,18 @@ def load_case(path: str | Path) -> Case:
         v.fail("setups", "need two or more [setups.NAME] tables; the first is the reference")
     for name in setups_doc:
         if (problem := name_problem(name)) is not None:
-            v.fail(f"setups.{name!r}", problem)
+            v.fail(f"setups.{name!r}", problem)  # no dots: so no name can end in REPEAT_SUFFIX either
     if clashes := duplicates_ignoring_case(setups_doc):
         v.fail("setups", f"names must differ in more than letter case: {', '.join(clashes)}")
     setups = tuple(v.setup(name, body, train) for name, body in setups_doc.items())
+    for s in setups[1:]:
+        if s.fault == "noise":
+            v.fail(f"setups.{s.name}.fault", "\"noise\" perturbs the reference's repeat run; allowed only on the "
+                   "reference (first) setup")
     if train.data is not None:  # setups cannot override data, model or seq_len: one check covers them all
         v.data(setups[0], "train.data")
     expect = v.expect(doc.get("expect", {}), setups)
+    determinism = v.determinism(doc.get("determinism", {}))
     seed = doc.get("seed_checkpoint")
     seed_path = None
     if seed is not None:
@@ -210,7 +233,32 @@ def load_case(path: str | Path) -> Case:
         expect=expect,
         sha256=hashlib.sha256(raw).hexdigest(),
         seed_checkpoint=seed_path,
+        determinism=determinism,
     )
+
+
+def attention_problem(case: Case, setup: Setup, device: str) -> str | None:
+    """Why the setup's SDPA backend cannot run on the device (None if it can)."""
+    kernels = ATTENTION_DTYPES[device]
+    backend, dtype = setup.train.attention, setup.compute_dtype
+    if backend not in kernels:
+        return f"{backend!r} has no {device} kernel; allowed on {device}: {', '.join(kernels)}"
+    if dtype not in kernels[backend]:
+        fits = [b for b, dtypes in kernels.items() if dtype in dtypes]
+        return (f"{backend!r} cannot run in {dtype} on {device} (it needs {' or '.join(kernels[backend])}); "
+                f"allowed in {dtype}: {', '.join(fits)}")
+    if device == "cuda" and backend == "cudnn" and case.determinism["deterministic_algorithms"]:
+        return ("'cudnn' has no deterministic backward, so strict determinism disables it; allowed: math, flash, "
+                "efficient, or relax it with [determinism] deterministic_algorithms = false")
+    return None
+
+
+def check_attention(case: Case, device: str) -> None:
+    """Reject up front, naming the file and key, a backend the device or dtype has no kernel for."""
+    for s in case.setups:
+        problem = attention_problem(case, s, device)
+        if problem:
+            raise BackendError(f"{case.path}: setups.{s.name}.attention: {problem}")
 
 
 def default_tolerances(setups) -> tuple[str, dict[str, Tolerance]]:
@@ -347,7 +395,10 @@ class _Validator:
             self.fail(key, str(e))
 
     def expect(self, table: dict, setups) -> Expect:
-        self.keys(table, {"mode", "outcome", "tolerance", "first_divergence"}, "expect.")
+        self.keys(table, {"mode", "outcome", "tolerance", "first_divergence", "repeat"}, "expect.")
+        repeat = table.get("repeat")
+        if repeat is not None and not isinstance(repeat, bool):
+            self.fail("expect.repeat", f"{repeat!r} is not allowed; allowed: true, false")
         mode = self.choice("expect.mode", table.get("mode", "bitwise"), MODES)
         outcome = self.choice("expect.outcome", table.get("outcome", "match"), OUTCOMES)
         dtype, tolerance = default_tolerances(setups)
@@ -374,7 +425,24 @@ class _Validator:
             steps = min(s.train.steps for s in setups)
             first = {"metric": self.choice(f"{key}.metric", first.get("metric"), ("loss", "grad_norm")),
                      "step": self.integer(f"{key}.step", first.get("step"), 1, steps)}
-        return Expect(mode=mode, outcome=outcome, tolerance=tolerance, tolerance_source=source, first_divergence=first)
+        return Expect(mode=mode, outcome=outcome, tolerance=tolerance, tolerance_source=source, first_divergence=first,
+                      repeat=repeat)
+
+    def determinism(self, table: dict) -> dict:
+        """The defaults of parity.fingerprint.DETERMINISM, with what the case relaxes by naming it."""
+        self.keys(table, set(DETERMINISM), "determinism.")
+        settings = dict(DETERMINISM)
+        for key, value in table.items():
+            k = f"determinism.{key}"
+            if key in NCCL_CHOICES:
+                settings[key] = self.choice(k, value, NCCL_CHOICES[key])
+            elif isinstance(DETERMINISM[key], bool):
+                if not isinstance(value, bool):
+                    self.fail(k, f"{value!r} is not allowed; allowed: true, false")
+                settings[key] = value
+            else:
+                settings[key] = self.integer(k, value, 0)
+        return settings
 
 
 def find_cases(directory: str | Path = "cases") -> list[Path]:

@@ -3,6 +3,11 @@
 For each setup in the plan (all share this launch's world size), one after another: fresh mesh
 and model, seed checkpoint loaded, N training steps, metrics and a weight digest written by
 rank 0. This module records numbers; it never decides pass or fail.
+
+Nothing in the step loop waits for the device: each step's loss and grad norm stay on it (as
+tensors) and step times are device events, so the host queues steps ahead as a bare training
+loop would. Everything is copied to the host once, after the last step, and then turned into
+exactly the floats that were always recorded (NaN and Inf included, which the comparison fails).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import torch
@@ -21,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parity import records
-from parity.baselines import platform_key
+from parity import fingerprint
 from parity.data import Batches
 from parity.launch import ERROR_MARK
 from parity.model import build_model
@@ -29,7 +34,10 @@ from parity.parallelize import Parallel, parallelize
 from parity.spec import Setup, Train
 
 FAULT_RANK = 1  # the rank that hangs or crashes in the `hang` / `crash` fault setups
-FAULT_STEP = 2
+FAULT_STEP = 2  # the step of every planted fault
+# The process group's own timeout fires this long after the launcher's: a hung collective is
+# reported by the launcher, with every rank's log tail, not as a bare watchdog abort.
+PG_TIMEOUT_MARGIN_S = 120.0
 
 
 def redirect_output(path: Path):
@@ -71,7 +79,7 @@ def _grad_groups(par: Parallel):
     return list(groups.values())
 
 
-def grad_norm_and_clip(par: Parallel, max_norm: float, device: torch.device) -> float:
+def grad_norm_and_clip(par: Parallel, max_norm: float, device: torch.device) -> torch.Tensor:
     """Total pre-clip L2 norm over the whole model, across DTensor meshes and pipeline stages, then clip."""
     from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
@@ -90,7 +98,7 @@ def grad_norm_and_clip(par: Parallel, max_norm: float, device: torch.device) -> 
     if max_norm > 0:
         for params in groups:
             clip_grads_with_norm_(params, max_norm, total)
-    return total.item()
+    return total.detach().clone()  # stays on the device; read once after the last step
 
 
 def load_seed(par: Parallel, ckpt: str):
@@ -139,13 +147,45 @@ def _param_order(name: str):
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts]
 
 
-def global_loss(par: Parallel, local: float | None) -> float:
-    """Mean over data-parallel ranks of their local mean losses, summed in float64 in dp-rank order."""
-    holder = local is not None and par.tp_rank == 0
+def nudge_gradients(par: Parallel) -> None:
+    """The `noise` fault: scale every local gradient by a few ULPs, as a nondeterministic kernel might."""
+    for m in par.modules:
+        for p in m.parameters():
+            if p.grad is not None:
+                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                g.mul_(1 + 4 * torch.finfo(g.dtype).eps)
+
+
+class StepClock:
+    """Step boundaries: CUDA events on the current stream (no host sync), else the host clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        """Time between consecutive marks (waits for the last one)."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1000.0 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def global_losses(par: Parallel, local: list[float | None]) -> list[float]:
+    """Per step: the mean over data-parallel ranks of their local mean losses, summed in float64 in dp-rank order."""
+    holder = local[0] is not None and par.tp_rank == 0
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (par.dp_rank, local if holder else None))
+    dist.all_gather_object(gathered, (par.dp_rank, local if holder else None))  # once per run, not per step
     by_rank = {r: v for r, v in gathered if v is not None}
-    return math.fsum(by_rank[r] for r in sorted(by_rank)) / len(by_rank)
+    return [math.fsum(by_rank[r][i] for r in sorted(by_rank)) / len(by_rank) for i in range(len(local))]
 
 
 def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
@@ -166,35 +206,47 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=t.weight_decay, foreach=False)
     batches = Batches(t.seed, t.global_batch, t.seq_len, cfg.vocab_size, t.data)
     dp_rank = 0 if fault == "replicated_data" else par.dp_rank
-    rows = []
+    lrs, micro_losses, norms = [], [], []
+    clock = StepClock(device)
     for step in range(1, t.steps + 1):
         if fault in ("hang", "crash") and rank == FAULT_RANK and step == FAULT_STEP:
             if fault == "crash":
                 raise RuntimeError(f"planted fault: rank {rank} crashes at step {step}")
             print(f"planted fault: rank {rank} hangs at step {step}", flush=True)
             time.sleep(10**6)
-        start = time.perf_counter()
+        clock.mark()
         lr = t.lr * min(1.0, step / max(t.warmup_steps, 1))  # linear warmup; step 1 already trains
         for group in opt.param_groups:
             group["lr"] = lr
         inputs, labels = (torch.from_numpy(a).to(device) for a in batches.local(step, setup.dp_degree, dp_rank))
         with sdpa_context(t.attention):
-            local = forward_backward(par, setup, inputs, labels)
-        norm = grad_norm_and_clip(par, t.max_norm, device)
+            micro_losses.append(forward_backward(par, setup, inputs, labels))
+        if fault == "noise" and setup.repeat and step == FAULT_STEP:
+            nudge_gradients(par)
+        norms.append(grad_norm_and_clip(par, t.max_norm, device))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = global_loss(par, local)
-        rows.append({"step": step, "loss": loss, "grad_norm": norm, "lr": lr,
-                     "tokens": t.global_batch * t.seq_len, "step_time_s": time.perf_counter() - start})
+        lrs.append(lr)
         if rank == 0:
-            print(f"step {step}: loss {loss!r} grad_norm {norm!r} lr {lr!r} time {rows[-1]['step_time_s']:.3f}s", flush=True)
-            _progress(plan, setup, step, t.steps)
+            _progress(plan, setup, step, t.steps)  # steps queued; the device may still be working on them
+    clock.mark()
+    # The one copy to the host. .tolist() yields the same doubles .item() did, step by step.
+    times = clock.seconds()
+    norm_values = torch.stack(norms).tolist()
+    local = [None if ls is None else math.fsum(torch.stack(ls).tolist()) / setup.microbatches for ls in micro_losses]
+    losses = global_losses(par, local)
+    rows = [{"step": i + 1, "loss": losses[i], "grad_norm": norm_values[i], "lr": lrs[i],
+             "tokens": t.global_batch * t.seq_len, "step_time_s": times[i]} for i in range(t.steps)]
+    if rank == 0:
+        for r in rows:
+            print(f"step {r['step']}: loss {r['loss']!r} grad_norm {r['grad_norm']!r} lr {r['lr']!r} "
+                  f"time {r['step_time_s']:.4f}s", flush=True)
     digest = weight_digest(par)
     return {"rows": rows, "digest": digest, "par": par}
 
 
-def forward_backward(par: Parallel, setup: Setup, inputs, labels) -> float | None:
-    """Returns this rank's mean loss over its microbatches (None where no loss lives: non-last PP stages)."""
+def forward_backward(par: Parallel, setup: Setup, inputs, labels) -> list[torch.Tensor] | None:
+    """This rank's per-microbatch losses, left on the device (None where no loss lives: non-last PP stages)."""
     n = setup.microbatches
     if par.schedule is not None:
         losses = [] if par.has_last_stage else None
@@ -203,14 +255,14 @@ def forward_backward(par: Parallel, setup: Setup, inputs, labels) -> float | Non
             par.schedule.step(inputs, target=target, losses=losses)
         else:
             par.schedule.step(target=target, losses=losses)
-        return math.fsum(l.item() for l in losses) / n if losses is not None else None
+        return [l.detach() for l in losses] if losses is not None else None
     model = par.modules[0]
     total = []
     for x, y in zip(inputs.chunk(n), labels.chunk(n)):
         loss = loss_fn(model(x), y)
         (loss / n if n > 1 else loss).backward()
-        total.append(loss.item())
-    return math.fsum(total) / n
+        total.append(loss.detach())
+    return total
 
 
 def _progress(plan: dict, setup: Setup, step: int, total: int):
@@ -221,10 +273,10 @@ def _progress(plan: dict, setup: Setup, step: int, total: int):
     os.replace(tmp, path)
 
 
-def write_outputs(setup: Setup, plan: dict, result: dict, started: str, device: torch.device):
+def write_outputs(setup: Setup, plan: dict, result: dict, started: str, device: torch.device, determinism: dict):
     par = result["par"]
     out = records.setup_dir(plan["out"], plan["case"], setup.name)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    fp = fingerprint.fingerprint(device)
     records.write_metrics(out / "metrics.csv", result["rows"])
     records.write_weights(out / "weights.csv", result["digest"])
     records.write_json(out / "run.json", {
@@ -232,11 +284,12 @@ def write_outputs(setup: Setup, plan: dict, result: dict, started: str, device: 
         "case": plan["case"],
         "setup": setup.name,
         "status": "ok",
-        "device": device_name,
-        "platform": platform_key(device_name),
-        # CPU kernels dispatch on the instruction set; bits are only comparable on the same one.
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": fp.get("gpu", "cpu"),
+        "platform": fp["platform"],
         "backend": dist.get_backend(),
+        "fingerprint": fp,
+        "determinism": determinism,
+        "pg_timeout_s": plan["timeout_s"] + PG_TIMEOUT_MARGIN_S,
         "world_size": dist.get_world_size(),
         "mesh_shape": par.mesh_shape,
         "mesh_dim_names": par.mesh_dim_names,
@@ -254,13 +307,15 @@ def main(plan_path: str) -> int:
     setups = [setup_from_dict(d) for d in plan["setups"]]
     redirect_output(records.setup_dir(plan["out"], plan["case"], setups[0].name) / f"rank{rank}.log")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    determinism = fingerprint.apply_determinism(plan["determinism"])  # before CUDA and NCCL start
+    timeout = timedelta(seconds=plan["timeout_s"] + PG_TIMEOUT_MARGIN_S)
     if plan["device"] == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         device = torch.device("cuda", torch.cuda.current_device())
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     current = setups[0].name
     try:
         for setup in setups:
@@ -271,7 +326,7 @@ def main(plan_path: str) -> int:
             started = datetime.now(timezone.utc).isoformat()
             result = train_setup(setup, plan, device)
             if rank == 0:
-                write_outputs(setup, plan, result, started, device)
+                write_outputs(setup, plan, result, started, device, determinism)
             del result
             dist.barrier()
     except BaseException as e:  # noqa: BLE001 - report any failure in a form the launcher can find

@@ -9,7 +9,7 @@ import pytest
 
 from parity import records
 from parity.baselines import (
-    PROVENANCE, baseline_path, check_baseline, check_case_baselines, check_case_files, lint, platform_key, unused_baselines,
+    PROVENANCE, baseline_path, check_baseline, check_case_baselines, check_case_files, lint, unused_baselines,
     write_baseline,
 )
 from parity.compare import compare_case, divergence_table
@@ -34,13 +34,13 @@ def rows(loss=LOSS, gnorm=GNORM):
              "step_time_s": 0.25} for i, (l, g) in enumerate(zip(loss, gnorm))]
 
 
-def write_run(out: Path, setup: str, metric_rows=None, status="ok", torch=TORCH, case="demo", isa="AVX512"):
+def write_run(out: Path, setup: str, metric_rows=None, status="ok", torch=TORCH, case="demo", isa="AVX512", threads=1):
     d = out / case / setup
     records.write_metrics(d / "metrics.csv", metric_rows if metric_rows is not None else rows())
     records.write_weights(d / "weights.csv", [{"param": "w", "norm": 1.2345678901234567, "sha256": "a" * 64}])
     records.write_json(d / "run.json", {
         "case": case, "setup": setup, "status": status, "torch": torch, "device": "cpu", "platform": "cpu",
-        "cpu_capability": isa,
+        "fingerprint": {"torch": torch, "cpu_model": "Test CPU", "cpu_capability": isa, "threads": threads, "platform": "cpu"},
         "world_size": 8, "mesh_shape": [2, 4], "mesh_dim_names": ["dp_replicate", "dp_shard"],
         "seed_checkpoint_sha256": "5" * 64, "case_sha256": "c" * 64, "git_commit": "abc123"})
 
@@ -61,19 +61,6 @@ def bits(x: float) -> bytes:
 
 
 # ---- platform key and paths ----------------------------------------------------------------
-
-@pytest.mark.parametrize("name,key", [
-    ("cpu", "cpu"),
-    ("NVIDIA H100 80GB HBM3", "cuda-h100"),
-    ("NVIDIA H200", "cuda-h200"),
-    ("NVIDIA A100-SXM4-80GB", "cuda-a100"),
-    ("Tesla V100-SXM2-16GB", "cuda-v100"),
-    ("NVIDIA L40S", "cuda-l40s"),
-    ("NVIDIA GeForce RTX 4090", "cuda-nvidia-geforce-rtx-4090"),
-])
-def test_platform_key(name, key):
-    assert platform_key(name) == key
-
 
 def test_baseline_path():
     assert baseline_path("b", "case1", "hsdp", "cuda-h100") == Path("b/case1/hsdp.cuda-h100.csv")
@@ -206,7 +193,23 @@ def test_other_cpu_instruction_set_compares_within_tolerance(runs):
     case, run_dir, root = runs
     write_run(run_dir, "ref", rows(loss=[float(np.nextafter(x, math.inf)) for x in LOSS]), isa="AVX2")
     b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
-    assert b["how"] == "tolerance" and b["passed"] and "AVX2" in b["message"] and "AVX512" in b["message"]
+    assert b["how"] == "tolerance" and b["passed"] and "cpu_capability: AVX512 vs AVX2" in b["message"]
+
+
+def test_other_thread_count_compares_within_tolerance_and_old_baselines_mean_one_thread(runs):
+    """Intra-op threads split CPU reductions; a baseline without a thread count was made with one."""
+    case, run_dir, root = runs
+    write_run(run_dir, "ref", rows(loss=[float(np.nextafter(x, math.inf)) for x in LOSS]), threads=4)
+    b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
+    assert b["how"] == "tolerance" and b["passed"] and "threads: 1 vs 4" in b["message"]
+    path = root / "demo" / "ref.cpu.csv"
+    path.write_text("".join(l for l in path.read_text().splitlines(True) if not l.startswith("# threads:")))
+    write_run(run_dir, "ref", threads=1)
+    b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
+    assert b["how"] == "exact" and b["status"] == "match"
+    write_run(run_dir, "ref", threads=2)
+    b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
+    assert b["how"] == "tolerance" and "threads: not recorded vs 2" in b["message"]
 
 
 def test_other_torch_version_compares_within_tolerance(runs):

@@ -76,6 +76,9 @@ def test_lr_one_percent_higher_fails_match_at_step_2_and_passes_diverge(tmp_path
             "--update-baselines=new", "--no-report"]
     match = run(base + [str(cases / "lr_match.toml"), "--out", str(tmp_path / "o1")], tmp_path, cache_env)
     assert match.returncode == 1, match.stdout + match.stderr
+    # A failing pair is no baseline: --update-baselines=new writes nothing and says why.
+    assert not (tmp_path / "b" / "lr_match").exists()
+    assert "--update-baselines=new wrote nothing: the case failed" in match.stdout
     verdict = records.read_json(tmp_path / "o1" / "lr_match" / "verdict.json")
     # step 1 uses the warmup lr on identical seed weights: the loss is equal; step 2 sees the update
     assert verdict["pairs"][0]["diverged"]["metric"] == "loss"
@@ -104,6 +107,8 @@ def test_baseline_tamper_fails_then_update_restores_only_that_file(tmp_path, cac
     created = run(pytest_cmd + ["--parity-update-baselines=new"], REPO, cache_env)
     assert created.returncode == 0, created.stdout
     assert (out / "report.html").is_file() and "parity report:" in created.stdout
+    assert "parity: small PASS on cpu/gloo" in created.stdout
+    assert "parity: cases per device: cpu/gloo 1" in created.stdout
     tampered_path = baselines / "small" / "hsdp.cpu.csv"
     untouched_path = baselines / "small" / "replicate.cpu.csv"
     untouched = untouched_path.read_bytes()
@@ -134,3 +139,19 @@ def test_list_shows_every_case_with_world_size_mode_outcome_markers():
     assert set(lines) == {p.stem for p in (REPO / "cases").glob("*.toml")}
     control = lines["control_divide_factor"].split()
     assert control[1] == "8" and "bitwise" in control and "diverge" in control and control[-2:] == ["cpu", "8gpu"]
+
+
+def test_pytest_cuda_without_gpus_skips_naming_case_or_fails_strict(tmp_path):
+    if __import__("torch").cuda.device_count() >= 2:
+        pytest.skip("this machine has GPUs")
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "small.toml").write_text(textwrap.dedent(SMALL_CASE))
+    cmd = [sys.executable, "-m", "pytest", "parity", "-p", "no:cacheprovider", "--parity-device", "cuda",
+           f"--parity-cases={cases}", f"--parity-out={tmp_path / 'out'}", "-q", "-rs"]
+    skipped = run(cmd, REPO)
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout, skipped.stdout
+    assert "case small needs 2 GPUs (one per rank of its largest setup), 0 visible" in skipped.stdout
+    strict = run(cmd + ["--parity-strict"], REPO)
+    assert strict.returncode == 1 and "case small needs 2 GPUs" in strict.stdout
+    assert not (tmp_path / "out" / "small").exists()  # never a quiet CPU run

@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -188,7 +189,7 @@ def write_run(out: Path, setup: str, loss=LOSS, gnorm=GNORM, w=None, status="ok"
         for i, (l, g) in enumerate(zip(loss, gnorm))])
     records.write_weights(d / "weights.csv", w if w is not None else weights())
     records.write_json(d / "run.json", {"case": case, "setup": setup, "status": status, "platform": "cpu",
-                                        "device": "cpu", "torch": "2.13.0"})
+                                        "device": "cpu", "backend": "gloo", "torch": "2.13.0"})
 
 
 def test_case_match_bitwise_pass(tmp_path):
@@ -321,7 +322,7 @@ def test_write_verdict_and_summaries(tmp_path):
     assert back["passed"] is False and back["pairs"][0]["metrics"]["grad_norm"]["first_divergence"]["step"] == 1
     assert back["pairs"][0]["metrics"]["grad_norm"]["first_divergence"]["value_other"] == up(GNORM[0])
     text = format_verdict(v)
-    assert text.startswith("demo: FAIL (mode bitwise, outcome match, reference ref, platform cpu)")
+    assert text.startswith("demo: FAIL on cpu/gloo (mode bitwise, outcome match, reference ref, platform cpu)")
     assert "loss rtol=1e-05 atol=0.0 (default for float32)" in text
     assert "grad_norm  exact 0/4 steps" in text and "nan" in text
     assert "ref vs other: FAIL; first diverged: grad_norm at step 1" in text
@@ -332,8 +333,8 @@ def test_verdict_schema(tmp_path):
     write_run(tmp_path, "ref")
     write_run(tmp_path, "other", loss=[up(x) for x in LOSS])
     v = compare_case(make_case(), tmp_path)
-    assert set(v) == {"case", "passed", "mode", "outcome", "reference", "platform", "tolerance", "pairs",
-                      "baselines", "problems"}
+    assert set(v) == {"case", "passed", "mode", "outcome", "reference", "platform", "device", "backend",
+                      "tolerance", "repeat", "pairs", "baselines", "problems"}
     pair = v["pairs"][0]
     assert set(pair) == {"reference", "other", "passed", "problems", "diverged", "metrics"}
     assert set(pair["diverged"]) == {"metric", "step", "param", "value_ref", "value_other", "abs", "rel", "ulps"}
@@ -341,3 +342,43 @@ def test_verdict_schema(tmp_path):
     assert set(m) == {"n", "exact_equal_steps", "bitwise", "within_tolerance", "max_abs", "max_rel",
                       "failing_steps", "first_divergence", "first_tolerance_failure", "passed", "problems"}
     assert set(m["first_divergence"]) == {"step", "value_ref", "value_other", "abs", "rel", "ulps"}
+
+
+# ---- repeat check --------------------------------------------------------------------------
+
+
+def test_repeat_check_passes_when_the_reference_repeats_bit_for_bit(tmp_path):
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "ref.repeat")
+    write_run(tmp_path, "other")
+    v = compare_case(make_case(), tmp_path)
+    assert v["passed"] and v["repeat"]["passed"] and v["repeat"]["cause"] is None
+    assert "repeat check (ref twice, bitwise): PASS" in format_verdict(v)
+
+
+def test_repeat_check_fails_first_with_nondeterministic_reference_even_in_a_tolerance_case(tmp_path):
+    """One ULP in the repeat's grad norm at step 3: caught there, before any pair is judged."""
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "ref.repeat", gnorm=GNORM[:2] + [up(GNORM[2])] + GNORM[3:])
+    write_run(tmp_path, "other")
+    case = make_case()
+    case = replace(case, expect=replace(case.expect, mode="tolerance"))
+    v = compare_case(case, tmp_path)
+    assert not v["passed"] and v["pairs"][0]["passed"]
+    assert v["problems"][0].startswith("nondeterministic reference: ref run twice in one launch differs first at "
+                                       "step 3 on grad_norm")
+    assert "FAIL: nondeterministic reference" in format_verdict(v)
+
+
+def test_repeat_run_that_failed_is_a_repeat_check_problem(tmp_path):
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "ref.repeat", status="timeout")
+    write_run(tmp_path, "other")
+    v = compare_case(make_case(), tmp_path)
+    assert not v["passed"] and v["problems"][0].startswith("repeat check: ref.repeat: run status is 'timeout'")
+
+
+def test_no_repeat_directory_means_no_repeat_check(tmp_path):
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "other")
+    assert compare_case(make_case(), tmp_path)["repeat"] is None
