@@ -116,6 +116,8 @@ def problems(s, given: frozenset[str] | set[str] = frozenset()) -> list[Problem]
     # Faults that need peers (or a data-parallel rank other than 0) to mean anything.
     if s.fault in ("hang", "crash") and d.world_size < 2:
         add("fault", f"\"{s.fault}\" is planted on rank 1; allowed only with world size >= 2")
+    if s.fault == "local_clip" and (s.pp < 2 or t.max_norm == 0):
+        add("fault", "\"local_clip\" clips each pipeline stage by its own norm; allowed only with pp >= 2 and max_norm > 0")
     if s.fault == "replicated_data" and d.dp_degree < 2:
         add("fault", "\"replicated_data\" makes every data-parallel rank read rank 0's rows, a no-op at data-parallel "
                      "degree 1; allowed only with dp_replicate*dp_shard >= 2")

@@ -35,8 +35,9 @@ METRICS = ("loss", "grad_norm", "weights")
 # Planted faults: the negative controls prove the harness catches these, and `hang`/`crash`
 # prove that a stuck or failing rank is reported and cleaned up.
 # `noise` nudges the reference's gradients at step 2 in its repeat run only: a stand-in for a
-# nondeterministic kernel, which the repeat check must catch.
-FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash", "noise")
+# nondeterministic kernel, which the repeat check must catch. `local_clip` makes each pipeline
+# stage clip with its own norm instead of the global one: only an engaged clip can reveal it.
+FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash", "noise", "local_clip")
 REPEAT_SUFFIX = ".repeat"  # the reference's second run in the same launch: `<reference>.repeat`
 
 # Default tolerances by the lowest precision any setup computes in. fp32 numbers: observed across
@@ -419,12 +420,25 @@ class _Validator:
             key = "expect.first_divergence"
             if outcome != "diverge":
                 self.fail(key, "only for outcome = \"diverge\" (a negative control)")
+            shape = ("a table { metric = \"loss\" | \"grad_norm\", step = N, and the effect: ratio = R "
+                     "(other / reference at that step, within = 0.01 by default) or min_rel = X }")
             if not isinstance(first, dict):
-                self.fail(key, "must be a table { metric = \"loss\" | \"grad_norm\", step = N }")
-            self.keys(first, {"metric", "step"}, key + ".")
+                self.fail(key, f"must be {shape}")
+            self.keys(first, {"metric", "step", "ratio", "within", "min_rel"}, key + ".")
             steps = min(s.train.steps for s in setups)
-            first = {"metric": self.choice(f"{key}.metric", first.get("metric"), ("loss", "grad_norm")),
-                     "step": self.integer(f"{key}.step", first.get("step"), 1, steps)}
+            parsed = {"metric": self.choice(f"{key}.metric", first.get("metric"), ("loss", "grad_norm")),
+                      "step": self.integer(f"{key}.step", first.get("step"), 1, steps)}
+            # A control must be caught by the planted effect, not by a last-bit difference: it states the size.
+            if ("ratio" in first) == ("min_rel" in first):
+                self.fail(key, f"state the expected effect with exactly one of ratio, min_rel; allowed: {shape}")
+            if "ratio" in first:
+                parsed["ratio"] = self.number(f"{key}.ratio", first["ratio"], positive=True)
+                parsed["within"] = self.number(f"{key}.within", first.get("within", 0.01), positive=True)
+            else:
+                if "within" in first:
+                    self.fail(f"{key}.within", "goes with ratio; allowed: ratio = R, within = W")
+                parsed["min_rel"] = self.number(f"{key}.min_rel", first["min_rel"], positive=True)
+            first = parsed
         return Expect(mode=mode, outcome=outcome, tolerance=tolerance, tolerance_source=source, first_divergence=first,
                       repeat=repeat)
 

@@ -83,6 +83,7 @@ REJECTED = [
     ('dp_api = "fully_shard"\npp_schedule = "gpipe"', "pp_schedule", "with pp = 1 would be ignored"),
     ('dp_api = "none"\nfault = "replicated_data"', "fault", "no-op at data-parallel degree 1"),
     ('dp_api = "none"\nfault = "crash"', "fault", "world size >= 2"),
+    ('dp_api = "fully_shard"\nfault = "local_clip"', "fault", "allowed only with pp >= 2"),
     ('dp_api = "fully_shard"\ntp = 3', "tp", "does not divide n_heads"),
     ('dp_api = "fully_shard"\ndp_shard = 3', "dp_replicate", "does not divide global_batch"),
     ('dp_api = "fully_shard"\npp = 8\nmicrobatches = 8', "pp", "exceed"),
