@@ -28,12 +28,12 @@ def oracle_setup(case: Case):
 
 def _series(run_dir: Path, case: str, setup: str, metric: str) -> np.ndarray:
     """One row per step, or per parameter for weights: [norm] or [norm, sketch0, ...] when sketched."""
-    d = records.setup_dir(run_dir, case, setup)
+    run = records.read_setup_run(records.setup_dir(run_dir, case, setup))
     if metric == "weights":
-        rows = records.read_weights(d / "weights.csv")
+        rows = run["weights"]
         columns = ("norm",) + (records.SKETCH_COLUMNS if all(c in r for r in rows for c in records.SKETCH_COLUMNS) else ())
         return np.array([[r[c] for c in columns] for r in rows])
-    return np.array([r[metric] for r in records.read_metrics(d / "metrics.csv")])
+    return np.array([r[metric] for r in run["metrics"]])
 
 
 def errors_against_oracle(run_dir: Path, case: Case) -> dict[str, dict[str, float]]:

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from parity.paths import inside
-from parity.records import RUN_STATUSES, SKETCH_COLUMNS, RecordError, read_json, read_metrics, read_weights, write_json
+from parity.records import SKETCH_COLUMNS, RecordError, read_json, read_setup_run, write_json
 from parity.spec import REPEAT_SUFFIX, Case, Tolerance
 
 STEP_METRICS = ("loss", "grad_norm")
@@ -243,23 +243,17 @@ def not_compared(reason: str) -> dict:
 
 
 def _load_run(directory: Path, name: str) -> dict:
-    """run.json, metrics and weights of one setup.
+    """A setup's records (records.read_setup_run, strict), with a problem line if its run did not finish.
 
     A setup whose run failed is a problem of the verdict (exit 1); records that are missing or
-    malformed where the run says it finished are bad input (RecordError, exit 2): the run
-    directory is not what `parity run` writes.
+    malformed where the run says it finished are bad input (RecordError, exit 2).
     """
-    run = {"info": read_json(directory / "run.json"), "metrics": None, "weights": None, "problems": []}
-    status = run["info"].get("status")
-    if status not in RUN_STATUSES:
-        raise RecordError(f"{directory / 'run.json'}: status {status!r}; allowed: {', '.join(RUN_STATUSES)}")
+    run = {**read_setup_run(directory), "problems": []}
+    status = run["info"]["status"]
     if status != "ok":
         message = run["info"].get("message")  # written by the runner for failed / timed-out setups
         detail = str(message).splitlines()[0] if message else None
         run["problems"].append(f"{name}: run status is {status!r}" + (f": {detail}" if detail else ""))
-        return run
-    run["metrics"] = read_metrics(directory / "metrics.csv")
-    run["weights"] = read_weights(directory / "weights.csv")
     return run
 
 
