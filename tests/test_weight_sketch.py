@@ -167,6 +167,7 @@ def test_calibrate_measures_sketch_errors_against_the_norm(tmp_path):
         records.write_metrics(d / "metrics.csv", [{"step": 1, "loss": 2.0, "grad_norm": 1.0, "lr": 1e-3, "tokens": 1,
                                                    "step_time_s": 0.0}])
         records.write_weights(d / "weights.csv", [{"param": "w", "norm": 1.0, "sha256": "x", **sk}])
+        records.write_json(d / "run.json", {"status": "ok"})
     assert errors_against_oracle(tmp_path, case)["b"]["weights"] == pytest.approx(3e-6)
 
 
