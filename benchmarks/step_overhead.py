@@ -47,7 +47,7 @@ def bare_loop(t: Train, ckpt: str, device: torch.device) -> list[float]:
         clock.mark()
         for group in opt.param_groups:
             group["lr"] = t.lr * min(1.0, step / max(t.warmup_steps, 1))
-        inputs, labels = (torch.from_numpy(a).to(device) for a in batches.local(step, 1, 0))
+        inputs, labels = (train.to_device(a, device) for a in batches.local(step, 1, 0))  # as the harness does
         with train.sdpa_context(t.attention):
             train.loss_fn(model(inputs), labels).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_norm)

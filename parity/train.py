@@ -146,6 +146,13 @@ def _param_order(name: str):
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts]
 
 
+def to_device(array, device: torch.device) -> torch.Tensor:
+    """A host batch on the device without waiting for it: a copy from pageable memory would
+    synchronize the stream, i.e. wait for every step still queued."""
+    t = torch.from_numpy(array)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def nudge_gradients(par: Parallel) -> None:
     """The `noise` fault: scale every local gradient by a few ULPs, as a nondeterministic kernel might."""
     for m in par.modules:
@@ -217,7 +224,7 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
         lr = t.lr * min(1.0, step / max(t.warmup_steps, 1))  # linear warmup; step 1 already trains
         for group in opt.param_groups:
             group["lr"] = lr
-        inputs, labels = (torch.from_numpy(a).to(device) for a in batches.local(step, setup.dp_degree, dp_rank))
+        inputs, labels = (to_device(a, device) for a in batches.local(step, setup.dp_degree, dp_rank))
         with sdpa_context(t.attention):
             micro_losses.append(forward_backward(par, setup, inputs, labels))
         if fault == "noise" and setup.repeat and step == FAULT_STEP:
