@@ -13,7 +13,8 @@ precision. A run is compared with the baseline for its platform (parity.fingerpr
 
 A baseline is only written from a case that passed (runner.judge). A missing baseline fails
 (never a silent pass) and says which command creates it. Update modes, after the pain points of
-pytest-regressions' --force-regen surprise, pytest-mpl overwriting everything and syrupy's "new only":
+other golden-file tools (pytest-regressions' --force-regen surprise, pytest-mpl overwriting
+everything, syrupy's "new only"):
 
     None       never write a baseline
     "new"      write missing baselines only; a mismatch still fails
@@ -37,6 +38,7 @@ from pathlib import Path
 
 from parity.compare import compare_series, not_compared
 from parity.fingerprint import determinism_summary, differing_fields, platform_key
+from parity.paths import check_platform, inside
 from parity.records import RecordError, atomic_write_text, csv_text, read_csv, read_json, setup_dir
 from parity.spec import Case, Setup
 
@@ -57,11 +59,12 @@ ROUNDED_MIN_ROWS = 3
 
 
 def baseline_path(root, case_name: str, setup_name: str, platform: str) -> Path:
-    return Path(root if root is not None else DEFAULT_ROOT) / case_name / f"{setup_name}.{platform}.csv"
+    root = root if root is not None else DEFAULT_ROOT
+    return inside(root, case_name, f"{setup_name}.{check_platform(platform)}.csv")
 
 
 def obtained_path(run_dir, case_name: str, setup_name: str) -> Path:
-    return Path(run_dir) / case_name / f"{setup_name}.obtained.csv"
+    return inside(run_dir, case_name, f"{setup_name}.obtained.csv")
 
 
 def baseline_text(metrics_rows, provenance: dict) -> str:
@@ -121,13 +124,10 @@ def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str,
     path = baseline_path(root, case.name, name, platform)
     result = partial(_result, name, path, platform)
     run_path = setup_dir(run_dir, case.name, name)
-    try:
-        run = read_json(run_path / "run.json")
-        rows = read_csv(run_path / "metrics.csv")[1]
-    except RecordError as e:
-        return result("error", "exact", False, f"cannot read the run: {e}")
+    run = read_json(run_path / "run.json")
     if run.get("status") != "ok":
         return result("error", "exact", False, f"run status is {run.get('status')!r}; not compared, nothing written")
+    rows = read_csv(run_path / "metrics.csv", COLUMNS)[1]
     bad = [r["step"] for r in rows if not all(math.isfinite(r[m]) for m in COMPARED)]
     if bad:
         return result("error", "exact", False, f"the run has NaN/Inf at steps {bad}; not compared, nothing written")
@@ -140,12 +140,12 @@ def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str,
         write_baseline(path, rows, prov)
         return result("updated", "exact", True, f"wrote new baseline {path}")
     try:
-        header, base = read_csv(path)
+        header, base = read_baseline(path)
     except RecordError as e:
         if update in ("failing", "all"):
             write_baseline(path, rows, prov)
             return result("updated", "exact", True, f"rewrote unreadable baseline {path} ({e})")
-        return result("error", "exact", False, f"{e}; fix or recreate it with {create_commands(case, 'failing')}")
+        raise RecordError(f"{e}; fix or recreate it with {create_commands(case, 'failing')}") from None
 
     mine = {**prov, "torch": torch_version}
     differ = differing_fields(platform, header, mine)
@@ -198,14 +198,43 @@ def check_case_baselines(case: Case, run_dir, root=None, update: str | None = No
     """check_baseline for every setup, with platform and torch version from its run.json."""
     results = []
     for s in case.setups:
-        try:
-            run = read_json(setup_dir(run_dir, case.name, s.name) / "run.json")
-        except RecordError as e:
-            results.append(_result(s.name, None, "unknown", "error", "exact", False, f"cannot read the run: {e}"))
-            continue
-        platform = run.get("platform") or platform_key(run.get("device", ""))
+        run = read_json(setup_dir(run_dir, case.name, s.name) / "run.json")
+        platform = run.get("platform") or platform_key(str(run.get("device", "")))
         results.append(check_baseline(case, s, run_dir, root, platform, run.get("torch", "unknown"), update))
     return results
+
+
+def read_baseline(path: Path) -> tuple[dict[str, str], list[dict]]:
+    """(provenance, rows) of a baseline file, refused when its provenance contradicts its file name.
+
+    The platform in the name decides which runs it is compared with and whether exactly, so a
+    file whose header claims another platform must not quietly switch an exact check to tolerance.
+    """
+    header, rows = read_csv(path, COLUMNS)
+    parts = _split_name(path)
+    if parts is None:
+        raise RecordError(f"{path}: the file name is not <setup>.<platform>.csv")
+    if header.get("platform") != parts[1]:
+        raise RecordError(f"{path}:1: provenance says platform {header.get('platform')!r} but the file name says "
+                          f"{parts[1]!r}; allowed: the same platform in both")
+    return header, rows
+
+
+def check_case_files(case: Case, root, update: str | None) -> None:
+    """Every stored baseline of the case is readable: checked before anything runs (bad input, exit 2).
+
+    Under update modes that rewrite failing baselines, an unreadable one is left to be rewritten.
+    """
+    if update in ("failing", "all"):
+        return
+    folder = Path(root if root is not None else DEFAULT_ROOT) / case.name
+    for path in sorted(folder.glob("*.csv")) if folder.is_dir() else ():
+        parts = _split_name(path)
+        if parts is not None and parts[0] in {s.name for s in case.setups}:
+            try:
+                read_baseline(path)
+            except RecordError as e:
+                raise RecordError(f"{e}; fix or recreate it with {create_commands(case, 'failing')}") from None
 
 
 def _split_name(path: Path) -> tuple[str, str] | None:
@@ -242,6 +271,9 @@ def _significant_digits(x: float) -> int:
 
 def lint(root=None) -> list[str]:
     """Problems in the stored baselines, one line each naming file and line."""
+    folder = Path(root if root is not None else DEFAULT_ROOT)
+    if not folder.is_dir():
+        raise RecordError(f"{folder}: no such directory; allowed: the baseline root (default {DEFAULT_ROOT})")
     problems = []
     for path in baseline_files(root):
         try:
@@ -271,7 +303,15 @@ def lint(root=None) -> list[str]:
             previous = row["step"]
         for column in COMPARED:
             digits = [_significant_digits(r[column]) for r in rows]
-            if len(rows) >= ROUNDED_MIN_ROWS and max(digits) <= ROUNDED_DIGITS:
+            # A short value that is a short binary fraction (7.5, 7.25) can be a real result; a short
+            # decimal that is not (8.07496) was rounded on the way in.
+            short = [(line, r[column], d) for r, line, d in zip(rows, lines, digits)
+                     if d <= ROUNDED_DIGITS and not (r[column] * 2**20).is_integer()]
+            if len(rows) >= ROUNDED_MIN_ROWS and len(short) == len(rows):
                 problems.append(f"{path}:{lines[0]}: {column} looks rounded: every value has at most "
                                 f"{max(digits)} significant digits; store full repr precision")
+            elif short:  # one hand-edited or pasted value turns that step's exact check into an approximate one
+                line, value, d = short[0]
+                problems.append(f"{path}:{line}: {column} {value!r} has only {d} significant digits "
+                                f"({len(short)} such value(s) in this column): rounded? store full repr precision")
     return problems

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from parity import records
-from parity.runner import run_case
+from parity.runner import case_lock, prepare_out, run_case
 from parity.spec import Case
 
 ORACLE = "oracle_float64"
@@ -52,7 +52,9 @@ def propose(errors: dict[str, dict[str, float]], multiple: float, floor: float) 
 
 def calibrate(case: Case, out: Path, steps: int | None, timeout_s: float, multiple: float, floor: float) -> str:
     calib = replace(case, setups=(oracle_setup(case),) + case.setups)
-    results = run_case(calib, out, "cpu", steps, timeout_s)
+    out = prepare_out(out)
+    with case_lock(out, case.name):
+        results = run_case(calib, out, "cpu", steps, timeout_s)
     failed = [f"{name}: {r.status}: {r.message.splitlines()[0]}" for name, r in results.items() if r.status != "ok"]
     if failed:
         return f"{case.name}: calibration run failed\n" + "\n".join(failed)

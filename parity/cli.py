@@ -6,13 +6,16 @@ Exit codes: 0 every expectation held, 1 one failed (or a run crashed), 2 bad inp
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
 import time
 from pathlib import Path
 
 from parity import records
 from parity.errors import InputError
-from parity.spec import find_cases, load_case
+from parity.paths import inside, name_problem
+from parity.spec import MAX_STEPS, load_cases
 
 UPDATE_MODES = ("failing", "new", "all")
 DEFAULT_OUT = Path("reports/runs/latest")
@@ -22,18 +25,14 @@ class UsageError(InputError):
     """Bad input found by the CLI itself: printed as one line, exit 2."""
 
 
-def _load_cases(paths: list[str]):
-    cases = []
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            cases.extend(load_case(c) for c in find_cases(path))
-        else:
-            cases.append(load_case(path))
-    names = [c.name for c in cases]
-    dupes = {n for n in names if names.count(n) > 1}
-    if dupes:
-        raise UsageError(f"case names must be unique in one run: {', '.join(sorted(dupes))}")
+def _load_cases(paths: list[str], baseline_root: str | None = None, update: str | None = None):
+    """Every case validated (and, with a baseline root, its stored baselines readable) before anything runs."""
+    cases = load_cases(paths)
+    if baseline_root is not None:
+        from parity.baselines import check_case_files
+
+        for case in cases:
+            check_case_files(case, Path(baseline_root), update)
     return cases
 
 
@@ -69,12 +68,14 @@ def step_table(case, run_dir: Path) -> str:
 def cmd_run(args) -> int:
     from parity import compare
     from parity.progress import Progress
-    from parity.runner import judge, resolve_device, run_case
+    from parity.runner import case_lock, check_out, judge, prepare_out, resolve_device, run_case, seed_for
 
-    cases = _load_cases(args.cases)
+    cases = _load_cases(args.cases, args.baselines, args.update_baselines)
     # Every case's device (GPU count, SDPA kernels) is checked before the first one runs: bad input writes nothing.
     devices = {case.name: resolve_device(args.device, case) for case in cases}
-    out = Path(args.out)
+    check_out(Path(args.out))
+    seeds = {c.name: seed_for(c, None) for c in cases}  # every seed checked (or built) before anything is written
+    out = prepare_out(Path(args.out))
     progress = Progress()
     command = ["parity", "run", *args.cases, "--device", args.device, "--out", str(out)]
     if args.steps:
@@ -92,15 +93,16 @@ def cmd_run(args) -> int:
                 return
             progress.update(case.name, p["setup"], p["step"], p["steps"], time.monotonic() - case_start)
 
-        results = run_case(case, out, devices[case.name], args.steps, args.timeout, on_progress=on_progress,
-                           command=command, repeat=args.repeat)
-        progress.done()
-        for name, r in results.items():
-            if r.status != "ok":
-                print(f"{case.name}/{name}: {r.status}: {r.message}", file=sys.stderr)
-        print(f"\n== {case.name} ({out / case.name}) ==")
-        print(step_table(case, out))
-        verdict = judge(case, out, Path(args.baselines), args.update_baselines)
+        with case_lock(out, case.name):
+            results = run_case(case, out, devices[case.name], args.steps, args.timeout, on_progress=on_progress,
+                               command=command, seed=seeds[case.name], repeat=args.repeat)
+            progress.done()
+            for name, r in results.items():
+                if r.status != "ok":
+                    print(f"{case.name}/{name}: {r.status}: {r.message}", file=sys.stderr)
+            print(f"\n== {case.name} ({out / case.name}) ==")
+            print(step_table(case, out))
+            verdict = judge(case, out, Path(args.baselines), args.update_baselines)
         print(compare.format_verdict(verdict))
         failed |= not verdict["passed"]
     ran = {c.name for c in cases}
@@ -132,9 +134,10 @@ def cmd_compare(args) -> int:
     from parity import compare
     from parity.runner import judge
 
+    run_dir = _existing_dir(args.run_dir, "RUN_DIR")
     failed = False
-    for case in _load_cases(args.cases):
-        verdict = judge(case, Path(args.run_dir), Path(args.baselines), args.update_baselines)
+    for case in _load_cases(args.cases, args.baselines, args.update_baselines):
+        verdict = judge(case, run_dir, Path(args.baselines), args.update_baselines)
         print(compare.format_verdict(verdict))
         failed |= not verdict["passed"]
     return 1 if failed else 0
@@ -143,11 +146,12 @@ def cmd_compare(args) -> int:
 def cmd_report(args) -> int:
     from parity.report import regression_report, write_report
 
-    run_dir = _existing_dir(args.run_dir, "RUN_DIR")
+    run_dir = _run_dir(args.run_dir, "RUN_DIR")
+    against = _run_dir(args.against, "--against") if args.against else None
     md, html = write_report(run_dir)
     print(f"report: {md}\n        {html}")
-    if args.against:
-        text, changed = regression_report(run_dir, _existing_dir(args.against, "--against"))
+    if against:
+        text, changed = regression_report(run_dir, against)
         print(text)
         return 1 if changed else 0
     return 0
@@ -156,7 +160,13 @@ def cmd_report(args) -> int:
 def cmd_evidence(args) -> int:
     from parity.report import evidence
 
-    print(evidence(_existing_dir(args.run_dir, "RUN_DIR"), args.case))
+    run_dir = _run_dir(args.run_dir, "RUN_DIR")
+    if args.case is not None:
+        if (problem := name_problem(args.case)) is not None:
+            raise UsageError(f"--case: {problem}")
+        if not inside(run_dir, args.case).is_dir():
+            raise UsageError(f"--case: no run of case {args.case} in {run_dir}")
+    print(evidence(run_dir, args.case))
     return 0
 
 
@@ -166,7 +176,9 @@ def cmd_baselines(args) -> int:
     root = Path(args.baselines)
     if args.action == "lint":
         problems = baselines.lint(root)
-        unused = baselines.unused_baselines(root, _load_cases(["cases"]))
+        # Unused files are judged against the case files beside the baseline root, where there are any.
+        cases_dir = root.parent / "cases"
+        unused = baselines.unused_baselines(root, _load_cases([cases_dir])) if cases_dir.is_dir() else []
         for p in problems:
             print(p)
         for p in unused:
@@ -191,19 +203,50 @@ def _existing_dir(p: str, what: str) -> Path:
     return path
 
 
+def _run_dir(p: str, what: str) -> Path:
+    """A directory holding at least one case run (what `parity run` writes), checked before anything is drawn."""
+    from parity.report import find_cases
+
+    path = _existing_dir(p, what)
+    if not find_cases(path):
+        raise UsageError(f"{what}: {p} holds no case runs; allowed: a run directory written by `parity run` or pytest")
+    return path
+
+
+def bare_flag_default(argv: list[str], flag: str, choices, default: str) -> list[str]:
+    """`FLAG` followed by something other than one of its choices means `FLAG=default`.
+
+    argparse would otherwise take the next word (`--update-baselines cases/x.toml`) as the flag's
+    value and reject or, worse, swallow a case path.
+    """
+    fixed = list(argv)
+    for i, word in enumerate(fixed):
+        if word == flag and (i + 1 == len(fixed) or fixed[i + 1] not in choices):
+            fixed[i] = f"{flag}={default}"
+    return fixed
+
+
 def _update_mode(value: str) -> str:
     if value not in UPDATE_MODES:
         raise argparse.ArgumentTypeError(f"allowed: {', '.join(UPDATE_MODES)}")
     return value
 
 
-def _positive(kind):
+def _positive(kind, maximum=None):
     def parse(value):
-        v = kind(value)
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+        try:
+            v = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not math.isfinite(v) or v <= 0 or (maximum is not None and v > maximum):
+            bound = f" and at most {maximum}" if maximum is not None else ""
+            raise argparse.ArgumentTypeError(f"{value!r} is not allowed; allowed: a finite number > 0{bound}")
         return v
     return parse
+
+
+STEPS = _positive(int, MAX_STEPS)
+TIMEOUT = _positive(float, 7 * 24 * 3600.0)  # a week: beyond it, a typo (and nan, inf would never fire)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -214,8 +257,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CUDA when enough GPUs are visible, else CPU with gloo ranks")
         sp.add_argument("--out", default=str(DEFAULT_OUT), help="run directory (default %(default)s)")
-        sp.add_argument("--steps", type=_positive(int), help="override every setup's step count")
-        sp.add_argument("--timeout", type=_positive(float), default=900.0, help="seconds per launch before ranks are killed")
+        sp.add_argument("--steps", type=STEPS, help="override every setup's step count")
+        sp.add_argument("--timeout", type=TIMEOUT, default=900.0, help="seconds per launch before ranks are killed")
 
     r = sub.add_parser("run", help="run cases and judge them")
     r.add_argument("cases", nargs="+", help="case files or directories of them")
@@ -264,8 +307,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, _frame):
+    # SIGTERM (a cancelled CI job, `timeout`) unwinds like Ctrl-C, so runs record that they were
+    # interrupted and the launcher takes its ranks down.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> int:
+    argv = bare_flag_default(sys.argv[1:] if argv is None else argv, "--update-baselines", UPDATE_MODES, "failing")
     args = parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.fn(args)
     except InputError as e:
@@ -274,6 +325,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("parity: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

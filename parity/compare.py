@@ -49,7 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.records import RecordError, read_csv, read_json, write_json
+from parity.paths import inside
+from parity.records import RUN_STATUSES, RecordError, read_json, read_metrics, read_weights, write_json
 from parity.spec import REPEAT_SUFFIX, Case, Tolerance
 
 STEP_METRICS = ("loss", "grad_norm")
@@ -188,23 +189,23 @@ def not_compared(reason: str) -> dict:
 
 
 def _load_run(directory: Path, name: str) -> dict:
-    """run.json, metrics and weights of one setup, with a problem line for anything unusable."""
-    run = {"info": None, "metrics": None, "weights": None, "problems": []}
-    try:
-        run["info"] = read_json(directory / "run.json")
-    except RecordError as e:
-        run["problems"].append(f"{name}: {e}")
-    else:
-        status = run["info"].get("status")
-        if status != "ok":
-            message = run["info"].get("message")  # written by the runner for failed / timed-out setups
-            detail = message.splitlines()[0] if message else None
-            run["problems"].append(f"{name}: run status is {status!r}" + (f": {detail}" if detail else ""))
-    for key, file in (("metrics", "metrics.csv"), ("weights", "weights.csv")):
-        try:
-            run[key] = read_csv(directory / file)[1]
-        except RecordError as e:
-            run["problems"].append(f"{name}: {e}")
+    """run.json, metrics and weights of one setup.
+
+    A setup whose run failed is a problem of the verdict (exit 1); records that are missing or
+    malformed where the run says it finished are bad input (RecordError, exit 2): the run
+    directory is not what `parity run` writes.
+    """
+    run = {"info": read_json(directory / "run.json"), "metrics": None, "weights": None, "problems": []}
+    status = run["info"].get("status")
+    if status not in RUN_STATUSES:
+        raise RecordError(f"{directory / 'run.json'}: status {status!r}; allowed: {', '.join(RUN_STATUSES)}")
+    if status != "ok":
+        message = run["info"].get("message")  # written by the runner for failed / timed-out setups
+        detail = str(message).splitlines()[0] if message else None
+        run["problems"].append(f"{name}: run status is {status!r}" + (f": {detail}" if detail else ""))
+        return run
+    run["metrics"] = read_metrics(directory / "metrics.csv")
+    run["weights"] = read_weights(directory / "weights.csv")
     return run
 
 
@@ -323,7 +324,7 @@ def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None =
 
 
 def verdict_path(run_dir: str | Path, case_name: str) -> Path:
-    return Path(run_dir) / case_name / "verdict.json"
+    return inside(run_dir, case_name, "verdict.json")
 
 
 def write_verdict(run_dir: str | Path, verdict: dict) -> Path:

@@ -48,14 +48,26 @@ def file_rows(tokens: np.ndarray, step: int, rows: range, global_batch: int, seq
     return np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
 
 
+class TokenFileError(ValueError):
+    """A token file that cannot feed the model; the message says what is wrong with it."""
+
+
 def load_token_file(path: str, seq_len: int, vocab: int) -> np.ndarray:
-    tokens = np.load(path, mmap_mode="r")
-    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"{path}: expected a 1-D integer array of token ids, got {tokens.dtype} {tokens.shape}")
+    """A 1-D integer array of at least seq_len + 1 ids in [0, vocab); checked in full, once, by the validator."""
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickle a data file
+    except (OSError, ValueError, EOFError) as e:
+        raise TokenFileError(f"{path} is not a readable .npy array ({type(e).__name__}: {e}); "
+                             "allowed: a 1-D integer .npy array of token ids") from None
+    if not isinstance(tokens, np.ndarray) or tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        shape = getattr(tokens, "shape", "?")
+        raise TokenFileError(f"{path} holds {getattr(tokens, 'dtype', type(tokens).__name__)} {shape}; "
+                             "allowed: a 1-D integer array of token ids")
     if len(tokens) < seq_len + 1:
-        raise ValueError(f"{path}: {len(tokens)} tokens, need at least seq_len + 1 = {seq_len + 1}")
-    if tokens.min() < 0 or tokens.max() >= vocab:
-        raise ValueError(f"{path}: token ids must lie in [0, {vocab}) for this model")
+        raise TokenFileError(f"{path} has {len(tokens)} tokens; allowed: at least seq_len + 1 = {seq_len + 1}")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab:
+        raise TokenFileError(f"{path} has token ids from {low} to {high}; allowed: ids in [0, {vocab}) for this model")
     return np.asarray(tokens)
 
 

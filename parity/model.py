@@ -17,16 +17,21 @@ from torch import nn
 from parity.presets import ModelConfig
 
 
-def rope_tables(cfg: ModelConfig, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of torchtitan's precompute_freqs_cis, as real tables (seq_len, head_dim // 2)."""
-    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2)[: cfg.head_dim // 2].float() / cfg.head_dim))
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
+def rope_tables(cfg: ModelConfig, seq_len: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of torchtitan's precompute_freqs_cis, as real tables (seq_len, head_dim // 2).
+
+    float32, as torchtitan computes them, for every training dtype but float64: a float64 oracle
+    must not carry a float32 rounding of its rotation angles.
+    """
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2)[: cfg.head_dim // 2].to(dtype) / cfg.head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=dtype), freqs)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x0, x1) as torchtitan's complex multiply does; x: (bs, seq, heads, head_dim)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
+    # At least float32, as torchtitan rotates; float64 (the oracle) stays float64.
+    pairs = x.to(torch.promote_types(cos.dtype, torch.float32)).unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
     cos, sin = cos[None, : x.shape[1], None, :], sin[None, : x.shape[1], None, :]
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).type_as(x)
@@ -76,7 +81,7 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, seq_len: int):
+    def __init__(self, cfg: ModelConfig, seq_len: int, rope_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -84,7 +89,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg, seq_len)
+        cos, sin = rope_tables(cfg, seq_len, rope_dtype)
         # Not persistent: derived from the config, so not part of the checkpoint.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -117,7 +122,7 @@ def build_model(cfg: ModelConfig, seq_len: int, seed: int, dtype: torch.dtype = 
     """Deterministic on every machine: init in float32 on CPU from `seed`, then cast."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    model = Transformer(cfg, seq_len)
+    model = Transformer(cfg, seq_len, torch.float64 if dtype == torch.float64 else torch.float32)
     model.init_weights()
     torch.random.set_rng_state(gen_state)
     return model.to(dtype)

@@ -35,14 +35,16 @@ def markers_for(case) -> list[str]:
 
 
 def pytest_addoption(parser):
+    from parity.cli import STEPS, TIMEOUT  # one parser per value, shared with the command line
+
     g = parser.getgroup("parity", "numerics parity cases")
     g.addoption("--parity-device", choices=("auto", "cpu", "cuda"), default="auto",
                 help="auto: CUDA when enough GPUs are visible for a case, else CPU with gloo ranks")
     g.addoption("--parity-out", default=None, help="run directory for case outputs and the report (default reports/runs/pytest)")
-    g.addoption("--parity-update-baselines", nargs="?", const="failing", default=None,
-                choices=("failing", "new", "all"), help="write baselines: failing (default when given), new, all")
-    g.addoption("--parity-steps", type=int, default=None, help="override every case's step count")
-    g.addoption("--parity-timeout", type=float, default=900.0, help="seconds per torchrun launch before its ranks are killed")
+    g.addoption("--parity-update-baselines", nargs="?", const="failing", default=None, type=_mode_or_path,
+                metavar="{failing,new,all}", help="write baselines: failing (default when given), new, all")
+    g.addoption("--parity-steps", type=STEPS, default=None, help="override every case's step count")
+    g.addoption("--parity-timeout", type=TIMEOUT, default=900.0, help="seconds per torchrun launch before its ranks are killed")
     g.addoption("--parity-strict", action="store_true",
                 help="fail instead of skip when --parity-device cuda has too few GPUs or a case cannot run on the device")
     g.addoption("--parity-repeat", action="store_const", const=True, dest="parity_repeat", default=None,
@@ -54,7 +56,33 @@ def pytest_addoption(parser):
     g.addoption("--parity-baselines", default=None, help="baseline root (default <rootdir>/baselines)")
 
 
+class _SwallowedArg(str):
+    """A word argparse took as the mode of a bare --parity-update-baselines; it was meant as a path."""
+
+
+def _mode_or_path(value: str) -> str:
+    from parity.cli import UPDATE_MODES
+
+    return value if value in UPDATE_MODES else _SwallowedArg(value)
+
+
+def _give_back_swallowed_arg(config) -> None:
+    """`pytest --parity-update-baselines parity` means mode "failing" and the path `parity`, as the CLI reads it."""
+    value = config.getoption("parity_update_baselines")
+    if not isinstance(value, _SwallowedArg):
+        return
+    if value.startswith("-") or not (config.invocation_params.dir / value.split("::")[0]).exists():
+        from parity.cli import UPDATE_MODES
+
+        raise pytest.UsageError(f"--parity-update-baselines: {value!r} is neither a mode "
+                                f"({', '.join(UPDATE_MODES)}) nor an existing path")
+    config.option.parity_update_baselines = "failing"
+    given = config.args_source == pytest.Config.ArgsSource.ARGS
+    config.args[:] = [*config.args, str(value)] if given else [str(value)]
+
+
 def pytest_configure(config):
+    _give_back_swallowed_arg(config)
     for name, doc in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {doc}")
     worker = getattr(config, "workerinput", None)
@@ -74,18 +102,52 @@ def parity_paths(config) -> tuple[Path, Path, Path]:
     return cases, baselines, out
 
 
+def load_parity_cases(config):
+    """The session's cases, validated with their stored baselines; bad input is a pytest usage error."""
+    from parity.baselines import check_case_files
+    from parity.errors import InputError
+    from parity.spec import find_cases, load_cases
+
+    cases_dir, baseline_root, _ = parity_paths(config)
+    try:
+        cases = load_cases(find_cases(cases_dir))
+        for case in cases:
+            check_case_files(case, baseline_root, config.getoption("parity_update_baselines"))
+    except InputError as e:
+        raise pytest.UsageError(f"parity: {e}") from None
+    return cases
+
+
+def _collects_cases(config) -> bool:
+    """Whether this session's arguments reach parity/test_parity.py (so `pytest tests/x.py` skips the checks)."""
+    module = Path(__file__).with_name("test_parity.py").resolve()
+    for arg in config.args:
+        target = arg.split("::")[0]
+        if config.option.pyargs and target in ("parity", "parity.test_parity"):
+            return True
+        path = (config.invocation_params.dir / target).resolve()
+        if module == path or module.is_relative_to(path):
+            return True
+    return False
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist starts its workers
 def pytest_sessionstart(session):
-    """The report covers this session only: clear case outputs an earlier session left in the run directory."""
+    """Check every case file before any test runs; then clear outputs an earlier session left behind."""
     config = session.config
     if getattr(config, "workerinput", None) is not None:
         return
+    if not _collects_cases(config):
+        return
+    load_parity_cases(config)  # a bad case stops the session here, as a usage error (exit 4)
     import shutil
+
+    from parity.paths import CASE_MARKER
 
     _, _, out = parity_paths(config)
     if out.is_dir():
-        for child in out.iterdir():
-            if child.is_dir() and ((child / "verdict.json").exists() or any(child.glob("*/run.json"))):
+        for child in out.iterdir():  # only folders a parity run made (they carry its mark)
+            if child.is_dir() and not child.is_symlink() and (child / CASE_MARKER).is_file():
                 shutil.rmtree(child)
         for name in ("report.md", "report.html"):
             (out / name).unlink(missing_ok=True)
@@ -94,12 +156,8 @@ def pytest_sessionstart(session):
 def pytest_generate_tests(metafunc):
     if "parity_case" not in metafunc.fixturenames:
         return
-    from parity.spec import find_cases, load_case
-
-    cases_dir, _, _ = parity_paths(metafunc.config)
     params = []
-    for path in find_cases(cases_dir):
-        case = load_case(path)  # a bad case file is a collection error naming the file and key
+    for case in load_parity_cases(metafunc.config):
         marks = [getattr(pytest.mark, m) for m in markers_for(case)] + [pytest.mark.parity_case]
         params.append(pytest.param(case, id=case.name, marks=marks))
     metafunc.parametrize("parity_case", params)
@@ -107,7 +165,7 @@ def pytest_generate_tests(metafunc):
 
 def run_and_judge(case, config) -> tuple[dict, str]:
     """Run one case as the CLI would; returns (verdict, failure message)."""
-    from parity.runner import DeviceError, judge, resolve_device, run_case
+    from parity.runner import DeviceError, case_lock, judge, prepare_out, resolve_device, run_case, seed_for
     from parity.spec import BackendError
 
     _, baseline_root, out = parity_paths(config)
@@ -124,10 +182,13 @@ def run_and_judge(case, config) -> tuple[dict, str]:
     command = ["pytest", f"parity/test_parity.py::test_case[{case.name}]", "--parity-device", device]
     command += ["--parity-steps", str(steps)] if steps else []
     command += [] if repeat is None else ["--parity-repeat" if repeat else "--parity-no-repeat"]
-    with pool.acquire(case.world_size) if pool and resolved == "cuda" else nullcontext() as gpus:
-        run_case(case, out, resolved, steps, config.getoption("parity_timeout"), command=command, repeat=repeat,
-                 gpus=gpus)
-    verdict = judge(case, out, baseline_root, config.getoption("parity_update_baselines"))
+    seed = seed_for(case, None)
+    out = prepare_out(out)
+    with case_lock(out, case.name):
+        with pool.acquire(case.world_size) if pool and resolved == "cuda" else nullcontext() as gpus:
+            run_case(case, out, resolved, steps, config.getoption("parity_timeout"), command=command, seed=seed,
+                     repeat=repeat, gpus=gpus)
+        verdict = judge(case, out, baseline_root, config.getoption("parity_update_baselines"))
     message = ""
     if not verdict["passed"]:
         message = _failure_message(case, verdict, out)
@@ -178,8 +239,8 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(f"parity: {line}")
     terminalreporter.write_line(f"parity: cases per device: {counts}")
     from parity.baselines import unused_baselines
-    from parity.spec import find_cases, load_case
+    from parity.spec import find_cases, load_cases
 
     cases_dir, baseline_root, _ = parity_paths(config)
-    for path in unused_baselines(baseline_root, [load_case(p) for p in find_cases(cases_dir)]):
+    for path in unused_baselines(baseline_root, load_cases(find_cases(cases_dir))):
         terminalreporter.write_line(f"parity: unused baseline {path}: its case or setup no longer exists")

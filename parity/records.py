@@ -16,13 +16,17 @@ import json
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from parity.errors import InputError
+from parity.paths import inside
 
 METRIC_COLUMNS = ("step", "loss", "grad_norm", "lr", "tokens", "step_time_s")
 WEIGHT_COLUMNS = ("param", "norm", "sha256")
 INT_COLUMNS = {"step", "tokens"}
+# run.json "status": ok (rank 0 wrote every record), or why the runner wrote it in its place.
+RUN_STATUSES = ("ok", "failed", "timeout", "interrupted")
 STR_COLUMNS = {"param", "sha256"}
 
 
@@ -30,20 +34,34 @@ class RecordError(InputError):
     """A record file that cannot be read; the message names the file and the line."""
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file in the same directory and rename: readers never see half a file."""
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w"):
+    """A file object whose contents appear at `path` whole, on success only: a temporary file in the
+    same directory, renamed over `path`. Readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a team's shared report must stay readable
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def format_value(value) -> str:
@@ -67,16 +85,21 @@ def write_csv(path, columns, rows, header_lines=()) -> None:
     atomic_write_text(path, csv_text(columns, rows, header_lines))
 
 
-def read_csv(path: str | Path) -> tuple[dict[str, str], list[dict]]:
-    """Returns (the `# key: value` header lines, the rows with ints, floats and strings parsed)."""
+def read_csv(path: str | Path, required=()) -> tuple[dict[str, str], list[dict]]:
+    """Returns (the `# key: value` header lines, the rows with ints, floats and strings parsed).
+
+    `required` names the columns the caller reads: a file without one of them is a RecordError.
+    """
     path = Path(path)
     header: dict[str, str] = {}
     rows: list[dict] = []
     columns = None
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise RecordError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise RecordError(f"{path}: not a text file (binary content); expected CSV") from None
     for lineno, line in enumerate(lines, 1):
         if line.startswith("#"):
             key, sep, value = line[1:].partition(":")
@@ -84,9 +107,15 @@ def read_csv(path: str | Path) -> tuple[dict[str, str], list[dict]]:
                 raise RecordError(f"{path}:{lineno}: header line is not '# key: value'")
             header[key.strip()] = value.strip()
             continue
-        cells = next(csv.reader([line]))
+        try:
+            cells = next(csv.reader([line]))
+        except (csv.Error, StopIteration) as e:
+            raise RecordError(f"{path}:{lineno}: not a CSV line ({e})") from None
         if columns is None:
             columns = cells
+            if missing := [c for c in required if c not in columns]:
+                raise RecordError(f"{path}:{lineno}: missing column(s) {', '.join(missing)}; "
+                                  f"the header has {','.join(columns)}")
             continue
         if len(cells) != len(columns):
             raise RecordError(f"{path}:{lineno}: {len(cells)} fields, expected {len(columns)} ({','.join(columns)})")
@@ -107,7 +136,7 @@ def write_metrics(path, rows) -> None:
 
 
 def read_metrics(path) -> list[dict]:
-    return read_csv(path)[1]
+    return read_csv(path, METRIC_COLUMNS[:3])[1]
 
 
 def write_weights(path, rows) -> None:
@@ -115,7 +144,7 @@ def write_weights(path, rows) -> None:
 
 
 def read_weights(path) -> list[dict]:
-    return read_csv(path)[1]
+    return read_csv(path, WEIGHT_COLUMNS)[1]
 
 
 def _jsonable(value):
@@ -134,11 +163,15 @@ def write_json(path, obj) -> None:
 
 
 def read_json(path) -> dict:
+    """A JSON object; anything else (binary, `[]`, `null`) is a RecordError naming the file."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError covers JSONDecodeError and UnicodeDecodeError
         raise RecordError(f"{path}: cannot read JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise RecordError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def setup_dir(out: str | Path, case: str, setup: str) -> Path:
-    return Path(out) / case / setup
+    return inside(out, case, setup)

@@ -10,10 +10,8 @@ from __future__ import annotations
 import base64
 import html
 import math
-import os
 import shlex
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from parity import records  # noqa: E402
 from parity.compare import ran_on  # noqa: E402
+from parity.paths import inside  # noqa: E402
 
 PLOTTED = ("loss", "grad_norm")
 LABEL = {"loss": "loss", "grad_norm": "grad norm"}
@@ -344,20 +343,14 @@ def build_figure(run_dir, case_name: str):
 
 
 def _save_atomic(fig, path: Path, fmt: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with records.atomic_open(path, "wb") as f:
+        fig.savefig(f, format=fmt, dpi=DPI)
 
 
 def plot_case(run_dir, case_name: str) -> tuple[Path, Path]:
     """Writes `<run_dir>/<case>/<case>.png` and `.svg`; returns their paths."""
     fig = build_figure(run_dir, case_name)
-    base = Path(run_dir) / case_name / case_name
+    base = inside(run_dir, case_name, case_name)
     try:
         _save_atomic(fig, base.with_suffix(".png"), "png")
         _save_atomic(fig, base.with_suffix(".svg"), "svg")

@@ -6,10 +6,14 @@ plain values and leaves verdicts to parity.compare.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +21,7 @@ from pathlib import Path
 from parity import records
 from parity.errors import InputError
 from parity.launch import DEFAULT_TIMEOUT_S, LaunchResult, launch
+from parity.paths import CASE_MARKER, inside
 from parity.spec import REPEAT_SUFFIX, Case, Setup, check_attention
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,60 +97,140 @@ def group_by_world_size(setups) -> dict[int, list[Setup]]:
     return groups
 
 
-def seed_for(case: Case, cache: Path | None) -> tuple[str, str]:
-    """(checkpoint path, sha256) for the case: its own seed_checkpoint, or the cached built one."""
-    from parity.seed import checkpoint_sha256, seed_checkpoint
+def seed_for(case: Case, cache: Path | None):
+    """The case's seed checkpoint (its own seed_checkpoint, or the cached build), hashed and checked now.
 
-    if case.seed_checkpoint is not None:
-        return str(case.seed_checkpoint), checkpoint_sha256(case.seed_checkpoint)
+    Returns parity.seed.SeedInfo; the notes say what was found damaged and repaired on the way.
+    """
+    from parity.seed import resolve_seed
+
     keys = {(s.train.model, s.train.seed, s.train.dtype) for s in case.setups}
     if len(keys) != 1:  # a setup overriding seed or dtype still starts from the reference's weights
         keys = {(case.reference.train.model, case.reference.train.seed, case.reference.train.dtype)}
     model, seed, dtype = keys.pop()
-    path, sha, _ = seed_checkpoint(model, seed, dtype, cache)
-    return str(path), sha
+    return resolve_seed(model, seed, dtype, cache, external=case.seed_checkpoint)
+
+
+def check_out(out: Path) -> Path:
+    """Whether --out can become a run directory, judged without writing anything."""
+    out = Path(out)
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        what = "exists and is not a directory" if existing == out else f"lies under {existing}, which is not a directory"
+        raise InputError(f"--out {out}: {what}; allowed: a directory or a new path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {existing} is not writable; allowed: a writable directory")
+    return out
+
+
+def prepare_out(out: Path) -> Path:
+    """The run directory, created if need be; any reason it cannot hold a run is bad input, found now."""
+    out = check_out(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write there ({e.strerror}); allowed: a writable directory") from None
+    return out
+
+
+@contextmanager
+def case_lock(out: Path, case_name: str):
+    """One run of a case into one --out at a time: a second one fails at once instead of mixing files."""
+    path = inside(out, f".{case_name}.lock")
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{out / case_name}: another parity run is writing this case now; wait for it "
+                             "or choose another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def fresh_case_dir(out: Path, case_name: str) -> Path:
+    """An empty <out>/<case>/, marked as ours. An older folder is deleted only if it carries our mark."""
+    case_dir = inside(out, case_name)
+    if case_dir.is_symlink() or (case_dir.exists() and not (case_dir / CASE_MARKER).is_file()):
+        raise InputError(f"{case_dir}: exists and was not made by parity; refusing to delete it; "
+                         "allowed: move it away or choose another --out")
+    if case_dir.exists():
+        shutil.rmtree(case_dir)  # stale files from an older run must never be compared
+    case_dir.mkdir()
+    (case_dir / CASE_MARKER).write_text(case_name + "\n")
+    return case_dir
 
 
 def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = None,
              timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None, on_progress=None,
-             command: list[str] | None = None, repeat: bool | None = None,
+             command: list[str] | None = None, seed=None, repeat: bool | None = None,
              gpus: list[str] | None = None) -> dict[str, LaunchResult]:
     """Run every setup of the case; returns {setup name: how its launch ended}.
 
+    `seed` is seed_for(case, cache) when the caller checked it already (before writing anything).
+    The caller holds case_lock(out, case.name) for the run and its verdict.
     `gpus`: the GPU ids this run may use (CUDA_VISIBLE_DEVICES of its launches); default all visible.
     With `repeat` (see wants_repeat), the reference runs a second time, last in its launch.
     """
     import torch
 
+    from parity.seed import verify
+
     case = with_steps(case, steps)
     device = resolve_device(device, case, None if gpus is None else len(gpus))
     setups = list(case.setups) + ([repeat_setup(case)] if wants_repeat(case, device, repeat) else [])
-    case_dir = Path(out) / case.name
-    shutil.rmtree(case_dir, ignore_errors=True)  # stale files from an older run must never be compared
-    case_dir.mkdir(parents=True)
-    ckpt, seed_sha = seed_for(case, cache)
+    seed = seed or seed_for(case, cache)
+    for note in seed.notes:
+        print(f"parity: {note}", file=sys.stderr, flush=True)
+    out = prepare_out(out)
+    case_dir = fresh_case_dir(out, case.name)
+    ckpt, seed_sha = str(seed.path), seed.sha256
     provenance = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
                   "seed_checkpoint": ckpt, "seed_checkpoint_sha256": seed_sha, "case_path": str(case.path),
                   "case_sha256": case.sha256, "git_commit": git_commit(), "command": command}
     results: dict[str, LaunchResult] = {}
     launches = []
-    with tempfile.TemporaryDirectory(prefix=".launch-", dir=case_dir) as workdir:
-        for world_size, group in sorted(group_by_world_size(setups).items()):
-            plan = {"case": case.name, "out": str(Path(out).resolve()), "device": device, "seed_checkpoint": ckpt,
-                    "provenance": provenance, "determinism": case.determinism, "timeout_s": timeout_s,
-                    "setups": [s.to_dict() for s in group]}
-            result = launch(plan, world_size, Path(workdir), timeout_s, on_progress, gpus)
-            launches.append({"world_size": world_size, "setups": [s.name for s in group], "status": result.status,
-                             "wall_s": result.wall_s})
-            if result.status != "ok":
-                keep = case_dir / f"torchrun-ws{world_size}.log"
-                shutil.copy(Path(workdir) / f"torchrun-ws{world_size}.log", keep)
-            for s in group:  # a setup that finished before another one failed keeps its "ok"
-                finished = _record_failure(case, s, result, provenance, device, out)
-                results[s.name] = LaunchResult("ok", 0, "", result.wall_s) if finished else result
-    (case_dir / ".progress").unlink(missing_ok=True)
-    records.write_json(case_dir / "launches.json", launches)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".launch-", dir=case_dir) as workdir:
+            _launch_all(case, setups, out, device, ckpt, provenance, timeout_s, on_progress, Path(workdir), results,
+                        launches, gpus)
+    except BaseException:  # Ctrl-C, SIGTERM: the setups that did not finish say so
+        interrupted = LaunchResult("interrupted", None, "the run was interrupted before this setup finished", 0.0)
+        for s in setups:
+            if s.name not in results:
+                _record_failure(case, s, interrupted, provenance, device, out)
+        raise
+    finally:
+        (case_dir / ".progress").unlink(missing_ok=True)
+        records.write_json(case_dir / "launches.json", launches)
+    if not verify(seed.path, seed.sha256):  # no verdict, and no baseline, may rest on a changed seed
+        changed = LaunchResult("failed", None, f"seed checkpoint {seed.path} changed during the run", 0.0)
+        for s in setups:
+            _record_failure(case, s, changed, provenance, device, out, overwrite=True)
+            results[s.name] = changed
     return results
+
+
+def _launch_all(case, setups, out, device, ckpt, provenance, timeout_s, on_progress, workdir: Path, results, launches,
+                gpus):
+    """One torchrun launch per world size; fills results and launches as each one ends."""
+    case_dir = out / case.name
+    for world_size, group in sorted(group_by_world_size(setups).items()):
+        plan = {"case": case.name, "out": str(Path(out).resolve()), "device": device, "seed_checkpoint": ckpt,
+                "provenance": provenance, "determinism": case.determinism, "timeout_s": timeout_s,
+                "setups": [s.to_dict() for s in group]}
+        result = launch(plan, world_size, workdir, timeout_s, on_progress, gpus)
+        launches.append({"world_size": world_size, "setups": [s.name for s in group], "status": result.status,
+                         "wall_s": result.wall_s})
+        if result.status != "ok":
+            keep = case_dir / f"torchrun-ws{world_size}.log"
+            shutil.copy(workdir / f"torchrun-ws{world_size}.log", keep)
+        for s in group:  # a setup that finished before another one failed keeps its "ok"
+            finished = _record_failure(case, s, result, provenance, device, out)
+            results[s.name] = LaunchResult("ok", 0, "", result.wall_s) if finished else result
 
 
 def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) -> dict:
@@ -155,6 +240,9 @@ def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) ->
     disagree, or whose reference is nondeterministic, is no reference for anyone.
     """
     from parity import baselines, compare
+
+    if not inside(run_dir, case.name).is_dir():
+        raise InputError(f"{run_dir}: no run of case {case.name} here ({Path(run_dir) / case.name} is not a directory)")
 
     passed = compare.compare_case(case, run_dir)["passed"]
     checks = baselines.check_case_baselines(case, run_dir, baseline_root, update if passed else None)
@@ -167,10 +255,11 @@ def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) ->
     return verdict
 
 
-def _record_failure(case: Case, s: Setup, result: LaunchResult, provenance: dict, device: str, out: Path) -> bool:
+def _record_failure(case: Case, s: Setup, result: LaunchResult, provenance: dict, device: str, out: Path,
+                    overwrite: bool = False) -> bool:
     """True if the setup finished; otherwise write a run.json that says why, so no comparison can pass on it."""
     d = records.setup_dir(out, case.name, s.name)
-    if (d / "run.json").is_file():  # rank 0 writes run.json last, after the metrics: this setup finished
+    if (d / "run.json").is_file() and not overwrite:  # rank 0 writes run.json last: this setup finished
         return True
     status = result.status if result.status != "ok" else "failed"
     records.write_json(d / "run.json", {**provenance, "case": case.name, "setup": s.name, "status": status,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from parity.errors import InputError
 from parity.fingerprint import DETERMINISM, NCCL_CHOICES
+from parity.paths import duplicates_ignoring_case, name_problem
 from parity.presets import PRESETS, ModelConfig
 
 DP_APIS = ("fully_shard", "replicate", "ddp", "none")
@@ -35,17 +36,30 @@ METRICS = ("loss", "grad_norm", "weights")
 # `noise` nudges the reference's gradients at step 2 in its repeat run only: a stand-in for a
 # nondeterministic kernel, which the repeat check must catch.
 FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash", "noise")
-REPEAT_SUFFIX = ".repeat"  # the reference's second run in the same launch: `<reference>.repeat`
+# The reference's second run in the same launch: `<reference>.repeat`. Setup names have no dots
+# (parity.paths.NAME_PATTERN), so no case can name a setup that way.
+REPEAT_SUFFIX = ".repeat"
 
-# Default tolerances by the lowest precision any setup computes in. fp32 numbers come from
-# shared/research/probe.md §3 (observed across DDP/FSDP/HSDP/TP/PP at 8 ranks: loss rel <= 2e-7,
-# grad norm rel <= 8.5e-6) with ~10x headroom; bf16 from its §7 (loss rel 2.4e-4, gnorm 7.7e-3).
+# Default tolerances by the lowest precision any setup computes in. fp32 numbers: observed across
+# DDP/FSDP/HSDP/TP/PP at 8 CPU ranks (loss rel <= 2e-7, grad norm rel <= 8.5e-6) with ~10x
+# headroom; bf16 from mixed-precision runs (loss rel 2.4e-4, grad norm 7.7e-3).
 # `weights` compares the per-parameter L2 norms of the final weights.
 DEFAULT_TOLERANCES = {
     "float64": {"loss": (1e-12, 0.0), "grad_norm": (1e-10, 0.0), "weights": (1e-10, 0.0)},
     "float32": {"loss": (1e-5, 0.0), "grad_norm": (1e-4, 0.0), "weights": (1e-4, 0.0)},
     "bfloat16": {"loss": (1e-2, 0.0), "grad_norm": (5e-2, 0.0), "weights": (2e-2, 0.0)},
 }
+
+
+# Upper bounds: far above any parity case on real GPU clusters, far below what would exhaust a
+# machine before the first step (steps = 10**12 would never finish; 4096 ranks would fork-bomb
+# a workstation). A case beyond them is almost surely a typo.
+MAX_STEPS = 1_000_000
+MAX_WORLD_SIZE = 1024
+MAX_SEQ_LEN = 131_072
+MAX_GLOBAL_BATCH = 65_536
+MAX_MICROBATCHES = 4096
+MAX_SEED = 2**63 - 1
 
 
 class SpecError(InputError):
@@ -172,6 +186,8 @@ def load_case(path: str | Path) -> Case:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"{where}: not valid TOML: {e}") from None
     v = _Validator(where)
+    if (problem := name_problem(path.stem)) is not None:
+        v.fail("case name", f"{problem} (the case name is the file name without .toml)")
     v.keys(doc, TOP_KEYS, "")
     description = doc.get("description")
     if not isinstance(description, str) or not description.strip():
@@ -181,9 +197,16 @@ def load_case(path: str | Path) -> Case:
     if not isinstance(setups_doc, dict) or len(setups_doc) < 2:
         v.fail("setups", "need two or more [setups.NAME] tables; the first is the reference")
     for name in setups_doc:
-        if name.endswith(REPEAT_SUFFIX):
-            v.fail(f"setups.{name}", f"names ending in {REPEAT_SUFFIX!r} are reserved for the reference's repeat run")
+        if (problem := name_problem(name)) is not None:
+            v.fail(f"setups.{name!r}", problem)
+    if clashes := duplicates_ignoring_case(setups_doc):
+        v.fail("setups", f"names must differ in more than letter case: {', '.join(clashes)}")
     setups = tuple(v.setup(name, body, train) for name, body in setups_doc.items())
+    checked = set()
+    for s in setups:  # each distinct (file, seq_len, vocab) once: a large token file is read in full
+        if s.train.data is not None and (s.train.data, s.train.seq_len, s.train.model_config.vocab_size) not in checked:
+            checked.add((s.train.data, s.train.seq_len, s.train.model_config.vocab_size))
+            v.data(s, f"setups.{s.name}.data" if "data" in setups_doc[s.name] else "train.data")
     for s in setups[1:]:
         if s.fault == "noise":
             v.fail(f"setups.{s.name}.fault", "\"noise\" perturbs the reference's repeat run; allowed only on the "
@@ -261,9 +284,11 @@ class _Validator:
             self.fail(key, f"{value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
         return value
 
-    def integer(self, key: str, value, minimum: int):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.fail(key, f"{value!r} is not allowed; allowed: an integer >= {minimum}")
+    def integer(self, key: str, value, minimum: int, maximum: int | None = None):
+        if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+                or (maximum is not None and value > maximum)):
+            allowed = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
+            self.fail(key, f"{value!r} is not allowed; allowed: {allowed}")
         return value
 
     def number(self, key: str, value, positive: bool = False):
@@ -283,19 +308,23 @@ class _Validator:
                 values[key] = self.choice(k, value, DTYPES)
             elif key == "attention":
                 values[key] = self.choice(k, value, ATTENTION)
-            elif key in ("steps", "global_batch"):
-                values[key] = self.integer(k, value, 1)
+            elif key == "steps":
+                values[key] = self.integer(k, value, 1, MAX_STEPS)
+            elif key == "global_batch":
+                values[key] = self.integer(k, value, 1, MAX_GLOBAL_BATCH)
             elif key == "seq_len":
-                values[key] = self.integer(k, value, 2)
-            elif key in ("seed", "warmup_steps"):
-                values[key] = self.integer(k, value, 0)
+                values[key] = self.integer(k, value, 2, MAX_SEQ_LEN)
+            elif key == "seed":
+                values[key] = self.integer(k, value, 0, MAX_SEED)
+            elif key == "warmup_steps":
+                values[key] = self.integer(k, value, 0, MAX_STEPS)
             elif key == "lr":
                 values[key] = self.number(k, value, positive=True)
             elif key in ("max_norm", "weight_decay"):
                 values[key] = self.number(k, value)
             elif key == "data":
                 p = Path(self.where).parent / str(value)
-                if not str(value).endswith(".npy") or not p.is_file():
+                if not isinstance(value, str) or not value.endswith(".npy") or not p.is_file():
                     self.fail(k, f"{value!r} is not allowed; allowed: an existing .npy file of token ids")
                 values[key] = str(p.resolve())
         return replace(base, **values)
@@ -314,8 +343,10 @@ class _Validator:
                 values[key] = self.choice(k, value, DP_APIS)
             elif key == "dp_shard" and value == -1:
                 values[key] = -1  # filled from world_size below, as torchtitan does
-            elif key in ("dp_replicate", "dp_shard", "tp", "pp", "microbatches"):
-                values[key] = self.integer(k, value, 1)
+            elif key in ("dp_replicate", "dp_shard", "tp", "pp"):
+                values[key] = self.integer(k, value, 1, MAX_WORLD_SIZE)
+            elif key == "microbatches":
+                values[key] = self.integer(k, value, 1, MAX_MICROBATCHES)
             elif key == "pp_schedule":
                 values[key] = self.choice(k, value, PP_SCHEDULES)
             elif key in ("param_dtype", "reduce_dtype"):
@@ -330,10 +361,10 @@ class _Validator:
             if world is None:
                 self.fail(f"{prefix}.dp_shard", "-1 (fill from world size) needs world_size in the same setup")
             rest = s.dp_replicate * s.tp * s.pp
-            if self.integer(f"{prefix}.world_size", world, 1) % rest:
+            if self.integer(f"{prefix}.world_size", world, 1, MAX_WORLD_SIZE) % rest:
                 self.fail(f"{prefix}.world_size", f"{world} is not divisible by dp_replicate*tp*pp = {rest}")
             s = replace(s, dp_shard=world // rest)
-        if world is not None and self.integer(f"{prefix}.world_size", world, 1) != s.world_size:
+        if world is not None and self.integer(f"{prefix}.world_size", world, 1, MAX_WORLD_SIZE) != s.world_size:
             self.fail(
                 f"{prefix}.world_size",
                 f"{world} does not factor as dp_replicate*dp_shard*tp*pp = "
@@ -344,6 +375,9 @@ class _Validator:
 
     def consistent(self, s: Setup, prefix: str):
         cfg, t = s.train.model_config, s.train
+        if s.world_size > MAX_WORLD_SIZE:
+            self.fail(f"{prefix}.dp_replicate", f"world size dp_replicate*dp_shard*tp*pp = {s.world_size}; "
+                      f"allowed: at most {MAX_WORLD_SIZE}")
         if s.dp_api == "replicate" and s.dp_shard > 1:
             self.fail(f"{prefix}.dp_shard", f"{s.dp_shard} with dp_api = \"replicate\"; allowed: 1 (replicate does not shard)")
         if s.dp_api == "ddp" and (s.dp_shard > 1 or s.tp > 1 or s.pp > 1):
@@ -376,6 +410,15 @@ class _Validator:
         if s.gradient_divide_factor is not None and s.dp_api not in ("fully_shard", "replicate"):
             self.fail(f"{prefix}.gradient_divide_factor", "allowed only with dp_api fully_shard or replicate")
 
+    def data(self, s: Setup, key: str):
+        """A token file is read and checked here, before any rank starts, against the setup's model."""
+        from parity.data import TokenFileError, load_token_file
+
+        try:
+            load_token_file(s.train.data, s.train.seq_len, s.train.model_config.vocab_size)
+        except TokenFileError as e:
+            self.fail(key, str(e))
+
     def expect(self, table: dict, setups) -> Expect:
         self.keys(table, {"mode", "outcome", "tolerance", "first_divergence", "repeat"}, "expect.")
         repeat = table.get("repeat")
@@ -404,8 +447,9 @@ class _Validator:
             if not isinstance(first, dict):
                 self.fail(key, "must be a table { metric = \"loss\" | \"grad_norm\", step = N }")
             self.keys(first, {"metric", "step"}, key + ".")
+            steps = min(s.train.steps for s in setups)
             first = {"metric": self.choice(f"{key}.metric", first.get("metric"), ("loss", "grad_norm")),
-                     "step": self.integer(f"{key}.step", first.get("step"), 1)}
+                     "step": self.integer(f"{key}.step", first.get("step"), 1, steps)}
         return Expect(mode=mode, outcome=outcome, tolerance=tolerance, tolerance_source=source, first_divergence=first,
                       repeat=repeat)
 
@@ -422,9 +466,25 @@ class _Validator:
                     self.fail(k, f"{value!r} is not allowed; allowed: true, false")
                 settings[key] = value
             else:
-                settings[key] = self.integer(k, value, 0)
+                settings[key] = self.integer(k, value, 0, 64)  # NCCL has at most 64 channels
         return settings
 
 
 def find_cases(directory: str | Path = "cases") -> list[Path]:
     return sorted(Path(directory).glob("*.toml"))
+
+
+def load_cases(paths) -> list[Case]:
+    """Case files and directories of them, validated, with names unique ignoring letter case."""
+    cases = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = find_cases(p)
+            if not found:
+                raise SpecError(f"{p}: no case files (*.toml) in this directory")
+            cases.extend(load_case(c) for c in found)
+        else:
+            cases.append(load_case(p))
+    if clashes := duplicates_ignoring_case([c.name for c in cases]):
+        raise SpecError(f"case names must be unique in one run, ignoring letter case: {', '.join(clashes)}")
+    return cases

@@ -45,7 +45,7 @@ def redirect_output(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)  # the umask decides who may read it
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
@@ -65,7 +65,8 @@ def sdpa_context(backend: str):
 
 
 def loss_fn(logits, labels):
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+    # At least float32 (bf16 logits are upcast, as torchtitan does); a float64 oracle stays float64.
+    return F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)), labels.flatten())
 
 
 def _grad_groups(par: Parallel):

@@ -9,7 +9,8 @@ import pytest
 
 from parity import records
 from parity.baselines import (
-    PROVENANCE, baseline_path, check_baseline, check_case_baselines, lint, unused_baselines, write_baseline,
+    PROVENANCE, baseline_path, check_baseline, check_case_baselines, check_case_files, lint, unused_baselines,
+    write_baseline,
 )
 from parity.compare import compare_case, divergence_table
 from parity.spec import Case, Expect, Setup, Tolerance, Train
@@ -88,8 +89,12 @@ def test_corrupted_file_names_file_and_line(tmp_path, runs):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(records.RecordError, match=rf"{path}:{bad_line}: column 'loss'"):
         records.read_csv(path)
-    b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
-    assert b["status"] == "error" and not b["passed"] and f"{path}:{bad_line}:" in b["message"]
+    # Malformed input, not a numerics failure: refused before anything runs (exit 2), naming file and line.
+    with pytest.raises(records.RecordError, match=rf"{path}:{bad_line}:.*--update-baselines=failing"):
+        check_case_files(case, root, None)
+    with pytest.raises(records.RecordError, match=rf"{path}:{bad_line}:"):
+        check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
+    check_case_files(case, root, "failing")  # a mode that rewrites it lets it through
     assert any(p.startswith(f"{path}:{bad_line}:") for p in lint(root))
 
 
@@ -111,6 +116,7 @@ def test_match_exact(runs):
 def test_missing_baseline_fails_with_create_command(tmp_path):
     case, run_dir, root = make_case(), tmp_path / "out", tmp_path / "baselines"
     write_run(run_dir, "ref")
+    write_run(run_dir, "other")
     b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
     assert b["status"] == "missing" and not b["passed"]
     assert "parity run cases/demo.toml --update-baselines=new" in b["message"]
@@ -299,9 +305,13 @@ def test_lint_platform_must_match_file_name(tmp_path):
 def test_lint_rounded_values(tmp_path):
     path, problems = lint_one(tmp_path, rows(loss=[round(x, 5) for x in LOSS]))
     assert len(problems) == 1 and "loss looks rounded" in problems[0] and problems[0].startswith(f"{path}:")
-    # A few short values among full-precision ones are fine (a loss can be exactly 7.5).
+    # Short binary fractions among full-precision values are fine (a loss can be exactly 7.5).
     _, problems = lint_one(tmp_path, rows(loss=[7.5, 7.25] + LOSS[2:]))
     assert problems == []
+    # One value rounded to 5 decimals among full-precision ones is caught, on its own line.
+    path, problems = lint_one(tmp_path, rows(loss=LOSS[:3] + [round(LOSS[3], 5)] + LOSS[4:]))
+    first_row = len(PROVENANCE) + 2
+    assert len(problems) == 1 and problems[0].startswith(f"{path}:{first_row + 3}: loss {round(LOSS[3], 5)!r} has only")
 
 
 def test_lint_unparseable(tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from parity import records
+from parity.records import RecordError
 from parity.compare import (
     compare_case, compare_series, compare_weights, divergence_table, format_verdict, ulps_apart, write_verdict,
 )
@@ -270,18 +271,27 @@ def test_failed_reference_fails_every_pair(tmp_path):
 
 
 @pytest.mark.parametrize("outcome", ["match", "diverge"])
-def test_missing_files_fail(tmp_path, outcome):
+def test_missing_files_are_bad_input_naming_the_file(tmp_path, outcome):
+    # A run that says it finished but lacks a record is not what `parity run` writes: exit 2, not a verdict.
     write_run(tmp_path, "ref")
     write_run(tmp_path, "other")
     (tmp_path / "demo" / "other" / "weights.csv").unlink()
-    v = compare_case(make_case(outcome=outcome), tmp_path)
-    pair = v["pairs"][0]
-    assert not v["passed"] and any("weights.csv" in p for p in pair["problems"])
-    assert pair["metrics"]["weights"]["passed"] is False and pair["metrics"]["weights"]["n"] == 0
+    with pytest.raises(RecordError, match=r"demo/other/weights.csv: cannot read"):
+        compare_case(make_case(outcome=outcome), tmp_path)
     write_run(tmp_path, "gone")
     shutil.rmtree(tmp_path / "demo" / "gone")
-    v = compare_case(make_case(names=("ref", "gone")), tmp_path)
-    assert not v["passed"] and any("run.json" in p for p in v["problems"])
+    with pytest.raises(RecordError, match=r"demo/gone/run.json"):
+        compare_case(make_case(names=("ref", "gone")), tmp_path)
+
+
+def test_failed_run_is_a_verdict_problem_not_bad_input(tmp_path):
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "other")
+    info = tmp_path / "demo" / "other" / "run.json"
+    records.write_json(info, {**records.read_json(info), "status": "timeout", "message": "timed out after 9 s"})
+    (tmp_path / "demo" / "other" / "metrics.csv").unlink()
+    v = compare_case(make_case(), tmp_path)
+    assert not v["passed"] and any("run status is 'timeout': timed out after 9 s" in p for p in v["problems"])
 
 
 def test_nan_in_run_fails_diverge_mode_too(tmp_path):

@@ -27,9 +27,11 @@ fault = "{fault}"
 """
 
 
-def parity_ranks(tag: str) -> list[int]:
-    """Every live process running our per-rank module (or torchrun) with `tag` (the test's tmp_path) in its
-    command line: other tests' ranks, under pytest-xdist, must not count as leftovers of this one."""
+def parity_ranks(scope: Path) -> list[int]:
+    """Live torchrun and rank processes of this test: their command lines name a plan under its tmp_path.
+
+    Scoped so that tests running beside it (pytest-xdist) and their ranks are not counted.
+    """
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -37,9 +39,8 @@ def parity_ranks(tag: str) -> list[int]:
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if tag.encode() not in cmd:
-                continue
-            if b"parity.rank" in cmd or b"parity.train" in cmd or b"torch.distributed.run" in cmd and b"parity" in cmd:
+            ours = b"parity.rank" in cmd or b"torch.distributed.run" in cmd
+            if ours and str(scope).encode() in cmd:
                 pids.append(int(entry))
     return pids
 
@@ -47,7 +48,7 @@ def parity_ranks(tag: str) -> list[int]:
 @pytest.fixture
 def no_stray_ranks(tmp_path):
     yield
-    assert parity_ranks(str(tmp_path)) == [], "processes left behind"
+    assert parity_ranks(tmp_path) == [], "processes left behind"
 
 
 def test_crashing_rank_fails_the_run_with_its_message(write_case, tmp_path, seed_cache, no_stray_ranks):
@@ -120,3 +121,31 @@ def test_killing_parity_itself_takes_torchrun_and_ranks_down(write_case, tmp_pat
     while survivors() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert survivors() == []
+
+
+def test_sigterm_on_parity_records_interrupted_and_cleans_scratch(write_case, tmp_path, seed_cache, no_stray_ranks):
+    """SIGTERM (`timeout`, a CI cancel that asks first) unwinds: ranks killed, setups marked interrupted,
+    no scratch files left, exit 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write_case(CASE.format(fault="hang"))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "parity.cli", "run", str(path), "--device", "cpu",
+                             "--out", str(out), "--timeout", "600"],
+                            env=dict(os.environ, PARITY_CACHE=str(seed_cache)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not (out / "case" / "healthy" / "run.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)  # the healthy setup finished; the faulty one is hanging now
+    assert (out / "case" / "healthy" / "run.json").is_file()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert records.read_json(out / "case" / "healthy" / "run.json")["status"] == "ok"
+    faulty = records.read_json(out / "case" / "faulty" / "run.json")
+    assert faulty["status"] == "interrupted" and "interrupted" in faulty["message"]
+    leftovers = [p.name for p in (out / "case").iterdir() if p.name.startswith((".launch-", ".progress"))]
+    assert leftovers == []

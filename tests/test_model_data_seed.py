@@ -1,4 +1,4 @@
-"""Model presets, the token stream, the seed checkpoint cache and the record files' exact round trip."""
+"""Model presets, the token stream and the record files' exact round trip (the seed cache: test_seed_cache)."""
 
 import math
 import os
@@ -12,7 +12,7 @@ from parity import records
 from parity.data import Batches, rank_rows, synthetic_rows
 from parity.model import build_model
 from parity.presets import PRESETS
-from parity.seed import seed_checkpoint, state_dict_sha256
+from parity.seed import state_dict_sha256
 
 
 def test_debugmodel_matches_torchtitan_debug_shapes():
@@ -51,8 +51,10 @@ def test_data_is_deterministic_and_learnable_shape():
     # mostly an arithmetic progression: the stride repeats in >= 80% of positions
     d = np.diff(a, axis=1) % 2048
     assert (d == d[:, [0]]).mean() > 0.8 or (d == np.median(d, axis=1, keepdims=True)).mean() > 0.8
-    # a fixed value checks machine independence (pure uint64 arithmetic)
-    assert synthetic_rows(42, 1, range(1), 8, 2048)[0].tolist() == synthetic_rows(42, 1, range(1), 8, 2048)[0].tolist()
+    # Pinned values: pure uint64 arithmetic must give these on every machine, CI's included.
+    assert synthetic_rows(42, 1, range(1), 8, 2048)[0].tolist() == [234, 247, 260, 273, 286, 299, 312, 325, 338]
+    assert synthetic_rows(7, 5, range(3, 4), 12, 256)[0].tolist() == [70, 83, 96, 109, 122, 135, 148, 161, 174, 187,
+                                                                      200, 213, 226]
 
 
 def test_rank_split_tiles_the_global_batch():
@@ -70,21 +72,8 @@ def test_token_file_replaces_the_generator(tmp_path):
     x, y = Batches(0, 4, 16, 256, str(path)).local(1, 2, 1)
     assert x.shape == (2, 16) and np.array_equal(y[:, :-1], x[:, 1:])
     np.save(path, np.arange(10) + 300)
-    with pytest.raises(ValueError, match="token ids must lie in"):
+    with pytest.raises(ValueError, match=r"ids in \[0, 256\)"):
         Batches(0, 4, 8, 256, str(path))
-
-
-def test_seed_checkpoint_created_once_then_cached(tmp_path):
-    path, sha, created = seed_checkpoint("tiny", 5, "float32", tmp_path)
-    assert created and (path / ".metadata").is_file() and path.name == sha
-    again = seed_checkpoint("tiny", 5, "float32", tmp_path)
-    assert again == (path, sha, False)
-    assert sha == state_dict_sha256(build_model(PRESETS["tiny"], 1, 5).state_dict())
-    other, other_sha, _ = seed_checkpoint("tiny", 6, "float32", tmp_path)
-    assert other_sha != sha
-    bf16 = seed_checkpoint("tiny", 5, "bfloat16", tmp_path)[1]
-    assert bf16 != sha
-    assert not list(tmp_path.glob(".building-*"))
 
 
 def test_metrics_round_trip_is_bit_exact(tmp_path):
@@ -104,16 +93,3 @@ def test_corrupt_metrics_names_file_and_line(tmp_path):
     p.write_text("step,loss,grad_norm,lr,tokens,step_time_s\n1,8.0,0.3,1e-3,10,0.1\n2,eight,0.3,1e-3,10,0.1\n")
     with pytest.raises(records.RecordError, match=rf"{p}:3: column 'loss'"):
         records.read_metrics(p)
-
-
-def test_a_case_may_name_an_existing_dcp_seed(tmp_path, write_case):
-    """`seed_checkpoint = PATH` uses that checkpoint; its content hash equals the built seed's."""
-    from parity.runner import seed_for
-    from parity.spec import load_case
-
-    path, sha, _ = seed_checkpoint("tiny", 42, "float32", tmp_path / "cache")
-    case_text = f'description = "x"\nseed_checkpoint = "{path}"\n[train]\nmodel = "tiny"\n' \
-                '[setups.a]\ndp_api = "none"\n[setups.b]\ndp_api = "none"\n'
-    case = load_case(write_case(case_text))
-    assert seed_for(case, tmp_path / "unused") == (str(path), sha)
-    assert not (tmp_path / "unused").exists()

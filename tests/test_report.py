@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from parity import records, report
+from parity import compare, records, report
+from parity.spec import Case, Expect, Setup, Tolerance, Train
 from parity.progress import Progress
 
 STEPS = 12
@@ -28,23 +29,16 @@ def _metrics(scale: float = 0.0, start: int = 4) -> list[dict]:
     return rows
 
 
-def _M(ref: list[dict], other: list[dict], metric: str) -> dict:
-    d = [(r["step"], abs(o[metric] - r[metric]), r[metric], o[metric]) for r, o in zip(ref, other)]
-    nz = [x for x in d if x[1] != 0]
-    first = {"step": nz[0][0], "value_ref": nz[0][2], "value_other": nz[0][3], "abs": nz[0][1],
-             "rel": nz[0][1] / abs(nz[0][2]), "ulps": 99} if nz else None
-    return {"n": len(d), "exact_equal_steps": len(d) - len(nz), "bitwise": not nz,
-            "max_abs": max(x[1] for x in d), "max_rel": max(x[1] / abs(x[2]) for x in d),
-            "failing_steps": len(nz), "first_divergence": first, "first_tolerance_failure": first,
-            "passed": not nz, "problems": []}
+WEIGHTS = [{"param": f"layers.{i}.w", "norm": 1.0 + i / 7, "sha256": f"{i:064x}"} for i in range(3)]
 
 
-def make_case(out: Path, case: str, setups: dict[str, list[dict]], mode="bitwise", passed=True,
-              verdict=True, command=True):
+def make_case(out: Path, case: str, setups: dict[str, list[dict]], mode="bitwise", verdict=True, command=True):
+    """Run records written by hand, then judged by the comparison engine itself (never a hand-made verdict)."""
     names = list(setups)
     for name, rows in setups.items():
         d = records.setup_dir(out, case, name)
         records.write_metrics(d / "metrics.csv", rows)
+        records.write_weights(d / "weights.csv", WEIGHTS)
         run = {"case": case, "setup": name, "status": "ok", "torch": "2.11.0+cpu", "python": "3.11.2",
                "device": "cpu", "platform": "cpu-gloo", "backend": "gloo", "world_size": 8,
                "mesh_shape": [2, 4], "mesh_dim_names": ["dp_replicate", "dp_shard"], "setup": {}, "train": {},
@@ -53,20 +47,12 @@ def make_case(out: Path, case: str, setups: dict[str, list[dict]], mode="bitwise
         if command:
             run["command"] = ["parity", "run", f"cases/{case}.toml", "--out", "runs/x y"]
         records.write_json(d / "run.json", run)
-    if not verdict:
-        return
-    ref = setups[names[0]]
-    pairs = []
-    for other in names[1:]:
-        m = {k: _M(ref, setups[other], k) for k in ("loss", "grad_norm")}
-        m["weights"] = {"n": 3, "max_abs": float("nan"), "max_rel": float("inf"), "first_divergence": None}
-        f = m["loss"]["first_divergence"]
-        pairs.append({"reference": names[0], "other": other, "passed": m["loss"]["passed"], "problems": [],
-                      "diverged": {"metric": "loss", "step": f["step"], "param": None} if f else None, "metrics": m})
-    records.write_json(out / case / "verdict.json", {
-        "case": case, "passed": passed, "mode": mode, "outcome": "match", "reference": names[0], "platform": "cpu-gloo",
-        "tolerance": {k: {"rtol": 1e-5, "atol": 1e-7, "source": "case"} for k in ("loss", "grad_norm", "weights")},
-        "pairs": pairs, "baselines": [], "problems": [] if passed else ["tp diverges from ddp at step 4"]})
+    if verdict:
+        tol = {m: Tolerance(1e-5, 1e-7) for m in ("loss", "grad_norm", "weights")}
+        spec = Case(name=case, path=Path(f"cases/{case}.toml"), description="d", sha256="cd" * 32,
+                    setups=tuple(Setup(name=n, train=Train()) for n in names),
+                    expect=Expect(mode=mode, tolerance=tol, tolerance_source={m: "case" for m in tol}))
+        compare.write_verdict(out, compare.compare_case(spec, out))
 
 
 @pytest.fixture
@@ -74,8 +60,11 @@ def run_dir(tmp_path):
     out = tmp_path / "run"
     same = _metrics()
     make_case(out, "bitwise_fsdp", {"ddp": same, "fsdp": _metrics(), "hsdp": _metrics()})
-    make_case(out, "tol_tp", {"ddp": same, "fsdp": _metrics(), "tp": _metrics(1e-6)}, mode="tolerance", passed=False)
+    make_case(out, "tol_tp", {"ddp": same, "fsdp": _metrics(), "tp": _metrics(1e-6)}, mode="tolerance")
     make_case(out, "unjudged", {"ddp": same, "pp": _metrics()}, verdict=False, command=False)
+    # The engine's judgement the tests below rely on: equal curves pass, the growing drift fails.
+    assert records.read_json(out / "bitwise_fsdp" / "verdict.json")["passed"]
+    assert not records.read_json(out / "tol_tp" / "verdict.json")["passed"]
     return out
 
 
@@ -180,7 +169,7 @@ def test_nonfinite_values_render(tmp_path):
     bad = _metrics()
     bad[5]["loss"] = float("nan")
     bad[6]["grad_norm"] = float("inf")
-    make_case(out, "blowup", {"ref": _metrics(), "bad": bad}, mode="tolerance", passed=False)
+    make_case(out, "blowup", {"ref": _metrics(), "bad": bad}, mode="tolerance")
     png, _ = report.plot_case(out, "blowup")
     assert png.stat().st_size > 0
     md, _ = report.write_report(out)

@@ -34,7 +34,7 @@ KINDS = {
     "pp_interleaved": 'dp_api = "fully_shard"\ndp_shard = 2\npp = 2\npp_schedule = "interleaved_1f1b"\nmicrobatches = 2',
     "fsdp_bf16": 'dp_api = "fully_shard"\ndp_shard = 4\nparam_dtype = "bfloat16"\nreduce_dtype = "float32"',
 }
-# fp32 kinds agree with one process to ~1e-6 (shared/research/probe.md §3); bf16 params to ~1e-2.
+# fp32 kinds agree with one process to ~1e-6 (measured at 8 CPU ranks); bf16 params to ~1e-2.
 RTOL = {"loss": 1e-5, "grad_norm": 1e-4}
 RTOL_BF16 = {"loss": 2e-2, "grad_norm": 1e-1}
 

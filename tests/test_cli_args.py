@@ -1,0 +1,46 @@
+"""Command-line words go where the user meant them: a bare --update-baselines never swallows a path."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from parity.cli import UPDATE_MODES, bare_flag_default, parser
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run", "--update-baselines", "cases/a.toml"], ["run", "--update-baselines=failing", "cases/a.toml"]),
+    (["run", "cases/a.toml", "--update-baselines"], ["run", "cases/a.toml", "--update-baselines=failing"]),
+    (["run", "--update-baselines", "new", "cases/a.toml"], ["run", "--update-baselines", "new", "cases/a.toml"]),
+    (["run", "--update-baselines=all", "x.toml"], ["run", "--update-baselines=all", "x.toml"]),
+])
+def test_bare_flag_takes_its_default_and_leaves_the_next_word(argv, expected):
+    assert bare_flag_default(argv, "--update-baselines", UPDATE_MODES, "failing") == expected
+
+
+def test_cli_run_keeps_the_case_after_a_bare_update_flag():
+    argv = bare_flag_default(["run", "--update-baselines", "cases/replicate_vs_hsdp.toml"], "--update-baselines",
+                             UPDATE_MODES, "failing")
+    args = parser().parse_args(argv)
+    assert args.cases == ["cases/replicate_vs_hsdp.toml"] and args.update_baselines == "failing"
+
+
+def _pytest(*words):
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *words],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_pytest_keeps_the_path_after_a_bare_update_flag():
+    proc = _pytest("--parity-update-baselines", "tests/test_spec.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    collected = _pytest("--co", "tests/test_spec.py")
+    assert proc.stdout.splitlines()[-1].split(" passed")[0] == collected.stdout.splitlines()[-1].split(" test")[0]
+
+
+def test_pytest_rejects_a_word_that_is_neither_mode_nor_path():
+    proc = _pytest("--parity-update-baselines", "bogus")
+    assert proc.returncode == 4
+    assert "--parity-update-baselines: 'bogus' is neither a mode (failing, new, all) nor an existing path" in proc.stderr
