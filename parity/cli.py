@@ -71,10 +71,11 @@ def cmd_run(args) -> int:
     from parity.runner import case_lock, check_out, judge, prepare_out, resolve_device, run_case, seed_for
 
     cases = _load_cases(args.cases, args.baselines, args.update_baselines)
-    # Every case's device (GPU count, SDPA kernels) is checked before the first one runs: bad input writes nothing.
+    # Every case's device (GPU count, SDPA kernels), --out and seed checkpoint are checked before the
+    # first case runs: bad input writes nothing.
     devices = {case.name: resolve_device(args.device, case) for case in cases}
     check_out(Path(args.out))
-    seeds = {c.name: seed_for(c, None) for c in cases}  # every seed checked (or built) before anything is written
+    seeds = {c.name: seed_for(c, None) for c in cases}
     out = prepare_out(Path(args.out))
     progress = Progress()
     command = ["parity", "run", *args.cases, "--device", args.device, "--out", str(out)]
@@ -95,7 +96,7 @@ def cmd_run(args) -> int:
 
         with case_lock(out, case.name):
             results = run_case(case, out, devices[case.name], args.steps, args.timeout, on_progress=on_progress,
-                               command=command, seed=seeds[case.name], repeat=args.repeat)
+                               command=command, repeat=args.repeat, seed=seeds[case.name])
             progress.done()
             for name, r in results.items():
                 if r.status != "ok":
@@ -214,14 +215,17 @@ def _run_dir(p: str, what: str) -> Path:
 
 
 def bare_flag_default(argv: list[str], flag: str, choices, default: str) -> list[str]:
-    """`FLAG` followed by something other than one of its choices means `FLAG=default`.
+    """`FLAG` followed by an option, an existing path or nothing means `FLAG=default`.
 
     argparse would otherwise take the next word (`--update-baselines cases/x.toml`) as the flag's
-    value and reject or, worse, swallow a case path.
+    value and reject or, worse, swallow a case path. Any other word stays the flag's value, so a
+    misspelt mode is reported against the flag.
     """
     fixed = list(argv)
     for i, word in enumerate(fixed):
-        if word == flag and (i + 1 == len(fixed) or fixed[i + 1] not in choices):
+        following = fixed[i + 1] if i + 1 < len(fixed) else None
+        if word == flag and following not in choices and (
+                following is None or following.startswith("-") or Path(following).exists()):
             fixed[i] = f"{flag}={default}"
     return fixed
 

@@ -264,14 +264,37 @@ def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict,
             problems.append(f"expected a divergence (negative control), but every metric matches ({mode})")
     diverged = _diverged(metrics, mode)
     want = case.expect.first_divergence
+    effect = None
     if not problems and outcome == "diverge" and want and diverged:
-        # A control must be caught for the right reason: the planted bug's metric, at its step.
+        # A control must be caught for the right reason: the planted bug's metric, at its step,
+        # by the size of effect it plants.
         found = (diverged["metric"], diverged.get("step"))
         if found != (want["metric"], want["step"]):
             problems.append(f"expected the first divergence on {want['metric']} at step {want['step']}, "
                             f"found it on {found[0]} at step {found[1]}")
+        else:
+            effect = _effect(diverged, want)
+            problems += effect["problems"]
     return {"reference": ref_name, "other": other_name, "passed": not problems, "problems": problems,
-            "diverged": diverged, "metrics": metrics}
+            "diverged": diverged, "effect": effect, "metrics": metrics}
+
+
+def _effect(diverged: dict, want: dict) -> dict:
+    """The observed size of a control's divergence against the size its case declares."""
+    ref, other = diverged["value_ref"], diverged["value_other"]
+    ratio = other / ref if ref != 0 else math.inf
+    where = f"{want['metric']} at step {want['step']}"
+    problems = []
+    if "ratio" in want:
+        low, high = want["ratio"] * (1 - want["within"]), want["ratio"] * (1 + want["within"])
+        if not low <= ratio <= high:
+            problems.append(f"expected {where} to be x{want['ratio']!r} the reference (within {want['within']:.3g}), "
+                            f"found x{ratio:.9g} ({ref!r} vs {other!r})")
+    elif not diverged["rel"] >= want["min_rel"]:
+        problems.append(f"expected {where} to differ by at least {want['min_rel']:.3g} relative, found "
+                        f"{diverged['rel']:.3g}: too small to be the planted effect")
+    return {"expected": {k: v for k, v in want.items() if k not in ("metric", "step")}, "ratio": ratio,
+            "rel": diverged["rel"], "problems": problems}
 
 
 def _repeat_cause(pair: dict, run_problems: list[str]) -> str | None:

@@ -186,8 +186,8 @@ def run_and_judge(case, config) -> tuple[dict, str]:
     out = prepare_out(out)
     with case_lock(out, case.name):
         with pool.acquire(case.world_size) if pool and resolved == "cuda" else nullcontext() as gpus:
-            run_case(case, out, resolved, steps, config.getoption("parity_timeout"), command=command, seed=seed,
-                     repeat=repeat, gpus=gpus)
+            run_case(case, out, resolved, steps, config.getoption("parity_timeout"), command=command, repeat=repeat,
+                     gpus=gpus, seed=seed)
         verdict = judge(case, out, baseline_root, config.getoption("parity_update_baselines"))
     message = ""
     if not verdict["passed"]:

@@ -166,14 +166,14 @@ def fresh_case_dir(out: Path, case_name: str) -> Path:
 
 def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = None,
              timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None, on_progress=None,
-             command: list[str] | None = None, seed=None, repeat: bool | None = None,
-             gpus: list[str] | None = None) -> dict[str, LaunchResult]:
+             command: list[str] | None = None, repeat: bool | None = None,
+             gpus: list[str] | None = None, seed=None) -> dict[str, LaunchResult]:
     """Run every setup of the case; returns {setup name: how its launch ended}.
 
-    `seed` is seed_for(case, cache) when the caller checked it already (before writing anything).
-    The caller holds case_lock(out, case.name) for the run and its verdict.
     `gpus`: the GPU ids this run may use (CUDA_VISIBLE_DEVICES of its launches); default all visible.
     With `repeat` (see wants_repeat), the reference runs a second time, last in its launch.
+    `seed` is seed_for(case, cache) when the caller checked it already (before writing anything).
+    The caller holds case_lock(out, case.name) for the run and its verdict.
     """
     import torch
 
@@ -195,8 +195,8 @@ def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = No
     launches = []
     try:
         with tempfile.TemporaryDirectory(prefix=".launch-", dir=case_dir) as workdir:
-            _launch_all(case, setups, out, device, ckpt, provenance, timeout_s, on_progress, Path(workdir), results,
-                        launches, gpus)
+            _launch_all(case, setups, out, device, ckpt, provenance, timeout_s, on_progress, Path(workdir), gpus,
+                        results, launches)
     except BaseException:  # Ctrl-C, SIGTERM: the setups that did not finish say so
         interrupted = LaunchResult("interrupted", None, "the run was interrupted before this setup finished", 0.0)
         for s in setups:
@@ -214,8 +214,8 @@ def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = No
     return results
 
 
-def _launch_all(case, setups, out, device, ckpt, provenance, timeout_s, on_progress, workdir: Path, results, launches,
-                gpus):
+def _launch_all(case, setups, out, device, ckpt, provenance, timeout_s, on_progress, workdir: Path, gpus,
+                results, launches):
     """One torchrun launch per world size; fills results and launches as each one ends."""
     case_dir = out / case.name
     for world_size, group in sorted(group_by_world_size(setups).items()):
@@ -243,7 +243,6 @@ def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) ->
 
     if not inside(run_dir, case.name).is_dir():
         raise InputError(f"{run_dir}: no run of case {case.name} here ({Path(run_dir) / case.name} is not a directory)")
-
     passed = compare.compare_case(case, run_dir)["passed"]
     checks = baselines.check_case_baselines(case, run_dir, baseline_root, update if passed else None)
     if update and not passed:

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from parity.errors import InputError
-from parity.fingerprint import DETERMINISM, NCCL_CHOICES
 from parity.paths import duplicates_ignoring_case, name_problem
+from parity.fingerprint import DETERMINISM, NCCL_CHOICES
 from parity.presets import PRESETS, ModelConfig
 
 DP_APIS = ("fully_shard", "replicate", "ddp", "none")
@@ -34,11 +34,10 @@ METRICS = ("loss", "grad_norm", "weights")
 # Planted faults: the negative controls prove the harness catches these, and `hang`/`crash`
 # prove that a stuck or failing rank is reported and cleaned up.
 # `noise` nudges the reference's gradients at step 2 in its repeat run only: a stand-in for a
-# nondeterministic kernel, which the repeat check must catch.
-FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash", "noise")
-# The reference's second run in the same launch: `<reference>.repeat`. Setup names have no dots
-# (parity.paths.NAME_PATTERN), so no case can name a setup that way.
-REPEAT_SUFFIX = ".repeat"
+# nondeterministic kernel, which the repeat check must catch. `local_clip` makes each pipeline
+# stage clip with its own norm instead of the global one: only an engaged clip can reveal it.
+FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash", "noise", "local_clip")
+REPEAT_SUFFIX = ".repeat"  # the reference's second run in the same launch: `<reference>.repeat`
 
 # Default tolerances by the lowest precision any setup computes in. fp32 numbers: observed across
 # DDP/FSDP/HSDP/TP/PP at 8 CPU ranks (loss rel <= 2e-7, grad norm rel <= 8.5e-6) with ~10x
@@ -198,19 +197,19 @@ def load_case(path: str | Path) -> Case:
         v.fail("setups", "need two or more [setups.NAME] tables; the first is the reference")
     for name in setups_doc:
         if (problem := name_problem(name)) is not None:
-            v.fail(f"setups.{name!r}", problem)
+            v.fail(f"setups.{name!r}", problem)  # no dots: so no name can end in REPEAT_SUFFIX either
     if clashes := duplicates_ignoring_case(setups_doc):
         v.fail("setups", f"names must differ in more than letter case: {', '.join(clashes)}")
     setups = tuple(v.setup(name, body, train) for name, body in setups_doc.items())
+    for s in setups[1:]:
+        if s.fault == "noise":
+            v.fail(f"setups.{s.name}.fault", "\"noise\" perturbs the reference's repeat run; allowed only on the "
+                   "reference (first) setup")
     checked = set()
     for s in setups:  # each distinct (file, seq_len, vocab) once: a large token file is read in full
         if s.train.data is not None and (s.train.data, s.train.seq_len, s.train.model_config.vocab_size) not in checked:
             checked.add((s.train.data, s.train.seq_len, s.train.model_config.vocab_size))
             v.data(s, f"setups.{s.name}.data" if "data" in setups_doc[s.name] else "train.data")
-    for s in setups[1:]:
-        if s.fault == "noise":
-            v.fail(f"setups.{s.name}.fault", "\"noise\" perturbs the reference's repeat run; allowed only on the "
-                   "reference (first) setup")
     expect = v.expect(doc.get("expect", {}), setups)
     determinism = v.determinism(doc.get("determinism", {}))
     seed = doc.get("seed_checkpoint")
@@ -385,6 +384,9 @@ class _Validator:
                       "(PP x DDP fails in torch; use replicate or fully_shard)")
         if s.fault in ("hang", "crash") and s.world_size < 2:
             self.fail(f"{prefix}.fault", f"\"{s.fault}\" is planted on rank 1; allowed only with world size >= 2")
+        if s.fault == "local_clip" and (s.pp < 2 or t.max_norm == 0):
+            self.fail(f"{prefix}.fault", "\"local_clip\" clips each pipeline stage by its own norm; allowed only "
+                      "with pp >= 2 and max_norm > 0")
         if s.dp_api == "none" and s.dp_degree > 1:
             self.fail(f"{prefix}.dp_api", f"\"none\" with a data-parallel degree of {s.dp_degree}; allowed: dp_replicate = dp_shard = 1")
         for what, n in (("n_heads", cfg.n_heads), ("ffn_hidden", cfg.ffn_hidden), ("vocab_size", cfg.vocab_size), ("seq_len", t.seq_len)):
@@ -444,12 +446,25 @@ class _Validator:
             key = "expect.first_divergence"
             if outcome != "diverge":
                 self.fail(key, "only for outcome = \"diverge\" (a negative control)")
+            shape = ("a table { metric = \"loss\" | \"grad_norm\", step = N, and the effect: ratio = R "
+                     "(other / reference at that step, within = 0.01 by default) or min_rel = X }")
             if not isinstance(first, dict):
-                self.fail(key, "must be a table { metric = \"loss\" | \"grad_norm\", step = N }")
-            self.keys(first, {"metric", "step"}, key + ".")
+                self.fail(key, f"must be {shape}")
+            self.keys(first, {"metric", "step", "ratio", "within", "min_rel"}, key + ".")
             steps = min(s.train.steps for s in setups)
-            first = {"metric": self.choice(f"{key}.metric", first.get("metric"), ("loss", "grad_norm")),
-                     "step": self.integer(f"{key}.step", first.get("step"), 1, steps)}
+            parsed = {"metric": self.choice(f"{key}.metric", first.get("metric"), ("loss", "grad_norm")),
+                      "step": self.integer(f"{key}.step", first.get("step"), 1, steps)}
+            # A control must be caught by the planted effect, not by a last-bit difference: it states the size.
+            if ("ratio" in first) == ("min_rel" in first):
+                self.fail(key, f"state the expected effect with exactly one of ratio, min_rel; allowed: {shape}")
+            if "ratio" in first:
+                parsed["ratio"] = self.number(f"{key}.ratio", first["ratio"], positive=True)
+                parsed["within"] = self.number(f"{key}.within", first.get("within", 0.01), positive=True)
+            else:
+                if "within" in first:
+                    self.fail(f"{key}.within", "goes with ratio; allowed: ratio = R, within = W")
+                parsed["min_rel"] = self.number(f"{key}.min_rel", first["min_rel"], positive=True)
+            first = parsed
         return Expect(mode=mode, outcome=outcome, tolerance=tolerance, tolerance_source=source, first_divergence=first,
                       repeat=repeat)
 

@@ -79,8 +79,14 @@ def _grad_groups(par: Parallel):
     return list(groups.values())
 
 
-def grad_norm_and_clip(par: Parallel, max_norm: float, device: torch.device) -> torch.Tensor:
-    """Total pre-clip L2 norm over the whole model, across DTensor meshes and pipeline stages, then clip."""
+def grad_norm_and_clip(par: Parallel, max_norm: float, device: torch.device, stage_local_clip: bool = False
+                       ) -> torch.Tensor:
+    """Total pre-clip L2 norm over the whole model, across DTensor meshes and pipeline stages, then clip.
+
+    `stage_local_clip` plants a pipeline bug (the `local_clip` fault): each stage clips with its own
+    stage's norm instead of the global one. The recorded norm stays the global one, so only what
+    the clip does to the weights (when it engages) can reveal it.
+    """
     from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
     groups = _grad_groups(par)
@@ -89,15 +95,18 @@ def grad_norm_and_clip(par: Parallel, max_norm: float, device: torch.device) -> 
         n = get_total_norm([p.grad for p in params], norm_type=2.0)
         norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
     if len(norms) == 1 and par.pp_group is None:
-        total = norms[0]  # no re-squaring: keeps the single-mesh norm exactly as torch computes it
+        total = local = norms[0]  # no re-squaring: keeps the single-mesh norm exactly as torch computes it
     else:
-        sq = torch.stack([n.float() ** 2 for n in norms]).sum() if norms else torch.zeros((), device=device)
+        # At least float32 (bf16 norms are upcast); a float64 oracle's norm stays float64.
+        sq = (torch.stack([n.to(torch.promote_types(n.dtype, torch.float32)) ** 2 for n in norms]).sum()
+              if norms else torch.zeros((), device=device))
+        local = sq.sqrt()
         if par.pp_group is not None:
             dist.all_reduce(sq, group=par.pp_group)
         total = sq.sqrt()
     if max_norm > 0:
         for params in groups:
-            clip_grads_with_norm_(params, max_norm, total)
+            clip_grads_with_norm_(params, max_norm, local if stage_local_clip else total)
     return total.detach().clone()  # stays on the device; read once after the last step
 
 
@@ -230,7 +239,7 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
             micro_losses.append(forward_backward(par, setup, inputs, labels))
         if fault == "noise" and setup.repeat and step == FAULT_STEP:
             nudge_gradients(par)
-        norms.append(grad_norm_and_clip(par, t.max_norm, device))
+        norms.append(grad_norm_and_clip(par, t.max_norm, device, stage_local_clip=fault == "local_clip"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         lrs.append(lr)

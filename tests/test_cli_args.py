@@ -11,17 +11,24 @@ from parity.cli import UPDATE_MODES, bare_flag_default, parser
 REPO = Path(__file__).resolve().parent.parent
 
 
+CASE = "cases/replicate_vs_hsdp.toml"
+
+
 @pytest.mark.parametrize("argv, expected", [
-    (["run", "--update-baselines", "cases/a.toml"], ["run", "--update-baselines=failing", "cases/a.toml"]),
-    (["run", "cases/a.toml", "--update-baselines"], ["run", "cases/a.toml", "--update-baselines=failing"]),
-    (["run", "--update-baselines", "new", "cases/a.toml"], ["run", "--update-baselines", "new", "cases/a.toml"]),
-    (["run", "--update-baselines=all", "x.toml"], ["run", "--update-baselines=all", "x.toml"]),
+    (["run", "--update-baselines", CASE], ["run", "--update-baselines=failing", CASE]),
+    (["run", CASE, "--update-baselines"], ["run", CASE, "--update-baselines=failing"]),
+    (["run", "--update-baselines", "--steps", "2", CASE], ["run", "--update-baselines=failing", "--steps", "2", CASE]),
+    (["run", "--update-baselines", "new", CASE], ["run", "--update-baselines", "new", CASE]),
+    (["run", "--update-baselines=all", CASE], ["run", "--update-baselines=all", CASE]),
+    (["run", CASE, "--update-baselines", "bogus"], ["run", CASE, "--update-baselines", "bogus"]),  # argparse names it
 ])
-def test_bare_flag_takes_its_default_and_leaves_the_next_word(argv, expected):
+def test_bare_flag_takes_its_default_and_leaves_the_next_word(argv, expected, monkeypatch):
+    monkeypatch.chdir(REPO)
     assert bare_flag_default(argv, "--update-baselines", UPDATE_MODES, "failing") == expected
 
 
-def test_cli_run_keeps_the_case_after_a_bare_update_flag():
+def test_cli_run_keeps_the_case_after_a_bare_update_flag(monkeypatch):
+    monkeypatch.chdir(REPO)
     argv = bare_flag_default(["run", "--update-baselines", "cases/replicate_vs_hsdp.toml"], "--update-baselines",
                              UPDATE_MODES, "failing")
     args = parser().parse_args(argv)

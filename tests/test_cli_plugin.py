@@ -138,7 +138,7 @@ def test_list_shows_every_case_with_world_size_mode_outcome_markers():
     lines = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
     assert set(lines) == {p.stem for p in (REPO / "cases").glob("*.toml")}
     control = lines["control_divide_factor"].split()
-    assert control[1] == "8" and "bitwise" in control and "diverge" in control and control[-2:] == ["cpu", "8gpu"]
+    assert control[1] == "8" and "tolerance" in control and "diverge" in control and control[-2:] == ["cpu", "8gpu"]
 
 
 def test_pytest_cuda_without_gpus_skips_naming_case_or_fails_strict(tmp_path):

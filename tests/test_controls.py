@@ -1,8 +1,9 @@
-"""The negative controls must be caught for the right reason: a stated metric at a stated step.
+"""The negative controls must be caught for the right reason: a stated metric, at a stated step, by a stated amount.
 
-The case files declare it (`[expect] first_divergence`), and the verdict fails when the harness
-reports a different first divergence. These tests pin what each control declares and prove the
-verdict enforces it on hand-made runs; the controls themselves run as `pytest parity` items.
+The case files declare it (`[expect] first_divergence`, with the effect's size), and the verdict
+fails when the harness reports a different first divergence or an effect of another size. These
+tests pin what each control declares and prove the verdict enforces it on hand-made runs; the
+controls themselves run as `pytest parity` items.
 """
 
 import pytest
@@ -12,18 +13,22 @@ from parity.compare import compare_case
 from parity.spec import SpecError, load_case
 
 CONTROLS = {
-    "control_divide_factor": ("grad_norm", 1),  # summed gradients: 8x grad norm at step 1, loss hidden by clipping
-    "control_replicated_data": ("loss", 1),  # every rank reads the same micro-batch
-    "control_skip_seed_load": ("loss", 1),  # different initial weights
+    # summed gradients over 8 ranks: exactly 8x the grad norm at step 1; AdamW hides it from the loss
+    "control_divide_factor": {"metric": "grad_norm", "step": 1, "ratio": 8.0, "within": 1e-3},
+    # every rank reads the same micro-batch
+    "control_replicated_data": {"metric": "loss", "step": 1, "min_rel": 1e-3},
+    # different initial weights
+    "control_skip_seed_load": {"metric": "loss", "step": 1, "min_rel": 1e-3},
+    # each pipeline stage clips by its own norm; AdamW's scale invariance makes it surface late
+    "control_pp_local_clip": {"metric": "loss", "step": 6, "min_rel": 1e-5},
 }
 
 
 @pytest.mark.parametrize("name", list(CONTROLS))
-def test_each_control_declares_where_it_must_be_caught(name):
+def test_each_control_declares_where_and_how_much(name):
     case = load_case(f"cases/{name}.toml")
-    assert case.expect.outcome == "diverge"
-    metric, step = CONTROLS[name]
-    assert case.expect.first_divergence == {"metric": metric, "step": step}
+    assert case.expect.outcome == "diverge" and case.expect.mode == "tolerance"
+    assert case.expect.first_divergence == CONTROLS[name]
 
 
 def _run(out, case, setup, losses, norms):
@@ -46,8 +51,37 @@ def test_verdict_fails_a_control_caught_for_the_wrong_reason(tmp_path):
     assert "expected the first divergence on grad_norm at step 1, found it on loss at step 1" in pair["problems"][0]
 
 
+def test_verdict_fails_a_control_caught_by_the_wrong_amount(tmp_path):
+    case = load_case("cases/control_divide_factor.toml")
+    ref, other = (s.name for s in case.setups)
+    _run(tmp_path, case, ref, [8.0, 7.9], [0.37, 0.36])
+    _run(tmp_path, case, other, [8.0, 7.9], [0.37 * 4, 2.88])  # caught where declared, but 4x, not the planted 8x
+    pair = compare_case(case, tmp_path)["pairs"][0]
+    assert not pair["passed"] and pair["effect"]["ratio"] == pytest.approx(4.0)
+    assert "expected grad_norm at step 1 to be x8.0 the reference (within 0.001), found x4" in pair["problems"][0]
+
+
+def test_verdict_fails_a_control_caught_by_a_last_bit_difference(tmp_path):
+    case = load_case("cases/control_replicated_data.toml")
+    ref, other = (s.name for s in case.setups)
+    _run(tmp_path, case, ref, [8.0, 7.9], [0.37, 0.36])
+    _run(tmp_path, case, other, [8.0 * (1 + 1e-4), 7.9], [0.37, 0.36])  # beyond tolerance, far below the effect
+    pair = compare_case(case, tmp_path)["pairs"][0]
+    assert not pair["passed"]
+    assert "expected loss at step 1 to differ by at least 0.001 relative, found 0.0001" in pair["problems"][0]
+    _run(tmp_path, case, other, [8.0 * 1.01, 7.9], [0.37, 0.36])
+    assert compare_case(case, tmp_path)["pairs"][0]["passed"]
+
+
+def test_an_effect_must_be_stated(write_case):
+    text = ('description = "x"\n[setups.a]\ndp_api = "none"\n[setups.b]\ndp_api = "none"\n'
+            '[expect]\noutcome = "diverge"\nfirst_divergence = { metric = "loss", step = 1 }\n')
+    with pytest.raises(SpecError, match="state the expected effect with exactly one of ratio, min_rel"):
+        load_case(write_case(text))
+
+
 def test_first_divergence_only_for_negative_controls(write_case):
     text = ('description = "x"\n[setups.a]\ndp_api = "none"\n[setups.b]\ndp_api = "none"\n'
-            '[expect]\nfirst_divergence = { metric = "loss", step = 1 }\n')
+            '[expect]\nfirst_divergence = { metric = "loss", step = 1, min_rel = 1e-3 }\n')
     with pytest.raises(SpecError, match="expect.first_divergence: only for outcome"):
         load_case(write_case(text))

@@ -162,7 +162,6 @@ def test_cpu_marker_follows_the_kernels(write_case):
     ("[determinism]\nwarn_only = true\n", "determinism.warn_only: unknown key"),
     ("[expect]\nrepeat = \"yes\"\n", "expect.repeat: 'yes' is not allowed; allowed: true, false"),
     ("[setups.other]\ndp_api = \"none\"\nfault = \"noise\"\n", "setups.other.fault: \"noise\" perturbs the reference's"),
-    # The repeat run's name `<reference>.repeat` cannot clash: setup names have no dots.
     ("[setups.\"replicate.repeat\"]\ndp_api = \"none\"\n", "setups.'replicate.repeat': 'replicate.repeat' is not a valid name"),
 ])
 def test_bad_determinism_repeat_and_noise_keys(write_case, extra, message):
