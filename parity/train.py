@@ -38,6 +38,9 @@ FAULT_STEP = 2  # the step of every planted fault
 # The process group's own timeout fires this long after the launcher's: a hung collective is
 # reported by the launcher, with every rank's log tail, not as a bare watchdog abort.
 PG_TIMEOUT_MARGIN_S = 120.0
+# The launcher polls the progress file 4 times a second. Writing it (a write and a rename) every
+# step is host work inside the step that a small model on a GPU feels; twice a second is enough.
+PROGRESS_EVERY_S = 0.5
 
 
 def redirect_output(path: Path):
@@ -224,6 +227,7 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
     dp_rank = 0 if fault == "replicated_data" else par.dp_rank
     lrs, micro_losses, norms = [], [], []
     clock = StepClock(device)
+    last_progress = -math.inf
     for step in range(1, t.steps + 1):
         if fault in ("hang", "crash") and rank == FAULT_RANK and step == FAULT_STEP:
             if fault == "crash":
@@ -243,8 +247,9 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         lrs.append(lr)
-        if rank == 0:
+        if rank == 0 and (step == t.steps or time.monotonic() - last_progress >= PROGRESS_EVERY_S):
             _progress(plan, setup, step, t.steps)  # steps queued; the device may still be working on them
+            last_progress = time.monotonic()
     clock.mark()
     # The one copy to the host. .tolist() yields the same doubles .item() did, step by step.
     times = clock.seconds()
