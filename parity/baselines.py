@@ -36,10 +36,10 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
-from parity.compare import compare_series, not_compared
+from parity.compare import compare_series, not_compared, ulps_text
 from parity.fingerprint import determinism_summary, differing_fields, platform_key
 from parity.paths import check_platform, inside
-from parity.records import RecordError, atomic_write_text, csv_text, read_csv, read_json, setup_dir
+from parity.records import RecordError, atomic_write_text, csv_text, read_csv, read_setup_run, setup_dir
 from parity.spec import Case, Setup
 
 DEFAULT_ROOT = Path("baselines")
@@ -123,11 +123,10 @@ def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str,
     name = setup if isinstance(setup, str) else setup.name
     path = baseline_path(root, case.name, name, platform)
     result = partial(_result, name, path, platform)
-    run_path = setup_dir(run_dir, case.name, name)
-    run = read_json(run_path / "run.json")
-    if run.get("status") != "ok":
-        return result("error", "exact", False, f"run status is {run.get('status')!r}; not compared, nothing written")
-    rows = read_csv(run_path / "metrics.csv", COLUMNS)[1]
+    records = read_setup_run(setup_dir(run_dir, case.name, name))
+    run, rows = records["info"], records["metrics"]
+    if run["status"] != "ok":
+        return result("error", "exact", False, f"run status is {run['status']!r}; not compared, nothing written")
     bad = [r["step"] for r in rows if not all(math.isfinite(r[m]) for m in COMPARED)]
     if bad:
         return result("error", "exact", False, f"the run has NaN/Inf at steps {bad}; not compared, nothing written")
@@ -191,14 +190,14 @@ def _difference(setup: str, m: dict, metric: str, how: str) -> str:
         return f"{setup} {metric}: " + "; ".join(m["problems"])
     e = m["first_divergence"] if how == "exact" else m["first_tolerance_failure"]
     return (f"{setup} {metric} step {e['step']}: baseline {e['value_ref']!r}, run {e['value_other']!r} "
-            f"(abs {e['abs']:.3g}, rel {e['rel']:.3g}, {e['ulps']} ulps)")
+            f"(abs {e['abs']:.3g}, rel {e['rel']:.3g}, {ulps_text(e)})")
 
 
 def check_case_baselines(case: Case, run_dir, root=None, update: str | None = None) -> list[dict]:
     """check_baseline for every setup, with platform and torch version from its run.json."""
     results = []
     for s in case.setups:
-        run = read_json(setup_dir(run_dir, case.name, s.name) / "run.json")
+        run = read_setup_run(setup_dir(run_dir, case.name, s.name))["info"]
         platform = run.get("platform") or platform_key(str(run.get("device", "")))
         results.append(check_baseline(case, s, run_dir, root, platform, run.get("torch", "unknown"), update))
     return results

@@ -27,10 +27,10 @@ def oracle_setup(case: Case):
 
 
 def _series(run_dir: Path, case: str, setup: str, metric: str) -> np.ndarray:
-    d = records.setup_dir(run_dir, case, setup)
+    run = records.read_setup_run(records.setup_dir(run_dir, case, setup))
     if metric == "weights":
-        return np.array([r["norm"] for r in records.read_weights(d / "weights.csv")])
-    return np.array([r[metric] for r in records.read_metrics(d / "metrics.csv")])
+        return np.array([r["norm"] for r in run["weights"]])
+    return np.array([r[metric] for r in run["metrics"]])
 
 
 def errors_against_oracle(run_dir: Path, case: Case) -> dict[str, dict[str, float]]:

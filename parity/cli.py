@@ -38,12 +38,12 @@ def _load_cases(paths: list[str], baseline_root: str | None = None, update: str 
 
 def step_table(case, run_dir: Path) -> str:
     """Side by side: step, then loss and grad norm of every setup, '=' where bitwise equal to the reference."""
+    from parity.compare import bitwise_equal  # the one equality rule: same 8 bytes, never NaN or Inf
+
     series = {}
     for s in case.setups:
-        try:
-            series[s.name] = {r["step"]: r for r in records.read_metrics(run_dir / case.name / s.name / "metrics.csv")}
-        except records.RecordError:
-            series[s.name] = {}
+        run = records.read_setup_run(records.setup_dir(run_dir, case.name, s.name), lenient=True)
+        series[s.name] = {r["step"]: r for r in run["metrics"] or []}
     ref = case.reference.name
     steps = sorted({k for rows in series.values() for k in rows})
     header = ["step"]
@@ -58,7 +58,7 @@ def step_table(case, run_dir: Path) -> str:
                 v = series[s.name].get(step, {}).get(metric)
                 cell = "-" if v is None else repr(v)
                 if s.name != ref and v is not None:
-                    cell += "  =" if base is not None and v == base else "  ≠"
+                    cell += "  =" if base is not None and bitwise_equal(v, base) else "  ≠"
                 row.append(cell)
         lines.append(row)
     widths = [max(len(r[i]) for r in lines) for i in range(len(header))]

@@ -16,18 +16,19 @@ runs; a crash, a missing file or a NaN is not the divergence it is looking for.
 
 The verdict, `<out>/<case>/verdict.json` (a contract for the plugin, CLI and reports):
 
-    {case, passed, mode, outcome, reference, platform, device, backend,
+    {case, passed, mode, outcome, reference, platform, device, backend, notes: [str],
      tolerance: {loss|grad_norm|weights: {rtol, atol, source}},
      repeat: null | P (the reference against its repeat run, always bitwise),
      pairs: [P], baselines: [B (see baselines.py)], problems: [str]}
     P = {reference, other, passed, problems: [str],
-         diverged: null | {metric, step, param, value_ref, value_other, abs, rel, ulps},
+         diverged: null | {metric, step, param, value_ref, value_other, abs, rel, ulps, ulp_unit},
          metrics: {loss: M, grad_norm: M, weights: M}}
     M = {n, exact_equal_steps, bitwise, within_tolerance, max_abs, max_rel, failing_steps,
          first_divergence, first_tolerance_failure, passed, problems}
 
 `first_divergence` is the first entry that is not bitwise equal, `first_tolerance_failure` the
-first outside tolerance; each is {step (or param), value_ref, value_other, abs, rel, ulps}.
+first outside tolerance; each is {step (or param), value_ref, value_other, abs, rel, ulps, ulp_unit}
+(ulps counted in the values' own precision, ulp_unit "f32" or "f64": see ulp_unit).
 The repeat check comes first: when the run directory holds `<reference>.repeat` (the reference
 run a second time in the same launch), the two must be bitwise equal, or the case fails with
 "nondeterministic reference": then no bitwise verdict between setups means anything.
@@ -50,31 +51,50 @@ from pathlib import Path
 import numpy as np
 
 from parity.paths import inside
-from parity.records import RUN_STATUSES, RecordError, read_json, read_metrics, read_weights, write_json
+from parity.records import RecordError, read_json, read_setup_run, write_json
 from parity.spec import REPEAT_SUFFIX, Case, Tolerance
 
 STEP_METRICS = ("loss", "grad_norm")
 LISTED = 5  # how many steps a problem line names before "..."
 
 
-def ulps_apart(a: float, b: float) -> int | None:
-    """Distance between a and b in float32 units in the last place; None if either is not finite.
+def ulp_unit(a: float, b: float) -> str:
+    """The precision two values are counted in: "f32" when both are float32 numbers, else "f64".
 
-    Both values are rounded to float32 first (the training dtype of most cases, so "2 ULPs" reads
-    the same for every case); two doubles closer than a float32 ULP can be 0 apart. Bit patterns
-    are mapped onto a monotonic integer line (negative floats mirrored below zero, -0.0 == 0.0) so
-    the distance counts the representable float32 values between them.
+    A float32 grad norm widened to a double is exactly a float32 number; a loss averaged in double
+    precision over ranks is not, and counting it in float32 units would call a real difference
+    "0 ulps".
     """
+    with np.errstate(over="ignore"):  # a double beyond float32's range is simply no float32 number
+        exact32 = all(math.isfinite(x) and float(np.float32(x)) == x for x in (a, b))
+    return "f32" if exact32 else "f64"
+
+
+def ulps_apart(a: float, b: float, unit: str | None = None) -> int | None:
+    """Distance between a and b in units in the last place of `unit` (default ulp_unit(a, b)).
+
+    None if either is not finite (or does not fit the unit). Bit patterns are mapped onto a
+    monotonic integer line (negative floats mirrored below zero, -0.0 == 0.0), so the distance
+    counts the representable values between them.
+    """
+    unit = unit or ulp_unit(a, b)
+    dtype, itype = (np.float32, np.int32) if unit == "f32" else (np.float64, np.int64)
     with np.errstate(over="ignore"):
-        fa, fb = np.float32(a), np.float32(b)
+        fa, fb = dtype(a), dtype(b)
     if not (np.isfinite(fa) and np.isfinite(fb)):
         return None
-    return abs(_ordered(fa) - _ordered(fb))
+    return abs(_ordered(fa, itype) - _ordered(fb, itype))
 
 
-def _ordered(x: np.float32) -> int:
-    bits = int(np.array(x, dtype=np.float32).view(np.int32))
-    return bits if bits >= 0 else -(bits & 0x7FFFFFFF)
+def _ordered(x, itype) -> int:
+    bits = int(np.array(x).view(itype))
+    return bits if bits >= 0 else -(bits & int(np.iinfo(itype).max))
+
+
+def ulps_text(e: dict) -> str:
+    """ "3 f32 ulps": the count with its unit (entries from before units were recorded say plain "ulps")."""
+    unit = e.get("ulp_unit")
+    return f"{e['ulps']} {unit} ulps" if unit else f"{e['ulps']} ulps"
 
 
 def bitwise_equal(a: float, b: float) -> bool:
@@ -89,8 +109,9 @@ def _entry(key_name: str, key, ref: float, other: float) -> dict:
         rel = math.inf
     else:
         rel = diff / abs(ref)
+    unit = ulp_unit(ref, other)
     return {key_name: key, "value_ref": ref, "value_other": other, "abs": diff, "rel": rel,
-            "ulps": ulps_apart(ref, other)}
+            "ulps": ulps_apart(ref, other, unit), "ulp_unit": unit}
 
 
 def _span(keys) -> str:
@@ -189,23 +210,17 @@ def not_compared(reason: str) -> dict:
 
 
 def _load_run(directory: Path, name: str) -> dict:
-    """run.json, metrics and weights of one setup.
+    """A setup's records (records.read_setup_run, strict), with a problem line if its run did not finish.
 
     A setup whose run failed is a problem of the verdict (exit 1); records that are missing or
-    malformed where the run says it finished are bad input (RecordError, exit 2): the run
-    directory is not what `parity run` writes.
+    malformed where the run says it finished are bad input (RecordError, exit 2).
     """
-    run = {"info": read_json(directory / "run.json"), "metrics": None, "weights": None, "problems": []}
-    status = run["info"].get("status")
-    if status not in RUN_STATUSES:
-        raise RecordError(f"{directory / 'run.json'}: status {status!r}; allowed: {', '.join(RUN_STATUSES)}")
+    run = {**read_setup_run(directory), "problems": []}
+    status = run["info"]["status"]
     if status != "ok":
         message = run["info"].get("message")  # written by the runner for failed / timed-out setups
         detail = str(message).splitlines()[0] if message else None
         run["problems"].append(f"{name}: run status is {status!r}" + (f": {detail}" if detail else ""))
-        return run
-    run["metrics"] = read_metrics(directory / "metrics.csv")
-    run["weights"] = read_weights(directory / "weights.csv")
     return run
 
 
@@ -217,7 +232,7 @@ def _mismatch(metric: str, m: dict, mode: str) -> str:
     else:
         e, text = m["first_tolerance_failure"], f"{m['failing_steps']} of {m['n']} {unit} outside tolerance"
     return f"{metric}: {text}; first at {_where(e)}: {e['value_ref']!r} vs {e['value_other']!r} " \
-           f"(abs {e['abs']:.3g}, rel {e['rel']:.3g}, {e['ulps']} ulps)"
+           f"(abs {e['abs']:.3g}, rel {e['rel']:.3g}, {ulps_text(e)})"
 
 
 def _where(e: dict) -> str:
@@ -343,7 +358,23 @@ def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None =
         "pairs": pairs,
         "baselines": baselines,
         "problems": problems,
+        "notes": _case_file_notes(case, runs),
     }
+
+
+def _case_file_notes(case: Case, runs: dict) -> list[str]:
+    """Say so when the runs were made from another version of the case file than the one judging them.
+
+    Not a failure: re-judging a run with edited tolerances is a normal use. But the reader must know.
+    """
+    made_from = {r["info"].get("case_sha256") for r in runs.values()} - {case.sha256}
+    if not made_from:
+        return []
+    if None in made_from:
+        return [f"the runs do not record their case file's sha256: cannot tell whether they were made from {case.path}"]
+    shown = ", ".join(sorted(str(h)[:12] for h in made_from))
+    return [f"the runs were made from another version of {case.path} (case sha256 {shown}…, now "
+            f"{case.sha256[:12]}…): judged against the file as it is now"]
 
 
 def verdict_path(run_dir: str | Path, case_name: str) -> Path:
@@ -366,7 +397,7 @@ def _metric_line(name: str, m: dict) -> str:
            f"max rel {_g(m['max_rel'])}, outside tolerance {m['failing_steps']}"
     e = m["first_divergence"]
     # Problems are listed once, under the pair.
-    return line + (f", first divergence {_where(e)} ({e['ulps']} ulps)" if e else ", no divergence")
+    return line + (f", first divergence {_where(e)} ({ulps_text(e)})" if e else ", no divergence")
 
 
 def format_verdict(verdict: dict) -> str:
@@ -376,6 +407,7 @@ def format_verdict(verdict: dict) -> str:
              f"outcome {v['outcome']}, reference {v['reference']}, platform {v['platform']})"]
     lines.append("  tolerance: " + "; ".join(f"{m} rtol={t['rtol']!r} atol={t['atol']!r} ({t['source']})"
                                             for m, t in v["tolerance"].items()))
+    lines += [f"  note: {n}" for n in v.get("notes", [])]
     r = v.get("repeat")
     if r is not None:
         lines.append(f"  repeat check ({r['reference']} twice, bitwise): "
@@ -435,7 +467,7 @@ def divergence_table(verdict: dict) -> str:
                 rows.append((f"baseline {b['setup']} vs run", name, m[key]))
     header = ("pair", "metric", "step|param", "reference", "other", "abs", "rel", "ulps")
     table = [header] + [(who, name, str(e.get("step", e.get("param"))), repr(e["value_ref"]),
-                         repr(e["value_other"]), repr(e["abs"]), repr(e["rel"]), str(e["ulps"]))
+                         repr(e["value_other"]), repr(e["abs"]), repr(e["rel"]), ulps_text(e))
                         for who, name, e in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table) if rows else ""

@@ -2,13 +2,12 @@
 
 torchrun starts its workers in new sessions, so killing torchrun's process group does not reach
 them; on a timeout we walk /proc for every descendant and signal each one. torchrun and every rank
-also die with their parent (PR_SET_PDEATHSIG, see die_with_parent), so not even a SIGKILLed
+also die with their parent (PR_SET_PDEATHSIG, see parity.lifeline), so not even a SIGKILLed
 launcher leaves ranks behind.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -19,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from parity import records
+from parity.lifeline import ERROR_MARK, die_with_parent
 
 DEFAULT_TIMEOUT_S = 900.0
-PR_SET_PDEATHSIG = 1
-ERROR_MARK = "PARITY-ERROR:"  # a failing rank prints this line; the launcher reports it
 LOG_TAIL_LINES = 15
 
 
@@ -38,18 +36,6 @@ def torchrun_argv(nproc: int, plan_path: Path) -> list[str]:
     # --standalone: a private rendezvous on a free local port, so concurrent launches (xdist) never collide.
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "parity.rank", str(plan_path)]
-
-
-def die_with_parent() -> None:
-    """Linux PR_SET_PDEATHSIG: if our process dies (even by SIGKILL), the kernel kills this one.
-
-    Set in torchrun (here, between fork and exec) and in every rank (parity.rank), so a killed
-    `parity` or pytest takes torchrun down, and torchrun takes its ranks down.
-    """
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the timeout and kill_tree still apply
-        pass
 
 
 def _stat(pid: int) -> tuple[str, int] | None:

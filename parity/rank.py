@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from parity.launch import die_with_parent
+from parity.lifeline import die_with_parent
 
 die_with_parent()
 try:

@@ -136,7 +136,7 @@ def write_metrics(path, rows) -> None:
 
 
 def read_metrics(path) -> list[dict]:
-    return read_csv(path, METRIC_COLUMNS[:3])[1]
+    return read_csv(path, METRIC_COLUMNS[:5])[1]  # step_time_s may be absent (runs made elsewhere)
 
 
 def write_weights(path, rows) -> None:
@@ -171,6 +171,35 @@ def read_json(path) -> dict:
     if not isinstance(value, dict):
         raise RecordError(f"{path}: expected a JSON object, found {type(value).__name__}")
     return value
+
+
+def read_setup_run(directory: str | Path, lenient: bool = False) -> dict:
+    """The one reader of a setup's run records: {"info": run.json, "metrics": rows, "weights": rows}.
+
+    A run whose status is not "ok" has no metrics or weights to read (None). Strict (the default,
+    for compare, baselines, calibrate and the CLI table): a record that is missing or malformed
+    where the run says it finished is a RecordError, i.e. bad input. Lenient (for reports, which
+    draw whatever a run directory holds): what cannot be read is left empty.
+    """
+    directory = Path(directory)
+    run = {"info": {}, "metrics": None, "weights": None}
+    try:
+        run["info"] = read_json(directory / "run.json")
+        status = run["info"].get("status")
+        if status not in RUN_STATUSES:
+            raise RecordError(f"{directory / 'run.json'}: status {status!r}; allowed: {', '.join(RUN_STATUSES)}")
+        if status == "ok":
+            run["metrics"] = read_metrics(directory / "metrics.csv")
+            run["weights"] = read_weights(directory / "weights.csv")
+    except RecordError:
+        if not lenient:
+            raise
+        if run["metrics"] is None and (directory / "metrics.csv").is_file():
+            try:  # a failed or unreadable run may still have written the steps it made
+                run["metrics"] = read_metrics(directory / "metrics.csv")
+            except RecordError:
+                pass
+    return run
 
 
 def setup_dir(out: str | Path, case: str, setup: str) -> Path:

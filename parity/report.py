@@ -113,11 +113,8 @@ def load_case_run(run_dir, case: str) -> CaseRun:
         names = order + [n for n in names if n not in order]
     setups = []
     for name in names:
-        try:
-            rows = records.read_metrics(cdir / name / "metrics.csv") if (cdir / name / "metrics.csv").is_file() else []
-        except records.RecordError:
-            rows = []
-        setups.append(SetupRun(name, _read_json_or_empty(cdir / name / "run.json"), rows))
+        run = records.read_setup_run(cdir / name, lenient=True)
+        setups.append(SetupRun(name, run["info"], run["metrics"] or []))
     baselines = {}
     for entry in (verdict or {}).get("baselines", []) or []:
         path = _baseline_path(entry, run_dir)

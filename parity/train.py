@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from parity import records
 from parity import fingerprint
 from parity.data import Batches
-from parity.launch import ERROR_MARK
+from parity.lifeline import ERROR_MARK
 from parity.model import build_model
 from parity.parallelize import Parallel, parallelize
 from parity.spec import Setup, Train
@@ -215,7 +215,7 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
     fault = setup.fault
     # The seed-skip fault still starts from a deterministic init, just not the seed checkpoint's.
     model = build_model(cfg, t.seq_len, t.seed + (1000 if fault == "skip_seed_load" else 0), dtype).to(device)
-    load_before_wrap = setup.dp_api == "ddp" or (setup.dp_api == "none" and setup.tp == 1 and setup.pp == 1)
+    load_before_wrap = setup.dims.seed_before_wrap
     if load_before_wrap and fault != "skip_seed_load":
         load_seed_plain(model, plan["seed_checkpoint"])
     par = parallelize(model, setup, device, loss_fn)

@@ -352,8 +352,7 @@ INPUTS = [
                  setups=[("ref", SETUP), ("other", 'dp_api = "fully_shard"\ndp_shard = -1\nworld_size = 4096')]),
             "setups.other"),
     content("microbatches-2^20",
-            case(setups=[("ref", SETUP), ("other", SETUP + f"\nglobal_batch = {2**20}\nmicrobatches = {2**20}")]),
-            "setups.other"),
+            case(setups=[("ref", SETUP), ("other", SETUP + f"\nmicrobatches = {2**20}")]), "setups.other.microbatches"),
     content("seed-2^70", case(train={"seed": str(2**70)}), "train.seed"),
     content("first-divergence-after-last-step",
             case(expect='outcome = "diverge"\nfirst_divergence = { metric = "loss", step = 50 }'), "first_divergence"),
@@ -387,7 +386,9 @@ INPUTS = [
     data("data-missing-file", "missing.npy", None),
     data("data-escapes-to-missing", "../../nowhere/x.npy", None, "nowhere"),
     data("data-is-a-directory", "dir.npy", mkdir),
-    data("data-float32-in-setup", "f32b.npy", npy(np.arange(200, dtype=np.float32)), where="setup"),
+    # A setup may not read other data than the rest of the case: rejected before the file is read.
+    data("data-in-setup", "f32b.npy", npy(np.arange(200, dtype=np.float32)), "setups.other.data", "may not override data",
+         where="setup"),
 
     # 5. command-line values (argparse may reject these itself: usage + error line naming the option)
     cli_value("cli-timeout-nan", "--timeout", "nan", expect="--timeout"),

@@ -12,7 +12,7 @@ import pytest
 from parity import records
 from parity.records import RecordError
 from parity.compare import (
-    compare_case, compare_series, compare_weights, divergence_table, format_verdict, ulps_apart, write_verdict,
+    compare_case, compare_series, compare_weights, divergence_table, format_verdict, ulp_unit, ulps_apart, write_verdict,
 )
 from parity.spec import Case, Expect, Setup, Tolerance, Train
 
@@ -39,17 +39,21 @@ def series(values, other, tol=LOOSE, mode="tolerance"):
 
 # ---- ULPs ----------------------------------------------------------------------------------
 
-def test_ulps_apart():
-    assert ulps_apart(1.0, 1.0) == 0
+def test_ulps_apart_in_the_values_own_precision():
+    # float32 numbers (a grad norm widened to double) count float32 ULPs
+    assert ulps_apart(1.0, 1.0) == 0 and ulp_unit(1.0, f32_up(1.0)) == "f32"
     assert ulps_apart(1.0, f32_up(1.0)) == 1
     assert ulps_apart(f32_up(1.0), 1.0) == 1
     tiny = float(np.float32(1e-45))  # smallest float32 subnormal
     assert ulps_apart(-tiny, tiny) == 2  # across zero, counting -0/+0 once
     assert ulps_apart(-0.0, 0.0) == 0
-    assert ulps_apart(1.0, up(1.0)) == 0  # a double ULP vanishes in float32
+    # a double that is no float32 number (a loss averaged in float64) counts float64 ULPs: never "0 ulps"
+    assert ulp_unit(1.0, up(1.0)) == "f64" and ulps_apart(1.0, up(1.0)) == 1
+    assert ulps_apart(8.074956953525543, 8.074957191944122) == 134217728  # 2.4e-7 apart; 0 in float32 units
+    assert ulps_apart(1e300, 1.0) > 0
     assert ulps_apart(math.nan, 1.0) is None
     assert ulps_apart(1.0, math.inf) is None
-    assert ulps_apart(1e300, 1.0) is None  # overflows float32
+    assert ulps_apart(1e300, 1.0, "f32") is None  # overflows float32
 
 
 # ---- step series ---------------------------------------------------------------------------
@@ -334,14 +338,15 @@ def test_verdict_schema(tmp_path):
     write_run(tmp_path, "other", loss=[up(x) for x in LOSS])
     v = compare_case(make_case(), tmp_path)
     assert set(v) == {"case", "passed", "mode", "outcome", "reference", "platform", "device", "backend",
-                      "tolerance", "repeat", "pairs", "baselines", "problems"}
+                      "tolerance", "repeat", "pairs", "baselines", "problems", "notes"}
     pair = v["pairs"][0]
-    assert set(pair) == {"reference", "other", "passed", "problems", "diverged", "metrics"}
-    assert set(pair["diverged"]) == {"metric", "step", "param", "value_ref", "value_other", "abs", "rel", "ulps"}
+    assert set(pair) == {"reference", "other", "passed", "problems", "diverged", "effect", "metrics"}
+    assert set(pair["diverged"]) == {"metric", "step", "param", "value_ref", "value_other", "abs", "rel", "ulps",
+                                     "ulp_unit"}
     m = pair["metrics"]["loss"]
     assert set(m) == {"n", "exact_equal_steps", "bitwise", "within_tolerance", "max_abs", "max_rel",
                       "failing_steps", "first_divergence", "first_tolerance_failure", "passed", "problems"}
-    assert set(m["first_divergence"]) == {"step", "value_ref", "value_other", "abs", "rel", "ulps"}
+    assert set(m["first_divergence"]) == {"step", "value_ref", "value_other", "abs", "rel", "ulps", "ulp_unit"}
 
 
 # ---- repeat check --------------------------------------------------------------------------
@@ -382,3 +387,20 @@ def test_no_repeat_directory_means_no_repeat_check(tmp_path):
     write_run(tmp_path, "ref")
     write_run(tmp_path, "other")
     assert compare_case(make_case(), tmp_path)["repeat"] is None
+
+
+def test_runs_from_another_version_of_the_case_file_are_named(tmp_path):
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "other")
+    case = make_case()
+    assert "do not record their case file's sha256" in compare_case(case, tmp_path)["notes"][0]
+    for name in ("ref", "other"):
+        info = tmp_path / "demo" / name / "run.json"
+        records.write_json(info, {**records.read_json(info), "case_sha256": "f" * 64})
+    v = compare_case(case, tmp_path)
+    assert v["passed"] and "made from another version of cases/demo.toml (case sha256 ffffffffffff" in v["notes"][0]
+    assert "note: the runs were made from another version" in format_verdict(v)
+    for name in ("ref", "other"):
+        info = tmp_path / "demo" / name / "run.json"
+        records.write_json(info, {**records.read_json(info), "case_sha256": case.sha256})
+    assert compare_case(case, tmp_path)["notes"] == []
