@@ -2,7 +2,7 @@
 
 import pytest
 
-from parity.spec import DEFAULT_TOLERANCES, SpecError, load_case
+from parity.spec import DEFAULT_TOLERANCES, SpecError, Train, load_case
 
 GOOD = """
 description = "two setups"
@@ -30,7 +30,7 @@ def test_parses_a_good_case(write_case):
 
 def test_setup_overrides_train_keys(write_case):
     case = load_case(write_case(GOOD.replace('dp_shard = 1', 'dp_shard = 1\nlr = 0.00101')))
-    assert case.setup("b").train.lr == 0.00101 and case.setup("a").train.lr == 8e-4
+    assert case.setup("b").train.lr == 0.00101 and case.setup("a").train.lr == Train().lr
 
 
 def test_dp_shard_minus_one_fills_from_world_size(write_case):
