@@ -7,7 +7,8 @@ Every metric gets two lanes side by side, whatever the case's mode:
   never equal to anything, NaN included, because NaN/Inf always fail (see below). For weights,
   exact means the sha256 of the full parameter tensors agree.
 - tolerance: |other - ref| <= atol + rtol * |ref|, the reference value scaling the bound
-  (spec.Tolerance.allows). NaN never passes.
+  (spec.Tolerance.allows). NaN never passes. For weights, each parameter's norm and each of its
+  sketches, the sketches bounded by atol + rtol * norm(ref) (see compare_weights).
 
 NaN or Inf anywhere, and missing, extra, duplicated or out-of-order steps, are *problems*: a
 metric with a problem fails, and a pair with a problem fails whatever the case expects. A
@@ -28,7 +29,9 @@ The verdict, `<out>/<case>/verdict.json` (a contract for the plugin, CLI and rep
 
 `first_divergence` is the first entry that is not bitwise equal, `first_tolerance_failure` the
 first outside tolerance; each is {step (or param), value_ref, value_other, abs, rel, ulps, ulp_unit}
-(ulps counted in the values' own precision, ulp_unit "f32" or "f64": see ulp_unit).
+(ulps counted in the values' own precision, ulp_unit "f32" or "f64": see ulp_unit). A weights
+entry of a parameter whose sketch failed also has `sketch` (which one, 0-based) and gives that
+sketch's values, with rel relative to the reference norm; `diverged` then carries it too.
 The repeat check comes first: when the run directory holds `<reference>.repeat` (the reference
 run a second time in the same launch), the two must be bitwise equal, or the case fails with
 "nondeterministic reference": then no bitwise verdict between setups means anything.
@@ -51,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from parity.paths import inside
-from parity.records import RecordError, read_json, read_setup_run, write_json
+from parity.records import SKETCH_COLUMNS, RecordError, read_json, read_setup_run, write_json
 from parity.spec import REPEAT_SUFFIX, Case, Tolerance
 
 STEP_METRICS = ("loss", "grad_norm")
@@ -138,9 +141,12 @@ def _index(keys, values, label: str, what: str, problems: list[str]) -> dict:
     return out
 
 
-def _summarize(entries: list[dict], exact: list[bool], tol: Tolerance, mode: str, problems: list[str]) -> dict:
-    within = [math.isfinite(e["value_ref"]) and math.isfinite(e["value_other"])
-              and tol.allows(e["value_other"], e["value_ref"]) for e in entries]
+def _summarize(entries: list[dict], exact: list[bool], tol: Tolerance, mode: str, problems: list[str],
+               within: list[bool] | None = None) -> dict:
+    """`within`: each entry's tolerance verdict when the caller judges more than the entry's value (weights)."""
+    if within is None:
+        within = [math.isfinite(e["value_ref"]) and math.isfinite(e["value_other"])
+                  and tol.allows(e["value_other"], e["value_ref"]) for e in entries]
     finite = [e for e in entries if math.isfinite(e["abs"])]
     n = len(entries)
     if n == 0 and not problems:
@@ -184,12 +190,25 @@ def compare_series(ref_steps, ref_values, other_steps, other_values, tol: Tolera
 
 def compare_weights(ref_rows, other_rows, tol: Tolerance, mode: str = "tolerance",
                     labels=("reference", "other")) -> dict:
-    """Final weights, keyed by parameter name: exact = sha256 equal, tolerance = on the L2 norms."""
+    """Final weights, keyed by parameter name: exact = sha256 equal; tolerance = the L2 norms and
+    the sketches (random projections, see parity.train.weight_sketches) within tolerance.
+
+    A sketch's natural scale is the parameter's norm (a sketch value itself can be near zero), so
+    each sketch must satisfy |other - ref| <= atol + rtol * norm(ref). A parameter whose sketch
+    fails is reported by its worst sketch: {param, sketch: k, value_ref, value_other, abs, rel,
+    ulps}, rel relative to the reference norm; otherwise by its norm, as before. The norm alone
+    misses a sign flip or a permutation; the sketches do not.
+    """
     problems: list[str] = []
     ref = _index([r["param"] for r in ref_rows], [r["norm"] for r in ref_rows], labels[0], "param", problems)
     other = _index([r["param"] for r in other_rows], [r["norm"] for r in other_rows], labels[1], "param", problems)
     ref_sha = {r["param"]: r["sha256"] for r in ref_rows}
     other_sha = {r["param"]: r["sha256"] for r in other_rows}
+    # weights.csv files written before the sketches existed lack their columns: such a pair is
+    # judged on norms only, as it was then.
+    sketched = all(c in r for r in (*ref_rows, *other_rows) for c in SKETCH_COLUMNS)
+    ref_sketch = {r["param"]: [r[c] for c in SKETCH_COLUMNS] for r in ref_rows} if sketched else {}
+    other_sketch = {r["param"]: [r[c] for c in SKETCH_COLUMNS] for r in other_rows} if sketched else {}
     missing = [p for p in ref if p not in other]
     extra = [p for p in other if p not in ref]
     if missing:
@@ -197,9 +216,23 @@ def compare_weights(ref_rows, other_rows, tol: Tolerance, mode: str = "tolerance
     if extra:
         problems.append(f"{labels[1]} has extra params {_span(extra)}")
     keys = [p for p in ref if p in other]
-    entries = [_entry("param", p, ref[p], other[p]) for p in keys]
+    entries, within = [], []
+    for p in keys:
+        e = _entry("param", p, ref[p], other[p])
+        ok = math.isfinite(ref[p]) and math.isfinite(other[p]) and tol.allows(other[p], ref[p])
+        if sketched:
+            bound = tol.bound(ref[p])
+            diffs = [abs(b - a) for a, b in zip(ref_sketch[p], other_sketch[p])]
+            # NaN compares false: a non-finite sketch is the worst and never within the bound.
+            k = max(range(len(diffs)), key=lambda j: math.inf if math.isnan(diffs[j]) else diffs[j])
+            if not all(d <= bound for d in diffs):
+                ok = False
+                e = {"param": p, "sketch": k, **_entry("param", p, ref_sketch[p][k], other_sketch[p][k])}
+                e["rel"] = e["abs"] / abs(ref[p]) if ref[p] != 0.0 else (0.0 if e["abs"] == 0.0 else math.inf)
+        entries.append(e)
+        within.append(ok)
     exact = [ref_sha[p] == other_sha[p] and math.isfinite(ref[p]) and math.isfinite(other[p]) for p in keys]
-    return _summarize(entries, exact, tol, mode, problems)
+    return _summarize(entries, exact, tol, mode, problems, within)
 
 
 def not_compared(reason: str) -> dict:
@@ -236,7 +269,9 @@ def _mismatch(metric: str, m: dict, mode: str) -> str:
 
 
 def _where(e: dict) -> str:
-    return f"param {e['param']}" if "param" in e else f"step {e['step']}"
+    if "param" in e:
+        return f"param {e['param']}" + (f" sketch{e['sketch']}" if "sketch" in e else "")
+    return f"step {e['step']}"
 
 
 def _diverged(metrics: dict, mode: str) -> dict | None:

@@ -1,7 +1,8 @@
 """The files a run leaves behind, written atomically and read back bit-exactly.
 
 metrics.csv  step,loss,grad_norm,lr,tokens,step_time_s   one row per optimizer step (1-based)
-weights.csv  param,norm,sha256                            one row per parameter (full tensor)
+weights.csv  param,norm,sha256,sketch0..sketch3          one row per parameter (full tensor); the
+             sketches are random projections of the logical tensor (parity.train.weight_sketches)
 run.json     provenance of one setup's run
 
 Floats are written with `repr`, which round-trips every IEEE double exactly; they are parsed
@@ -23,7 +24,10 @@ from parity.errors import InputError
 from parity.paths import inside
 
 METRIC_COLUMNS = ("step", "loss", "grad_norm", "lr", "tokens", "step_time_s")
-WEIGHT_COLUMNS = ("param", "norm", "sha256")
+# Files written before the sketches lack their columns and still read (compare then judges norms only).
+WEIGHT_REQUIRED = ("param", "norm", "sha256")
+SKETCH_COLUMNS = ("sketch0", "sketch1", "sketch2", "sketch3")  # how many sketches train computes, too
+WEIGHT_COLUMNS = WEIGHT_REQUIRED + SKETCH_COLUMNS
 INT_COLUMNS = {"step", "tokens"}
 # run.json "status": ok (rank 0 wrote every record), or why the runner wrote it in its place.
 RUN_STATUSES = ("ok", "failed", "timeout", "interrupted")
@@ -140,11 +144,15 @@ def read_metrics(path) -> list[dict]:
 
 
 def write_weights(path, rows) -> None:
-    write_csv(path, WEIGHT_COLUMNS, rows)
+    """Rows with sketches (what ranks write) or, all of them, without (the older layout)."""
+    with_sketches = [all(c in r for c in SKETCH_COLUMNS) for r in rows]
+    if any(with_sketches) and not all(with_sketches):
+        raise ValueError("weights rows: some have sketch columns and some do not")
+    write_csv(path, WEIGHT_COLUMNS if all(with_sketches) and rows else WEIGHT_REQUIRED, rows)
 
 
 def read_weights(path) -> list[dict]:
-    return read_csv(path, WEIGHT_COLUMNS)[1]
+    return read_csv(path, WEIGHT_REQUIRED)[1]
 
 
 def _jsonable(value):

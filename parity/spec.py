@@ -37,13 +37,19 @@ METRICS = ("loss", "grad_norm", "weights")
 # `noise` nudges the reference's gradients at step 2 in its repeat run only: a stand-in for a
 # nondeterministic kernel, which the repeat check must catch. `local_clip` makes each pipeline
 # stage clip with its own norm instead of the global one: only an engaged clip can reveal it.
-FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash", "noise", "local_clip")
+# `negate_shard` and `transpose_shard` corrupt rank 0's local shard of one parameter after the
+# last step (negated, or its transpose written back row-major: a permutation of the shard): the
+# norms stay the same (up to the rounding of their sums), so only the weight sketches catch
+# them, on that parameter.
+FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash", "noise", "local_clip", "negate_shard", "transpose_shard")
 REPEAT_SUFFIX = ".repeat"  # the reference's second run in the same launch: `<reference>.repeat`
 
 # Default tolerances by the lowest precision any setup computes in. fp32 numbers: observed across
 # DDP/FSDP/HSDP/TP/PP at 8 CPU ranks (loss rel <= 2e-7, grad norm rel <= 8.5e-6) with ~10x
 # headroom; bf16 from mixed-precision runs (loss rel 2.4e-4, grad norm 7.7e-3).
-# `weights` compares the per-parameter L2 norms of the final weights.
+# `weights` bounds the per-parameter L2 norms of the final weights and their sketches (whose
+# fp32 differences after 10 debugmodel steps at 8 CPU ranks, lr 5e-3, reach 1.2e-5 of the norm
+# between layouts and 2.7e-5 against the float64 oracle; the norms' stay below 7e-7).
 DEFAULT_TOLERANCES = {
     "float64": {"loss": (1e-12, 0.0), "grad_norm": (1e-10, 0.0), "weights": (1e-10, 0.0)},
     "float32": {"loss": (1e-5, 0.0), "grad_norm": (1e-4, 0.0), "weights": (1e-4, 0.0)},
@@ -139,8 +145,12 @@ class Tolerance:
     rtol: float
     atol: float
 
+    def bound(self, scale: float) -> float:
+        """The largest difference allowed against a reference of this size."""
+        return self.atol + self.rtol * abs(scale)
+
     def allows(self, a: float, b: float) -> bool:
-        return abs(a - b) <= self.atol + self.rtol * abs(b)
+        return abs(a - b) <= self.bound(b)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ exactly the floats that were always recorded (NaN and Inf included, which the co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,13 +22,14 @@ import traceback
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from parity import records
 from parity import fingerprint
-from parity.data import Batches
+from parity.data import Batches, _splitmix64
 from parity.lifeline import ERROR_MARK
 from parity.model import build_model
 from parity.parallelize import Parallel, parallelize
@@ -35,6 +37,9 @@ from parity.spec import Setup, Train
 
 FAULT_RANK = 1  # the rank that hangs or crashes in the `hang` / `crash` fault setups
 FAULT_STEP = 2  # the step of every planted fault
+# The shard faults corrupt rank 0's local shard of this parameter after the last step. Every
+# layout holds it on rank 0: layers.0 lives in the first pipeline stage, on pp rank 0.
+FAULT_PARAM = "layers.0.feed_forward.w1.weight"
 # The process group's own timeout fires this long after the launcher's: a hung collective is
 # reported by the launcher, with every rank's log tail, not as a bare watchdog abort.
 PG_TIMEOUT_MARGIN_S = 120.0
@@ -135,9 +140,8 @@ def load_seed_plain(model, ckpt: str):
 
 
 def weight_digest(par: Parallel) -> list[dict]:
-    """Per parameter of the full model: L2 norm (float64) and sha256 of the full tensor's bytes."""
-    import hashlib
-
+    """Per parameter of the full model: L2 norm (float64), sha256 of the full tensor's bytes, and
+    SKETCHES random projections of the logical tensor computed from local shards (see weight_sketches)."""
     rows = {}
     for m in par.modules:
         for name, p in m.named_parameters():
@@ -151,7 +155,169 @@ def weight_digest(par: Parallel) -> list[dict]:
     merged = {}
     for part in gathered:
         merged.update(part)
-    return [merged[k] for k in sorted(merged, key=_param_order)]
+    sketches = weight_sketches(par)
+    return [{**merged[k], **dict(zip(records.SKETCH_COLUMNS, sketches[k]))} for k in sorted(merged, key=_param_order)]
+
+
+# Weight sketches: s_k = sum_i w_i * r_k(i) over the logical (global) tensor, where i is the
+# row-major flat index into the global shape and r_k(i) = +-1 is bit k of splitmix64(i XOR a
+# 64-bit key of the parameter's name). E[s_k^2] = ||w||^2, so the natural scale of a sketch is
+# the parameter's norm, and a change that moves values between positions or flips their signs
+# (a permutation, a transposed or negated shard) moves each s_k by about the norm of what
+# changed, where the norm does not move at all. The signs depend on the global index only, so
+# every layout of the same tensor has the same sketch up to float64 rounding of the sums.
+# A change confined to one swapped pair of elements escapes one sign with probability 1/2 (the
+# two signs agree), all four with 1/16; a change spread over many elements escapes with
+# negligible odds.
+SKETCHES = len(records.SKETCH_COLUMNS)
+# _SIGNS[pattern, k] = r_k for an element whose hash's top bits are `pattern`: -1 where bit k
+# (counted from the top) is set, else +1.
+_SIGNS = np.array([[-1.0 if pattern >> (SKETCHES - 1 - k) & 1 else 1.0 for k in range(SKETCHES)]
+                   for pattern in range(1 << SKETCHES)])
+_SKETCH_CHUNK = 1 << 20  # elements hashed at a time: bounds the index temporaries on big shards
+
+
+def _shard_box_fn():
+    """torch.distributed.tensor's compute_local_shape_and_global_offset, wherever this torch keeps it."""
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # releases before DTensor moved out of torch.distributed._tensor
+        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+    return compute_local_shape_and_global_offset
+
+
+def _name_key(name: str) -> np.uint64:
+    # Not Python's hash(): that is salted per process, and every rank and every run must agree.
+    return np.uint64(int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little"))
+
+
+def sketch_block(name: str, block: torch.Tensor, offset, global_shape) -> np.ndarray:
+    """SKETCHES float64 sums over one box of a parameter: `block` holds the global elements
+    [offset[d], offset[d] + block.shape[d]) of every dim d of a tensor of shape `global_shape`."""
+    if block.numel() == 0:  # an uneven split can leave a rank an empty shard
+        return np.zeros(SKETCHES, dtype=np.float64)
+    if block.dim() == 0:
+        block, offset, global_shape = block.reshape(1), (0,), (1,)
+    box = tuple(block.shape)
+    values = block.detach().to("cpu", torch.float64).contiguous().numpy().reshape(box[0], -1)
+    strides = [math.prod(global_shape[d + 1:]) for d in range(len(global_shape))]
+    # Flat global index of every element of one box row (all dims but the first), row-major.
+    tail = np.zeros((), dtype=np.uint64)
+    for d in range(1, len(box)):
+        tail = tail[..., None] + (np.arange(box[d], dtype=np.uint64) + np.uint64(offset[d])) * np.uint64(strides[d])
+    tail = tail.reshape(-1)
+    key = _name_key(name)
+    # Elements are summed in 2^SKETCHES buckets by their sign pattern (the top SKETCHES bits of the
+    # hash), then each sketch adds or subtracts the bucket sums: the same s_k, at one float64 sum
+    # per element instead of SKETCHES.
+    buckets = np.zeros(1 << SKETCHES, dtype=np.float64)
+    step = max(1, _SKETCH_CHUNK // max(1, tail.size))  # box rows per chunk
+    with np.errstate(over="ignore"):
+        for start in range(0, box[0], step):
+            rows = np.arange(start, min(start + step, box[0]), dtype=np.uint64) + np.uint64(offset[0])
+            index = (rows * np.uint64(strides[0]))[:, None] + tail[None, :]
+            pattern = (_splitmix64(index.reshape(-1) ^ key) >> np.uint64(64 - SKETCHES)).astype(np.intp)
+            buckets += np.bincount(pattern, weights=values[start:start + len(rows)].reshape(-1), minlength=len(buckets))
+    return buckets @ _SIGNS
+
+
+def _local_box(p, par: Parallel):
+    """(local tensor, global offset) when this rank is the one that counts p's local elements, else None.
+
+    Every element of the logical tensor is counted on exactly one rank: a DTensor's Shard
+    placements split it into disjoint boxes (their offsets from compute_local_shape_and_global_offset),
+    and of the ranks that hold the same box, only the one at coordinate 0 of every replicating
+    dim counts it. Replicating dims are the DTensor's Replicate dims and the dims of the setup's
+    mesh the DTensor does not span (DDP and plain tensors span none), except pp: pipeline ranks
+    hold different parameters, not copies.
+    """
+    world = par.mesh
+    spanned = set()
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import Replicate, Shard
+
+        try:  # FSDP's shard of a TP shard; not a Shard subclass in every release
+            from torch.distributed.tensor.placement_types import _StridedShard
+        except ImportError:
+            _StridedShard = Shard
+        mesh = p.device_mesh
+        spanned = set(mesh.mesh_dim_names or ())
+        coord = mesh.get_coordinate()
+        for dim, placement in enumerate(p.placements):
+            if isinstance(placement, Replicate):
+                if coord[dim] != 0:
+                    return None
+            elif not isinstance(placement, (Shard, _StridedShard)):
+                raise RuntimeError(f"weight sketch: parameter placement {placement} is neither Shard nor Replicate")
+        shape, offset = _shard_box_fn()(p.shape, mesh, p.placements)
+        local = p.to_local()
+        if tuple(local.shape) != tuple(shape):
+            raise RuntimeError(f"weight sketch: local shard {tuple(local.shape)} is not the {tuple(shape)} "
+                               f"that {p.placements} gives for {tuple(p.shape)}")
+    else:
+        local, offset = p, (0,) * p.dim()
+    if world is not None:
+        for name in world.mesh_dim_names:
+            if name != "pp" and name not in spanned and world.get_local_rank(name) != 0:
+                return None
+    return local, offset
+
+
+def weight_sketches(par: Parallel) -> dict[str, list[float]]:
+    """param name -> SKETCHES floats, the same on every rank, from local shards only (no gather).
+
+    Each rank sums its own boxes into a [n_params, SKETCHES + 2] float64 table (zeros for the
+    parameters it does not hold or does not count); one all_reduce(SUM) adds the ranks up. Two
+    more columns check that every element was counted exactly once: the number of elements
+    counted must be numel, and the sum of their flat indices must be 0 + 1 + ... + (numel - 1)
+    (modulo a prime, so that the float64 sum stays exact). A box at a wrong offset, or two ranks
+    counting the same box, changes the index sum.
+    """
+    local = {}
+    for m in par.modules:
+        for name, p in m.named_parameters():
+            local[name.removeprefix("module.")] = p
+    names = [None] * dist.get_world_size()
+    dist.all_gather_object(names, sorted(local))  # pipeline stages hold different parameters
+    order = sorted({n for part in names for n in part}, key=_param_order)
+    count, index_sum = SKETCHES, SKETCHES + 1
+    table = torch.zeros(len(order), SKETCHES + 2, dtype=torch.float64)
+    for row, name in enumerate(order):
+        if name not in local:
+            continue
+        p = local[name]
+        box = _local_box(p, par)
+        if box is not None:
+            block, offset = box
+            table[row, :SKETCHES] = torch.from_numpy(sketch_block(name, block, offset, tuple(p.shape)))
+            table[row, count] = block.numel()
+            table[row, index_sum] = _box_index_sum(tuple(block.shape), offset, tuple(p.shape)) % _INDEX_PRIME
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    table = table.to(device)
+    dist.all_reduce(table)
+    table = table.cpu()
+    for row, name in enumerate(order):  # every parameter is held, and so checked, on some rank
+        n = local[name].numel() if name in local else None
+        if n is not None and (table[row, count].item() != n
+                              or int(table[row, index_sum].item()) % _INDEX_PRIME != (n * (n - 1) // 2) % _INDEX_PRIME):
+            raise RuntimeError(f"weight sketch of {name}: the ranks' shards do not cover its {n} elements exactly once "
+                               f"({table[row, count].item():.0f} counted)")
+    return {name: table[row, :SKETCHES].tolist() for row, name in enumerate(order)}
+
+
+_INDEX_PRIME = 2**31 - 1  # a world of up to 2^21 ranks sums residues below 2^52: exact in float64
+
+
+def _box_index_sum(box, offset, global_shape) -> int:
+    """Sum of the row-major flat global indices of a box's elements, in exact integers."""
+    if not global_shape:
+        return 0
+    total, numel = 0, math.prod(box)
+    for d, (n, o) in enumerate(zip(box, offset)):
+        stride = math.prod(global_shape[d + 1:])
+        # Each index along dim d, (o + 0) ... (o + n - 1), appears numel / n times.
+        total += stride * (n * o + n * (n - 1) // 2) * (numel // n) if n else 0
+    return total
 
 
 def _param_order(name: str):
@@ -262,8 +428,30 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
         for r in rows:
             print(f"step {r['step']}: loss {r['loss']!r} grad_norm {r['grad_norm']!r} lr {r['lr']!r} "
                   f"time {r['step_time_s']:.4f}s", flush=True)
+    if fault in ("negate_shard", "transpose_shard"):
+        plant_shard_fault(par, fault)
     digest = weight_digest(par)
     return {"rows": rows, "digest": digest, "par": par}
+
+
+def plant_shard_fault(par: Parallel, fault: str) -> None:
+    """Corrupt rank 0's local shard of FAULT_PARAM in place, after training (loss and grad norm
+    stay as they were): negate it, or write the shard's transpose back into its storage in
+    row-major order (for a square shard exactly its transpose; for any shape a permutation of
+    its elements, as a missing .t() in a shard copy would leave it). Negation leaves the norm's bits
+    as they were, a permutation moves it by the rounding of its sum at most."""
+    if dist.get_rank() != 0:
+        return
+    for m in par.modules:
+        for name, p in m.named_parameters():
+            if name.removeprefix("module.") != FAULT_PARAM:
+                continue
+            local = p.to_local() if hasattr(p, "to_local") else p
+            with torch.no_grad():
+                local.copy_(-local if fault == "negate_shard" else local.t().contiguous().view(local.shape))
+            print(f"planted fault: {fault} on rank 0's shard {tuple(local.shape)} of {FAULT_PARAM}", flush=True)
+            return
+    raise RuntimeError(f"planted fault {fault}: rank 0 holds no {FAULT_PARAM}")
 
 
 def forward_backward(par: Parallel, setup: Setup, inputs, labels) -> list[torch.Tensor] | None:
