@@ -31,7 +31,7 @@ import torch.distributed as dist  # noqa: E402
 from parity import fingerprint, train  # noqa: E402
 from parity.data import Batches  # noqa: E402
 from parity.model import build_model  # noqa: E402
-from parity.seed import seed_checkpoint  # noqa: E402
+from parity.seed import resolve_seed  # noqa: E402
 from parity.spec import Setup, Train  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def bare_loop(t: Train, ckpt: str, device: torch.device) -> list[float]:
         clock.mark()
         for group in opt.param_groups:
             group["lr"] = t.lr * min(1.0, step / max(t.warmup_steps, 1))
-        inputs, labels = (torch.from_numpy(a).to(device) for a in batches.local(step, 1, 0))
+        inputs, labels = (train.to_device(a, device) for a in batches.local(step, 1, 0))  # as the harness does
         with train.sdpa_context(t.attention):
             train.loss_fn(model(inputs), labels).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_norm)
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     kwargs = {"device_id": device} if args.device == "cuda" else {}
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
     t = Train(model=args.model, steps=args.steps, dtype=args.dtype, attention=args.attention)
-    ckpt = str(seed_checkpoint(t.model, t.seed, t.dtype)[0])
+    ckpt = str(resolve_seed(t.model, t.seed, t.dtype, None).path)
     bare, harness = [], []
     with tempfile.TemporaryDirectory(prefix="parity-bench-") as out:
         (Path(out) / "bench").mkdir()  # where the harness writes its progress file

@@ -468,7 +468,7 @@ class _Validator:
                     self.fail(k, f"{value!r} is not allowed; allowed: true, false")
                 settings[key] = value
             else:
-                settings[key] = self.integer(k, value, 0)
+                settings[key] = self.integer(k, value, 0, 64)  # NCCL has at most 64 channels
         return settings
 
 

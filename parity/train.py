@@ -43,6 +43,9 @@ FAULT_PARAM = "layers.0.feed_forward.w1.weight"
 # The process group's own timeout fires this long after the launcher's: a hung collective is
 # reported by the launcher, with every rank's log tail, not as a bare watchdog abort.
 PG_TIMEOUT_MARGIN_S = 120.0
+# The launcher polls the progress file 4 times a second. Writing it (a write and a rename) every
+# step is host work inside the step that a small model on a GPU feels; twice a second is enough.
+PROGRESS_EVERY_S = 0.5
 
 
 def redirect_output(path: Path):
@@ -322,6 +325,13 @@ def _param_order(name: str):
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts]
 
 
+def to_device(array, device: torch.device) -> torch.Tensor:
+    """A host batch on the device without waiting for it: a copy from pageable memory would
+    synchronize the stream, i.e. wait for every step still queued."""
+    t = torch.from_numpy(array)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def nudge_gradients(par: Parallel) -> None:
     """The `noise` fault: scale every local gradient by a few ULPs, as a nondeterministic kernel might."""
     for m in par.modules:
@@ -383,6 +393,7 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
     dp_rank = 0 if fault == "replicated_data" else par.dp_rank
     lrs, micro_losses, norms = [], [], []
     clock = StepClock(device)
+    last_progress = -math.inf
     for step in range(1, t.steps + 1):
         if fault in ("hang", "crash") and rank == FAULT_RANK and step == FAULT_STEP:
             if fault == "crash":
@@ -393,7 +404,7 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
         lr = t.lr * min(1.0, step / max(t.warmup_steps, 1))  # linear warmup; step 1 already trains
         for group in opt.param_groups:
             group["lr"] = lr
-        inputs, labels = (torch.from_numpy(a).to(device) for a in batches.local(step, setup.dp_degree, dp_rank))
+        inputs, labels = (to_device(a, device) for a in batches.local(step, setup.dp_degree, dp_rank))
         with sdpa_context(t.attention):
             micro_losses.append(forward_backward(par, setup, inputs, labels))
         if fault == "noise" and setup.repeat and step == FAULT_STEP:
@@ -402,8 +413,9 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         lrs.append(lr)
-        if rank == 0:
+        if rank == 0 and (step == t.steps or time.monotonic() - last_progress >= PROGRESS_EVERY_S):
             _progress(plan, setup, step, t.steps)  # steps queued; the device may still be working on them
+            last_progress = time.monotonic()
     clock.mark()
     # The one copy to the host. .tolist() yields the same doubles .item() did, step by step.
     times = clock.seconds()
