@@ -91,4 +91,6 @@ class Batches:
 
     def local(self, step: int, dp_degree: int, dp_rank: int) -> tuple[np.ndarray, np.ndarray]:
         seq = self.rows(step, rank_rows(self.global_batch, dp_degree, dp_rank))
-        return seq[:, :-1], seq[:, 1:]
+        # Contiguous copies: torch.distributed.pipelining in torch 2.11 checks input strides against
+        # its shape inference and rejects a (seq_len + 1)-strided slice.
+        return np.ascontiguousarray(seq[:, :-1]), np.ascontiguousarray(seq[:, 1:])
