@@ -373,12 +373,10 @@ def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None =
         repeat = compare_pair(ref, runs[ref], name, again, bitwise)
         repeat["cause"] = _repeat_cause(repeat, runs[ref]["problems"] + again["problems"])
     pairs = [compare_pair(ref, runs[ref], s.name, runs[s.name], case) for s in case.setups[1:]]
-    baselines = list(baselines or [])
     problems = [repeat["cause"]] if repeat and repeat["cause"] else []
     problems += [f"{p['reference']} vs {p['other']}: {line}" for p in pairs for line in p["problems"]]
-    problems += [f"baseline {b['setup']}: {b['message']}" for b in baselines if not b["passed"]]
     info = runs[ref]["info"] or {}
-    return {
+    verdict = {
         "case": case.name,
         "passed": not problems,
         "mode": case.expect.mode,
@@ -391,10 +389,17 @@ def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None =
                       for m, t in case.expect.tolerance.items()},
         "repeat": repeat,
         "pairs": pairs,
-        "baselines": baselines,
+        "baselines": [],
         "problems": problems,
         "notes": _case_file_notes(case, runs),
     }
+    return with_baselines(verdict, baselines or [])
+
+
+def with_baselines(verdict: dict, baselines: list[dict]) -> dict:
+    """The verdict with the baseline checks added: each failing one is a problem of the case."""
+    problems = verdict["problems"] + [f"baseline {b['setup']}: {b['message']}" for b in baselines if not b["passed"]]
+    return {**verdict, "passed": not problems, "baselines": list(baselines), "problems": problems}
 
 
 def _case_file_notes(case: Case, runs: dict) -> list[str]:

@@ -243,13 +243,14 @@ def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) ->
 
     if not inside(run_dir, case.name).is_dir():
         raise InputError(f"{run_dir}: no run of case {case.name} here ({Path(run_dir) / case.name} is not a directory)")
-    passed = compare.compare_case(case, run_dir)["passed"]
+    between_setups = compare.compare_case(case, run_dir)  # read and judged once; baselines are added to it
+    passed = between_setups["passed"]
     checks = baselines.check_case_baselines(case, run_dir, baseline_root, update if passed else None)
     if update and not passed:
         for b in checks:
             b["message"] += (f"; --update-baselines={update} wrote nothing: the case failed, and only a passing "
                              "case makes a baseline")
-    verdict = compare.compare_case(case, run_dir, checks)
+    verdict = compare.with_baselines(between_setups, checks)
     compare.write_verdict(run_dir, verdict)
     return verdict
 
