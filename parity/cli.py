@@ -214,6 +214,11 @@ def _run_dir(p: str, what: str) -> Path:
     return path
 
 
+def names_a_path(word: str, base: Path = Path(".")) -> bool:
+    """Whether a word after a bare `--update-baselines` is a path (a pytest node id's file part too), not a mode."""
+    return not word.startswith("-") and (base / word.split("::")[0]).exists()
+
+
 def bare_flag_default(argv: list[str], flag: str, choices, default: str) -> list[str]:
     """`FLAG` followed by an option, an existing path or nothing means `FLAG=default`.
 
@@ -225,7 +230,7 @@ def bare_flag_default(argv: list[str], flag: str, choices, default: str) -> list
     for i, word in enumerate(fixed):
         following = fixed[i + 1] if i + 1 < len(fixed) else None
         if word == flag and following not in choices and (
-                following is None or following.startswith("-") or Path(following).exists()):
+                following is None or following.startswith("-") or names_a_path(following)):
             fixed[i] = f"{flag}={default}"
     return fixed
 

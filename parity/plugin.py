@@ -71,9 +71,9 @@ def _give_back_swallowed_arg(config) -> None:
     value = config.getoption("parity_update_baselines")
     if not isinstance(value, _SwallowedArg):
         return
-    if value.startswith("-") or not (config.invocation_params.dir / value.split("::")[0]).exists():
-        from parity.cli import UPDATE_MODES
+    from parity.cli import UPDATE_MODES, names_a_path
 
+    if not names_a_path(value, config.invocation_params.dir):
         raise pytest.UsageError(f"--parity-update-baselines: {value!r} is neither a mode "
                                 f"({', '.join(UPDATE_MODES)}) nor an existing path")
     config.option.parity_update_baselines = "failing"
@@ -103,7 +103,14 @@ def parity_paths(config) -> tuple[Path, Path, Path]:
 
 
 def load_parity_cases(config):
-    """The session's cases, validated with their stored baselines; bad input is a pytest usage error."""
+    """The session's cases, validated with their stored baselines; bad input is a pytest usage error.
+
+    Loaded once per process (token files are read in full): session start, collection and the
+    summary share the result.
+    """
+    cached = getattr(config, "_parity_cases", None)
+    if cached is not None:
+        return cached
     from parity.baselines import check_case_files
     from parity.errors import InputError
     from parity.spec import find_cases, load_cases
@@ -115,6 +122,7 @@ def load_parity_cases(config):
             check_case_files(case, baseline_root, config.getoption("parity_update_baselines"))
     except InputError as e:
         raise pytest.UsageError(f"parity: {e}") from None
+    config._parity_cases = cases
     return cases
 
 
@@ -239,8 +247,7 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(f"parity: {line}")
     terminalreporter.write_line(f"parity: cases per device: {counts}")
     from parity.baselines import unused_baselines
-    from parity.spec import find_cases, load_cases
 
-    cases_dir, baseline_root, _ = parity_paths(config)
-    for path in unused_baselines(baseline_root, load_cases(find_cases(cases_dir))):
+    _, baseline_root, _ = parity_paths(config)
+    for path in unused_baselines(baseline_root, load_parity_cases(config)):
         terminalreporter.write_line(f"parity: unused baseline {path}: its case or setup no longer exists")
