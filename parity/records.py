@@ -29,9 +29,9 @@ WEIGHT_REQUIRED = ("param", "norm", "sha256")
 SKETCH_COLUMNS = ("sketch0", "sketch1", "sketch2", "sketch3")  # how many sketches train computes, too
 WEIGHT_COLUMNS = WEIGHT_REQUIRED + SKETCH_COLUMNS
 INT_COLUMNS = {"step", "tokens"}
+STR_COLUMNS = {"param", "sha256"}
 # run.json "status": ok (rank 0 wrote every record), or why the runner wrote it in its place.
 RUN_STATUSES = ("ok", "failed", "timeout", "interrupted")
-STR_COLUMNS = {"param", "sha256"}
 
 
 class RecordError(InputError):

@@ -24,8 +24,8 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from parity import records  # noqa: E402
-from parity.paths import inside  # noqa: E402
 from parity.compare import ran_on  # noqa: E402
+from parity.paths import inside  # noqa: E402
 
 PLOTTED = ("loss", "grad_norm")
 LABEL = {"loss": "loss", "grad_norm": "grad norm"}

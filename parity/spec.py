@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from parity.errors import InputError
+from parity.fingerprint import DETERMINISM, NCCL_CHOICES
 from parity.parallel_dims import MAX_WORLD_SIZE, ParallelDims, problems
 from parity.paths import duplicates_ignoring_case, name_problem
-from parity.fingerprint import DETERMINISM, NCCL_CHOICES
 from parity.presets import PRESETS, ModelConfig
 
 DP_APIS = ("fully_shard", "replicate", "ddp", "none")
@@ -23,7 +23,7 @@ PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 DTYPES = ("float32", "bfloat16", "float64")
 ATTENTION = ("math", "flash", "efficient", "cudnn")
 # Which SDPA backend has a kernel for which compute dtype, per device. CPU, as the torch 2.13 CPU
-# build runs them (tests/test_spec.py tries each one): math and flash in every dtype, no
+# build runs them (tests/test_gpu_trust.py tries each one): math and flash in every dtype, no
 # efficient or cuDNN kernel. CUDA: flash and cuDNN need 16-bit inputs; efficient has no float64.
 ATTENTION_DTYPES = {
     "cpu": {"math": DTYPES, "flash": DTYPES},
@@ -90,7 +90,7 @@ class Train:
     max_norm: float = 0.4  # 0 disables clipping; the pre-clip norm is recorded either way
     weight_decay: float = 0.1
     dtype: str = "float32"
-    attention: str = "math"  # SDPA backend, pinned for every setup of a case
+    attention: str = "math"  # SDPA backend pinned for the setup (a setup may override it; see ATTENTION_DTYPES)
     data: str | None = None  # path to a .npy of token ids; None = the built-in generator
 
     @property

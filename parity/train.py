@@ -27,8 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parity import records
-from parity import fingerprint
+from parity import fingerprint, records
 from parity.data import Batches, _splitmix64
 from parity.lifeline import ERROR_MARK
 from parity.model import build_model
