@@ -12,7 +12,6 @@ exactly the floats that were always recorded (NaN and Inf included, which the co
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,16 +21,16 @@ import traceback
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from parity import fingerprint, records
-from parity.data import Batches, _splitmix64
+from parity.data import Batches
 from parity.lifeline import ERROR_MARK
 from parity.model import build_model
 from parity.parallelize import Parallel, parallelize
+from parity.sketch import SKETCHES, norm_and_sha, param_order, sketch_block
 from parity.spec import Setup, Train
 
 FAULT_RANK = 1  # the rank that hangs or crashes in the `hang` / `crash` fault setups
@@ -144,36 +143,15 @@ def weight_digest(par: Parallel) -> list[dict]:
     rows = {}
     for m in par.modules:
         for name, p in m.named_parameters():
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            full = full.detach().cpu().contiguous()
             name = name.removeprefix("module.")  # DDP
-            rows[name] = {"param": name, "norm": torch.linalg.vector_norm(full.double()).item(),
-                          "sha256": hashlib.sha256(full.view(torch.uint8).numpy().tobytes()).hexdigest()}
+            rows[name] = norm_and_sha(name, p.full_tensor() if hasattr(p, "full_tensor") else p)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, rows)
     merged = {}
     for part in gathered:
         merged.update(part)
     sketches = weight_sketches(par)
-    return [{**merged[k], **dict(zip(records.SKETCH_COLUMNS, sketches[k]))} for k in sorted(merged, key=_param_order)]
-
-
-# Weight sketches: s_k = sum_i w_i * r_k(i) over the logical (global) tensor, where i is the
-# row-major flat index into the global shape and r_k(i) = +-1 is bit k of splitmix64(i XOR a
-# 64-bit key of the parameter's name). E[s_k^2] = ||w||^2, so the natural scale of a sketch is
-# the parameter's norm, and a change that moves values between positions or flips their signs
-# (a permutation, a transposed or negated shard) moves each s_k by about the norm of what
-# changed, where the norm does not move at all. The signs depend on the global index only, so
-# every layout of the same tensor has the same sketch up to float64 rounding of the sums.
-# A change confined to one swapped pair of elements escapes one sign with probability 1/2 (the
-# two signs agree), all four with 1/16; a change spread over many elements escapes with
-# negligible odds.
-SKETCHES = len(records.SKETCH_COLUMNS)
-# _SIGNS[pattern, k] = r_k for an element whose hash's top bits are `pattern`: -1 where bit k
-# (counted from the top) is set, else +1.
-_SIGNS = np.array([[-1.0 if pattern >> (SKETCHES - 1 - k) & 1 else 1.0 for k in range(SKETCHES)]
-                   for pattern in range(1 << SKETCHES)])
-_SKETCH_CHUNK = 1 << 20  # elements hashed at a time: bounds the index temporaries on big shards
+    return [{**merged[k], **dict(zip(records.SKETCH_COLUMNS, sketches[k]))} for k in sorted(merged, key=param_order)]
 
 
 def _shard_box_fn():
@@ -183,41 +161,6 @@ def _shard_box_fn():
     except ImportError:  # releases before DTensor moved out of torch.distributed._tensor
         from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
     return compute_local_shape_and_global_offset
-
-
-def _name_key(name: str) -> np.uint64:
-    # Not Python's hash(): that is salted per process, and every rank and every run must agree.
-    return np.uint64(int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little"))
-
-
-def sketch_block(name: str, block: torch.Tensor, offset, global_shape) -> np.ndarray:
-    """SKETCHES float64 sums over one box of a parameter: `block` holds the global elements
-    [offset[d], offset[d] + block.shape[d]) of every dim d of a tensor of shape `global_shape`."""
-    if block.numel() == 0:  # an uneven split can leave a rank an empty shard
-        return np.zeros(SKETCHES, dtype=np.float64)
-    if block.dim() == 0:
-        block, offset, global_shape = block.reshape(1), (0,), (1,)
-    box = tuple(block.shape)
-    values = block.detach().to("cpu", torch.float64).contiguous().numpy().reshape(box[0], -1)
-    strides = [math.prod(global_shape[d + 1:]) for d in range(len(global_shape))]
-    # Flat global index of every element of one box row (all dims but the first), row-major.
-    tail = np.zeros((), dtype=np.uint64)
-    for d in range(1, len(box)):
-        tail = tail[..., None] + (np.arange(box[d], dtype=np.uint64) + np.uint64(offset[d])) * np.uint64(strides[d])
-    tail = tail.reshape(-1)
-    key = _name_key(name)
-    # Elements are summed in 2^SKETCHES buckets by their sign pattern (the top SKETCHES bits of the
-    # hash), then each sketch adds or subtracts the bucket sums: the same s_k, at one float64 sum
-    # per element instead of SKETCHES.
-    buckets = np.zeros(1 << SKETCHES, dtype=np.float64)
-    step = max(1, _SKETCH_CHUNK // max(1, tail.size))  # box rows per chunk
-    with np.errstate(over="ignore"):
-        for start in range(0, box[0], step):
-            rows = np.arange(start, min(start + step, box[0]), dtype=np.uint64) + np.uint64(offset[0])
-            index = (rows * np.uint64(strides[0]))[:, None] + tail[None, :]
-            pattern = (_splitmix64(index.reshape(-1) ^ key) >> np.uint64(64 - SKETCHES)).astype(np.intp)
-            buckets += np.bincount(pattern, weights=values[start:start + len(rows)].reshape(-1), minlength=len(buckets))
-    return buckets @ _SIGNS
 
 
 def _local_box(p, par: Parallel):
@@ -278,7 +221,7 @@ def weight_sketches(par: Parallel) -> dict[str, list[float]]:
             local[name.removeprefix("module.")] = p
     names = [None] * dist.get_world_size()
     dist.all_gather_object(names, sorted(local))  # pipeline stages hold different parameters
-    order = sorted({n for part in names for n in part}, key=_param_order)
+    order = sorted({n for part in names for n in part}, key=param_order)
     count, index_sum = SKETCHES, SKETCHES + 1
     table = torch.zeros(len(order), SKETCHES + 2, dtype=torch.float64)
     for row, name in enumerate(order):
@@ -317,11 +260,6 @@ def _box_index_sum(box, offset, global_shape) -> int:
         # Each index along dim d, (o + 0) ... (o + n - 1), appears numel / n times.
         total += stride * (n * o + n * (n - 1) // 2) * (numel // n) if n else 0
     return total
-
-
-def _param_order(name: str):
-    parts = name.split(".")
-    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts]
 
 
 def to_device(array, device: torch.device) -> torch.Tensor:

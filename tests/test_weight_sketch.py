@@ -17,7 +17,8 @@ from parity.data import _splitmix64
 from parity.records import SKETCH_COLUMNS
 from parity.runner import run_case
 from parity.spec import Tolerance, load_case
-from parity.train import FAULT_PARAM, _box_index_sum, _name_key, sketch_block
+from parity.sketch import _name_key, sketch_block
+from parity.train import FAULT_PARAM, _box_index_sum
 
 K = len(SKETCH_COLUMNS)
 
