@@ -122,22 +122,41 @@ def launch(plan: dict, nproc: int, workdir: Path, timeout_s: float = DEFAULT_TIM
     case_dir = Path(plan["out"]) / plan["case"]
     plan_path = workdir / f"plan-ws{nproc}.json"
     records.atomic_write_text(plan_path, json.dumps(plan, indent=2))
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("PARITY_OMP_THREADS", "1"), PYTHONUNBUFFERED="1")
+    log_dirs = [case_dir / s["name"] for s in plan["setups"]]
+    return run_process(torchrun_argv(nproc, plan_path), process_env(gpus), workdir / f"torchrun-ws{nproc}.log",
+                       timeout_s, case_dir, on_progress, log_dirs, label="torchrun")
+
+
+def process_env(gpus: list[str] | None = None, extra: dict | None = None) -> dict:
+    """The environment of every launch: one intra-op thread per rank unless PARITY_OMP_THREADS says otherwise."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("PARITY_OMP_THREADS", "1"), PYTHONUNBUFFERED="1",
+               **(extra or {}))
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    launcher_log = workdir / f"torchrun-ws{nproc}.log"
-    log_dirs = [case_dir / s["name"] for s in plan["setups"]]
+    return env
+
+
+def run_process(argv: list[str], env: dict, log_path: Path, timeout_s: float, case_dir: Path, on_progress=None,
+                log_dirs: list[Path] = (), cwd: Path | None = None, label: str | None = None) -> LaunchResult:
+    """Run one launch (torchrun, or a setup's own command) with its output in log_path, and wait.
+
+    Past timeout_s, on Ctrl-C or on any error here, the process and all its descendants are killed.
+    `log_dirs` hold rank*.log files whose tails and first error explain a failure; `label` names the
+    process in messages (default: the program's file name).
+    """
+    label = label or Path(argv[0]).name
     (case_dir / ".progress").unlink(missing_ok=True)  # the previous launch's last step is not ours
     start = time.monotonic()
-    with open(launcher_log, "w") as log:
-        proc = subprocess.Popen(torchrun_argv(nproc, plan_path), stdout=log, stderr=subprocess.STDOUT, env=env,
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 start_new_session=True, preexec_fn=die_with_parent)
         try:
             while proc.poll() is None:
                 if time.monotonic() - start > timeout_s:
                     kill_tree(proc)
-                    return LaunchResult("timeout", None, f"timed out after {timeout_s:.0f} s; killed torchrun and its "
-                                        f"ranks. Rank log tails:\n{log_tails(log_dirs)}", time.monotonic() - start)
+                    tails = log_tails(log_dirs) or _tail(log_path)
+                    return LaunchResult("timeout", None, f"timed out after {timeout_s:.0f} s; killed {label} "
+                                        f"and its descendants. Log tails:\n{tails}", time.monotonic() - start)
                 if on_progress:
                     on_progress(case_dir / ".progress", time.monotonic() - start)
                 time.sleep(0.25)
@@ -148,7 +167,12 @@ def launch(plan: dict, nproc: int, workdir: Path, timeout_s: float = DEFAULT_TIM
     if proc.returncode == 0:
         return LaunchResult("ok", 0, "", wall)
     error = first_error(log_dirs)
-    head = f"a rank failed: {error}" if error else f"torchrun exited with code {proc.returncode}"
-    launcher_tail = "\n".join(launcher_log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
-    return LaunchResult("failed", proc.returncode, f"{head}\nRank log tails:\n{log_tails(log_dirs)}\n"
-                        f"--- {launcher_log} ---\n{launcher_tail}", wall)
+    head = f"a rank failed: {error}" if error else f"{label} exited with code {proc.returncode}"
+    tails = log_tails(log_dirs)
+    return LaunchResult("failed", proc.returncode, f"{head}\n" + (f"Rank log tails:\n{tails}\n" if tails else "")
+                        + _tail(log_path), wall)
+
+
+def _tail(log_path: Path) -> str:
+    lines = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+    return f"--- {log_path} (last {len(lines)} lines) ---\n" + "\n".join(lines)

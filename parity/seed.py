@@ -131,9 +131,16 @@ def resolve_seed(model: str, seed: int, dtype: str, cache: Path | None = None,
     """
     if external is not None:
         return SeedInfo(Path(external), _external_sha256(Path(external)))
+    return cached_build(cache, cache_key(model, seed, dtype), f"seed cache: {model} seed {seed} {dtype}",
+                        lambda tmp: _save_parity_seed(tmp, model, seed, dtype))
+
+
+def cached_build(cache: Path | None, key: str, what: str, write) -> SeedInfo:
+    """The cache entry for `key`, verified, or built by `write(empty_dir)` and hashed (another trainer's
+    seed checkpoint uses this too). `what` names the entry in notes."""
     cache = (Path(cache) if cache else default_cache()).absolute()  # ranks may run in another directory
     try:
-        return _cached(cache, model, seed, dtype)
+        return _cached(cache, key, what, write)
     except OSError as e:
         raise InputError(f"seed cache {cache}: {e.strerror or e}; set PARITY_CACHE "
                          "to a directory you can write") from None
@@ -150,9 +157,8 @@ def _external_sha256(path: Path) -> str:
     return sha
 
 
-def _cached(cache: Path, model: str, seed: int, dtype: str) -> SeedInfo:
-    key_file = cache / "keys" / f"{cache_key(model, seed, dtype)}.txt"
-    what = f"seed cache: {model} seed {seed} {dtype}"
+def _cached(cache: Path, key: str, what: str, write) -> SeedInfo:
+    key_file = cache / "keys" / f"{key}.txt"
     # Read-only first: a good, complete cache is used without creating or writing anything.
     sha, problem = _lookup(cache, key_file)
     if problem is None:
@@ -172,7 +178,7 @@ def _cached(cache: Path, model: str, seed: int, dtype: str) -> SeedInfo:
                 notes.append(f"{what}: {bad} {problem}; moved to {moved.name} and rebuilt")
         for dead in cache.glob(".building-*"):  # builders hold the lock: these are from killed ones
             shutil.rmtree(dead, ignore_errors=True)
-        new = _build(cache, model, seed, dtype, notes, what)
+        new = _build(cache, write, notes, what)
         if sha and new != sha:
             notes.append(f"{what}: the rebuilt checkpoint's hash {new} differs from the cached {sha}")
         _write_key(key_file, new)
@@ -233,7 +239,7 @@ def _locked(cache: Path):
         os.close(fd)  # closing releases the lock
 
 
-def _deterministic_writer(path: str):
+def deterministic_writer(path: str):
     from torch.distributed.checkpoint import FileSystemWriter
 
     class _DeterministicWriter(FileSystemWriter):
@@ -245,8 +251,7 @@ def _deterministic_writer(path: str):
     return _DeterministicWriter(path)
 
 
-def _build(cache: Path, model: str, seed: int, dtype: str, notes: list, what: str) -> str:
-    """Save the seed into a temp dir inside the cache, hash it, rename it into place; returns the hash."""
+def _save_parity_seed(tmp: Path, model: str, seed: int, dtype: str) -> None:
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -254,11 +259,16 @@ def _build(cache: Path, model: str, seed: int, dtype: str, notes: list, what: st
 
     # seq_len 1: the RoPE tables are derived buffers, not part of the checkpoint
     state = build_model(PRESETS[model], 1, seed, getattr(torch, dtype)).state_dict()
+    with warnings.catch_warnings():  # "assuming ... single process": that is the intent
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, storage_writer=deterministic_writer(str(tmp)))
+
+
+def _build(cache: Path, write, notes: list, what: str) -> str:
+    """write() the checkpoint into a temp dir inside the cache, hash it, rename it into place; returns the hash."""
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".building-"))
     try:
-        with warnings.catch_warnings():  # "assuming ... single process": that is the intent
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.save(state, storage_writer=_deterministic_writer(str(tmp)))
+        write(tmp)
         sha = files_sha256(tmp)
         final = cache / sha
         problem = _entry_problem(final, sha)
