@@ -44,12 +44,15 @@ from parity.spec import Case, Setup
 
 DEFAULT_ROOT = Path("baselines")
 COLUMNS = ("step", "loss", "grad_norm", "lr", "tokens")
+REQUIRED = COLUMNS[:3]  # a setup run by its own command may not record lr or tokens
 COMPARED = ("loss", "grad_norm")
 PROVENANCE = ("torch", "device", "platform", "cpu_capability", "world_size", "mesh", "seed_checkpoint_sha256",
               "case_sha256", "date", "git_commit")
 # Fingerprint fields recorded when the run has them (the GPU ones only on a GPU).
 FINGERPRINT = ("cpu_model", "threads", "gpu", "gpu_count", "sm_count", "compute_capability", "cuda", "cudnn", "nccl", "driver")
 UPDATE_MODES = (None, "new", "failing", "all")
+# Which training stack made a run (setups run by another trainer record these in run.json).
+TRAINER_FIELDS = ("trainer", "torchtitan", "torchtitan_commit", "module", "config")
 # A double written with repr needs ~15-17 significant digits unless it is a short dyadic number
 # (0.5, 2.25). A loss or grad-norm column where *every* value has at most this many digits was
 # almost surely rounded on the way in (Megatron's 5-decimal goldens have 6-7, "%.9g" float32
@@ -72,7 +75,7 @@ def baseline_text(metrics_rows, provenance: dict) -> str:
     header += [f"{k}: {v}" for k, v in provenance.items() if k not in PROVENANCE]
     if any("\n" in line for line in header):
         raise ValueError("provenance values must be single lines")
-    return csv_text(COLUMNS, metrics_rows, header)
+    return csv_text([c for c in COLUMNS if not metrics_rows or c in metrics_rows[0]], metrics_rows, header)
 
 
 def write_baseline(path, metrics_rows, provenance: dict) -> None:
@@ -99,6 +102,7 @@ def provenance(run: dict, case: Case, setup_name: str, platform: str) -> dict:
         "git_commit": run.get("git_commit") or "unknown",
         **{k: fp[k] for k in FINGERPRINT if fp.get(k) is not None},
         **({"determinism": determinism_summary(settings)} if settings else {}),
+        **{k: run[k] for k in TRAINER_FIELDS if run.get(k)},
         "case": case.name,
         "setup": setup_name,
     }
@@ -209,7 +213,7 @@ def read_baseline(path: Path) -> tuple[dict[str, str], list[dict]]:
     The platform in the name decides which runs it is compared with and whether exactly, so a
     file whose header claims another platform must not quietly switch an exact check to tolerance.
     """
-    header, rows = read_csv(path, COLUMNS)
+    header, rows = read_csv(path, REQUIRED)
     parts = _split_name(path)
     if parts is None:
         raise RecordError(f"{path}: the file name is not <setup>.<platform>.csv")
@@ -287,7 +291,7 @@ def lint(root=None) -> list[str]:
         if parts and header.get("platform") and header["platform"] != parts[1]:
             problems.append(f"{path}:1: provenance platform {header['platform']!r} but the file name says {parts[1]!r}")
         lines = _data_lines(path)
-        absent = [c for c in COLUMNS if rows and c not in rows[0]]
+        absent = [c for c in REQUIRED if rows and c not in rows[0]]
         if absent or not rows:
             problems.append(f"{path}:{lines[0] if lines else 1}: " +
                             (f"missing columns: {', '.join(absent)}" if absent else "no data rows"))
@@ -295,7 +299,7 @@ def lint(root=None) -> list[str]:
         previous = None
         for row, line in zip(rows, lines):
             for column in ("loss", "grad_norm", "lr"):
-                if not math.isfinite(row[column]):
+                if column in row and not math.isfinite(row[column]):
                     problems.append(f"{path}:{line}: {column} is {row[column]!r}")
             if previous is not None and row["step"] <= previous:
                 problems.append(f"{path}:{line}: step {row['step']} does not increase (after {previous})")

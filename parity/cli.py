@@ -75,7 +75,7 @@ def cmd_run(args) -> int:
     # first case runs: bad input writes nothing.
     devices = {case.name: resolve_device(args.device, case) for case in cases}
     check_out(Path(args.out))
-    seeds = {c.name: seed_for(c, None) for c in cases}
+    seeds = {c.name: _seed_or_none(seed_for, c, devices[c.name], args.timeout) for c in cases}
     out = prepare_out(Path(args.out))
     progress = Progress()
     command = ["parity", "run", *args.cases, "--device", args.device, "--out", str(out)]
@@ -114,6 +114,17 @@ def cmd_run(args) -> int:
         md, html = write_report(out)
         print(f"\nreport: {md}  {html}")
     return 1 if failed else 0
+
+
+def _seed_or_none(seed_for, case, device, timeout_s):
+    """The case's seed checkpoint, or None where torchtitan failed to build it: run_case then records that
+    failure in every setup of the case, and the other cases still run."""
+    from parity.external.torchtitan import SeedBuildError
+
+    try:
+        return seed_for(case, None, device, timeout_s)
+    except SeedBuildError:
+        return None
 
 
 def cmd_list(args) -> int:

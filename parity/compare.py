@@ -169,10 +169,11 @@ def _summarize(entries: list[dict], exact: list[bool], tol: Tolerance, mode: str
 
 
 def compare_series(ref_steps, ref_values, other_steps, other_values, tol: Tolerance,
-                   mode: str = "tolerance", labels=("reference", "other")) -> dict:
+                   mode: str = "tolerance", labels=("reference", "other"), slack: dict | None = None) -> dict:
     """One step-wise metric; returns the metric result M (see the module docstring).
 
-    `passed` follows `mode`: "bitwise" needs every step exact, "tolerance" every step within tol.
+    `passed` follows `mode`: "bitwise" needs every step exact, "tolerance" every step within tol
+    (plus `slack[step]`, the rounding of values read from printed text, where given).
     """
     problems: list[str] = []
     ref = _index(ref_steps, ref_values, labels[0], "step", problems)
@@ -185,7 +186,11 @@ def compare_series(ref_steps, ref_values, other_steps, other_values, tol: Tolera
         problems.append(f"{labels[1]} has steps {_span(extra)} that {labels[0]} lacks")
     entries = [_entry("step", s, ref[s], other[s]) for s in ref if s in other]
     exact = [bitwise_equal(e["value_ref"], e["value_other"]) for e in entries]
-    return _summarize(entries, exact, tol, mode, problems)
+    within = None
+    if slack:
+        within = [math.isfinite(e["abs"]) and e["abs"] <= tol.bound(e["value_ref"]) + slack.get(e["step"], 0.0)
+                  for e in entries]
+    return _summarize(entries, exact, tol, mode, problems, within)
 
 
 def compare_weights(ref_rows, other_rows, tol: Tolerance, mode: str = "tolerance",
@@ -235,6 +240,18 @@ def compare_weights(ref_rows, other_rows, tol: Tolerance, mode: str = "tolerance
     return _summarize(entries, exact, tol, mode, problems, within)
 
 
+def not_recorded(reason: str) -> dict:
+    """The weights lane of a pair where a setup's own command left no final weights: said, not failed."""
+    return {"n": 0, "exact_equal_steps": 0, "bitwise": False, "within_tolerance": True, "max_abs": 0.0,
+            "max_rel": 0.0, "failing_steps": 0, "first_divergence": None, "first_tolerance_failure": None,
+            "passed": True, "problems": [], "not_recorded": reason}
+
+
+def rounding(rows: list[dict], metric: str) -> dict[int, float]:
+    """step -> how far a recorded value may be from the true one: 0 unless read from rounded log text."""
+    return {r["step"]: r.get(f"{metric}_rounding", 0.0) for r in rows}
+
+
 def not_compared(reason: str) -> dict:
     """A metric result for a metric that could not be compared; it never passes."""
     return {"n": 0, "exact_equal_steps": 0, "bitwise": False, "within_tolerance": False, "max_abs": 0.0,
@@ -274,15 +291,18 @@ def _where(e: dict) -> str:
     return f"step {e['step']}"
 
 
-def _diverged(metrics: dict, mode: str) -> dict | None:
+def _first(m: dict, mode: str) -> dict | None:
+    return m["first_divergence"] if mode == "bitwise" else m["first_tolerance_failure"]
+
+
+def _diverged(metrics: dict, modes: dict) -> dict | None:
     """Earliest divergent step across loss and grad_norm (loss first on a tie); else weights."""
-    key = "first_divergence" if mode == "bitwise" else "first_tolerance_failure"
-    found = [(metrics[name][key]["step"], i, name, metrics[name][key])
-             for i, name in enumerate(STEP_METRICS) if metrics[name][key] is not None]
+    found = [(_first(metrics[name], modes[name])["step"], i, name, _first(metrics[name], modes[name]))
+             for i, name in enumerate(STEP_METRICS) if _first(metrics[name], modes[name]) is not None]
     if found:
         _, _, name, e = min(found, key=lambda t: t[:2])
         return {"metric": name, "step": e["step"], "param": None, **{k: v for k, v in e.items() if k != "step"}}
-    e = metrics["weights"][key]
+    e = _first(metrics["weights"], modes["weights"])
     if e is not None:
         return {"metric": "weights", "step": None, **e}
     return None
@@ -292,16 +312,31 @@ def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict,
     mode, outcome, tol = case.expect.mode, case.expect.outcome, case.expect.tolerance
     labels = (ref_name, other_name)
     problems = ref_run["problems"] + other_run["problems"]
-    metrics = {}
+    metrics, modes, notes = {}, {"weights": mode}, []
     for metric in STEP_METRICS:
         a, b = ref_run["metrics"], other_run["metrics"]
+        modes[metric] = mode
         if a is None or b is None:
             metrics[metric] = not_compared("metrics.csv unreadable")
             continue
-        metrics[metric] = compare_series([r["step"] for r in a], [r[metric] for r in a],
-                                         [r["step"] for r in b], [r[metric] for r in b], tol[metric], mode, labels)
+        ra, rb = rounding(a, metric), rounding(b, metric)
+        slack = {s: ra.get(s, 0.0) + rb.get(s, 0.0) for s in ra.keys() | rb.keys()}
+        if any(slack.values()):
+            # Values read from rounded log text carry no bits to compare: within tolerance plus each step's rounding.
+            modes[metric] = "tolerance"
+            notes.append(f"{metric}: recorded from rounded log text, so compared within tolerance with each step's "
+                         f"atol widened by its rounding (at most {max(slack.values()):.3g}), not {mode}")
+        metrics[metric] = compare_series([r["step"] for r in a], [r[metric] for r in a], [r["step"] for r in b],
+                                         [r[metric] for r in b], tol[metric], modes[metric], labels,
+                                         slack if any(slack.values()) else None)
         problems += [f"{metric}: {p}" for p in metrics[metric]["problems"]]
-    if ref_run["weights"] is None or other_run["weights"] is None:
+    unrecorded = [name for name, run in zip(labels, (ref_run, other_run))
+                  if run["info"].get("status") == "ok" and run["info"].get("weights_recorded") is False]
+    if unrecorded:
+        metrics["weights"] = not_recorded(f"{', '.join(unrecorded)} recorded no final weights (its command "
+                                          "setup names no `weights`)")
+        notes.append(f"weights: not compared: {metrics['weights']['not_recorded']}")
+    elif ref_run["weights"] is None or other_run["weights"] is None:
         metrics["weights"] = not_compared("weights.csv unreadable")
     else:
         metrics["weights"] = compare_weights(ref_run["weights"], other_run["weights"], tol["weights"], mode, labels)
@@ -309,10 +344,10 @@ def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict,
     if not problems:
         differing = [name for name, m in metrics.items() if not m["passed"]]
         if outcome == "match":
-            problems += [_mismatch(name, metrics[name], mode) for name in differing]
+            problems += [_mismatch(name, metrics[name], modes[name]) for name in differing]
         elif not differing:
             problems.append(f"expected a divergence (negative control), but every metric matches ({mode})")
-    diverged = _diverged(metrics, mode)
+    diverged = _diverged(metrics, modes)
     want = case.expect.first_divergence
     effect = None
     if not problems and outcome == "diverge" and want and diverged:
@@ -326,7 +361,7 @@ def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict,
             effect = _effect(diverged, want)
             problems += effect["problems"]
     return {"reference": ref_name, "other": other_name, "passed": not problems, "problems": problems,
-            "diverged": diverged, "effect": effect, "metrics": metrics}
+            "diverged": diverged, "effect": effect, "metrics": metrics, "modes": modes, "notes": notes}
 
 
 def _effect(diverged: dict, want: dict) -> dict:
@@ -432,6 +467,8 @@ def _g(x) -> str:
 
 
 def _metric_line(name: str, m: dict) -> str:
+    if "not_recorded" in m:
+        return f"{name:<10} not compared: {m['not_recorded']}"
     unit = "params" if name == "weights" else "steps"
     line = f"{name:<10} exact {m['exact_equal_steps']}/{m['n']} {unit}, max abs {_g(m['max_abs'])}, " \
            f"max rel {_g(m['max_rel'])}, outside tolerance {m['failing_steps']}"
@@ -458,6 +495,7 @@ def format_verdict(verdict: dict) -> str:
             f"step {d['step']}" if d["step"] is not None else f"param {d['param']}")
         lines.append(f"  {p['reference']} vs {p['other']}: {'PASS' if p['passed'] else 'FAIL'}{where}")
         lines += [f"    {_metric_line(name, m)}" for name, m in p["metrics"].items()]
+        lines += [f"    note: {line}" for line in p.get("notes", [])]
         lines += [f"    - {line}" for line in p["problems"]]
     for b in v["baselines"]:
         lines.append(f"  baseline {b['setup']} [{b['platform']}, {b['how']}]: {b['status']}"

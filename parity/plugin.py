@@ -23,6 +23,8 @@ MARKERS = {
     "8gpu": "largest setup needs 5-8 ranks",
     "multinode": "largest setup needs more than 8 ranks",
     "parity_case": "a parity case (one item per cases/*.toml)",
+    "torchtitan": "case runs torchtitan's own trainer (needs the torchtitan extra: pip install \"parity[torchtitan]\")",
+    "command": "case runs a setup through its own training command (trainer = \"command\")",
 }
 def markers_for(case) -> list[str]:
     from parity.spec import attention_problem
@@ -31,6 +33,7 @@ def markers_for(case) -> list[str]:
     if all(attention_problem(case, s, "cpu") is None for s in case.setups):
         names.append("cpu")
     names.append(next((m for n, m in WORLD_MARKERS.items() if case.world_size <= n), "multinode"))
+    names += sorted({s.trainer for s in case.setups} - {"builtin"})
     return names
 
 
@@ -173,6 +176,7 @@ def pytest_generate_tests(metafunc):
 
 def run_and_judge(case, config) -> tuple[dict, str]:
     """Run one case as the CLI would; returns (verdict, failure message)."""
+    from parity.external.torchtitan import SeedBuildError
     from parity.runner import DeviceError, case_lock, judge, prepare_out, resolve_device, run_case, seed_for
     from parity.spec import BackendError
 
@@ -190,7 +194,10 @@ def run_and_judge(case, config) -> tuple[dict, str]:
     command = ["pytest", f"parity/test_parity.py::test_case[{case.name}]", "--parity-device", device]
     command += ["--parity-steps", str(steps)] if steps else []
     command += [] if repeat is None else ["--parity-repeat" if repeat else "--parity-no-repeat"]
-    seed = seed_for(case, None)
+    try:
+        seed = seed_for(case, None, resolved, config.getoption("parity_timeout"))
+    except SeedBuildError:
+        seed = None  # run_case records the failure in every setup, so the verdict and report say why
     out = prepare_out(out)
     with case_lock(out, case.name):
         with pool.acquire(case.world_size) if pool and resolved == "cuda" else nullcontext() as gpus:

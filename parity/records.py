@@ -1,9 +1,10 @@
 """The files a run leaves behind, written atomically and read back bit-exactly.
 
-metrics.csv  step,loss,grad_norm,lr,tokens,step_time_s   one row per optimizer step (1-based)
+metrics.csv  step,loss,grad_norm,lr,tokens,step_time_s   one row per optimizer step (1-based); a run made
+             by another training command has the columns it recorded (step, loss, grad_norm at least)
 weights.csv  param,norm,sha256,sketch0..sketch3          one row per parameter (full tensor); the
              sketches are random projections of the logical tensor (parity.train.weight_sketches)
-run.json     provenance of one setup's run
+run.json     provenance of one setup's run ("weights_recorded": false where a command left no final weights)
 
 Floats are written with `repr`, which round-trips every IEEE double exactly; they are parsed
 with `float`, never through a lossy text-to-float path.
@@ -23,7 +24,10 @@ from pathlib import Path
 from parity.errors import InputError
 from parity.paths import inside
 
-METRIC_COLUMNS = ("step", "loss", "grad_norm", "lr", "tokens", "step_time_s")
+# loss_rounding, grad_norm_rounding: how far a value read from rounded log text may be from the
+# true one (half a unit of its last printed place); absent where the values are exact.
+METRIC_COLUMNS = ("step", "loss", "grad_norm", "lr", "tokens", "step_time_s", "loss_rounding", "grad_norm_rounding")
+METRIC_REQUIRED = METRIC_COLUMNS[:3]
 # Files written before the sketches lack their columns and still read (compare then judges norms only).
 WEIGHT_REQUIRED = ("param", "norm", "sha256")
 SKETCH_COLUMNS = ("sketch0", "sketch1", "sketch2", "sketch3")  # how many sketches train computes, too
@@ -136,11 +140,12 @@ def read_csv(path: str | Path, required=()) -> tuple[dict[str, str], list[dict]]
 
 
 def write_metrics(path, rows) -> None:
-    write_csv(path, METRIC_COLUMNS, rows)
+    """The columns the rows have, in METRIC_COLUMNS order (a command may not record lr, tokens or times)."""
+    write_csv(path, [c for c in METRIC_COLUMNS if rows and c in rows[0]] or METRIC_REQUIRED, rows)
 
 
 def read_metrics(path) -> list[dict]:
-    return read_csv(path, METRIC_COLUMNS[:5])[1]  # step_time_s may be absent (runs made elsewhere)
+    return read_csv(path, METRIC_REQUIRED)[1]
 
 
 def write_weights(path, rows) -> None:
@@ -198,7 +203,8 @@ def read_setup_run(directory: str | Path, lenient: bool = False) -> dict:
             raise RecordError(f"{directory / 'run.json'}: status {status!r}; allowed: {', '.join(RUN_STATUSES)}")
         if status == "ok":
             run["metrics"] = read_metrics(directory / "metrics.csv")
-            run["weights"] = read_weights(directory / "weights.csv")
+            if run["info"].get("weights_recorded", True):
+                run["weights"] = read_weights(directory / "weights.csv")
     except RecordError:
         if not lenient:
             raise

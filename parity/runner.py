@@ -20,6 +20,8 @@ from pathlib import Path
 
 from parity import records
 from parity.errors import InputError
+from parity.external.torchtitan import SeedBuildError
+from parity.external.torchtitan import missing as titan_missing
 from parity.launch import DEFAULT_TIMEOUT_S, LaunchResult, launch
 from parity.paths import CASE_MARKER, inside
 from parity.spec import REPEAT_SUFFIX, Case, Setup, check_attention
@@ -40,7 +42,7 @@ def git_commit() -> str:
 
 
 class DeviceError(InputError):
-    """The requested device cannot run the case (too few GPUs)."""
+    """This machine cannot run the case: too few GPUs for the requested device, or a trainer not installed."""
 
 
 def visible_gpus() -> int:
@@ -55,6 +57,8 @@ def resolve_device(requested: str, case: Case, gpus: int | None = None) -> str:
     `gpus` is how many GPUs this process may use (default: all visible). The device's SDPA
     kernels are checked too, so a case that cannot run there is rejected before anything starts.
     """
+    if (why := titan_missing(case)) is not None:
+        raise DeviceError(f"{case.path}: {why}")
     if requested == "cpu":
         device = "cpu"
     else:
@@ -97,12 +101,19 @@ def group_by_world_size(setups) -> dict[int, list[Setup]]:
     return groups
 
 
-def seed_for(case: Case, cache: Path | None):
+def seed_for(case: Case, cache: Path | None, device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S):
     """The case's seed checkpoint (its own seed_checkpoint, or the cached build), hashed and checked now.
 
-    Returns parity.seed.SeedInfo; the notes say what was found damaged and repaired on the way.
+    Returns parity.seed.SeedInfo; the notes say what was found damaged and repaired on the way. A
+    case of torchtitan setups gets torchtitan's own seed checkpoint (built on `device` if not cached;
+    parity.external.torchtitan.SeedBuildError if torchtitan cannot build it).
     """
     from parity.seed import resolve_seed
+
+    if case.seed_checkpoint is None and any(s.trainer == "torchtitan" for s in case.setups):
+        from parity.external import torchtitan
+
+        return torchtitan.seed_checkpoint(case, device, cache, timeout_s)
 
     keys = {(s.train.model, s.train.seed, s.train.dtype) for s in case.setups}
     if len(keys) != 1:  # a setup overriding seed or dtype still starts from the reference's weights
@@ -182,21 +193,31 @@ def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = No
     case = with_steps(case, steps)
     device = resolve_device(device, case, None if gpus is None else len(gpus))
     setups = list(case.setups) + ([repeat_setup(case)] if wants_repeat(case, device, repeat) else [])
-    seed = seed or seed_for(case, cache)
-    for note in seed.notes:
+    unbuilt = None
+    try:
+        seed = seed or seed_for(case, cache, device, timeout_s)
+    except SeedBuildError as e:  # torchtitan could not make its seed checkpoint: every setup fails with why
+        unbuilt = LaunchResult("failed", None, str(e), 0.0)
+    for note in () if unbuilt else seed.notes:
         print(f"parity: {note}", file=sys.stderr, flush=True)
     out = prepare_out(out)
     case_dir = fresh_case_dir(out, case.name)
-    ckpt, seed_sha = str(seed.path), seed.sha256
+    ckpt, seed_sha = (None, None) if unbuilt else (str(seed.path), seed.sha256)
     provenance = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
                   "seed_checkpoint": ckpt, "seed_checkpoint_sha256": seed_sha, "case_path": str(case.path),
                   "case_sha256": case.sha256, "git_commit": git_commit(), "command": command}
+    if unbuilt:
+        for s in setups:
+            _record_failure(case, s, unbuilt, provenance, device, out)
+        return {s.name: unbuilt for s in setups}
     results: dict[str, LaunchResult] = {}
     launches = []
     try:
         with tempfile.TemporaryDirectory(prefix=".launch-", dir=case_dir) as workdir:
-            _launch_all(case, setups, out, device, ckpt, provenance, timeout_s, on_progress, Path(workdir), gpus,
-                        results, launches)
+            _launch_all(case, [s for s in setups if s.trainer == "builtin"], out, device, ckpt, provenance, timeout_s,
+                        on_progress, Path(workdir), gpus, results, launches)
+            _launch_external(case, [s for s in setups if s.trainer != "builtin"], out, device, ckpt, provenance,
+                             timeout_s, on_progress, Path(workdir), gpus, results, launches, cache)
     except BaseException:  # Ctrl-C, SIGTERM: the setups that did not finish say so
         interrupted = LaunchResult("interrupted", None, "the run was interrupted before this setup finished", 0.0)
         for s in setups:
@@ -216,7 +237,7 @@ def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = No
 
 def _launch_all(case, setups, out, device, ckpt, provenance, timeout_s, on_progress, workdir: Path, gpus,
                 results, launches):
-    """One torchrun launch per world size; fills results and launches as each one ends."""
+    """Built-in setups: one torchrun launch per world size; fills results and launches as each one ends."""
     case_dir = out / case.name
     for world_size, group in sorted(group_by_world_size(setups).items()):
         plan = {"case": case.name, "out": str(Path(out).resolve()), "device": device, "seed_checkpoint": ckpt,
@@ -231,6 +252,26 @@ def _launch_all(case, setups, out, device, ckpt, provenance, timeout_s, on_progr
         for s in group:  # a setup that finished before another one failed keeps its "ok"
             finished = _record_failure(case, s, result, provenance, device, out)
             results[s.name] = LaunchResult("ok", 0, "", result.wall_s) if finished else result
+
+
+def _launch_external(case, setups, out, device, ckpt, provenance, timeout_s, on_progress, workdir: Path, gpus,
+                     results, launches, cache):
+    """Command and torchtitan setups: one launch each, through parity.external.command."""
+    from parity.external import command, torchtitan
+
+    for s in setups:
+        try:
+            spec, own_ckpt, extra = (torchtitan.prepare(case, s, device, cache, timeout_s, workdir, ckpt)
+                                     if s.trainer == "torchtitan" else (s.external, ckpt, {}))
+        except SeedBuildError as e:  # this setup's own seed checkpoint could not be built
+            result = LaunchResult("failed", None, str(e), 0.0)
+        else:
+            result = command.run_setup(spec, s, case.name, out, device, own_ckpt, provenance, timeout_s, on_progress,
+                                       gpus, extra)
+            launches.append({"world_size": s.world_size, "setups": [s.name], "status": result.status,
+                             "wall_s": result.wall_s})
+        _record_failure(case, s, result, provenance, device, out)
+        results[s.name] = result
 
 
 def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) -> dict:

@@ -13,11 +13,15 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from parity.errors import InputError
+from parity.external import command, torchtitan
+from parity.external.command import COMMAND_KEYS
+from parity.external.torchtitan import ALWAYS_PASSED, TITAN_KEYS, TITAN_TRAIN_FLAGS, flag_name
 from parity.fingerprint import DETERMINISM, NCCL_CHOICES
 from parity.parallel_dims import MAX_WORLD_SIZE, ParallelDims, problems
 from parity.paths import duplicates_ignoring_case, name_problem
 from parity.presets import PRESETS, ModelConfig
 
+TRAINERS = ("builtin", "torchtitan", "command")
 DP_APIS = ("fully_shard", "replicate", "ddp", "none")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 DTYPES = ("float32", "bfloat16", "float64")
@@ -114,6 +118,9 @@ class Setup:
     gradient_divide_factor: float | None = None
     fault: str | None = None
     repeat: bool = False  # set by the runner on the reference's second run, never by a case file
+    trainer: str = "builtin"
+    # A torchtitan or command setup's own keys, validated (see parity.external), and its world_size.
+    external: dict | None = None
 
     @property
     def dims(self) -> ParallelDims:
@@ -122,7 +129,7 @@ class Setup:
 
     @property
     def world_size(self) -> int:
-        return self.dims.world_size
+        return self.external["world_size"] if self.external else self.dims.world_size
 
     @property
     def dp_degree(self) -> int:
@@ -187,11 +194,14 @@ class Case:
 
 
 TRAIN_KEYS = {f.name for f in fields(Train)}
+EXTERNAL_KEYS = COMMAND_KEYS | TITAN_KEYS | {"trainer"}
+TITAN_CASE_TRAIN_KEYS = tuple(TITAN_TRAIN_FLAGS)  # the [train] keys a torchtitan setup passes as its own flags
+TITAN_SETUP_TRAIN_KEYS = {"seed"}  # the one a torchtitan setup may override (a planted bug, say)
 # What a comparison holds fixed: a setup that trained another model, on other data, for another
 # number of steps or on other batch shapes would differ for a reason no verdict names. A setup may
 # still change the seed and the optimizer keys (negative controls do).
 SHARED_TRAIN_KEYS = ("model", "steps", "seq_len", "global_batch", "data")
-SETUP_KEYS = {f.name for f in fields(Setup)} - {"name", "train", "repeat"} | {"world_size"}
+SETUP_KEYS = {f.name for f in fields(Setup)} - {"name", "train", "repeat", "trainer", "external"} | {"world_size"}
 TOP_KEYS = {"description", "seed_checkpoint", "train", "setups", "expect", "determinism"}
 
 
@@ -223,6 +233,7 @@ def load_case(path: str | Path) -> Case:
     if clashes := duplicates_ignoring_case(setups_doc):
         v.fail("setups", f"names must differ in more than letter case: {', '.join(clashes)}")
     setups = tuple(v.setup(name, body, train) for name, body in setups_doc.items())
+    setups = v.trainers(setups, set(doc.get("train", {}) if isinstance(doc.get("train", {}), dict) else ()))
     for s in setups[1:]:
         if s.fault == "noise":
             v.fail(f"setups.{s.name}.fault", "\"noise\" perturbs the reference's repeat run; allowed only on the "
@@ -253,6 +264,8 @@ def load_case(path: str | Path) -> Case:
 
 def attention_problem(case: Case, setup: Setup, device: str) -> str | None:
     """Why the setup's SDPA backend cannot run on the device (None if it can)."""
+    if setup.trainer != "builtin":
+        return None  # another training stack chooses its own kernels
     kernels = ATTENTION_DTYPES[device]
     backend, dtype = setup.train.attention, setup.compute_dtype
     if backend not in kernels:
@@ -349,6 +362,14 @@ class _Validator:
 
     def setup(self, name: str, body: dict, train: Train) -> Setup:
         prefix = f"setups.{name}"
+        trainer = self.choice(f"{prefix}.trainer", body.get("trainer", "builtin"), TRAINERS) \
+            if isinstance(body, dict) else "builtin"
+        if trainer != "builtin":
+            return self.external_setup(name, body, train, trainer)
+        if isinstance(body, dict) and (theirs := [k for k in body if k in EXTERNAL_KEYS and k != "trainer"]):
+            owner = "command" if theirs[0] in COMMAND_KEYS else "torchtitan"
+            self.fail(f"{prefix}.{theirs[0]}", f"belongs to trainer = \"{owner}\" setups; this setup is built-in "
+                      f"(no trainer key); allowed: trainer = \"{owner}\" and its keys, or the built-in keys")
         self.keys(body, SETUP_KEYS | TRAIN_KEYS, prefix + ".")
         for key in SHARED_TRAIN_KEYS:
             if key in body:
@@ -393,6 +414,67 @@ class _Validator:
             )
         self.consistent(s, prefix, frozenset(body))
         return s
+
+    def external_setup(self, name: str, body: dict, train: Train, trainer: str) -> Setup:
+        """A setup run by another training stack: its own keys (parity.external), world_size, train overrides."""
+        prefix = f"setups.{name}"
+        own = TITAN_KEYS if trainer == "torchtitan" else COMMAND_KEYS
+        takes = TITAN_SETUP_TRAIN_KEYS if trainer == "torchtitan" else set(TRAIN_KEYS) - set(SHARED_TRAIN_KEYS)
+        allowed = own | takes | {"trainer", "world_size"}
+        for key in body:
+            if key in allowed:
+                continue
+            if key in TRAIN_KEYS and trainer == "torchtitan":
+                self.fail(f"{prefix}.{key}", "a built-in trainer key; a torchtitan setup takes it from its config or "
+                          f"args (e.g. --optimizer.lr); allowed here: {', '.join(sorted(allowed))}")
+            if key in SHARED_TRAIN_KEYS:
+                self.fail(f"{prefix}.{key}", f"a setup may not override {key}; allowed: set it in [train] for every setup")
+            self.fail(f"{prefix}.{key}", f"not a key of a trainer = \"{trainer}\" setup; allowed: {', '.join(sorted(allowed))}")
+        if "world_size" not in body:
+            self.fail(f"{prefix}.world_size", f"required for a trainer = \"{trainer}\" setup (how many ranks its "
+                      "command starts); allowed: an integer from 1 to " + str(MAX_WORLD_SIZE))
+        world = self.integer(f"{prefix}.world_size", body["world_size"], 1, MAX_WORLD_SIZE)
+        setup_train = self.train({k: v for k, v in body.items() if k in TRAIN_KEYS}, prefix, train)
+        check = torchtitan.setup_problems if trainer == "torchtitan" else command.setup_problems
+        for key, message in check({k: v for k, v in body.items() if k in own}, Path(self.where).parent):
+            self.fail(f"{prefix}.{key}", message)
+        fields_ = (torchtitan.normalize if trainer == "torchtitan" else command.normalize)(
+            {k: v for k, v in body.items() if k in own}, Path(self.where).parent)
+        return Setup(name=name, train=setup_train, trainer=trainer, external={**fields_, "world_size": world})
+
+    def trainers(self, setups, train_given: set[str]) -> tuple[Setup, ...]:
+        """What a case may mix: torchtitan trains its own model on its own data, so it is compared only with
+        torchtitan (or a command that says it trains the same); every torchtitan setup loads one seed checkpoint.
+        Returns the setups with each torchtitan setup's [train] flags: steps and seed, and the sizes given."""
+        titan = [s for s in setups if s.trainer == "torchtitan"]
+        builtin = [s for s in setups if s.trainer == "builtin"]
+        if titan and builtin:
+            self.fail(f"setups.{titan[0].name}.trainer", f"a torchtitan setup (torchtitan's model and data) cannot be "
+                      f"compared with built-in setup {builtin[0].name} (parity's model and data); allowed: "
+                      "torchtitan and command setups together, or built-in and command setups together")
+        if titan:
+            first = titan[0]
+            for s in titan[1:]:
+                for key in ("module", "config"):
+                    if s.external[key] != first.external[key]:
+                        self.fail(f"setups.{s.name}.{key}", f"{s.external[key]!r} differs from {first.name}'s "
+                                  f"{first.external[key]!r}: every setup of a case loads one seed checkpoint, made "
+                                  "from the first torchtitan setup's model")
+            if len(titan) == len(setups):
+                unused = sorted(train_given - set(TITAN_CASE_TRAIN_KEYS))
+                if unused:
+                    self.fail(f"train.{unused[0]}", "no setup of this case uses it: torchtitan setups take "
+                              f"{', '.join(TITAN_CASE_TRAIN_KEYS)} from [train] and the rest from their config or args")
+            flags = [k for k in TITAN_CASE_TRAIN_KEYS if k in ALWAYS_PASSED or k in train_given]
+            for s in titan:
+                for i, arg in enumerate(s.external["args"]):
+                    key = next((k for k in flags if flag_name(arg) == TITAN_TRAIN_FLAGS[k]), None)
+                    if key is not None:
+                        self.fail(f"setups.{s.name}.args[{i}]", f"{arg!r} sets what [train] {key} sets for every "
+                                  f"setup; allowed: drop it, or drop {key} from [train]")
+            setups = tuple(replace(s, external={**s.external, "train_flags": flags}) if s.trainer == "torchtitan"
+                           else s for s in setups)
+        return setups
 
     def consistent(self, s: Setup, prefix: str, given=frozenset()):
         """The parallelism rules live in parity.parallel_dims, shared with the mesh builder: report the first."""

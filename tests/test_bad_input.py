@@ -450,6 +450,63 @@ INPUTS = [
 ]
 
 
+# 9. `trainer = "command"` and `trainer = "torchtitan"` setups: their keys are checked with the case, before
+#    anything starts. CMD and TITAN are valid (test_control_valid_external_setups_load); each row changes one thing.
+CMD_ARGV = '["{python}", "train.py", "--out", "{output_dir}", "--steps", "{steps}"]'
+CMD = 'trainer = "command"\nworld_size = 1\nargv = ' + CMD_ARGV + '\nmetrics = { reader = "jsonl" }'
+TITAN = 'trainer = "torchtitan"\nworld_size = 1'
+TITAN_TRAIN = {"model": None}  # torchtitan trains its own model: [train] gives steps and sizes only
+
+
+def cmd(id, body, *expect) -> Bad:
+    """The valid case with its second setup a command setup: CMD with `body` lines replacing or adding keys."""
+    return content(id, case(setups=[("ref", SETUP), ("cmd", body)]), *expect)
+
+
+def cmd_without(key: str) -> str:
+    return "\n".join(line for line in CMD.split("\n") if not line.startswith(key + " "))
+
+
+def titan(id, setups, *expect, train=None) -> Bad:
+    return content(id, case(train={**TITAN_TRAIN, **(train or {})}, setups=setups), *expect)
+
+
+INPUTS += [
+    cmd("command-unknown-trainer", CMD.replace('"command"', '"deepspeed"'), "setups.cmd.trainer", "deepspeed"),
+    cmd("command-without-argv", cmd_without("argv"), "setups.cmd.argv", "required"),
+    cmd("command-argv-not-a-list", cmd_without("argv") + '\nargv = "python train.py"', "setups.cmd.argv"),
+    cmd("command-argv-unknown-placeholder", CMD.replace("{steps}", "{stepz}"), "setups.cmd.argv[5]", "{stepz}"),
+    cmd("command-without-metrics", cmd_without("metrics"), "setups.cmd.metrics", "required"),
+    cmd("command-metrics-reader-csv", CMD.replace('"jsonl"', '"csv"'), "setups.cmd.metrics.reader", "'csv'"),
+    cmd("command-regex-without-loss-group",
+        cmd_without("metrics") + "\nmetrics = { reader = \"regex\", pattern = 'step (?P<step>\\d+) "
+        "grad_norm (?P<grad_norm>\\S+)' }", "setups.cmd.metrics.pattern", "loss"),
+    cmd("command-metrics-path-dotdot", CMD.replace('"jsonl"', '"jsonl", path = "../x"'),
+        "setups.cmd.metrics.path", "../x"),
+    cmd("command-metrics-path-absolute", CMD.replace('"jsonl"', '"jsonl", path = "/etc/passwd"'),
+        "setups.cmd.metrics.path", "/etc/passwd"),
+    cmd("command-weights-dotdot", CMD + '\nweights = "../w.pt"', "setups.cmd.weights", "../w.pt"),
+    # A placeholder expands to an absolute path: output_dir / "/abs" is "/abs", outside the output directory.
+    cmd("command-weights-placeholder-escapes", CMD + '\nweights = "{seed_checkpoint}"', "setups.cmd.weights",
+        "{seed_checkpoint}"),
+    cmd("command-without-world-size", cmd_without("world_size"), "setups.cmd.world_size", "required"),
+    cmd("command-with-builtin-key", CMD + "\ndp_shard = 2", "setups.cmd.dp_shard"),
+    content("builtin-with-command-key", case(setups=[("ref", SETUP), ("other", SETUP + "\nargv = " + CMD_ARGV)]),
+            "setups.other.argv", 'trainer = "command"'),
+    titan("titan-with-builtin-lr", [("tt1", TITAN), ("tt2", TITAN + "\nlr = 0.1")], "setups.tt2.lr"),
+    titan("titan-args-set-steps", [("tt1", TITAN), ("tt2", TITAN + '\nargs = ["--training.steps=3"]')],
+          "setups.tt2.args[0]", "--training.steps"),
+    titan("titan-ref-without-source", [("tt1", TITAN), ("tt2", TITAN + '\nref = "main"')], "setups.tt2.ref",
+          "source"),
+    titan("titan-ref-is-an-option", [("tt1", TITAN), ("tt2", TITAN + '\nsource = "."\nref = "--upload-pack=x"')],
+          "setups.tt2.ref", "--upload-pack=x"),
+    titan("titan-mixed-with-builtin", [("ref", SETUP), ("tt", TITAN)], "setups.tt.trainer", "built-in setup ref"),
+    titan("titan-configs-differ", [("tt1", TITAN), ("tt2", TITAN + '\nconfig = "llama3_8b"')], "setups.tt2.config",
+          "llama3_8b"),
+    titan("titan-train-lr-unused", [("tt1", TITAN), ("tt2", TITAN)], "train.lr", train={"lr": "0.1"}),
+]
+
+
 # ----------------------------------------------------------------------------- the contract
 
 
@@ -555,6 +612,18 @@ def test_control_valid_case_files_load(tmp_path, monkeypatch, capsys):
                                              "cases/long_name_" + "z" * 47 + ".toml": case()}, {})
     install_guards(monkeypatch, tmp_path)
     for name in ("pair.toml", "d.toml", "long_name_" + "z" * 47 + ".toml"):
+        code, err, raised = call_main(["list", str(root / "cases" / name)], capsys)
+        assert (code, err, raised) == (0, "", None), name
+
+
+def test_control_valid_external_setups_load(tmp_path, monkeypatch, capsys):
+    """The command and torchtitan setups the rows of section 9 change one key of."""
+    root = workspace(tmp_path, monkeypatch, {
+        "cases/cmd.toml": case(setups=[("ref", SETUP), ("cmd", CMD)]),
+        "cases/titan.toml": case(train=TITAN_TRAIN, setups=[("tt1", TITAN), ("tt2", TITAN + "\nseed = 7")]),
+        "cases/cmdref.toml": case(setups=[("cmd", CMD), ("ref", SETUP)])}, {})
+    install_guards(monkeypatch, tmp_path)
+    for name in ("cmd.toml", "titan.toml", "cmdref.toml"):
         code, err, raised = call_main(["list", str(root / "cases" / name)], capsys)
         assert (code, err, raised) == (0, "", None), name
 

@@ -340,7 +340,7 @@ def test_verdict_schema(tmp_path):
     assert set(v) == {"case", "passed", "mode", "outcome", "reference", "platform", "device", "backend",
                       "tolerance", "repeat", "pairs", "baselines", "problems", "notes"}
     pair = v["pairs"][0]
-    assert set(pair) == {"reference", "other", "passed", "problems", "diverged", "effect", "metrics"}
+    assert set(pair) == {"reference", "other", "passed", "problems", "diverged", "effect", "metrics", "modes", "notes"}
     assert set(pair["diverged"]) == {"metric", "step", "param", "value_ref", "value_other", "abs", "rel", "ulps",
                                      "ulp_unit"}
     m = pair["metrics"]["loss"]
@@ -404,3 +404,14 @@ def test_runs_from_another_version_of_the_case_file_are_named(tmp_path):
         info = tmp_path / "demo" / name / "run.json"
         records.write_json(info, {**records.read_json(info), "case_sha256": case.sha256})
     assert compare_case(case, tmp_path)["notes"] == []
+
+
+def test_rounding_slack_is_per_step():
+    """A %g-style log prints 2.5 at one step and 0.123457 at another: the coarse step's half-unit
+    (0.05) must not widen the fine step's allowance (5e-7)."""
+    slack = {1: 0.05, 2: 5e-07}
+    m = compare_series([1, 2], [2.5, 0.123457], [1, 2], [2.54, 0.1236], Tolerance(0.0, 0.0), "tolerance", slack=slack)
+    assert not m["passed"] and m["failing_steps"] == 1 and m["first_tolerance_failure"]["step"] == 2
+    ok = compare_series([1, 2], [2.5, 0.123457], [1, 2], [2.54, 0.1234573], Tolerance(0.0, 0.0), "tolerance",
+                        slack=slack)
+    assert ok["passed"] and ok["exact_equal_steps"] == 0

@@ -1,0 +1,1 @@
+"""Launchers and assets for running external trainers (torchtitan) under the parity harness."""

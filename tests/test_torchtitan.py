@@ -1,0 +1,154 @@
+"""torchtitan setups: the preset's command, its seed-checkpoint key, and the loss_compare workflow
+(one configuration at two commits of a torchtitan source tree) end to end on CPU ranks."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from parity.external import torchtitan
+from parity.spec import load_case
+
+titan = pytest.importorskip("torchtitan", reason=f"torchtitan not installed; {torchtitan.INSTALL}")
+
+CASE = """description = "one torchtitan configuration at three commits of a source tree"
+[train]
+steps = 2
+seq_len = 64
+[setups.main]
+trainer = "torchtitan"
+world_size = 2
+source = "{repo}"
+ref = "main"
+args = ["--parallelism.data-parallel-shard-degree=2", "--training.local-batch-size=2"]
+[setups.comment_only]
+trainer = "torchtitan"
+world_size = 2
+source = "{repo}"
+ref = "comment-only"
+args = ["--parallelism.data-parallel-shard-degree=2", "--training.local-batch-size=2"]
+[setups.rope_theta]
+trainer = "torchtitan"
+world_size = 2
+source = "{repo}"
+ref = "rope-theta"
+args = ["--parallelism.data-parallel-shard-degree=2", "--training.local-batch-size=2"]
+[setups.grad_x2]
+trainer = "torchtitan"
+world_size = 2
+source = "{repo}"
+ref = "grad-x2"
+args = ["--parallelism.data-parallel-shard-degree=2", "--training.local-batch-size=2"]
+"""
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                          env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                               "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin"}).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def source_tree(tmp_path_factory) -> Path:
+    """A git repository holding the installed torchtitan at `main`, plus three branches: one that changes
+    only a comment, one that changes the debug model's RoPE theta (a numerics change with no parameter),
+    and one that doubles every gradient (a wrong gradient divide factor)."""
+    repo = tmp_path_factory.mktemp("titan-src")
+    shutil.copytree(Path(titan.__file__).parent, repo / "torchtitan", ignore=shutil.ignore_patterns("__pycache__"))
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "torchtitan as installed")
+    model = repo / "torchtitan" / "models" / "llama3" / "__init__.py"
+    text = model.read_text()
+    assert text.count("theta=500000,") >= 1  # the edit below must change something
+
+    _git(repo, "checkout", "-q", "-b", "comment-only")
+    model.write_text("# a comment: no numerics change\n" + text)
+    _git(repo, "commit", "-q", "-am", "comment")
+    _git(repo, "checkout", "-q", "main")
+    _git(repo, "checkout", "-q", "-b", "rope-theta")
+    model.write_text(text.replace("theta=500000,", "theta=10000,", 1))
+    _git(repo, "commit", "-q", "-am", "rope theta")
+    _git(repo, "checkout", "-q", "main")
+    _git(repo, "checkout", "-q", "-b", "grad-x2")
+    trainer = repo / "torchtitan" / "trainer.py"
+    code = trainer.read_text()
+    clip = '        with sl.log_trace_span("optim"):\n'
+    assert code.count(clip) == 1
+    double = "            for p in (p for m in self.model_parts for p in m.parameters() if p.grad is not None):\n" \
+             "                p.grad.mul_(2)\n"
+    trainer.write_text(code.replace(clip, clip + double))
+    _git(repo, "commit", "-q", "-am", "gradients doubled")
+    _git(repo, "checkout", "-q", "main")
+    return repo
+
+
+def _case(tmp_path: Path, text: str, name: str = "titan_refs"):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return load_case(path)
+
+
+def test_command_flags_cpu_and_cuda(tmp_path):
+    case = _case(tmp_path, CASE.replace("source = \"{repo}\"\n", "").replace("ref = ", "# ref = "))
+    s = case.setups[0]
+    cpu = torchtitan.command_for(s, "cpu", tmp_path, None, deterministic=True)
+    cuda = torchtitan.command_for(s, "cuda", tmp_path, None, deterministic=True)
+    assert "parity.external.titan_cpu" in cpu["argv"] and "parity.external.titan_cpu" not in cuda["argv"]
+    assert "torchtitan.train" in cuda["argv"]
+    assert "--debug.deterministic" in cuda["argv"] and "--debug.deterministic" not in cpu["argv"]
+    for argv in (cpu["argv"], cuda["argv"]):
+        assert "--training.steps={steps}" in argv and "--debug.seed={seed}" in argv  # filled in per run
+        assert "--training.seq-len={seq_len}" in argv  # given in [train]
+        assert not any(a.startswith("--training.global-batch-size") for a in argv)  # not given: torchtitan's own
+        assert argv[-2:] == s.external["args"]  # the setup's own flags come last and win
+    assert cpu["metrics"]["loss"] == "loss_metrics/global_avg_loss"
+
+
+def test_seed_key_follows_model_and_seed_not_layout(tmp_path):
+    case = _case(tmp_path, CASE.replace("source = \"{repo}\"\n", "").replace("ref = ", "# ref = "))
+    a, b = case.setups[0], case.setups[2]
+    assert a.external["args"] == b.external["args"]
+    key = torchtitan.seed_key(a, "cpu", "assets")
+    hsdp = replace(a, external={**a.external, "args": ["--parallelism.data-parallel-replicate-degree=2",
+                                                        "--training.local-batch-size=2"]})
+    assert torchtitan.seed_key(hsdp, "cpu", "assets") == key  # every layout of the case loads the same seed
+    assert torchtitan.seed_key(replace(a, train=replace(a.train, seed=7)), "cpu", "assets") != key
+    assert torchtitan.seed_key(a, "cuda", "assets") != key
+    assert torchtitan.seed_key(a, "cpu", "other assets") != key
+    other = replace(a, external={**a.external, "config": "llama3_debugmodel_flex"})
+    assert torchtitan.seed_key(other, "cpu", "assets") != key
+
+
+def test_two_refs_of_a_source_tree(tmp_path, source_tree):
+    """loss_compare's workflow as a case: a comment-only commit matches main bitwise; a RoPE change is
+    caught at step 1 on the loss; doubled gradients at step 1 on the grad norm, by exactly x2."""
+    from parity.compare import compare_case
+    from parity.runner import run_case
+
+    case = _case(tmp_path, CASE.format(repo=source_tree))
+    results = run_case(case, tmp_path / "out", "cpu", timeout_s=600, cache=tmp_path / "cache")
+    assert {n: r.status for n, r in results.items()} == dict.fromkeys(("main", "comment_only", "rope_theta", "grad_x2"),
+                                                                      "ok"), {n: r.message for n, r in results.items()}
+    verdict = compare_case(case, tmp_path / "out")
+    same, changed, doubled = verdict["pairs"]
+    assert same["passed"], same["problems"]
+    for metric in ("loss", "grad_norm"):
+        assert same["metrics"][metric]["exact_equal_steps"] == 2
+    assert same["metrics"]["weights"]["exact_equal_steps"] == same["metrics"]["weights"]["n"] > 0
+    assert not changed["passed"]
+    assert (changed["diverged"]["metric"], changed["diverged"]["step"]) == ("loss", 1)
+    d = doubled["diverged"]
+    assert (d["metric"], d["step"], d["value_other"] / d["value_ref"]) == ("grad_norm", 1, 2.0)
+    first_loss = doubled["metrics"]["loss"]["first_divergence"]
+    assert first_loss is None or first_loss["step"] > 1  # the loss at step 1 is computed before any gradient
+    from parity.records import read_json
+
+    runs = {s.name: read_json(tmp_path / "out" / case.name / s.name / "run.json") for s in case.setups}
+    commits = {n: r["torchtitan_commit"] for n, r in runs.items()}
+    assert len(set(commits.values())) == 4 and commits["main"] == _git(source_tree, "rev-parse", "main")
+    assert _git(source_tree, "status", "--porcelain") == ""  # the user's tree is read, never written
