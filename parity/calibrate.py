@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from parity import records
+from parity.errors import InputError
 from parity.runner import case_lock, prepare_out, run_case
 from parity.spec import Case
 
@@ -64,6 +65,9 @@ def propose(errors: dict[str, dict[str, float]], multiple: float, floor: float) 
 
 
 def calibrate(case: Case, out: Path, steps: int | None, timeout_s: float, multiple: float, floor: float) -> str:
+    if case.reference.trainer != "builtin":  # the oracle is parity's own model, recast to float64
+        raise InputError(f"{case.path}: setups.{case.reference.name}.trainer: calibrate needs a built-in reference "
+                         f"setup (its float64 oracle is parity's own model); allowed: cases whose first setup is built-in")
     calib = replace(case, setups=(oracle_setup(case),) + case.setups)
     out = prepare_out(out)
     with case_lock(out, case.name):

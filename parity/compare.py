@@ -21,11 +21,17 @@ The verdict, `<out>/<case>/verdict.json` (a contract for the plugin, CLI and rep
      tolerance: {loss|grad_norm|weights: {rtol, atol, source}},
      repeat: null | P (the reference against its repeat run, always bitwise),
      pairs: [P], baselines: [B (see baselines.py)], problems: [str]}
-    P = {reference, other, passed, problems: [str],
+    P = {reference, other, passed, problems: [str], notes: [str],
          diverged: null | {metric, step, param, value_ref, value_other, abs, rel, ulps, ulp_unit},
-         metrics: {loss: M, grad_norm: M, weights: M}}
+         metrics: {loss: M, grad_norm: M, weights: M}, modes: {loss|grad_norm|weights: mode}}
     M = {n, exact_equal_steps, bitwise, within_tolerance, max_abs, max_rel, failing_steps,
-         first_divergence, first_tolerance_failure, passed, problems}
+         first_divergence, first_tolerance_failure, passed, problems[, not_recorded: str]}
+
+`modes` is the case's mode per metric, except where a setup's values were read from rounded log
+text (metrics.csv `<metric>_rounding`, see parity.external.readers): that metric is compared
+within tolerance, each step's allowance widened by the two runs' rounding at that step, and a
+note says so. `not_recorded` marks a weights lane that a command setup gave no weights for: it
+passes, and the verdict says "not compared" (a built-in run's missing weights.csv still fails).
 
 `first_divergence` is the first entry that is not bitwise equal, `first_tolerance_failure` the
 first outside tolerance; each is {step (or param), value_ref, value_other, abs, rel, ulps, ulp_unit}
@@ -335,7 +341,6 @@ def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict,
     if unrecorded:
         metrics["weights"] = not_recorded(f"{', '.join(unrecorded)} recorded no final weights (its command "
                                           "setup names no `weights`)")
-        notes.append(f"weights: not compared: {metrics['weights']['not_recorded']}")
     elif ref_run["weights"] is None or other_run["weights"] is None:
         metrics["weights"] = not_compared("weights.csv unreadable")
     else:
