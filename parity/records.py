@@ -4,6 +4,9 @@ metrics.csv  step,loss,grad_norm,lr,tokens,step_time_s   one row per optimizer s
              by another training command has the columns it recorded (step, loss, grad_norm at least)
 weights.csv  param,norm,sha256,sketch0..sketch3          one row per parameter (full tensor); the
              sketches are random projections of the logical tensor (parity.train.weight_sketches)
+probes.csv   step,phase,name,stat,value                    logical probes (parity.probes), in causal order:
+             per probed step, forward modules in execution order, then gradients in backward
+             order, then updates; absent for runs made without them (other trainers, older runs)
 run.json     provenance of one setup's run ("weights_recorded": false where a command left no final weights)
 
 Floats are written with `repr`, which round-trips every IEEE double exactly; they are parsed
@@ -32,8 +35,10 @@ METRIC_REQUIRED = METRIC_COLUMNS[:3]
 WEIGHT_REQUIRED = ("param", "norm", "sha256")
 SKETCH_COLUMNS = ("sketch0", "sketch1", "sketch2", "sketch3")  # how many sketches train computes, too
 WEIGHT_COLUMNS = WEIGHT_REQUIRED + SKETCH_COLUMNS
+PROBE_COLUMNS = ("step", "phase", "name", "stat", "value")
+PROBE_PHASES = ("forward", "backward", "update")
 INT_COLUMNS = {"step", "tokens"}
-STR_COLUMNS = {"param", "sha256"}
+STR_COLUMNS = {"param", "sha256", "phase", "name", "stat"}
 # run.json "status": ok (rank 0 wrote every record), or why the runner wrote it in its place.
 RUN_STATUSES = ("ok", "failed", "timeout", "interrupted")
 
@@ -160,6 +165,18 @@ def read_weights(path) -> list[dict]:
     return read_csv(path, WEIGHT_REQUIRED)[1]
 
 
+def write_probes(path, rows) -> None:
+    write_csv(path, PROBE_COLUMNS, rows)
+
+
+def read_probes(path) -> list[dict]:
+    rows = read_csv(path, PROBE_COLUMNS)[1]
+    for i, r in enumerate(rows, 2):
+        if r["phase"] not in PROBE_PHASES:
+            raise RecordError(f"{path}:{i}: phase {r['phase']!r}; allowed: {', '.join(PROBE_PHASES)}")
+    return rows
+
+
 def _jsonable(value):
     # JSON has no NaN/Inf; write them as strings so the file stays standard and nothing is lost.
     if isinstance(value, float) and not math.isfinite(value):
@@ -187,7 +204,8 @@ def read_json(path) -> dict:
 
 
 def read_setup_run(directory: str | Path, lenient: bool = False) -> dict:
-    """The one reader of a setup's run records: {"info": run.json, "metrics": rows, "weights": rows}.
+    """The one reader of a setup's run records: {"info": run.json, "metrics": rows, "weights": rows,
+    "probes": rows or None (a run made without probes)}.
 
     A run whose status is not "ok" has no metrics or weights to read (None). Strict (the default,
     for compare, baselines, calibrate and the CLI table): a record that is missing or malformed
@@ -195,7 +213,7 @@ def read_setup_run(directory: str | Path, lenient: bool = False) -> dict:
     draw whatever a run directory holds): what cannot be read is left empty.
     """
     directory = Path(directory)
-    run = {"info": {}, "metrics": None, "weights": None}
+    run = {"info": {}, "metrics": None, "weights": None, "probes": None}
     try:
         run["info"] = read_json(directory / "run.json")
         status = run["info"].get("status")
@@ -205,6 +223,8 @@ def read_setup_run(directory: str | Path, lenient: bool = False) -> dict:
             run["metrics"] = read_metrics(directory / "metrics.csv")
             if run["info"].get("weights_recorded", True):
                 run["weights"] = read_weights(directory / "weights.csv")
+            if (directory / "probes.csv").is_file():
+                run["probes"] = read_probes(directory / "probes.csv")
     except RecordError:
         if not lenient:
             raise
