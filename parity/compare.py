@@ -563,9 +563,9 @@ def _localization_lines(pair: dict, indent: str) -> list[str]:
     loc = pair.get("localization")  # verdicts written before probes have none
     if not loc:
         return []
-    listed = set(pair.get("problems", []))
-    return [f"{indent}probes: {loc['line']}"] + [f"{indent}  probe problem: {q}" for q in loc["problems"]
-                                                 if f"probes: {q}" not in listed]
+    listed = set(pair.get("problems", []))  # rule (b) made them pair problems, listed under the pair already
+    lines = [] if f"probes: {loc['line']}" in listed else [f"{indent}probes: {loc['line']}"]
+    return lines + [f"{indent}  probe problem: {q}" for q in loc["problems"] if f"probes: {q}" not in listed]
 
 
 def ran_on(verdict: dict) -> str:

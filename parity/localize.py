@@ -167,3 +167,46 @@ def largest(ref_probes: list[dict], other_probes: list[dict], step: int, n: int 
     at = [e for e in entries if e["step"] == step and not e["exact"]]
     at.sort(key=lambda e: math.inf if math.isnan(e["rel"]) else e["rel"], reverse=True)
     return [_shown(e) for e in at[:n]]
+
+
+def _table(rows: list[tuple], indent: str) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _row(e: dict, mark: str = "") -> tuple:
+    rel = "0 (exact)" if e["abs"] == 0.0 and e["rel"] == 0.0 and bitwise_equal(e["value_ref"], e["value_other"]) \
+        else rel_text(e["rel"])
+    return (str(e["step"]), e["phase"], e["name"] + ("" if e["stat"] == "sumsq" else f" ({e['stat']})"),
+            repr(e["value_ref"]), repr(e["value_other"]), rel, mark)
+
+
+def locate_text(case, run_dir, top: int = TOP) -> tuple[str, bool]:
+    """`parity locate`: per pair of the case's run under run_dir, where the probes first part, the entries
+    just before it, and the `top` largest relative differences at that step. Returns (text, whether any
+    pair's probes diverged). Records that cannot be read raise RecordError (bad input)."""
+    from parity.compare import probe_tolerances
+    from parity.records import read_setup_run, setup_dir
+
+    runs = {s.name: read_setup_run(setup_dir(run_dir, case.name, s.name)) for s in case.setups}
+    ref = case.reference.name
+    lines, diverged = [], False
+    for s in case.setups[1:]:
+        a, b = runs[ref], runs[s.name]
+        loc = localize(a["probes"], b["probes"], case.expect.mode, probe_tolerances(case), (ref, s.name))
+        steps = ", ".join(map(str, loc["steps"])) or "none"
+        lines.append(f"{case.name}: {ref} vs {s.name} (mode {case.expect.mode}; probed steps {steps})")
+        for name, run in ((ref, a), (s.name, b)):
+            if run["info"].get("status") != "ok":  # a failed run records no probes: say why there are none
+                lines.append(f"  {name}: run status is {run['info'].get('status')!r}")
+        lines.append(f"  {loc['line']}")
+        first = loc["first"]
+        if first is not None:
+            diverged = True
+            header = ("step", "phase", "name", "reference", "other", "rel", "")
+            lines += _table([header] + [_row(e) for e in loc["before"]] + [_row(first, "<- first")], "    ")
+            worst = largest(a["probes"], b["probes"], first["step"], top)
+            lines.append(f"  largest relative differences at step {first['step']}:")
+            lines += _table([header] + [_row(e) for e in worst], "    ")
+        lines += [f"  - {q}" for q in loc["problems"]]
+    return "\n".join(lines), diverged
