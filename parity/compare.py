@@ -543,6 +543,8 @@ def format_verdict(verdict: dict) -> str:
     if r is not None:
         lines.append(f"  repeat check ({r['reference']} twice, bitwise): "
                      + ("PASS" if r["passed"] else "FAIL: " + r["cause"]))
+        if not r["passed"]:
+            lines += _localization_lines(r, "    ")  # which module is nondeterministic, where probes say
     for p in v["pairs"]:
         d = p["diverged"]
         where = "" if d is None else f"; first diverged: {d['metric']} at " + (

@@ -292,3 +292,32 @@ def test_heatmap_is_written_beside_the_case_figure_and_in_the_report(tmp_path, w
     for s in ("ref", "tp", "pp"):
         (out / "hm" / s / "probes.csv").unlink()
     assert report.plot_probes(out, "hm") is None
+
+
+def test_a_nondeterministic_reference_is_localized_by_its_repeat(tmp_path, write_case):
+    case = load_case(write_case(CASE.format(extra=""), "pair"))
+    out = tmp_path / "run"
+    write_run(out, "pair", "ref", rows=probes())
+    write_run(out, "pair", "ref.repeat", rows=probes(change=from_step_2_forward_ffn1))
+    write_run(out, "pair", "tp", rows=probes())
+    v = compare_case(case, out)
+    assert not v["passed"] and v["problems"] == [
+        "repeat check: probes: first divergence: step 2, forward, layers.1.feed_forward (rel 1.0e-03); "
+        "everything before it equal"]
+
+
+def test_probe_tolerances_default_per_dtype_and_reach_the_verdict(tmp_path, write_case):
+    case = load_case(write_case(CASE.format(extra='[expect]\nmode = "tolerance"\n[expect.tolerance]\n'
+                                                  'update = { rtol = 1e-2, atol = 1e-9 }\n'), "pair"))
+    tol, source = case.expect.tolerance, case.expect.tolerance_source
+    assert (tol["forward"].rtol, tol["backward"].rtol, tol["update"].rtol, tol["update"].atol) == (1e-5, 1e-4, 1e-2, 1e-9)
+    assert source["forward"] == "default for float32" and source["update"] == "case"
+    assert tol["loss"].rtol == 1e-5 and source["loss"] == "default for float32"  # the metrics' keys unchanged
+    out = tmp_path / "run"
+    write_run(out, "pair", "ref", rows=probes())
+    write_run(out, "pair", "tp", rows=probes())
+    v = compare_case(case, out)
+    assert v["passed"] and v["tolerance"]["update"] == {"rtol": 1e-2, "atol": 1e-9, "source": "case"}
+    with pytest.raises(SpecError, match=r"expect.tolerance.sideways: unknown key; allowed: backward, forward, "
+                                        r"grad_norm, loss, update, weights"):
+        load_case(write_case(CASE.format(extra='[expect]\n[expect.tolerance]\nsideways = { rtol = 1e-2 }\n')))
