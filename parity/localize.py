@@ -58,10 +58,12 @@ def _where(key: tuple) -> str:
     return f"step {step}, {phase}, {name}" + ("" if stat == "sumsq" else f" ({stat})")
 
 
-def _agrees(ref: float, other: float, phase: str, mode: str, tolerances: dict[str, Tolerance]) -> bool:
+def agrees(e: dict, mode: str, tolerances: dict[str, Tolerance]) -> bool:
+    """Whether an aligned entry agrees under the mode: the one rule localize, the matrix and the lists share."""
+    ref, other = e["value_ref"], e["value_other"]
     if mode == "bitwise":
         return bitwise_equal(ref, other)  # NaN and Inf never equal
-    return math.isfinite(ref) and math.isfinite(other) and tolerances[phase].allows(other, ref)
+    return math.isfinite(ref) and math.isfinite(other) and tolerances[e["phase"]].allows(other, ref)
 
 
 def align(ref_rows: list[dict], other_rows: list[dict], labels=("reference", "other")) -> tuple[list[dict], list[str]]:
@@ -116,7 +118,7 @@ def localize(ref_probes: list[dict] | None, other_probes: list[dict] | None, mod
     entries, problems = align(ref_probes, other_probes, labels)
     if not entries and not problems:
         problems.append("no probes to compare")
-    agree = [_agrees(e["value_ref"], e["value_other"], e["phase"], mode, tolerances) for e in entries]
+    agree = [agrees(e, mode, tolerances) for e in entries]
     i = next((j for j, ok in enumerate(agree) if not ok), None)
     same = "equal" if mode == "bitwise" else "within tolerance"
     first = None if i is None else _shown(entries[i])
@@ -138,13 +140,15 @@ def _key_of(e: dict) -> tuple:
     return e["step"], e["phase"], e["name"], e["stat"]
 
 
-def matrix(ref_probes: list[dict], other_probes: list[dict]) -> dict:
+def matrix(ref_probes: list[dict], other_probes: list[dict], mode: str = "bitwise",
+           tolerances: dict[str, Tolerance] | None = None) -> dict:
     """The |relative difference| of every entry, for the heatmap.
 
     rows: (phase, name, stat) in causal order within a step (the reference's, then any only the
     other has); columns: the probed steps. rel: |other - ref| / |ref| (inf where ref is 0 and they
     differ), NaN where not comparable (missing in either run, or non-finite); exact: bitwise equal
-    (rel 0.0 there, but a -0.0 against 0.0 also has rel 0.0 and is not exact).
+    (rel 0.0 there, but a -0.0 against 0.0 also has rel 0.0 and is not exact); agree: agrees under
+    the mode (False where not comparable).
     """
     entries, _ = align(ref_probes, other_probes)
     keys = list(dict.fromkeys([(r["phase"], r["name"], r["stat"]) for r in ref_probes]
@@ -153,20 +157,24 @@ def matrix(ref_probes: list[dict], other_probes: list[dict]) -> dict:
     row, col = {k: i for i, k in enumerate(keys)}, {s: j for j, s in enumerate(steps)}
     rel = np.full((len(keys), len(steps)), np.nan)
     exact = np.zeros(rel.shape, dtype=bool)
+    agree = np.zeros(rel.shape, dtype=bool)
     for e in entries:
         i, j = row[(e["phase"], e["name"], e["stat"])], col[e["step"]]
         if math.isfinite(e["value_ref"]) and math.isfinite(e["value_other"]):
             rel[i, j] = e["rel"]
             exact[i, j] = e["exact"]
-    return {"rows": keys, "steps": steps, "rel": rel, "exact": exact}
+            agree[i, j] = agrees(e, mode, tolerances or {})
+    return {"rows": keys, "steps": steps, "rel": rel, "exact": exact, "agree": agree}
 
 
-def largest(ref_probes: list[dict], other_probes: list[dict], step: int, n: int = TOP) -> list[dict]:
-    """The n entries of one step with the largest relative difference (non-finite ones first)."""
+def largest(ref_probes: list[dict], other_probes: list[dict], step: int, n: int = TOP, mode: str = "bitwise",
+            tolerances: dict[str, Tolerance] | None = None) -> list[dict]:
+    """The n entries of one step with the largest relative difference (non-finite ones first): E and
+    `agrees` (under the mode)."""
     entries, _ = align(ref_probes, other_probes)
     at = [e for e in entries if e["step"] == step and not e["exact"]]
     at.sort(key=lambda e: math.inf if math.isnan(e["rel"]) else e["rel"], reverse=True)
-    return [_shown(e) for e in at[:n]]
+    return [{**_shown(e), "agrees": agrees(e, mode, tolerances or {})} for e in at[:n]]
 
 
 def _table(rows: list[tuple], indent: str) -> list[str]:
@@ -205,8 +213,10 @@ def locate_text(case, run_dir, top: int = TOP) -> tuple[str, bool]:
             diverged = True
             header = ("step", "phase", "name", "reference", "other", "rel", "")
             lines += _table([header] + [_row(e) for e in loc["before"]] + [_row(first, "<- first")], "    ")
-            worst = largest(a["probes"], b["probes"], first["step"], top)
+            tol = probe_tolerances(case)
+            worst = largest(a["probes"], b["probes"], first["step"], top, case.expect.mode, tol)
             lines.append(f"  largest relative differences at step {first['step']}:")
-            lines += _table([header] + [_row(e) for e in worst], "    ")
+            beyond = "beyond tolerance" if case.expect.mode == "tolerance" else ""
+            lines += _table([header] + [_row(e, "" if e["agrees"] else beyond) for e in worst], "    ")
         lines += [f"  - {q}" for q in loc["problems"]]
     return "\n".join(lines), diverged

@@ -381,8 +381,22 @@ def _probe_panels(c: CaseRun) -> list[tuple[SetupRun, dict, dict | None, str]]:
         # The verdict's localization is the judged one (its mode and tolerances); an unjudged run is localized bitwise.
         loc = _pair(c, s.name).get("localization") or localize.localize(ref.probes, s.probes, "bitwise", {},
                                                                           (ref.name, s.name))
-        panels.append((s, localize.matrix(ref.probes, s.probes), loc.get("first"), loc.get("line", "")))
+        tolerances = _probe_tolerances(c) if loc.get("mode") == "tolerance" else None
+        m = localize.matrix(ref.probes, s.probes, "tolerance" if tolerances else "bitwise", tolerances)
+        m["tolerance"] = tolerances is not None
+        panels.append((s, m, loc.get("first"), loc.get("line", "")))
     return panels
+
+
+def _probe_tolerances(c: CaseRun) -> dict | None:
+    """The verdict's probe tolerance per phase; None when it has not all of them (a verdict from before probes)."""
+    from parity.spec import Tolerance
+
+    t = (c.verdict or {}).get("tolerance") or {}
+    bounds = {p: (num((t.get(p) or {}).get("rtol")), num((t.get(p) or {}).get("atol"))) for p in records.PROBE_PHASES}
+    if any(None in b for b in bounds.values()):
+        return None
+    return {p: Tolerance(*b) for p, b in bounds.items()}
 
 
 def build_probes_figure(run_dir, case_name: str):
@@ -423,7 +437,10 @@ def build_probes_figure(run_dir, case_name: str):
     legend = [Patch(facecolor=EXACT_COLOUR, edgecolor="0.5", label="exact (bitwise equal)"),
               Patch(facecolor=MISSING_COLOUR, edgecolor="0.5", label="missing / not finite"),
               Patch(facecolor="none", edgecolor=FIRST_COLOUR, linewidth=2, label="first divergence")]
-    fig.legend(handles=legend, loc="lower left", ncol=3, fontsize=7.5, frameon=False)
+    if any(m["tolerance"] for _, m, _, _ in panels):
+        legend.append(Line2D([], [], linestyle="none", marker="o", markersize=3, color="black",
+                             label="beyond tolerance"))
+    fig.legend(handles=legend, loc="lower left", ncol=len(legend), fontsize=7.5, frameon=False)
     passed = (c.verdict or {}).get("passed")
     fig.suptitle(f"{c.name}: probes in causal order · {_verdict_words(c.verdict)}", fontsize=10,
                  color={True: "darkgreen", False: "firebrick"}.get(passed, "black"))
@@ -457,6 +474,10 @@ def _probe_panel(ax, m: dict, first: dict | None, norm):
                   fontsize=5 if len(rows) > 40 else 7)
     ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7)
     ax.set_xlabel("probed step", fontsize=8)
+    if m["tolerance"]:
+        # In tolerance mode colour alone cannot say which differences fail: those beyond their phase's bound get a dot.
+        i, j = np.nonzero(~m["agree"] & ~np.isnan(rel))
+        ax.plot(j, i, linestyle="none", marker="o", markersize=2.2, color="black", zorder=4)
     if first is not None:
         key = (first["phase"], first["name"], first["stat"])
         if key in rows and first["step"] in steps:

@@ -143,7 +143,13 @@ def test_matrix_marks_exact_differing_and_missing_cells():
     gone = m["rows"].index(("forward", "norm", "sumsq"))
     assert math.isnan(m["rel"][gone, 2]) and not m["exact"][gone, 2]
     top = largest(probes(), probes(change=from_step_2_forward_ffn1), 2, n=3)
-    assert len(top) == 3 and all(e["rel"] == pytest.approx(1e-3) for e in top)
+    assert len(top) == 3 and all(e["rel"] == pytest.approx(1e-3) and not e["agrees"] for e in top)
+    # In tolerance mode `agree` says which differences are beyond their phase's tolerance: here the update's
+    # 1e-3 admits a 1e-3 difference (up to rounding), forward's and backward's do not.
+    m = matrix(probes(), probes(change=from_step_2_forward_ffn1), "tolerance", {**TOL, "update": Tolerance(2e-3, 0)})
+    phases = np.array([r[0] for r in m["rows"]])
+    assert m["agree"][:, 0].all() and m["agree"][phases == "update", 2].all()
+    assert not m["agree"][phases == "backward", 2].any()
 
 
 # ---- the verdict, the CLI and the heatmap on a run directory --------------------------------
@@ -321,3 +327,17 @@ def test_probe_tolerances_default_per_dtype_and_reach_the_verdict(tmp_path, writ
     with pytest.raises(SpecError, match=r"expect.tolerance.sideways: unknown key; allowed: backward, forward, "
                                         r"grad_norm, loss, update, weights"):
         load_case(write_case(CASE.format(extra='[expect]\n[expect.tolerance]\nsideways = { rtol = 1e-2 }\n')))
+
+
+def test_locate_in_tolerance_mode_marks_what_is_beyond_tolerance(tmp_path, write_case, capsys):
+    case = load_case(write_case(CASE.format(extra='[expect]\nmode = "tolerance"\n[expect.tolerance]\n'
+                                                  'update = { rtol = 2e-3 }\n'), "tol"))
+    out = tmp_path / "run"
+    write_run(out, "tol", "ref", rows=probes())
+    write_run(out, "tol", "tp", rows=probes(change=from_step_2_forward_ffn1))
+    assert cli.main(["locate", str(out), str(case.path), "--top", "30"]) == 0
+    text = capsys.readouterr().out
+    assert "everything before it within tolerance" in text
+    worst = text.split("largest relative differences at step 2:")[1].splitlines()[2:]
+    assert {("beyond tolerance" in line) for line in worst if " update " in line} == {False}
+    assert {("beyond tolerance" in line) for line in worst if " backward " in line} == {True}
