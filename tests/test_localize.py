@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +43,19 @@ def up(x: float, n: int = 1) -> float:
     return x
 
 
+def at(entry: tuple, f):
+    """A change (see probes) that applies f to one entry's value, (step, phase, name)."""
+    return lambda step, phase, name, value: f(value) if (step, phase, name) == entry else value
+
+
 def where(e: dict) -> tuple:
     return e["step"], e["phase"], e["name"]
 
 
 def from_step_2_forward_ffn1(step, phase, name, value):
     """A difference that starts at step 2 in layers.1.feed_forward and spreads to everything after it."""
-    after = step > 2 or (step == 2 and (phase != "forward" or MODULES.index(name) >= MODULES.index("layers.1.feed_forward")))
+    from_ffn1 = phase != "forward" or MODULES.index(name) >= MODULES.index("layers.1.feed_forward")
+    after = step > 2 or (step == 2 and from_ffn1)
     return value * (1 + 1e-3) if after else value
 
 
@@ -68,7 +73,7 @@ def test_bitwise_first_difference_in_forward_at_step_2_with_what_agrees_before_i
 
 
 def test_one_ulp_is_found_bitwise_and_passes_tolerance():
-    ulp = lambda step, phase, name, v: up(v) if (step, phase, name) == (1, "backward", "norm.weight") else v  # noqa: E731
+    ulp = at((1, "backward", "norm.weight"), up)
     assert where(localize(probes(), probes(change=ulp), "bitwise", TOL)["first"]) == (1, "backward", "norm.weight")
     loc = localize(probes(), probes(change=ulp), "tolerance", TOL)
     assert loc["first"] is None and loc["line"] == "probes agree (within tolerance)"
@@ -97,7 +102,7 @@ def test_tolerance_mode_applies_each_phase_its_own_tolerance():
 
 
 def test_a_difference_only_in_the_last_update_of_the_last_step():
-    last = lambda step, phase, name, v: v * 1.5 if (step, phase, name) == (3, "update", "output.weight") else v  # noqa: E731
+    last = at((3, "update", "output.weight"), lambda v: v * 1.5)
     loc = localize(probes(), probes(change=last), "bitwise", TOL)
     assert where(loc["first"]) == (3, "update", "output.weight")
     assert [e["name"] for e in loc["before"]] == [PARAMS[-4],
@@ -125,7 +130,7 @@ def test_missing_extra_and_duplicated_entries_and_other_steps_are_problems_never
 
 @pytest.mark.parametrize("mode", ["bitwise", "tolerance"])
 def test_nan_never_agrees_not_even_with_nan(mode):
-    nan = lambda step, phase, name, v: math.nan if (step, phase, name) == (1, "forward", "norm") else v  # noqa: E731
+    nan = at((1, "forward", "norm"), lambda v: math.nan)
     loc = localize(probes(change=nan), probes(change=nan), mode, TOL, ("ref", "other"))
     assert where(loc["first"]) == (1, "forward", "norm") and math.isnan(loc["first"]["rel"])
     assert loc["problems"] == ["non-finite probes: step 1, forward, norm in ref, step 1, forward, norm in other"]
@@ -267,7 +272,8 @@ def test_locate_prints_the_line_the_entries_before_it_and_the_largest(tmp_path, 
     text = capsys.readouterr().out
     print(text)
     assert "ctl: ref vs tp (mode bitwise; probed steps 1, 2, 3)" in text
-    assert "  first divergence: step 2, forward, layers.1.feed_forward (rel 1.0e-03); everything before it equal" in text
+    assert ("  first divergence: step 2, forward, layers.1.feed_forward (rel 1.0e-03); everything before it equal"
+            in text)
     assert "layers.1.attention" in text and "<- first" in text and "largest relative differences at step 2:" in text
     # bad input: one line, exit 2
     assert cli.main(["locate", str(tmp_path / "nowhere"), str(case.path)]) == 2
@@ -279,12 +285,15 @@ def test_locate_prints_the_line_the_entries_before_it_and_the_largest(tmp_path, 
 
 
 def test_heatmap_is_written_beside_the_case_figure_and_in_the_report(tmp_path, write_case):
-    case = load_case(write_case(CASE.replace("{extra}", '[setups.pp]\ndp_api = "none"\n{extra}').format(extra=""), "hm"))
+    three = CASE.replace("{extra}", '[setups.pp]\ndp_api = "none"\n{extra}').format(extra="")
+    case = load_case(write_case(three, "hm"))
     out = tmp_path / "run"
     write_run(out, "hm", "ref", rows=probes())
     write_run(out, "hm", "tp", rows=probes(change=from_step_2_forward_ffn1))
-    nan_late = lambda step, phase, name, v: math.nan if (step, name) == (3, "norm") else up(v, 3) if step == 3 else v  # noqa: E731
-    write_run(out, "hm", "pp", rows=[r for r in probes(change=nan_late) if (r["step"], r["name"]) != (2, "output")])
+    def late(step, phase, name, v):  # 3 ulps everywhere at step 3, NaN in one entry of it, one entry of step 2 gone
+        return math.nan if (step, name) == (3, "norm") else up(v, 3) if step == 3 else v
+
+    write_run(out, "hm", "pp", rows=[r for r in probes(change=late) if (r["step"], r["name"]) != (2, "output")])
     from parity.compare import write_verdict
 
     write_verdict(out, compare_case(case, out))
@@ -292,7 +301,8 @@ def test_heatmap_is_written_beside_the_case_figure_and_in_the_report(tmp_path, w
     assert png == out / "hm" / "hm-probes.png" and png.stat().st_size > 10_000 and svg.is_file()
     md, page = report.write_report(out)
     text = md.read_text()
-    assert "![hm probes](hm/hm-probes.png)" in text and "first divergence: step 2, forward, layers.1.feed_forward" in text
+    assert "![hm probes](hm/hm-probes.png)" in text
+    assert "first divergence: step 2, forward, layers.1.feed_forward" in text
     assert 'alt="hm probes heatmap"' in page.read_text()
     # No probes, no heatmap.
     for s in ("ref", "tp", "pp"):
@@ -316,7 +326,7 @@ def test_probe_tolerances_default_per_dtype_and_reach_the_verdict(tmp_path, writ
     case = load_case(write_case(CASE.format(extra='[expect]\nmode = "tolerance"\n[expect.tolerance]\n'
                                                   'update = { rtol = 1e-2, atol = 1e-9 }\n'), "pair"))
     tol, source = case.expect.tolerance, case.expect.tolerance_source
-    assert (tol["forward"].rtol, tol["backward"].rtol, tol["update"].rtol, tol["update"].atol) == (1e-5, 1e-4, 1e-2, 1e-9)
+    assert [tol[p].rtol for p in ("forward", "backward", "update")] == [1e-5, 1e-4, 1e-2] and tol["update"].atol == 1e-9
     assert source["forward"] == "default for float32" and source["update"] == "case"
     assert tol["loss"].rtol == 1e-5 and source["loss"] == "default for float32"  # the metrics' keys unchanged
     out = tmp_path / "run"
