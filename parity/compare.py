@@ -71,8 +71,7 @@ from pathlib import Path
 import numpy as np
 
 from parity.paths import inside
-from parity.records import SKETCH_COLUMNS, RecordError, read_json, read_setup_run, write_json
-from parity.records import PROBE_PHASES
+from parity.records import PROBE_PHASES, SKETCH_COLUMNS, RecordError, read_json, read_setup_run, write_json
 from parity.spec import REPEAT_SUFFIX, Case, Tolerance, default_tolerances
 
 STEP_METRICS = ("loss", "grad_norm")

@@ -410,7 +410,7 @@ def build_probes_figure(run_dir, case_name: str):
     n_cols = max(len(m["steps"]) for _, m, _, _ in panels)
     # Laid out in inches: the names on the left, the phases and the colour bar on the right.
     left, right, top, bottom, gap = 2.3, 1.7, 1.3, 0.9, 0.15
-    panel, height = max(2.4, 0.3 * n_cols + 0.6), max(2.0, 0.11 * n_rows)
+    panel, height = min(8.0, max(2.4, 0.3 * n_cols + 0.6)), max(2.0, 0.11 * n_rows)  # 71 probed steps stay 8 in
     width = left + right + len(panels) * panel + (len(panels) - 1) * gap
     fig, axes = plt.subplots(1, len(panels), figsize=(width, top + height + bottom), squeeze=False, sharey=True)
     fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / fig.get_figheight(),
@@ -472,7 +472,8 @@ def _probe_panel(ax, m: dict, first: dict | None, norm):
             ax.axhline(i - 0.5, color="black", linewidth=1.2)
     ax.set_yticks(range(len(rows)), [name if stat == "sumsq" else f"{name} ({stat})" for _, name, stat in rows],
                   fontsize=5 if len(rows) > 40 else 7)
-    ax.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=7)
+    shown = range(0, len(steps), math.ceil(len(steps) / 24))  # at most 24 step labels: they stay readable
+    ax.set_xticks(shown, [str(steps[j]) for j in shown], fontsize=7)
     ax.set_xlabel("probed step", fontsize=8)
     if m["tolerance"]:
         # In tolerance mode colour alone cannot say which differences fail: those beyond their phase's bound get a dot.
