@@ -544,17 +544,21 @@ class _Validator:
                     self.fail(f"{key}.within", "goes with ratio; allowed: ratio = R, within = W")
                 parsed["min_rel"] = self.number(f"{key}.min_rel", first["min_rel"], positive=True)
             first = parsed
-        localized = self.localized(table.get("localized"), outcome, min(s.train.steps for s in setups))
+        localized = self.localized(table.get("localized"), outcome, setups)
         return Expect(mode=mode, outcome=outcome, tolerance=tolerance, tolerance_source=source, first_divergence=first,
                       localized=localized, repeat=repeat)
 
-    def localized(self, table, outcome: str, steps: int) -> dict | None:
+    def localized(self, table, outcome: str, setups) -> dict | None:
         """Where a negative control's probes must first part: {step, phase, name} (see parity.localize)."""
         if table is None:
             return None
         key = "expect.localized"
         if outcome != "diverge":
             self.fail(key, "only for outcome = \"diverge\" (a negative control)")
+        if other := next((s for s in setups if s.trainer != "builtin"), None):
+            self.fail(key, f"needs probes, which only built-in setups record; setup {other.name} is trainer = "
+                      f"\"{other.trainer}\"")
+        steps = min(s.train.steps for s in setups)
         shape = "a table { step = N, phase = \"forward\" | \"backward\" | \"update\", name = \"layers.3.feed_forward\" }"
         if not isinstance(table, dict):
             self.fail(key, f"must be {shape}")

@@ -266,6 +266,15 @@ def test_localized_is_validated_with_one_line_naming_the_key(write_case, bad, ke
         load_case(write_case(CASE.format(extra='[expect]\nlocalized = { step = 1, phase = "forward", name = "x" }\n')))
 
 
+def test_localized_needs_setups_that_record_probes(write_case):
+    body = CASE.replace('[setups.tp]\ndp_api = "none"', '[setups.tp]\ntrainer = "command"\nworld_size = 1\n'
+                        'argv = ["{{python}}", "train.py", "{{output_dir}}"]\nmetrics = {{ reader = "jsonl" }}')  # format()ed
+    extra = '[expect]\noutcome = "diverge"\nlocalized = { step = 1, phase = "forward", name = "norm" }\n'
+    with pytest.raises(SpecError, match=r"expect.localized: needs probes, which only built-in setups record; "
+                                        r"setup tp is trainer = \"command\""):
+        load_case(write_case(body.format(extra=extra)))
+
+
 def test_locate_prints_the_line_the_entries_before_it_and_the_largest(tmp_path, write_case, capsys):
     case, out = control(tmp_path, write_case, '{ step = 2, phase = "forward", name = "layers.1.feed_forward" }')
     assert cli.main(["locate", str(out), str(case.path), "--top", "4"]) == 0
