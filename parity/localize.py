@@ -35,6 +35,7 @@ TOP = 10  # how many entries `parity locate` lists by size at the first divergin
 
 
 def _key(row: dict) -> tuple:
+    """What aligns two runs' probes: a probes.csv row's, or an entry E's, (step, phase, name, stat)."""
     return row["step"], row["phase"], row["name"], row["stat"]
 
 
@@ -125,7 +126,7 @@ def localize(ref_probes: list[dict] | None, other_probes: list[dict] | None, mod
     before = [] if i is None else [_shown(e) for e in entries[max(0, i - BEFORE):i]]
     agree_until = None if i is None else f"everything before it {same}"
     if first is not None:
-        line = f"first divergence: {_where(_key_of(first))} (rel {rel_text(first['rel'])}); {agree_until}"
+        line = f"first divergence: {_where(_key(first))} (rel {rel_text(first['rel'])}); {agree_until}"
     elif entries:
         line = "probes agree (bitwise)" if mode == "bitwise" else "probes agree (within tolerance)"
     else:
@@ -134,10 +135,6 @@ def localize(ref_probes: list[dict] | None, other_probes: list[dict] | None, mod
     steps = list(dict.fromkeys(r["step"] for r in ref_probes))
     return {"probed": True, "mode": mode, "first": first, "before": before, "agree_until": agree_until,
             "steps": steps, "problems": problems, "line": line}
-
-
-def _key_of(e: dict) -> tuple:
-    return e["step"], e["phase"], e["name"], e["stat"]
 
 
 def matrix(ref_probes: list[dict], other_probes: list[dict], mode: str = "bitwise",
