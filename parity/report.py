@@ -27,7 +27,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from parity import localize, records  # noqa: E402
-from parity.compare import ran_on  # noqa: E402
+from parity.compare import bitwise_equal, ran_on  # noqa: E402
 from parity.paths import inside  # noqa: E402
 
 PLOTTED = ("loss", "grad_norm")
@@ -531,12 +531,15 @@ def _max_rel(v: dict | None, metric: str):
 
 def _divergence_text(v: dict | None) -> str:
     parts = []
+    beyond = " (beyond tolerance)" if (v or {}).get("mode") == "tolerance" else ""
     for p in (v or {}).get("pairs", []) or []:
         d = p.get("diverged")
         if d:
             where = f"step {d['step']}" if d.get("step") is not None else f"param {d.get('param')}"
-            beyond = " (beyond tolerance)" if (v or {}).get("mode") == "tolerance" else ""
             parts.append(f"{p.get('other')}: {d.get('metric')} {where}{beyond}")
+        elif ((p.get("localization") or {}).get("first")) and not p.get("passed"):
+            f = p["localization"]["first"]  # the metrics agree, the probes do not: say where they part
+            parts.append(f"{p.get('other')}: probes step {f['step']}, {f['phase']}, {f['name']}{beyond}")
     return "; ".join(parts) or "—"
 
 
@@ -647,8 +650,9 @@ def _probes_text(loc: dict | None) -> str:
         return "—"  # a verdict written before probes
     text = loc.get("line", "—")
     if loc.get("before"):
-        text += " (before it: " + ", ".join(f"{e['phase']} {e['name']} rel {localize.rel_text(e['rel'])}"
-                                            for e in loc["before"]) + ")"
+        text += " (before it: " + ", ".join(f"{e['phase']} {e['name']} " + (
+            "exact" if bitwise_equal(num(e["value_ref"]), num(e["value_other"])) else f"rel {localize.rel_text(num(e['rel']))}")
+            for e in loc["before"]) + ")"
     return "; ".join([text] + [f"problem: {q}" for q in loc.get("problems") or []])
 
 

@@ -312,6 +312,8 @@ def test_heatmap_is_written_beside_the_case_figure_and_in_the_report(tmp_path, w
     text = md.read_text()
     assert "![hm probes](hm/hm-probes.png)" in text
     assert "first divergence: step 2, forward, layers.1.feed_forward" in text
+    assert "tp: probes step 2, forward, layers.1.feed_forward; pp: probes step 3, forward, tok_embeddings" in text
+    assert "(before it: forward layers.0.feed_forward exact, forward layers.0 exact" in text
     assert 'alt="hm probes heatmap"' in page.read_text()
     # No probes, no heatmap.
     for s in ("ref", "tp", "pp"):
