@@ -18,7 +18,7 @@ runs; a crash, a missing file or a NaN is not the divergence it is looking for.
 The verdict, `<out>/<case>/verdict.json` (a contract for the plugin, CLI and reports):
 
     {case, passed, mode, outcome, reference, platform, device, backend, notes: [str],
-     tolerance: {loss|grad_norm|weights: {rtol, atol, source}},
+     tolerance: {loss|grad_norm|weights|forward|backward|update: {rtol, atol, source}},
      repeat: null | P (the reference against its repeat run, always bitwise),
      pairs: [P], baselines: [B (see baselines.py)], problems: [str]}
     P = {reference, other, passed, problems: [str], notes: [str],
@@ -37,8 +37,8 @@ note says so. `not_recorded` marks a weights lane that a command setup gave no w
 passes, and the verdict says "not compared" (a built-in run's missing weights.csv still fails).
 
 `localization` (parity.localize) is where the two runs' probes (probes.csv) first part, in causal
-order, under the case's mode; the `tolerance` block then also has forward|backward|update, the
-probes' tolerance per phase. It informs; it changes a pair's verdict only where a rule says so:
+order, under the case's mode (in tolerance mode with the tolerance of the entry's phase,
+forward|backward|update in the `tolerance` block). It informs; it changes a pair's verdict only where a rule says so:
 (a) a negative control with `[expect] localized = {step, phase, name}` fails unless `first` is
 exactly there; (b) in a "match" pair whose metrics all pass and whose runs both recorded probes,
 the probes are a checked lane: a divergence or a probe problem is a pair problem "probes: ...".
