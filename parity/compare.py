@@ -38,8 +38,8 @@ passes, and the verdict says "not compared" (a built-in run's missing weights.cs
 
 `localization` (parity.localize) is where the two runs' probes (probes.csv) first part, in causal
 order, under the case's mode (in tolerance mode with the tolerance of the entry's phase,
-forward|backward|update in the `tolerance` block). It informs; it changes a pair's verdict only where a rule says so:
-(a) a negative control with `[expect] localized = {step, phase, name}` fails unless `first` is
+forward|backward|update in the `tolerance` block). It informs; it changes a pair's verdict only
+where a rule says so: (a) a negative control with `[expect] localized = {step, phase, name}` fails unless `first` is
 exactly there; (b) in a "match" pair whose metrics all pass and whose runs both recorded probes,
 the probes are a checked lane: a divergence or a probe problem is a pair problem "probes: ...".
 A run without probes.csv (another trainer, an older run) gives probed false and no problem.
