@@ -155,6 +155,19 @@ def cmd_compare(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_locate(args) -> int:
+    """Where each pair's probes first part, for an existing run directory; a viewer: exit 0 (2 on bad input)."""
+    from parity.localize import locate_text
+
+    run_dir = _existing_dir(args.run_dir, "RUN_DIR")
+    cases = _load_cases(args.cases)
+    for case in cases:  # every case's run checked before anything is printed
+        if not inside(run_dir, case.name).is_dir():
+            raise UsageError(f"{run_dir}: no run of case {case.name} here ({run_dir / case.name} is not a directory)")
+    print("\n\n".join(locate_text(case, run_dir, args.top)[0] for case in cases))
+    return 0
+
+
 def cmd_report(args) -> int:
     from parity.report import regression_report, write_report
 
@@ -298,6 +311,19 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--baselines", default="baselines")
     c.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None)
     c.set_defaults(fn=cmd_compare)
+
+    loc = sub.add_parser(
+        "locate", help="where each pair's probes first part (a viewer: exit 0, 2 on bad input)",
+        description="For each case, per pair of setups: the first probe (probes.csv, in causal order: forward "
+                    "modules, then gradients, then updates, step by step) that differs under the case's mode, the "
+                    "entries just before it, and the largest relative differences at that step. A viewer: it "
+                    "exits 0 whether or not the probes diverge (a negative control is meant to; `parity compare` "
+                    "gives the verdict), and 2 on bad input.")
+    loc.add_argument("run_dir", help="a run directory (written by `parity run` or pytest, or copied from elsewhere)")
+    loc.add_argument("cases", nargs="+", help="case files or directories of them")
+    loc.add_argument("--top", type=_positive(int, 10_000), default=10,
+                     help="how many of the largest differences to list (default %(default)s)")
+    loc.set_defaults(fn=cmd_locate)
 
     rep = sub.add_parser("report", help="write report.md and report.html for a run directory")
     rep.add_argument("run_dir")

@@ -18,12 +18,15 @@ runs; a crash, a missing file or a NaN is not the divergence it is looking for.
 The verdict, `<out>/<case>/verdict.json` (a contract for the plugin, CLI and reports):
 
     {case, passed, mode, outcome, reference, platform, device, backend, notes: [str],
-     tolerance: {loss|grad_norm|weights: {rtol, atol, source}},
+     tolerance: {loss|grad_norm|weights|forward|backward|update: {rtol, atol, source}},
      repeat: null | P (the reference against its repeat run, always bitwise),
      pairs: [P], baselines: [B (see baselines.py)], problems: [str]}
     P = {reference, other, passed, problems: [str], notes: [str],
          diverged: null | {metric, step, param, value_ref, value_other, abs, rel, ulps, ulp_unit},
-         metrics: {loss: M, grad_norm: M, weights: M}, modes: {loss|grad_norm|weights: mode}}
+         metrics: {loss: M, grad_norm: M, weights: M}, modes: {loss|grad_norm|weights: mode},
+         localization: L}
+    L = {probed, mode, first: null | E, before: [E], agree_until, steps: [int], problems: [str], line}
+    E = {step, phase, name, stat, value_ref, value_other, abs, rel, ulps, ulp_unit}
     M = {n, exact_equal_steps, bitwise, within_tolerance, max_abs, max_rel, failing_steps,
          first_divergence, first_tolerance_failure, passed, problems[, not_recorded: str]}
 
@@ -32,6 +35,14 @@ text (metrics.csv `<metric>_rounding`, see parity.external.readers): that metric
 within tolerance, each step's allowance widened by the two runs' rounding at that step, and a
 note says so. `not_recorded` marks a weights lane that a command setup gave no weights for: it
 passes, and the verdict says "not compared" (a built-in run's missing weights.csv still fails).
+
+`localization` (parity.localize) is where the two runs' probes (probes.csv) first part, in causal
+order, under the case's mode (in tolerance mode with the tolerance of the entry's phase,
+forward|backward|update in the `tolerance` block). It informs; it changes a pair's verdict only
+where a rule says so: (a) a negative control with `[expect] localized = {step, phase, name}` fails unless `first` is
+exactly there; (b) in a "match" pair whose metrics all pass and whose runs both recorded probes,
+the probes are a checked lane: a divergence or a probe problem is a pair problem "probes: ...".
+A run without probes.csv (another trainer, an older run) gives probed false and no problem.
 
 `first_divergence` is the first entry that is not bitwise equal, `first_tolerance_failure` the
 first outside tolerance; each is {step (or param), value_ref, value_other, abs, rel, ulps, ulp_unit}
@@ -60,8 +71,8 @@ from pathlib import Path
 import numpy as np
 
 from parity.paths import inside
-from parity.records import SKETCH_COLUMNS, RecordError, read_json, read_setup_run, write_json
-from parity.spec import REPEAT_SUFFIX, Case, Tolerance
+from parity.records import PROBE_PHASES, SKETCH_COLUMNS, RecordError, read_json, read_setup_run, write_json
+from parity.spec import REPEAT_SUFFIX, Case, Tolerance, default_tolerances
 
 STEP_METRICS = ("loss", "grad_norm")
 LISTED = 5  # how many steps a problem line names before "..."
@@ -346,6 +357,7 @@ def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict,
     else:
         metrics["weights"] = compare_weights(ref_run["weights"], other_run["weights"], tol["weights"], mode, labels)
         problems += [f"weights: {p}" for p in metrics["weights"]["problems"]]
+    healthy = not problems  # both runs finished and every record was comparable
     if not problems:
         differing = [name for name, m in metrics.items() if not m["passed"]]
         if outcome == "match":
@@ -365,8 +377,43 @@ def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict,
         else:
             effect = _effect(diverged, want)
             problems += effect["problems"]
+    localization = _localization(ref_run, other_run, case, labels)
+    if healthy:
+        problems += _probe_problems(localization, case, metrics_passed=not problems)
     return {"reference": ref_name, "other": other_name, "passed": not problems, "problems": problems,
-            "diverged": diverged, "effect": effect, "metrics": metrics, "modes": modes, "notes": notes}
+            "diverged": diverged, "effect": effect, "metrics": metrics, "modes": modes, "notes": notes,
+            "localization": localization}
+
+
+def probe_tolerances(case: Case) -> dict[str, Tolerance]:
+    """Each probe phase's tolerance: the case's, else the default for its dtype (a hand-built Expect may lack them)."""
+    defaults = default_tolerances(case.setups)[1]
+    return {phase: case.expect.tolerance.get(phase, defaults[phase]) for phase in PROBE_PHASES}
+
+
+def _localization(ref_run: dict, other_run: dict, case: Case, labels) -> dict:
+    from parity.localize import localize  # it builds on this module's entries; imported here, not in a cycle
+
+    return localize(ref_run["probes"], other_run["probes"], case.expect.mode, probe_tolerances(case), labels)
+
+
+def _probe_problems(loc: dict, case: Case, metrics_passed: bool) -> list[str]:
+    """The two rules by which probes change a pair's verdict (see the module docstring)."""
+    want = case.expect.localized
+    if case.expect.outcome == "diverge" and want:
+        first = loc["first"]
+        found = (f"{_probe_where(first)} (rel {first['rel']:.3g})" if first
+                 else f"no divergence ({loc['line']})")
+        if first is None or (first["step"], first["phase"], first["name"]) != (want["step"], want["phase"], want["name"]):
+            return [f"expected the divergence localized at {_probe_where(want)}; found {found}"]
+        return []
+    if case.expect.outcome == "match" and metrics_passed and loc["probed"]:
+        return [f"probes: {p}" for p in loc["problems"]] + ([f"probes: {loc['line']}"] if loc["first"] else [])
+    return []
+
+
+def _probe_where(e: dict) -> str:
+    return f"step {e['step']}, {e['phase']}, {e['name']}"
 
 
 def _effect(diverged: dict, want: dict) -> dict:
@@ -407,7 +454,8 @@ def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None =
     ref = case.reference.name
     repeat = None
     if (base / (ref + REPEAT_SUFFIX)).is_dir():
-        bitwise = replace(case, expect=replace(case.expect, mode="bitwise", outcome="match", first_divergence=None))
+        bitwise = replace(case, expect=replace(case.expect, mode="bitwise", outcome="match", first_divergence=None,
+                                               localized=None))
         name = ref + REPEAT_SUFFIX
         again = _load_run(base / name, name)
         repeat = compare_pair(ref, runs[ref], name, again, bitwise)
@@ -494,18 +542,31 @@ def format_verdict(verdict: dict) -> str:
     if r is not None:
         lines.append(f"  repeat check ({r['reference']} twice, bitwise): "
                      + ("PASS" if r["passed"] else "FAIL: " + r["cause"]))
+        if not r["passed"]:
+            lines += _localization_lines(r, "    ")  # which module is nondeterministic, where probes say
     for p in v["pairs"]:
         d = p["diverged"]
         where = "" if d is None else f"; first diverged: {d['metric']} at " + (
             f"step {d['step']}" if d["step"] is not None else f"param {d['param']}")
         lines.append(f"  {p['reference']} vs {p['other']}: {'PASS' if p['passed'] else 'FAIL'}{where}")
         lines += [f"    {_metric_line(name, m)}" for name, m in p["metrics"].items()]
+        lines += _localization_lines(p, "    ")
         lines += [f"    note: {line}" for line in p.get("notes", [])]
         lines += [f"    - {line}" for line in p["problems"]]
     for b in v["baselines"]:
         lines.append(f"  baseline {b['setup']} [{b['platform']}, {b['how']}]: {b['status']}"
                      f"{'' if b['passed'] else ' FAIL'}: {b['message']}")
     return "\n".join(lines)
+
+
+def _localization_lines(pair: dict, indent: str) -> list[str]:
+    """`probes: <where the probes first part>`, and the probe problems unless the pair lists them already."""
+    loc = pair.get("localization")  # verdicts written before probes have none
+    if not loc:
+        return []
+    listed = set(pair.get("problems", []))  # rule (b) made them pair problems, listed under the pair already
+    lines = [] if f"probes: {loc['line']}" in listed else [f"{indent}probes: {loc['line']}"]
+    return lines + [f"{indent}  probe problem: {q}" for q in loc["problems"] if f"probes: {q}" not in listed]
 
 
 def ran_on(verdict: dict) -> str:
@@ -554,6 +615,11 @@ def divergence_table(verdict: dict) -> str:
                         for who, name, e in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table) if rows else ""
+    # Where the probes first part says which module to look at; a problem line that says it already is enough.
+    said = " ".join(verdict["problems"])
+    where = [f"{p['reference']} vs {p['other']} probes: {p['localization']['line']}" for p in verdict["pairs"]
+             if not p["passed"] and p.get("localization") and p["localization"]["line"] not in said]
+    text = "\n".join(filter(None, [text, *where]))
     # The problem lines carry what a table row cannot: crashed runs, missing steps, NaN, a negative
     # control that did not diverge, a missing baseline and the command that creates it.
     return "\n".join(filter(None, [text, *("- " + line for line in verdict["problems"])]))

@@ -218,10 +218,13 @@ def _failure_message(case, verdict, out: Path) -> str:
              compare.divergence_table(verdict)]
     lines += [f"obtained: {b['obtained']}" for b in verdict["baselines"] if not b["passed"] and b.get("obtained")]
     try:
-        from parity.report import plot_case
+        from parity.report import plot_case, plot_probes
 
         png, _ = plot_case(out, case.name)
         lines.append(f"plot: {png}")
+        probes = plot_probes(out, case.name)
+        if probes:
+            lines.append(f"probes heatmap: {probes[0]}")
     except Exception as e:  # noqa: BLE001 - a plotting failure must not hide the verdict
         lines.append(f"plot: not drawn ({type(e).__name__}: {e})")
     lines.append(f"run directory: {out / case.name}")

@@ -1,7 +1,7 @@
 """Figures, reports and PR evidence over a run directory; reads the record files, never writes them.
 
 A run directory holds `<case>/<setup>/{metrics.csv,run.json}` and `<case>/verdict.json`. This module
-draws one figure per case, writes `report.md` and a self-contained `report.html`, compares two
+draws one figure per case (and, where the setups recorded probes.csv, a heatmap of where they part), writes `report.md` and a self-contained `report.html`, compares two
 runs (`regression.md`), and prints a markdown block to paste into a pull request.
 """
 
@@ -19,12 +19,15 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on CI runners and test machines; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap, LogNorm  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
-from parity import records  # noqa: E402
-from parity.compare import ran_on  # noqa: E402
+from parity import localize, records  # noqa: E402
+from parity.compare import bitwise_equal, ran_on  # noqa: E402
 from parity.paths import inside  # noqa: E402
 
 PLOTTED = ("loss", "grad_norm")
@@ -45,6 +48,7 @@ class SetupRun:
     name: str
     run: dict  # run.json, {} when the setup left none
     metrics: list[dict]  # rows of metrics.csv, [] when it left none
+    probes: list[dict] | None = None  # rows of probes.csv, None when it left none
 
 
 @dataclass
@@ -114,7 +118,7 @@ def load_case_run(run_dir, case: str) -> CaseRun:
     setups = []
     for name in names:
         run = records.read_setup_run(cdir / name, lenient=True)
-        setups.append(SetupRun(name, run["info"], run["metrics"] or []))
+        setups.append(SetupRun(name, run["info"], run["metrics"] or [], run["probes"]))
     baselines = {}
     for entry in (verdict or {}).get("baselines", []) or []:
         path = _baseline_path(entry, run_dir)
@@ -356,6 +360,158 @@ def plot_case(run_dir, case_name: str) -> tuple[Path, Path]:
     return base.with_suffix(".png"), base.with_suffix(".svg")
 
 
+# ----------------------------------------------------------------------------- probes heatmap
+
+EXACT_COLOUR, MISSING_COLOUR, FIRST_COLOUR = "white", "0.72", "crimson"
+
+
+def _pair(c: CaseRun, other: str) -> dict:
+    return next((p for p in (c.verdict or {}).get("pairs", []) or [] if p.get("other") == other), {})
+
+
+def _probe_panels(c: CaseRun) -> list[tuple[SetupRun, dict, dict | None, str]]:
+    """(setup, matrix, first divergence, line) per non-reference setup that has probes to compare."""
+    ref = c.setups[0] if c.setups else None
+    if ref is None or ref.probes is None:
+        return []
+    panels = []
+    for s in c.setups[1:]:
+        if s.probes is None:
+            continue
+        # The verdict's localization is the judged one (its mode and tolerances); an unjudged run is localized bitwise.
+        loc = _pair(c, s.name).get("localization") or localize.localize(ref.probes, s.probes, "bitwise", {},
+                                                                          (ref.name, s.name))
+        tolerances = _probe_tolerances(c) if loc.get("mode") == "tolerance" else None
+        m = localize.matrix(ref.probes, s.probes, "tolerance" if tolerances else "bitwise", tolerances)
+        m["tolerance"] = tolerances is not None
+        panels.append((s, m, loc.get("first"), loc.get("line", "")))
+    return panels
+
+
+def _probe_tolerances(c: CaseRun) -> dict | None:
+    """The verdict's probe tolerance per phase; None when it has not all of them (a verdict from before probes)."""
+    from parity.spec import Tolerance
+
+    t = (c.verdict or {}).get("tolerance") or {}
+    bounds = {p: (num((t.get(p) or {}).get("rtol")), num((t.get(p) or {}).get("atol"))) for p in records.PROBE_PHASES}
+    if any(None in b for b in bounds.values()):
+        return None
+    return {p: Tolerance(*b) for p, b in bounds.items()}
+
+
+def build_probes_figure(run_dir, case_name: str):
+    """|relative difference| of every probe to the reference: rows in causal order within a step, grouped by
+    phase, probed steps as columns, one panel per non-reference setup; None when there are no probes."""
+    c = load_case_run(run_dir, case_name)
+    panels = _probe_panels(c)
+    if not panels:
+        return None
+    n_rows = max(len(m["rows"]) for _, m, _, _ in panels)
+    n_cols = max(len(m["steps"]) for _, m, _, _ in panels)
+    # Laid out in inches: the names on the left, the phases and the colour bar on the right.
+    left, right, top, bottom, gap = 2.3, 1.7, 1.3, 0.9, 0.15
+    panel, height = min(8.0, max(2.4, 0.3 * n_cols + 0.6)), max(2.0, 0.11 * n_rows)  # 71 probed steps stay 8 in
+    width = left + right + len(panels) * panel + (len(panels) - 1) * gap
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, top + height + bottom), squeeze=False, sharey=True)
+    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / fig.get_figheight(),
+                        bottom=bottom / fig.get_figheight(), wspace=gap / panel)
+    positive = np.concatenate([m["rel"][(m["rel"] > 0) & ~m["exact"]].ravel() for _, m, _, _ in panels])
+    positive = positive[np.isfinite(positive)]
+    norm = None  # one scale for every panel, so their colours compare
+    if positive.size:
+        lo, hi = float(positive.min()), float(positive.max())
+        norm = LogNorm(lo if hi > lo else lo / 10, hi if hi > lo else hi * 10)
+    image = None
+    for ax, (s, m, first, line) in zip(axes[0], panels):
+        image = _probe_panel(ax, m, first, norm) or image
+        ax.set_title(f"{s.name} vs {c.setups[0].name}\n" + "\n".join(_wrap(line, int(panel * 15))), fontsize=7.5,
+                     loc="left")
+    _phase_labels(axes[0][-1], panels[-1][1]["rows"])
+    if image is not None:
+        bar = fig.colorbar(image, cax=fig.add_axes([1 - (right - 0.55) / width, bottom / fig.get_figheight(),
+                                                    0.15 / width, height / fig.get_figheight()]))
+        bar.set_label("|other − reference| / |reference|", fontsize=8)
+    else:
+        fig.text(0.5, 0.35 / fig.get_figheight(), "every compared probe is bitwise equal", ha="center", fontsize=9,
+                 color="darkgreen")
+    legend = [Patch(facecolor=EXACT_COLOUR, edgecolor="0.5", label="exact (bitwise equal)"),
+              Patch(facecolor=MISSING_COLOUR, edgecolor="0.5", label="missing / not finite"),
+              Patch(facecolor="none", edgecolor=FIRST_COLOUR, linewidth=2, label="first divergence")]
+    if any(m["tolerance"] for _, m, _, _ in panels):
+        legend.append(Line2D([], [], linestyle="none", marker="o", markersize=3, color="black",
+                             label="beyond tolerance"))
+    fig.legend(handles=legend, loc="lower left", ncol=len(legend), fontsize=7.5, frameon=False)
+    passed = (c.verdict or {}).get("passed")
+    fig.suptitle(f"{c.name}: probes in causal order · {_verdict_words(c.verdict)}", fontsize=10,
+                 color={True: "darkgreen", False: "firebrick"}.get(passed, "black"))
+    return fig
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
+
+
+def _probe_panel(ax, m: dict, first: dict | None, norm):
+    """One setup's matrix: exact cells white, differing ones coloured by |rel| (log), the rest grey."""
+    rel, exact = m["rel"], m["exact"]
+    ax.set_facecolor(MISSING_COLOUR)  # a cell left undrawn (NaN is transparent) is missing or not finite
+    show = dict(aspect="auto", interpolation="nearest")
+    ax.imshow(np.where(exact, 1.0, np.nan), cmap=ListedColormap([EXACT_COLOUR]), **show)
+    image = None
+    differing = ~exact & ~np.isnan(rel)
+    if norm is not None and differing.any():
+        # A difference with rel 0 (-0.0 against 0.0) or inf (against a zero reference) sits at the scale's ends.
+        values = np.clip(np.where(differing, rel, np.nan), norm.vmin, norm.vmax)
+        image = ax.imshow(values, cmap="viridis", norm=norm, **show)
+    rows, steps = m["rows"], m["steps"]
+    phases = [r[0] for r in rows]
+    for i in range(1, len(rows)):
+        if phases[i] != phases[i - 1]:
+            ax.axhline(i - 0.5, color="black", linewidth=1.2)
+    ax.set_yticks(range(len(rows)), [name if stat == "sumsq" else f"{name} ({stat})" for _, name, stat in rows],
+                  fontsize=5 if len(rows) > 40 else 7)
+    shown = range(0, len(steps), math.ceil(len(steps) / 24))  # at most 24 step labels: they stay readable
+    ax.set_xticks(shown, [str(steps[j]) for j in shown], fontsize=7)
+    ax.set_xlabel("probed step", fontsize=8)
+    if m["tolerance"]:
+        # In tolerance mode colour alone cannot say which differences fail: those beyond their phase's bound get a dot.
+        i, j = np.nonzero(~m["agree"] & ~np.isnan(rel))
+        ax.plot(j, i, linestyle="none", marker="o", markersize=2.2, color="black", zorder=4)
+    if first is not None:
+        key = (first["phase"], first["name"], first["stat"])
+        if key in rows and first["step"] in steps:
+            i, j = rows.index(key), steps.index(first["step"])
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=FIRST_COLOUR, linewidth=2.2,
+                                   zorder=5))
+    return image
+
+
+def _phase_labels(ax, rows: list[tuple]) -> None:
+    """The phase of each group of rows, on the right of the last panel."""
+    spans: dict = {}
+    for i, (phase, _, _) in enumerate(rows):
+        spans.setdefault(phase, [i, i])[1] = i
+    trans = blended_transform_factory(ax.transAxes, ax.transData)
+    for phase, (a, b) in spans.items():
+        ax.text(1.04, (a + b) / 2, phase, transform=trans, rotation=-90, va="center", ha="left", fontsize=8)
+
+
+def plot_probes(run_dir, case_name: str) -> tuple[Path, Path] | None:
+    """Writes `<run_dir>/<case>/<case>-probes.png` and `.svg` when the setups recorded probes; None otherwise."""
+    fig = build_probes_figure(run_dir, case_name)
+    if fig is None:
+        return None
+    base = inside(run_dir, case_name, f"{case_name}-probes")
+    try:
+        _save_atomic(fig, base.with_suffix(".png"), "png")
+        _save_atomic(fig, base.with_suffix(".svg"), "svg")
+    finally:
+        plt.close(fig)
+    return base.with_suffix(".png"), base.with_suffix(".svg")
+
+
 # ----------------------------------------------------------------------------- summary rows
 
 
@@ -375,12 +531,15 @@ def _max_rel(v: dict | None, metric: str):
 
 def _divergence_text(v: dict | None) -> str:
     parts = []
+    beyond = " (beyond tolerance)" if (v or {}).get("mode") == "tolerance" else ""
     for p in (v or {}).get("pairs", []) or []:
         d = p.get("diverged")
         if d:
             where = f"step {d['step']}" if d.get("step") is not None else f"param {d.get('param')}"
-            beyond = " (beyond tolerance)" if (v or {}).get("mode") == "tolerance" else ""
             parts.append(f"{p.get('other')}: {d.get('metric')} {where}{beyond}")
+        elif ((p.get("localization") or {}).get("first")) and not p.get("passed"):
+            f = p["localization"]["first"]  # the metrics agree, the probes do not: say where they part
+            parts.append(f"{p.get('other')}: probes step {f['step']}, {f['phase']}, {f['name']}{beyond}")
     return "; ".join(parts) or "—"
 
 
@@ -464,7 +623,7 @@ def setup_rows(c: CaseRun) -> list[dict]:
 
 
 PAIR_COLUMNS = ("pair", "passed", "loss max abs", "loss max rel", "grad norm max abs", "grad norm max rel",
-                "exact steps", "problems")
+                "exact steps", "probes", "problems")
 
 
 def pair_rows(c: CaseRun) -> list[dict]:
@@ -479,9 +638,22 @@ def pair_rows(c: CaseRun) -> list[dict]:
             "grad norm max abs": fmt(gn.get("max_abs")), "grad norm max rel": fmt(gn.get("max_rel")),
             "exact steps": f"{loss.get('exact_equal_steps', '?')}/{loss.get('n', '?')} loss, "
                            f"{gn.get('exact_equal_steps', '?')}/{gn.get('n', '?')} grad norm",
+            "probes": _probes_text(p.get("localization")),
             "problems": "; ".join(p.get("problems") or []) or "—",
         })
     return rows
+
+
+def _probes_text(loc: dict | None) -> str:
+    """Where the pair's probes first part, with the entries just before it and any probe problems."""
+    if not loc:
+        return "—"  # a verdict written before probes
+    text = loc.get("line", "—")
+    if loc.get("before"):
+        text += " (before it: " + ", ".join(f"{e['phase']} {e['name']} " + (
+            "exact" if bitwise_equal(num(e["value_ref"]), num(e["value_other"])) else f"rel {localize.rel_text(num(e['rel']))}")
+            for e in loc["before"]) + ")"
+    return "; ".join([text] + [f"problem: {q}" for q in loc.get("problems") or []])
 
 
 BASELINE_COLUMNS = ("setup", "platform", "status", "message")
@@ -505,7 +677,12 @@ def _figure_or_none(run_dir, c: CaseRun) -> Path | None:
     return plot_case(run_dir, c.name)[0]
 
 
-def _md_case(c: CaseRun, run_dir, png: Path | None) -> list[str]:
+def _probes_or_none(run_dir, c: CaseRun) -> Path | None:
+    found = plot_probes(run_dir, c.name)
+    return found[0] if found else None
+
+
+def _md_case(c: CaseRun, run_dir, png: Path | None, probes_png: Path | None = None) -> list[str]:
     out = [f"## {c.name}", "", f"**{_verdict_words(c.verdict)}** · setups: {', '.join(s.name for s in c.setups)}", ""]
     problems = (c.verdict or {}).get("problems") or []
     if problems:
@@ -515,6 +692,9 @@ def _md_case(c: CaseRun, run_dir, png: Path | None) -> list[str]:
         out += [f"![{c.name}]({rel})", "", f"[SVG]({Path(rel).with_suffix('.svg').as_posix()})", ""]
     else:
         out += ["_No metrics recorded: no figure._", ""]
+    if probes_png:
+        rel = probes_png.relative_to(Path(run_dir)).as_posix()
+        out += [f"![{c.name} probes]({rel})", "", f"[SVG]({Path(rel).with_suffix('.svg').as_posix()})", ""]
     if pair_rows(c):
         out += [_md_table(PAIR_COLUMNS, pair_rows(c)), ""]
     if baseline_rows(c):
@@ -543,7 +723,7 @@ pre{background:#f6f8fa;padding:.6em;overflow-x:auto}img{max-width:100%;height:au
 """
 
 
-def _html_case(c: CaseRun, run_dir, png: Path | None) -> str:
+def _html_case(c: CaseRun, run_dir, png: Path | None, probes_png: Path | None = None) -> str:
     e = html.escape
     passed = (c.verdict or {}).get("passed")
     cls = {True: "pass", False: "fail"}.get(passed, "")
@@ -558,6 +738,9 @@ def _html_case(c: CaseRun, run_dir, png: Path | None) -> str:
         parts.append(f'<img alt="{e(c.name)} figure" src="data:image/png;base64,{data}">')
     else:
         parts.append("<p><em>No metrics recorded: no figure.</em></p>")
+    if probes_png:
+        data = base64.b64encode(probes_png.read_bytes()).decode("ascii")
+        parts.append(f'<img alt="{e(c.name)} probes heatmap" src="data:image/png;base64,{data}">')
     if pair_rows(c):
         parts.append(_html_table(PAIR_COLUMNS, pair_rows(c)))
     if baseline_rows(c):
@@ -575,6 +758,7 @@ def write_report(run_dir) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     cases = _load_all(run_dir)
     pngs = {c.name: _figure_or_none(run_dir, c) for c in cases}
+    probe_pngs = {c.name: _probes_or_none(run_dir, c) for c in cases}
     rows = [summary_row(c) for c in cases]
     n_pass = sum(1 for c in cases if c.verdict and c.verdict.get("passed"))
     n_none = sum(1 for c in cases if not c.verdict)
@@ -583,14 +767,14 @@ def write_report(run_dir) -> tuple[Path, Path]:
 
     md = ["# Parity report", "", f"Run directory: `{run_dir}` · {headline}", "", _md_table(SUMMARY_COLUMNS, rows), ""]
     for c in cases:
-        md += _md_case(c, run_dir, pngs[c.name])
+        md += _md_case(c, run_dir, pngs[c.name], probe_pngs[c.name])
     md_path = run_dir / "report.md"
     records.atomic_write_text(md_path, "\n".join(md))
 
     e = html.escape
     body = [f"<h1>Parity report</h1><p>Run directory: <code>{e(str(run_dir))}</code> · {e(headline)}</p>",
             _html_table(SUMMARY_COLUMNS, rows)]
-    body += [_html_case(c, run_dir, pngs[c.name]) for c in cases]
+    body += [_html_case(c, run_dir, pngs[c.name], probe_pngs[c.name]) for c in cases]
     page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Parity report</title>'
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     html_path = run_dir / "report.html"

@@ -20,6 +20,7 @@ from parity.fingerprint import DETERMINISM, NCCL_CHOICES
 from parity.parallel_dims import MAX_WORLD_SIZE, ParallelDims, problems
 from parity.paths import duplicates_ignoring_case, name_problem
 from parity.presets import PRESETS, ModelConfig
+from parity.records import PROBE_PHASES
 
 TRAINERS = ("builtin", "torchtitan", "command")
 DP_APIS = ("fully_shard", "replicate", "ddp", "none")
@@ -36,6 +37,8 @@ ATTENTION_DTYPES = {
 MODES = ("bitwise", "tolerance")
 OUTCOMES = ("match", "diverge")
 METRICS = ("loss", "grad_norm", "weights")
+# What [expect.tolerance] bounds: the metrics, and the probes of each phase (parity.localize).
+TOLERANCE_KEYS = METRICS + PROBE_PHASES
 # Planted faults: the negative controls prove the harness catches these, and `hang`/`crash`
 # prove that a stuck or failing rank is reported and cleaned up.
 # `noise` nudges the reference's gradients at step 2 in its repeat run only: a stand-in for a
@@ -54,10 +57,16 @@ REPEAT_SUFFIX = ".repeat"  # the reference's second run in the same launch: `<re
 # `weights` bounds the per-parameter L2 norms of the final weights and their sketches (whose
 # fp32 differences after 10 debugmodel steps at 8 CPU ranks, lr 5e-3, reach 1.2e-5 of the norm
 # between layouts and 2.7e-5 against the float64 oracle; the norms' stay below 7e-7).
+# forward/backward/update bound the probes of that phase (sums of squares of module outputs,
+# gradients and weight updates): initial guesses, growing with the distance from the inputs, until
+# they are calibrated from real runs.
 DEFAULT_TOLERANCES = {
-    "float64": {"loss": (1e-12, 0.0), "grad_norm": (1e-10, 0.0), "weights": (1e-10, 0.0)},
-    "float32": {"loss": (1e-5, 0.0), "grad_norm": (1e-4, 0.0), "weights": (1e-4, 0.0)},
-    "bfloat16": {"loss": (1e-2, 0.0), "grad_norm": (5e-2, 0.0), "weights": (2e-2, 0.0)},
+    "float64": {"loss": (1e-12, 0.0), "grad_norm": (1e-10, 0.0), "weights": (1e-10, 0.0),
+                "forward": (1e-10, 0.0), "backward": (1e-10, 0.0), "update": (1e-10, 0.0)},
+    "float32": {"loss": (1e-5, 0.0), "grad_norm": (1e-4, 0.0), "weights": (1e-4, 0.0),
+                "forward": (1e-5, 0.0), "backward": (1e-4, 0.0), "update": (1e-3, 0.0)},
+    "bfloat16": {"loss": (1e-2, 0.0), "grad_norm": (5e-2, 0.0), "weights": (2e-2, 0.0),
+                 "forward": (5e-2, 0.0), "backward": (5e-2, 0.0), "update": (5e-2, 0.0)},
 }
 
 
@@ -167,6 +176,7 @@ class Expect:
     tolerance: dict[str, Tolerance] = field(default_factory=dict)
     tolerance_source: dict[str, str] = field(default_factory=dict)  # "case" or "default for <dtype>"
     first_divergence: dict | None = None  # negative controls: {"metric": ..., "step": ...} they must be caught at
+    localized: dict | None = None  # negative controls: {"step", "phase", "name"} their probes must first part at
     repeat: bool | None = None  # run the reference twice and compare bitwise; None: on for CUDA, off for CPU
 
 
@@ -293,7 +303,7 @@ def default_tolerances(setups) -> tuple[str, dict[str, Tolerance]]:
     order = ("bfloat16", "float32", "float64")
     dtypes = {s.compute_dtype for s in setups} | {s.reduce_dtype for s in setups if s.reduce_dtype}
     dtype = next(d for d in order if d in dtypes)
-    return dtype, {m: Tolerance(*DEFAULT_TOLERANCES[dtype][m]) for m in METRICS}
+    return dtype, {m: Tolerance(*DEFAULT_TOLERANCES[dtype][m]) for m in TOLERANCE_KEYS}
 
 
 class _Validator:
@@ -491,16 +501,16 @@ class _Validator:
             self.fail(key, str(e))
 
     def expect(self, table: dict, setups) -> Expect:
-        self.keys(table, {"mode", "outcome", "tolerance", "first_divergence", "repeat"}, "expect.")
+        self.keys(table, {"mode", "outcome", "tolerance", "first_divergence", "localized", "repeat"}, "expect.")
         repeat = table.get("repeat")
         if repeat is not None and not isinstance(repeat, bool):
             self.fail("expect.repeat", f"{repeat!r} is not allowed; allowed: true, false")
         mode = self.choice("expect.mode", table.get("mode", "bitwise"), MODES)
         outcome = self.choice("expect.outcome", table.get("outcome", "match"), OUTCOMES)
         dtype, tolerance = default_tolerances(setups)
-        source = {m: f"default for {dtype}" for m in METRICS}
+        source = {m: f"default for {dtype}" for m in TOLERANCE_KEYS}
         tol_doc = table.get("tolerance", {})
-        self.keys(tol_doc, set(METRICS), "expect.tolerance.")
+        self.keys(tol_doc, set(TOLERANCE_KEYS), "expect.tolerance.")
         for metric, bounds in tol_doc.items():
             key = f"expect.tolerance.{metric}"
             self.keys(bounds, {"rtol", "atol"}, key + ".")
@@ -534,8 +544,32 @@ class _Validator:
                     self.fail(f"{key}.within", "goes with ratio; allowed: ratio = R, within = W")
                 parsed["min_rel"] = self.number(f"{key}.min_rel", first["min_rel"], positive=True)
             first = parsed
+        localized = self.localized(table.get("localized"), outcome, setups)
         return Expect(mode=mode, outcome=outcome, tolerance=tolerance, tolerance_source=source, first_divergence=first,
-                      repeat=repeat)
+                      localized=localized, repeat=repeat)
+
+    def localized(self, table, outcome: str, setups) -> dict | None:
+        """Where a negative control's probes must first part: {step, phase, name} (see parity.localize)."""
+        if table is None:
+            return None
+        key = "expect.localized"
+        if outcome != "diverge":
+            self.fail(key, "only for outcome = \"diverge\" (a negative control)")
+        if other := next((s for s in setups if s.trainer != "builtin"), None):
+            self.fail(key, f"needs probes, which only built-in setups record; setup {other.name} is trainer = "
+                      f"\"{other.trainer}\"")
+        steps = min(s.train.steps for s in setups)
+        shape = "a table { step = N, phase = \"forward\" | \"backward\" | \"update\", name = \"layers.3.feed_forward\" }"
+        if not isinstance(table, dict):
+            self.fail(key, f"must be {shape}")
+        self.keys(table, {"step", "phase", "name"}, key + ".")
+        step = self.integer(f"{key}.step", table.get("step"), 1, steps)
+        phase = self.choice(f"{key}.phase", table.get("phase"), PROBE_PHASES)
+        name = table.get("name")
+        if not isinstance(name, str) or not name.strip():
+            self.fail(f"{key}.name", f"{name!r} is not allowed; allowed: a module or parameter name, e.g. "
+                      "\"layers.3.feed_forward\" (forward) or \"output.weight\" (backward, update)")
+        return {"step": step, "phase": phase, "name": name}
 
     def determinism(self, table: dict) -> dict:
         """The defaults of parity.fingerprint.DETERMINISM, with what the case relaxes by naming it."""

@@ -340,7 +340,9 @@ def test_verdict_schema(tmp_path):
     assert set(v) == {"case", "passed", "mode", "outcome", "reference", "platform", "device", "backend",
                       "tolerance", "repeat", "pairs", "baselines", "problems", "notes"}
     pair = v["pairs"][0]
-    assert set(pair) == {"reference", "other", "passed", "problems", "diverged", "effect", "metrics", "modes", "notes"}
+    assert set(pair) == {"reference", "other", "passed", "problems", "diverged", "effect", "metrics", "modes", "notes",
+                         "localization"}
+    assert set(pair["localization"]) == {"probed", "mode", "first", "before", "agree_until", "steps", "problems", "line"}
     assert set(pair["diverged"]) == {"metric", "step", "param", "value_ref", "value_other", "abs", "rel", "ulps",
                                      "ulp_unit"}
     m = pair["metrics"]["loss"]
