@@ -68,6 +68,13 @@ def _dp_mesh(s: Setup, mesh: DeviceMesh | None):
     return mesh[names] if len(names) > 1 else mesh[names[0]]
 
 
+# The modules whose output the TP plan below hands on as the same full tensor on every tp rank
+# (ColwiseParallel with Replicate output, use_local_output). Every other probed module's output is a
+# sequence shard (Shard(1)): a plain local tensor, or a DTensor where the style keeps one (norm's
+# SequenceParallel). parity.probes counts a replicated output on tp rank 0 only.
+TP_REPLICATED_OUTPUTS = ("output",)
+
+
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """torchtitan's llama plan with sequence parallel; skips modules a pipeline stage does not own."""
     from torch.distributed.tensor import Replicate, Shard
