@@ -30,6 +30,7 @@ class Parallel:
     pp_rank: int = 0
     tp_rank: int = 0
     schedule: object = None  # a torch.distributed.pipelining schedule when pp > 1
+    stages: list = field(default_factory=list)  # its PipelineStages on this rank, one per module
     has_first_stage: bool = True
     has_last_stage: bool = True
     pp_group: object = None
@@ -239,6 +240,7 @@ def parallelize(model: nn.Module, s: Setup, device: torch.device, loss_fn) -> Pa
             par.modules.append(m)
             stages.append(PipelineStage(m, sid, n_stages, device, group=par.pp_group))
         par.has_first_stage, par.has_last_stage = 0 in ids, n_stages - 1 in ids
+        par.stages = stages
         par.schedule = _schedule(s, stages, loss_fn)
         return par
     _wrap(model, s, mesh, par.notes, pipelined=False)

@@ -78,10 +78,31 @@ class ProbeRecorder:
         self.zero = torch.zeros((), dtype=torch.float64, device=device)
         self.forward: list[list[torch.Tensor]] = [[] for _ in self.modules]
         self.recording = False
+        # Pipeline stages run their modules once more than they train: torch infers the shapes a
+        # stage sends by a forward on real (2.13) or meta tensors. Only the microbatch forwards count.
+        self.in_forward = 0 if par.stages else None
         self.grads: list[torch.Tensor] = []
         self.before: dict[str, torch.Tensor] = {}
         self.reduced: list[tuple[int, torch.Tensor]] = []
         self._hook_modules()
+        for stage in par.stages:
+            self._gate(stage)
+
+    def _gate(self, stage) -> None:
+        """Mark the stage's training forwards (PipelineStage.forward_maybe_with_nosync, one per microbatch)."""
+        real = getattr(stage, "forward_maybe_with_nosync", None)
+        if real is None:
+            raise RuntimeError(f"probes: torch {torch.__version__}'s PipelineStage has no forward_maybe_with_nosync, "
+                               "the microbatch forward probes count; allowed: [probes] enabled = false for this case")
+
+        def forward(*args, **kwargs):
+            self.in_forward += 1
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.in_forward -= 1
+
+        stage.forward_maybe_with_nosync = forward
 
     def _hook_modules(self) -> None:
         slot = {n: i for i, n in enumerate(self.modules)}
@@ -93,12 +114,13 @@ class ProbeRecorder:
 
     def _forward_hook(self, i: int, name: str):
         def hook(module, args, out):
-            if not self.recording or out.device.type == "meta":  # pipeline shape inference runs on meta
+            if not self.recording or self.in_forward == 0 or out.device.type == "meta":
                 return
-            local, counted = output_piece(out, name, self.par)
-            if counted:  # every microbatch adds its rows
-                self.forward[i].append(sumsq(local))
-                self.counts[i] += local.numel()
+            with torch.no_grad():
+                local, counted = output_piece(out, name, self.par)
+                if counted:  # every microbatch adds its rows
+                    self.forward[i].append(sumsq(local))
+                    self.counts[i] += local.numel()
         return hook
 
     def start(self, step: int) -> bool:
@@ -109,6 +131,7 @@ class ProbeRecorder:
     def _local(self, t: torch.Tensor) -> torch.Tensor:
         return t.to_local() if hasattr(t, "to_local") else t
 
+    @torch.no_grad()
     def record_grads(self) -> None:
         """The pre-clip gradients, in backward order (call after any planted gradient fault, before clipping)."""
         base = len(self.modules)
@@ -121,9 +144,11 @@ class ProbeRecorder:
             self.grads.append(sumsq(g))
             self.counts[base + j] += g.numel()
 
+    @torch.no_grad()
     def before_update(self) -> None:
         self.before = {n: self._local(p).detach().clone() for n, p in self.counted.items()}
 
+    @torch.no_grad()
     def after_update(self, step: int) -> None:
         """The update sums, then the step's one all_reduce over the world."""
         base = len(self.modules) + len(self.params)
