@@ -1,8 +1,8 @@
 """Per-rank work, entered through parity.rank: `python -m torch.distributed.run ... -m parity.rank PLAN.json`.
 
 For each setup in the plan (all share this launch's world size), one after another: fresh mesh
-and model, seed checkpoint loaded, N training steps, metrics and a weight digest written by
-rank 0. This module records numbers; it never decides pass or fail.
+and model, seed checkpoint loaded, N training steps, metrics, a weight digest and the logical
+probes (parity.probes) written by rank 0. This module records numbers; it never decides pass or fail.
 
 Nothing in the step loop waits for the device: each step's loss and grad norm stay on it (as
 tensors) and step times are device events, so the host queues steps ahead as a bare training
