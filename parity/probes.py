@@ -73,8 +73,8 @@ class ProbeRecorder:
                          + [numel[n] for n in reversed(self.params)] + [numel[n] for n in self.params])
         self.counts = [0] * len(self.expected)
         # The parameters this rank counts (local_box: its shard, or its copy where it is the one that counts).
-        held = {local_name(n): p for m in par.modules for n, p in m.named_parameters()}
-        self.counted = {n: p for n, p in held.items() if local_box(p, par) is not None}
+        self.held = {local_name(n): p for m in par.modules for n, p in m.named_parameters()}
+        self.counted = {n: p for n, p in self.held.items() if local_box(p, par) is not None}
         self.zero = torch.zeros((), dtype=torch.float64, device=device)
         self.forward: list[list[torch.Tensor]] = [[] for _ in self.modules]
         self.recording = False
@@ -136,13 +136,25 @@ class ProbeRecorder:
         """The pre-clip gradients, in backward order (call after any planted gradient fault, before clipping)."""
         base = len(self.modules)
         for j, name in enumerate(reversed(self.params)):
-            p = self.counted.get(name)
-            if p is None or p.grad is None:
+            p = self.held.get(name)
+            g = None if p is None or p.grad is None else self._grad_piece(p.grad)
+            if g is None:
                 self.grads.append(self.zero)
                 continue
-            g = self._local(p.grad)
             self.grads.append(sumsq(g))
             self.counts[base + j] += g.numel()
+
+    def _grad_piece(self, g) -> torch.Tensor | None:
+        """The part of a gradient this rank counts, by the gradient's own placements: without a data-parallel
+        wrapper they may differ from the parameter's (pure TP: the embedding's gradient Replicate, RMSNorm
+        weights' Partial). A Partial gradient is summed over its ranks first: a collective that every rank
+        holding the parameter makes, in the same order; p.grad itself stays as it was."""
+        if hasattr(g, "placements") and any(pl.is_partial() for pl in g.placements):
+            from torch.distributed.tensor import Replicate
+
+            g = g.redistribute(g.device_mesh, [Replicate() if pl.is_partial() else pl for pl in g.placements])
+        box = local_box(g, self.par)
+        return None if box is None else box[0]
 
     @torch.no_grad()
     def before_update(self) -> None:

@@ -143,6 +143,13 @@ tp = 2
 dp_api = "fully_shard"
 pp = 2
 microbatches = 2
+[setups.tp_plain]
+dp_api = "none"
+tp = 2
+[setups.pp_plain]
+dp_api = "none"
+pp = 2
+microbatches = 2
 [setups.pp_interleaved]
 dp_api = "fully_shard"
 pp = 2
@@ -223,8 +230,10 @@ def test_rows_in_causal_order(runs):
 RTOL = 1e-5
 
 
-@pytest.mark.parametrize("name", ["single_mb", "replicate", "fsdp", "ddp", "tp", "pp", "pp_interleaved", "fsdp_tp",
-                                  "hsdp_2x2", "replicate_pp"])
+# tp_plain: TP without a data-parallel wrapper leaves gradients whose placements differ from their
+# parameters' (the embedding's Replicate, the RMSNorm weights' Partial).
+@pytest.mark.parametrize("name", ["single_mb", "replicate", "fsdp", "ddp", "tp", "tp_plain", "pp", "pp_plain",
+                                  "pp_interleaved", "fsdp_tp", "hsdp_2x2", "replicate_pp"])
 def test_layouts_agree(runs, name):
     worst = max_rel(probes(runs, "single"), probes(runs, name))
     print(f"\nprobes single vs {name}: max rel " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
