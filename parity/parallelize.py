@@ -30,6 +30,7 @@ class Parallel:
     pp_rank: int = 0
     tp_rank: int = 0
     schedule: object = None  # a torch.distributed.pipelining schedule when pp > 1
+    stages: list = field(default_factory=list)  # its PipelineStages on this rank, one per module
     has_first_stage: bool = True
     has_last_stage: bool = True
     pp_group: object = None
@@ -66,6 +67,13 @@ def _dp_mesh(s: Setup, mesh: DeviceMesh | None):
     if not names:
         return None
     return mesh[names] if len(names) > 1 else mesh[names[0]]
+
+
+# The modules whose output the TP plan below hands on as the same full tensor on every tp rank
+# (ColwiseParallel with Replicate output, use_local_output). Every other probed module's output is a
+# sequence shard (Shard(1)): a plain local tensor, or a DTensor where the style keeps one (norm's
+# SequenceParallel). parity.probes counts a replicated output on tp rank 0 only.
+TP_REPLICATED_OUTPUTS = ("output",)
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
@@ -232,6 +240,7 @@ def parallelize(model: nn.Module, s: Setup, device: torch.device, loss_fn) -> Pa
             par.modules.append(m)
             stages.append(PipelineStage(m, sid, n_stages, device, group=par.pp_group))
         par.has_first_stage, par.has_last_stage = 0 in ids, n_stages - 1 in ids
+        par.stages = stages
         par.schedule = _schedule(s, stages, loss_fn)
         return par
     _wrap(model, s, mesh, par.notes, pipelined=False)

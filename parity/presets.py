@@ -25,3 +25,23 @@ PRESETS = {
     # Small enough for unit tests on 2 CPU cores; 4 layers so interleaved PP fits 2 ranks x 2 stages.
     "tiny": ModelConfig(dim=64, n_layers=4, n_heads=4, vocab_size=256, ffn_hidden=192),
 }
+
+
+# The one home of the names probes and planted faults use; a test checks them against a built model.
+def probe_modules(cfg: ModelConfig) -> list[str]:
+    """The probed modules in forward execution order: the embeddings, per block its attention, its
+    feed-forward and the block itself (its output), then the final norm and the output projection."""
+    names = ["tok_embeddings"]
+    for i in range(cfg.n_layers):
+        names += [f"layers.{i}.attention", f"layers.{i}.feed_forward", f"layers.{i}"]
+    return names + ["norm", "output"]
+
+
+def param_names(cfg: ModelConfig) -> list[str]:
+    """parity.model's named_parameters() names, in its order (the order modules are registered)."""
+    block = ["attention_norm.weight", *(f"attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")),
+             "ffn_norm.weight", *(f"feed_forward.{w}.weight" for w in ("w1", "w2", "w3"))]
+    names = ["tok_embeddings.weight"]
+    for i in range(cfg.n_layers):
+        names += [f"layers.{i}.{b}" for b in block]
+    return names + ["norm.weight", "output.weight"]

@@ -242,6 +242,8 @@ def _launch_all(case, setups, out, device, ckpt, provenance, timeout_s, on_progr
     for world_size, group in sorted(group_by_world_size(setups).items()):
         plan = {"case": case.name, "out": str(Path(out).resolve()), "device": device, "seed_checkpoint": ckpt,
                 "provenance": provenance, "determinism": case.determinism, "timeout_s": timeout_s,
+                # steps is a shared [train] key: one list serves every setup of the launch
+                "probe_steps": case.probes.steps_for(group[0].train.steps),
                 "setups": [s.to_dict() for s in group]}
         result = launch(plan, world_size, workdir, timeout_s, on_progress, gpus)
         launches.append({"world_size": world_size, "setups": [s.name for s in group], "status": result.status,

@@ -19,7 +19,7 @@ from parity.external.torchtitan import ALWAYS_PASSED, TITAN_KEYS, TITAN_TRAIN_FL
 from parity.fingerprint import DETERMINISM, NCCL_CHOICES
 from parity.parallel_dims import MAX_WORLD_SIZE, ParallelDims, problems
 from parity.paths import duplicates_ignoring_case, name_problem
-from parity.presets import PRESETS, ModelConfig
+from parity.presets import PRESETS, ModelConfig, param_names, probe_modules
 from parity.records import PROBE_PHASES
 
 TRAINERS = ("builtin", "torchtitan", "command")
@@ -49,6 +49,10 @@ TOLERANCE_KEYS = METRICS + PROBE_PHASES
 # norms stay the same (up to the rounding of their sums), so only the weight sketches catch
 # them, on that parameter.
 FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash", "noise", "local_clip", "negate_shard", "transpose_shard")
+# Faults that say where, written as a table: scale one module's output in every forward, or one
+# parameter's gradient before the norm and clip, by `factor`, every step. What they name is
+# checked against parity.presets (the names probes record), so the probes must point at it.
+FAULT_TABLES = {"scale_output": "module", "scale_grad": "param"}  # kind -> the key naming where
 REPEAT_SUFFIX = ".repeat"  # the reference's second run in the same launch: `<reference>.repeat`
 
 # Default tolerances by the lowest precision any setup computes in. fp32 numbers: observed across
@@ -125,7 +129,9 @@ class Setup:
     param_dtype: str | None = None  # None: train.dtype (no mixed precision)
     reduce_dtype: str | None = None
     gradient_divide_factor: float | None = None
-    fault: str | None = None
+    fault: str | None = None  # a FAULTS name, or a FAULT_TABLES kind with fault_at and fault_factor
+    fault_at: str | None = None  # the module (scale_output) or parameter (scale_grad) a table fault scales
+    fault_factor: float | None = None
     repeat: bool = False  # set by the runner on the reference's second run, never by a case file
     trainer: str = "builtin"
     # A torchtitan or command setup's own keys, validated (see parity.external), and its world_size.
@@ -180,6 +186,30 @@ class Expect:
     repeat: bool | None = None  # run the reference twice and compare bitwise; None: on for CUDA, off for CPU
 
 
+PROBE_ALL_UP_TO = 64  # a case of at most this many steps probes every step by default
+PROBE_FIRST = 8  # otherwise steps 1..PROBE_FIRST, about PROBE_ALL_UP_TO evenly spaced ones, and the last
+
+
+@dataclass(frozen=True)
+class Probes:
+    """`[probes]`: which steps record logical probes (probes.csv). Turning them off, or leaving a step out,
+    changes nothing else a run records."""
+
+    enabled: bool = True
+    steps: tuple[int, ...] | str | None = None  # explicit step numbers, "all", or None: the default rule
+
+    def steps_for(self, n_steps: int) -> list[int]:
+        """The probed steps of an n-step run (a --steps override may shorten the case: later steps drop out)."""
+        if not self.enabled:
+            return []
+        if self.steps == "all" or (self.steps is None and n_steps <= PROBE_ALL_UP_TO):
+            return list(range(1, n_steps + 1))
+        if self.steps is not None:
+            return [s for s in self.steps if s <= n_steps]
+        every = math.ceil(n_steps / PROBE_ALL_UP_TO)
+        return sorted({*range(1, PROBE_FIRST + 1), *range(every, n_steps + 1, every), n_steps})
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -190,6 +220,7 @@ class Case:
     sha256: str
     seed_checkpoint: Path | None = None
     determinism: dict = field(default_factory=lambda: dict(DETERMINISM))  # parity.fingerprint.DETERMINISM + relaxations
+    probes: Probes = Probes()
 
     @property
     def reference(self) -> Setup:
@@ -211,8 +242,9 @@ TITAN_SETUP_TRAIN_KEYS = {"seed"}  # the one a torchtitan setup may override (a 
 # number of steps or on other batch shapes would differ for a reason no verdict names. A setup may
 # still change the seed and the optimizer keys (negative controls do).
 SHARED_TRAIN_KEYS = ("model", "steps", "seq_len", "global_batch", "data")
-SETUP_KEYS = {f.name for f in fields(Setup)} - {"name", "train", "repeat", "trainer", "external"} | {"world_size"}
-TOP_KEYS = {"description", "seed_checkpoint", "train", "setups", "expect", "determinism"}
+SETUP_KEYS = ({f.name for f in fields(Setup)} - {"name", "train", "repeat", "trainer", "external", "fault_at",
+                                                  "fault_factor"} | {"world_size"})
+TOP_KEYS = {"description", "seed_checkpoint", "train", "setups", "expect", "determinism", "probes"}
 
 
 def load_case(path: str | Path) -> Case:
@@ -252,6 +284,7 @@ def load_case(path: str | Path) -> Case:
         v.data(setups[0], "train.data")
     expect = v.expect(doc.get("expect", {}), setups)
     determinism = v.determinism(doc.get("determinism", {}))
+    probes = v.probes(doc.get("probes", {}), train.steps)
     seed = doc.get("seed_checkpoint")
     seed_path = None
     if seed is not None:
@@ -269,6 +302,7 @@ def load_case(path: str | Path) -> Case:
         sha256=hashlib.sha256(raw).hexdigest(),
         seed_checkpoint=seed_path,
         determinism=determinism,
+        probes=probes,
     )
 
 
@@ -406,7 +440,7 @@ class _Validator:
             elif key == "gradient_divide_factor":
                 values[key] = self.number(k, value, positive=True)
             elif key == "fault":
-                values[key] = self.choice(k, value, FAULTS)
+                values.update(self.fault(k, value, setup_train.model_config))
         s = Setup(name=name, train=setup_train, **values)
         world = body.get("world_size")
         if s.dp_shard == -1:
@@ -424,6 +458,43 @@ class _Validator:
             )
         self.consistent(s, prefix, frozenset(body))
         return s
+
+    def fault(self, key: str, value, cfg: ModelConfig) -> dict:
+        """A fault name, or a table { kind, module | param, factor }: the Setup fields it sets."""
+        shape = ("a table { kind = \"scale_output\", module = M, factor = F } or "
+                 "{ kind = \"scale_grad\", param = P, factor = F }")
+        if not isinstance(value, dict):
+            if value in FAULT_TABLES:
+                self.fail(key, f"{value!r} says where and how much; allowed: {shape}")
+            return {"fault": self.choice(key, value, FAULTS)}
+        kind = self.choice(f"{key}.kind", value.get("kind"), tuple(FAULT_TABLES))
+        where = FAULT_TABLES[kind]
+        self.keys(value, {"kind", where, "factor"}, key + ".")
+        names = probe_modules(cfg) if where == "module" else param_names(cfg)
+        at = value.get(where)
+        if at not in names:
+            few = ", ".join([*names[:4], "...", *names[-2:]])
+            self.fail(f"{key}.{where}", f"{at!r} is not a {where} of the model; allowed: {few}")
+        if "factor" not in value:
+            self.fail(f"{key}.factor", "required; allowed: a finite number > 0")
+        return {"fault": kind, "fault_at": at, "fault_factor": self.number(f"{key}.factor", value["factor"], positive=True)}
+
+    def probes(self, table: dict, steps: int) -> Probes:
+        self.keys(table, {"enabled", "steps"}, "probes.")
+        enabled = table.get("enabled", True)
+        if not isinstance(enabled, bool):
+            self.fail("probes.enabled", f"{enabled!r} is not allowed; allowed: true, false")
+        chosen = table.get("steps")
+        allowed = f"\"all\", or a list of distinct step numbers from 1 to {steps} (the case's steps)"
+        if chosen is None or chosen == "all":
+            return Probes(enabled, chosen)
+        if not isinstance(chosen, list) or not chosen:
+            self.fail("probes.steps", f"{chosen!r} is not allowed; allowed: {allowed} (enabled = false records none)")
+        for i, step in enumerate(chosen):
+            self.integer(f"probes.steps[{i}]", step, 1, steps)
+        if len(set(chosen)) != len(chosen):
+            self.fail("probes.steps", f"{chosen!r} names a step twice; allowed: {allowed}")
+        return Probes(enabled, tuple(sorted(chosen)))
 
     def external_setup(self, name: str, body: dict, train: Train, trainer: str) -> Setup:
         """A setup run by another training stack: its own keys (parity.external), world_size, train overrides."""

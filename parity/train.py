@@ -1,8 +1,8 @@
 """Per-rank work, entered through parity.rank: `python -m torch.distributed.run ... -m parity.rank PLAN.json`.
 
 For each setup in the plan (all share this launch's world size), one after another: fresh mesh
-and model, seed checkpoint loaded, N training steps, metrics and a weight digest written by
-rank 0. This module records numbers; it never decides pass or fail.
+and model, seed checkpoint loaded, N training steps, metrics, a weight digest and the logical
+probes (parity.probes) written by rank 0. This module records numbers; it never decides pass or fail.
 
 Nothing in the step loop waits for the device: each step's loss and grad norm stay on it (as
 tensors) and step times are device events, so the host queues steps ahead as a bare training
@@ -30,6 +30,8 @@ from parity.data import Batches
 from parity.lifeline import ERROR_MARK
 from parity.model import build_model
 from parity.parallelize import Parallel, parallelize
+from parity.probes import ProbeRecorder
+from parity.shards import local_box
 from parity.sketch import SKETCHES, norm_and_sha, param_order, sketch_block
 from parity.spec import Setup, Train
 
@@ -154,57 +156,6 @@ def weight_digest(par: Parallel) -> list[dict]:
     return [{**merged[k], **dict(zip(records.SKETCH_COLUMNS, sketches[k]))} for k in sorted(merged, key=param_order)]
 
 
-def _shard_box_fn():
-    """torch.distributed.tensor's compute_local_shape_and_global_offset, wherever this torch keeps it."""
-    try:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    except ImportError:  # releases before DTensor moved out of torch.distributed._tensor
-        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
-    return compute_local_shape_and_global_offset
-
-
-def _local_box(p, par: Parallel):
-    """(local tensor, global offset) when this rank is the one that counts p's local elements, else None.
-
-    Every element of the logical tensor is counted on exactly one rank: a DTensor's Shard
-    placements split it into disjoint boxes (their offsets from compute_local_shape_and_global_offset),
-    and of the ranks that hold the same box, only the one at coordinate 0 of every replicating
-    dim counts it. Replicating dims are the DTensor's Replicate dims and the dims of the setup's
-    mesh the DTensor does not span (DDP and plain tensors span none), except pp: pipeline ranks
-    hold different parameters, not copies.
-    """
-    world = par.mesh
-    spanned = set()
-    if hasattr(p, "device_mesh"):
-        from torch.distributed.tensor import Replicate, Shard
-
-        try:  # FSDP's shard of a TP shard; not a Shard subclass in every release
-            from torch.distributed.tensor.placement_types import _StridedShard
-        except ImportError:
-            _StridedShard = Shard
-        mesh = p.device_mesh
-        spanned = set(mesh.mesh_dim_names or ())
-        coord = mesh.get_coordinate()
-        for dim, placement in enumerate(p.placements):
-            if isinstance(placement, Replicate):
-                if coord[dim] != 0:
-                    return None
-            elif not isinstance(placement, (Shard, _StridedShard)):
-                raise RuntimeError(f"weight sketch: parameter placement {placement} is neither Shard nor Replicate")
-        shape, offset = _shard_box_fn()(p.shape, mesh, p.placements)
-        local = p.to_local()
-        if tuple(local.shape) != tuple(shape):
-            raise RuntimeError(f"weight sketch: local shard {tuple(local.shape)} is not the {tuple(shape)} "
-                               f"that {p.placements} gives for {tuple(p.shape)}")
-    else:
-        local, offset = p, (0,) * p.dim()
-    if world is not None:
-        for name in world.mesh_dim_names:
-            if name != "pp" and name not in spanned and world.get_local_rank(name) != 0:
-                return None
-    return local, offset
-
-
 def weight_sketches(par: Parallel) -> dict[str, list[float]]:
     """param name -> SKETCHES floats, the same on every rank, from local shards only (no gather).
 
@@ -228,7 +179,7 @@ def weight_sketches(par: Parallel) -> dict[str, list[float]]:
         if name not in local:
             continue
         p = local[name]
-        box = _local_box(p, par)
+        box = local_box(p, par)
         if box is not None:
             block, offset = box
             table[row, :SKETCHES] = torch.from_numpy(sketch_block(name, block, offset, tuple(p.shape)))
@@ -324,6 +275,11 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
     par = parallelize(model, setup, device, loss_fn)
     if not load_before_wrap and fault != "skip_seed_load":
         load_seed(par, plan["seed_checkpoint"])
+    if fault == "scale_output":  # before the probes' hooks, which must see the scaled output
+        scale_output(par, setup.fault_at, setup.fault_factor)
+    # No recorder, no hooks: a run without probes computes exactly what it always did.
+    probes = (ProbeRecorder(model, par, cfg, t.global_batch, t.seq_len, plan["probe_steps"], device)
+              if plan["probe_steps"] else None)
     params = [p for m in par.modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=t.weight_decay, foreach=False)
     batches = Batches(t.seed, t.global_batch, t.seq_len, cfg.vocab_size, t.data)
@@ -338,6 +294,7 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
             print(f"planted fault: rank {rank} hangs at step {step}", flush=True)
             time.sleep(10**6)
         clock.mark()
+        probing = probes is not None and probes.start(step)
         lr = t.lr * min(1.0, step / max(t.warmup_steps, 1))  # linear warmup; step 1 already trains
         for group in opt.param_groups:
             group["lr"] = lr
@@ -346,8 +303,16 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
             micro_losses.append(forward_backward(par, setup, inputs, labels))
         if fault == "noise" and setup.repeat and step == FAULT_STEP:
             nudge_gradients(par)
+        if fault == "scale_grad":
+            scale_grad(par, setup.fault_at, setup.fault_factor)
+        if probing:
+            probes.record_grads()
         norms.append(grad_norm_and_clip(par, t.max_norm, device, stage_local_clip=fault == "local_clip"))
+        if probing:
+            probes.before_update()
         opt.step()
+        if probing:
+            probes.after_update(step)
         opt.zero_grad(set_to_none=True)
         lrs.append(lr)
         if rank == 0 and (step == t.steps or time.monotonic() - last_progress >= PROGRESS_EVERY_S):
@@ -359,6 +324,7 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
     norm_values = torch.stack(norms).tolist()
     local = [None if ls is None else math.fsum(torch.stack(ls).tolist()) / setup.microbatches for ls in micro_losses]
     losses = global_losses(par, local)
+    probe_rows = probes.rows() if probes is not None else None
     rows = [{"step": i + 1, "loss": losses[i], "grad_norm": norm_values[i], "lr": lrs[i],
              "tokens": t.global_batch * t.seq_len, "step_time_s": times[i]} for i in range(t.steps)]
     if rank == 0:
@@ -368,7 +334,27 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
     if fault in ("negate_shard", "transpose_shard"):
         plant_shard_fault(par, fault)
     digest = weight_digest(par)
-    return {"rows": rows, "digest": digest, "par": par}
+    return {"rows": rows, "digest": digest, "par": par, "probes": probe_rows}
+
+
+def scale_output(par: Parallel, module: str, factor: float) -> None:
+    """The `scale_output` fault: multiply the named module's output by `factor` in every forward. Whatever
+    this rank holds of it is scaled: a TP sequence shard or replicated copy, the module on its pipeline
+    stage; a rank without the module does nothing."""
+    for m in par.modules:
+        for name, mod in m.named_modules():
+            if name.removeprefix("module.") == module:
+                mod.register_forward_hook(lambda mod, args, out: out * factor)
+
+
+def scale_grad(par: Parallel, param: str, factor: float) -> None:
+    """The `scale_grad` fault: multiply the named parameter's gradient by `factor` (before the norm and
+    clip), on every rank holding a piece of it: a shard, a replica or a pipeline stage's copy."""
+    for m in par.modules:
+        for name, p in m.named_parameters():
+            if name.removeprefix("module.") == param and p.grad is not None:
+                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                g.mul_(factor)
 
 
 def plant_shard_fault(par: Parallel, fault: str) -> None:
@@ -425,6 +411,8 @@ def write_outputs(setup: Setup, plan: dict, result: dict, started: str, device: 
     fp = fingerprint.fingerprint(device)
     records.write_metrics(out / "metrics.csv", result["rows"])
     records.write_weights(out / "weights.csv", result["digest"])
+    if result["probes"] is not None:
+        records.write_probes(out / "probes.csv", result["probes"])
     records.write_json(out / "run.json", {
         **plan["provenance"],
         "case": plan["case"],
