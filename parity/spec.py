@@ -62,13 +62,14 @@ REPEAT_SUFFIX = ".repeat"  # the reference's second run in the same launch: `<re
 # fp32 differences after 10 debugmodel steps at 8 CPU ranks, lr 5e-3, reach 1.2e-5 of the norm
 # between layouts and 2.7e-5 against the float64 oracle; the norms' stay below 7e-7).
 # forward/backward/update bound the probes of that phase (sums of squares of module outputs,
-# gradients and weight updates): initial guesses, growing with the distance from the inputs, until
-# they are calibrated from real runs.
+# gradients and weight updates). fp32: the largest relative differences over 10 debugmodel steps
+# at 8 CPU ranks, across every committed tolerance case, are 4.4e-6, 1.6e-5 and 5.6e-6 (one
+# process against FSDP 8); ~10x headroom. bf16 (no tolerance case measures it yet) as its metrics.
 DEFAULT_TOLERANCES = {
     "float64": {"loss": (1e-12, 0.0), "grad_norm": (1e-10, 0.0), "weights": (1e-10, 0.0),
                 "forward": (1e-10, 0.0), "backward": (1e-10, 0.0), "update": (1e-10, 0.0)},
     "float32": {"loss": (1e-5, 0.0), "grad_norm": (1e-4, 0.0), "weights": (1e-4, 0.0),
-                "forward": (1e-5, 0.0), "backward": (1e-4, 0.0), "update": (1e-3, 0.0)},
+                "forward": (5e-5, 0.0), "backward": (2e-4, 0.0), "update": (1e-4, 0.0)},
     "bfloat16": {"loss": (1e-2, 0.0), "grad_norm": (5e-2, 0.0), "weights": (2e-2, 0.0),
                  "forward": (5e-2, 0.0), "backward": (5e-2, 0.0), "update": (5e-2, 0.0)},
 }
@@ -637,9 +638,12 @@ class _Validator:
         step = self.integer(f"{key}.step", table.get("step"), 1, steps)
         phase = self.choice(f"{key}.phase", table.get("phase"), PROBE_PHASES)
         name = table.get("name")
-        if not isinstance(name, str) or not name.strip():
-            self.fail(f"{key}.name", f"{name!r} is not allowed; allowed: a module or parameter name, e.g. "
-                      "\"layers.3.feed_forward\" (forward) or \"output.weight\" (backward, update)")
+        cfg = setups[0].train.model_config
+        names = probe_modules(cfg) if phase == "forward" else param_names(cfg)
+        if name not in names:
+            what = "a probed module" if phase == "forward" else "a parameter"
+            self.fail(f"{key}.name", f"{name!r} is not {what} of model {setups[0].train.model} in phase {phase}; "
+                      f"allowed: {', '.join(names[:4])}, ... ({len(names)} in all)")
         return {"step": step, "phase": phase, "name": name}
 
     def determinism(self, table: dict) -> dict:
