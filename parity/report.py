@@ -350,8 +350,11 @@ def _save_atomic(fig, path: Path, fmt: str) -> None:
 
 def plot_case(run_dir, case_name: str) -> tuple[Path, Path]:
     """Writes `<run_dir>/<case>/<case>.png` and `.svg`; returns their paths."""
-    fig = build_figure(run_dir, case_name)
-    base = inside(run_dir, case_name, case_name)
+    return _save_figure(build_figure(run_dir, case_name), inside(run_dir, case_name, case_name))
+
+
+def _save_figure(fig, base: Path) -> tuple[Path, Path]:
+    """`base`.png and .svg, each written atomically; the figure is closed either way."""
     try:
         _save_atomic(fig, base.with_suffix(".png"), "png")
         _save_atomic(fig, base.with_suffix(".svg"), "svg")
@@ -503,13 +506,7 @@ def plot_probes(run_dir, case_name: str) -> tuple[Path, Path] | None:
     fig = build_probes_figure(run_dir, case_name)
     if fig is None:
         return None
-    base = inside(run_dir, case_name, f"{case_name}-probes")
-    try:
-        _save_atomic(fig, base.with_suffix(".png"), "png")
-        _save_atomic(fig, base.with_suffix(".svg"), "svg")
-    finally:
-        plt.close(fig)
-    return base.with_suffix(".png"), base.with_suffix(".svg")
+    return _save_figure(fig, inside(run_dir, case_name, f"{case_name}-probes"))
 
 
 # ----------------------------------------------------------------------------- summary rows

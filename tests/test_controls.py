@@ -24,6 +24,19 @@ CONTROLS = {
 }
 
 
+# Where each control's probes must first part (parity.localize): the module or parameter the bug touches.
+LOCALIZED = {
+    "control_divide_factor": {"step": 1, "phase": "backward", "name": "output.weight"},
+    "control_replicated_data": {"step": 1, "phase": "forward", "name": "tok_embeddings"},
+    "control_skip_seed_load": {"step": 1, "phase": "forward", "name": "tok_embeddings"},
+    "control_scale_output": {"step": 1, "phase": "forward", "name": "layers.3.feed_forward"},
+    "control_scale_grad": {"step": 1, "phase": "backward", "name": "layers.2.attention.wq.weight"},
+}
+
+
+GRADS, DATA = ("backward", "output.weight"), ("forward", "tok_embeddings")
+
+
 @pytest.mark.parametrize("name", list(CONTROLS))
 def test_each_control_declares_where_and_how_much(name):
     case = load_case(f"cases/{name}.toml")
@@ -31,8 +44,19 @@ def test_each_control_declares_where_and_how_much(name):
     assert case.expect.first_divergence == CONTROLS[name]
 
 
-def _run(out, case, setup, losses, norms):
+@pytest.mark.parametrize("name", list(LOCALIZED))
+def test_each_localizing_control_declares_where_its_probes_part(name):
+    case = load_case(f"cases/{name}.toml")
+    assert case.expect.outcome == "diverge" and case.expect.localized == LOCALIZED[name]
+
+
+def _run(out, case, setup, losses, norms, moved=None):
+    """A hand-made finished run; `moved`: the probe (phase, name) whose step-1 value the planted bug changes."""
     d = records.setup_dir(out, case.name, setup)
+    probes = [("forward", "tok_embeddings"), ("backward", "output.weight")]
+    records.write_probes(d / "probes.csv", [{"step": 1, "phase": phase, "name": name, "stat": "sumsq",
+                                             "value": 2.0 if (phase, name) == moved else 1.0}
+                                            for phase, name in probes])
     records.write_metrics(d / "metrics.csv", [{"step": i + 1, "loss": l, "grad_norm": g, "lr": 1e-3, "tokens": 8,
                                                "step_time_s": 0.1} for i, (l, g) in enumerate(zip(losses, norms))])
     records.write_weights(d / "weights.csv", [{"param": "w", "norm": 1.0, "sha256": "ab"}])
@@ -43,9 +67,9 @@ def test_verdict_fails_a_control_caught_for_the_wrong_reason(tmp_path):
     case = load_case("cases/control_divide_factor.toml")
     ref, other = (s.name for s in case.setups)
     _run(tmp_path, case, ref, [8.0, 7.9], [0.37, 0.36])
-    _run(tmp_path, case, other, [8.0, 7.9], [2.96, 2.88])  # the planted 8x, at step 1
+    _run(tmp_path, case, other, [8.0, 7.9], [2.96, 2.88], GRADS)  # the planted 8x, at step 1
     assert compare_case(case, tmp_path)["pairs"][0]["passed"]
-    _run(tmp_path, case, other, [8.1, 7.9], [2.96, 2.88])  # the loss moved first: a different bug
+    _run(tmp_path, case, other, [8.1, 7.9], [2.96, 2.88], GRADS)  # the loss moved first: a different bug
     pair = compare_case(case, tmp_path)["pairs"][0]
     assert not pair["passed"]
     assert "expected the first divergence on grad_norm at step 1, found it on loss at step 1" in pair["problems"][0]
@@ -55,7 +79,7 @@ def test_verdict_fails_a_control_caught_by_the_wrong_amount(tmp_path):
     case = load_case("cases/control_divide_factor.toml")
     ref, other = (s.name for s in case.setups)
     _run(tmp_path, case, ref, [8.0, 7.9], [0.37, 0.36])
-    _run(tmp_path, case, other, [8.0, 7.9], [0.37 * 4, 2.88])  # caught where declared, but 4x, not the planted 8x
+    _run(tmp_path, case, other, [8.0, 7.9], [0.37 * 4, 2.88], GRADS)  # caught where declared, but 4x, not 8x
     pair = compare_case(case, tmp_path)["pairs"][0]
     assert not pair["passed"] and pair["effect"]["ratio"] == pytest.approx(4.0)
     assert "expected grad_norm at step 1 to be x8.0 the reference (within 0.001), found x4" in pair["problems"][0]
@@ -65,12 +89,16 @@ def test_verdict_fails_a_control_caught_by_a_last_bit_difference(tmp_path):
     case = load_case("cases/control_replicated_data.toml")
     ref, other = (s.name for s in case.setups)
     _run(tmp_path, case, ref, [8.0, 7.9], [0.37, 0.36])
-    _run(tmp_path, case, other, [8.0 * (1 + 1e-4), 7.9], [0.37, 0.36])  # beyond tolerance, far below the effect
+    _run(tmp_path, case, other, [8.0 * (1 + 1e-4), 7.9], [0.37, 0.36], DATA)  # beyond tolerance, far below the effect
     pair = compare_case(case, tmp_path)["pairs"][0]
     assert not pair["passed"]
     assert "expected loss at step 1 to differ by at least 0.001 relative, found 0.0001" in pair["problems"][0]
-    _run(tmp_path, case, other, [8.0 * 1.01, 7.9], [0.37, 0.36])
+    _run(tmp_path, case, other, [8.0 * 1.01, 7.9], [0.37, 0.36], DATA)
     assert compare_case(case, tmp_path)["pairs"][0]["passed"]
+    _run(tmp_path, case, other, [8.0 * 1.01, 7.9], [0.37, 0.36], GRADS)  # the right size, the wrong place
+    pair = compare_case(case, tmp_path)["pairs"][0]
+    assert not pair["passed"] and "expected the divergence localized at step 1, forward, tok_embeddings; found step 1, " \
+        "backward, output.weight" in pair["problems"][0]
 
 
 def test_an_effect_must_be_stated(write_case):
