@@ -13,7 +13,11 @@ import pytest
 from parity.external import torchtitan
 from parity.spec import load_case
 
-titan = pytest.importorskip("torchtitan", reason=f"torchtitan not installed; {torchtitan.INSTALL}")
+try:
+    import torchtitan as titan
+except ImportError:  # the extra is absent: the tests that run torchtitan skip, the one about its absence runs
+    titan = None
+needs_titan = pytest.mark.skipif(titan is None, reason=f"torchtitan not installed; {torchtitan.INSTALL}")
 
 CASE = """description = "one torchtitan configuration at four commits of a source tree"
 [train]
@@ -109,6 +113,7 @@ def test_command_flags_cpu_and_cuda(tmp_path):
     assert cpu["metrics"]["loss"] == "loss_metrics/global_avg_loss"
 
 
+@needs_titan  # the key holds the installed torchtitan's version
 def test_seed_key_follows_model_and_seed_not_layout(tmp_path):
     case = _case(tmp_path, CASE.replace("source = \"{repo}\"\n", "").replace("ref = ", "# ref = "))
     a, b = case.setups[0], case.setups[2]
@@ -124,6 +129,7 @@ def test_seed_key_follows_model_and_seed_not_layout(tmp_path):
     assert torchtitan.seed_key(other, "cpu", "assets") != key
 
 
+@needs_titan
 def test_two_refs_of_a_source_tree(tmp_path, source_tree):
     """loss_compare's workflow as a case: a comment-only commit matches main bitwise; a RoPE change is
     caught at step 1 on the loss; doubled gradients at step 1 on the grad norm, by exactly x2."""
@@ -152,3 +158,18 @@ def test_two_refs_of_a_source_tree(tmp_path, source_tree):
     commits = {n: r["torchtitan_commit"] for n, r in runs.items()}
     assert len(set(commits.values())) == 4 and commits["main"] == _git(source_tree, "rev-parse", "main")
     assert _git(source_tree, "status", "--porcelain") == ""  # the user's tree is read, never written
+
+
+def test_without_the_extra_a_torchtitan_case_cannot_run_and_says_how_to_install(tmp_path, monkeypatch):
+    """The plugin skips (or with --parity-strict fails) on this DeviceError; the CLI exits 2 with it."""
+    import importlib.util
+
+    from parity.runner import DeviceError, resolve_device
+
+    case = _case(tmp_path, CASE.replace("source = \"{repo}\"\n", "").replace("ref = ", "# ref = "))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchtitan" else real(name, *a))
+    with pytest.raises(DeviceError, match=r'torchtitan not installed; install with: pip install "parity\[torchtitan\]"'):
+        resolve_device("cpu", case)
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert resolve_device("cpu", case) == "cpu"
