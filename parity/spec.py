@@ -286,6 +286,9 @@ def load_case(path: str | Path) -> Case:
     expect = v.expect(doc.get("expect", {}), setups)
     determinism = v.determinism(doc.get("determinism", {}))
     probes = v.probes(doc.get("probes", {}), train.steps)
+    if expect.localized and expect.localized["step"] not in probes.steps_for(train.steps):
+        v.fail("expect.localized.step", f"{expect.localized['step']} is not a probed step, so no probe can part there; "
+               "allowed: a step [probes] records (probes enabled, and the step in its steps)")
     seed = doc.get("seed_checkpoint")
     seed_path = None
     if seed is not None:

@@ -504,6 +504,10 @@ INPUTS += [
     titan("titan-configs-differ", [("tt1", TITAN), ("tt2", TITAN + '\nconfig = "llama3_8b"')], "setups.tt2.config",
           "llama3_8b"),
     titan("titan-train-lr-unused", [("tt1", TITAN), ("tt2", TITAN)], "train.lr", train={"lr": "0.1"}),
+    content("localized-but-probes-off", case(setups=[("ref", SETUP), ("other", SETUP)], top="",
+                                             expect='outcome = "diverge"\nlocalized = { step = 1, phase = "forward", '
+                                                    'name = "tok_embeddings" }\n[probes]\nenabled = false'),
+            "expect.localized.step", "not a probed step"),
     Bad("calibrate-torchtitan-reference", ["calibrate", "{W}/cases/t.toml", "--out", "{W}/" + OUT],
         ("setups.tt1.trainer", "built-in reference"),
         {"cases/t.toml": case(train=TITAN_TRAIN, setups=[("tt1", TITAN), ("tt2", TITAN)])}),
