@@ -68,14 +68,14 @@ def step_table(case, run_dir: Path) -> str:
 def cmd_run(args) -> int:
     from parity import compare
     from parity.progress import Progress
-    from parity.runner import case_lock, check_out, judge, prepare_out, resolve_device, run_case, seed_for
+    from parity.runner import case_lock, check_out, judge, prepare_out, resolve_device, run_case, seed_or_none
 
     cases = _load_cases(args.cases, args.baselines, args.update_baselines)
     # Every case's device (GPU count, SDPA kernels), --out and seed checkpoint are checked before the
     # first case runs: bad input writes nothing.
     devices = {case.name: resolve_device(args.device, case) for case in cases}
     check_out(Path(args.out))
-    seeds = {c.name: _seed_or_none(seed_for, c, devices[c.name], args.timeout) for c in cases}
+    seeds = {c.name: seed_or_none(c, None, devices[c.name], args.timeout) for c in cases}
     out = prepare_out(Path(args.out))
     progress = Progress()
     command = ["parity", "run", *args.cases, "--device", args.device, "--out", str(out)]
@@ -114,17 +114,6 @@ def cmd_run(args) -> int:
         md, html = write_report(out)
         print(f"\nreport: {md}  {html}")
     return 1 if failed else 0
-
-
-def _seed_or_none(seed_for, case, device, timeout_s):
-    """The case's seed checkpoint, or None where torchtitan failed to build it: run_case then records that
-    failure in every setup of the case, and the other cases still run."""
-    from parity.external.torchtitan import SeedBuildError
-
-    try:
-        return seed_for(case, None, device, timeout_s)
-    except SeedBuildError:
-        return None
 
 
 def cmd_list(args) -> int:

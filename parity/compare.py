@@ -259,9 +259,7 @@ def compare_weights(ref_rows, other_rows, tol: Tolerance, mode: str = "tolerance
 
 def not_recorded(reason: str) -> dict:
     """The weights lane of a pair where a setup's own command left no final weights: said, not failed."""
-    return {"n": 0, "exact_equal_steps": 0, "bitwise": False, "within_tolerance": True, "max_abs": 0.0,
-            "max_rel": 0.0, "failing_steps": 0, "first_divergence": None, "first_tolerance_failure": None,
-            "passed": True, "problems": [], "not_recorded": reason}
+    return {**not_compared(reason), "within_tolerance": True, "passed": True, "problems": [], "not_recorded": reason}
 
 
 def rounding(rows: list[dict], metric: str) -> dict[int, float]:
@@ -314,8 +312,8 @@ def _first(m: dict, mode: str) -> dict | None:
 
 def _diverged(metrics: dict, modes: dict) -> dict | None:
     """Earliest divergent step across loss and grad_norm (loss first on a tie); else weights."""
-    found = [(_first(metrics[name], modes[name])["step"], i, name, _first(metrics[name], modes[name]))
-             for i, name in enumerate(STEP_METRICS) if _first(metrics[name], modes[name]) is not None]
+    firsts = [(i, name, _first(metrics[name], modes[name])) for i, name in enumerate(STEP_METRICS)]
+    found = [(e["step"], i, name, e) for i, name, e in firsts if e is not None]
     if found:
         _, _, name, e = min(found, key=lambda t: t[:2])
         return {"metric": name, "step": e["step"], "param": None, **{k: v for k, v in e.items() if k != "step"}}

@@ -176,8 +176,7 @@ def pytest_generate_tests(metafunc):
 
 def run_and_judge(case, config) -> tuple[dict, str]:
     """Run one case as the CLI would; returns (verdict, failure message)."""
-    from parity.external.torchtitan import SeedBuildError
-    from parity.runner import DeviceError, case_lock, judge, prepare_out, resolve_device, run_case, seed_for
+    from parity.runner import DeviceError, case_lock, judge, prepare_out, resolve_device, run_case, seed_or_none
     from parity.spec import BackendError
 
     _, baseline_root, out = parity_paths(config)
@@ -194,10 +193,7 @@ def run_and_judge(case, config) -> tuple[dict, str]:
     command = ["pytest", f"parity/test_parity.py::test_case[{case.name}]", "--parity-device", device]
     command += ["--parity-steps", str(steps)] if steps else []
     command += [] if repeat is None else ["--parity-repeat" if repeat else "--parity-no-repeat"]
-    try:
-        seed = seed_for(case, None, resolved, config.getoption("parity_timeout"))
-    except SeedBuildError:
-        seed = None  # run_case records the failure in every setup, so the verdict and report say why
+    seed = seed_or_none(case, None, resolved, config.getoption("parity_timeout"))
     out = prepare_out(out)
     with case_lock(out, case.name):
         with pool.acquire(case.world_size) if pool and resolved == "cuda" else nullcontext() as gpus:

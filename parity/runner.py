@@ -122,6 +122,15 @@ def seed_for(case: Case, cache: Path | None, device: str = "cpu", timeout_s: flo
     return resolve_seed(model, seed, dtype, cache, external=case.seed_checkpoint)
 
 
+def seed_or_none(case: Case, cache: Path | None, device: str, timeout_s: float):
+    """seed_for, checked before anything is written, or None where torchtitan failed to build its seed:
+    run_case then records that failure in every setup of the case, and other cases still run."""
+    try:
+        return seed_for(case, cache, device, timeout_s)
+    except SeedBuildError:
+        return None
+
+
 def check_out(out: Path) -> Path:
     """Whether --out can become a run directory, judged without writing anything."""
     out = Path(out)
