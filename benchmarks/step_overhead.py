@@ -60,7 +60,8 @@ def bare_loop(t: Train, ckpt: str, device: torch.device) -> list[float]:
 def harness_loop(t: Train, ckpt: str, device: torch.device, out: str) -> list[float]:
     setup = Setup(name="bench", train=t, dp_api="none")
     with contextlib.redirect_stdout(io.StringIO()):  # the rank's per-step log lines (printed after the steps)
-        result = train.train_setup(setup, {"seed_checkpoint": ckpt, "out": out, "case": "bench"}, device)
+        job = {"seed_checkpoint": ckpt, "probe_steps": [], "case": "bench", "progress": str(Path(out) / "progress")}
+        result = train.train_setup(setup, job, device)
     return [r["step_time_s"] for r in result["rows"]]
 
 
@@ -87,7 +88,6 @@ def main(argv=None) -> int:
     ckpt = str(resolve_seed(t.model, t.seed, t.dtype, None).path)
     bare, harness = [], []
     with tempfile.TemporaryDirectory(prefix="parity-bench-") as out:
-        (Path(out) / "bench").mkdir()  # where the harness writes its progress file
         for _ in range(args.rounds):
             bare += bare_loop(t, ckpt, device)[args.warmup:]
             harness += harness_loop(t, ckpt, device, out)[args.warmup:]

@@ -15,6 +15,7 @@ from pathlib import Path
 from parity import records
 from parity.errors import InputError
 from parity.paths import inside, name_problem
+from parity.plan import PLANS
 from parity.spec import MAX_STEPS, load_cases
 
 UPDATE_MODES = ("failing", "new", "all")
@@ -66,9 +67,11 @@ def step_table(case, run_dir: Path) -> str:
 
 
 def cmd_run(args) -> int:
+    from contextlib import ExitStack
+
     from parity import compare
     from parity.progress import Progress
-    from parity.runner import case_lock, check_out, judge, prepare_out, resolve_device, run_case, seed_or_none
+    from parity.runner import case_lock, check_out, judge, prepare_out, resolve_device, run_suite, seed_or_none
 
     cases = _load_cases(args.cases, args.baselines, args.update_baselines)
     # Every case's device (GPU count, SDPA kernels), --out and seed checkpoint are checked before the
@@ -83,29 +86,30 @@ def cmd_run(args) -> int:
         command += ["--steps", str(args.steps)]
     if args.repeat is not None:
         command += ["--repeat" if args.repeat else "--no-repeat"]
+    if args.plan != "suite":
+        command += ["--plan", args.plan]
+    started = time.monotonic()
+
+    def on_progress(p, _setup_elapsed):
+        progress.update(p["case"], p["setup"], p["step"], p["steps"], time.monotonic() - started)
+
     failed = False
-    for case in cases:
-        case_start = time.monotonic()
-
-        def on_progress(path, _launch_elapsed, case=case, case_start=case_start):
-            try:
-                p = records.read_json(path)
-            except records.RecordError:  # not written yet: the ranks are still starting
-                return
-            progress.update(case.name, p["setup"], p["step"], p["steps"], time.monotonic() - case_start)
-
-        with case_lock(out, case.name):
-            results = run_case(case, out, devices[case.name], args.steps, args.timeout, on_progress=on_progress,
-                               command=command, repeat=args.repeat, seed=seeds[case.name])
-            progress.done()
-            for name, r in results.items():
+    with ExitStack() as locks:
+        for case in cases:
+            locks.enter_context(case_lock(out, case.name))
+        results = run_suite(cases, out, devices, args.steps, args.timeout, None, on_progress,
+                            {c.name: command for c in cases}, args.repeat, seeds, args.plan,
+                            on_plan=lambda text: print(text, flush=True))
+        progress.done()
+        for case in cases:
+            for name, r in results[case.name].items():
                 if r.status != "ok":
                     print(f"{case.name}/{name}: {r.status}: {r.message}", file=sys.stderr)
             print(f"\n== {case.name} ({out / case.name}) ==")
             print(step_table(case, out))
             verdict = judge(case, out, Path(args.baselines), args.update_baselines)
-        print(compare.format_verdict(verdict))
-        failed |= not verdict["passed"]
+            print(compare.format_verdict(verdict))
+            failed |= not verdict["passed"]
     ran = {c.name for c in cases}
     print(f"\ncases per device: {compare.device_counts(out, ran)[1]}")
     if not args.no_report:
@@ -280,7 +284,8 @@ def parser() -> argparse.ArgumentParser:
                         help="auto: CUDA when enough GPUs are visible, else CPU with gloo ranks")
         sp.add_argument("--out", default=str(DEFAULT_OUT), help="run directory (default %(default)s)")
         sp.add_argument("--steps", type=STEPS, help="override every setup's step count")
-        sp.add_argument("--timeout", type=TIMEOUT, default=900.0, help="seconds per launch before ranks are killed")
+        sp.add_argument("--timeout", type=TIMEOUT, default=900.0,
+                        help="seconds per setup before its launch's ranks are killed (default %(default)s)")
 
     r = sub.add_parser("run", help="run cases and judge them")
     r.add_argument("cases", nargs="+", help="case files or directories of them")
@@ -289,6 +294,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None,
                    metavar="{failing,new,all}", help="write baselines: failing (default), new, all")
     r.add_argument("--no-report", action="store_true", help="skip report.md/report.html")
+    r.add_argument("--plan", choices=PLANS, default="suite",
+                   help="suite (default): all cases together, each distinct setup trained once, one launch per "
+                        "world size; case: each case planned alone; setup: one launch per setup, nothing shared")
     r.add_argument("--repeat", action=argparse.BooleanOptionalAction, default=None,
                    help="run each reference twice and compare bitwise before anything else "
                         "(default: the case's [expect] repeat, else on for CUDA, off for CPU)")

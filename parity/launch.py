@@ -1,4 +1,4 @@
-"""Run a case's setups under torchrun: one launch per world size, with a timeout and clean teardown.
+"""Run one launch (torchrun over planned setups, or a setup's own command) with a per-setup timeout and clean teardown.
 
 torchrun starts its workers in new sessions, so killing torchrun's process group does not reach
 them; on a timeout we walk /proc for every descendant and signal each one. torchrun and every rank
@@ -26,10 +26,11 @@ LOG_TAIL_LINES = 15
 
 @dataclass
 class LaunchResult:
-    status: str  # "ok" | "failed" | "timeout"
+    status: str  # "ok" | "failed" | "timeout" | "interrupted"
     returncode: int | None
     message: str
     wall_s: float
+    progress: dict | None = None  # the last progress record the launch wrote: which setup it was on
 
 
 def torchrun_argv(nproc: int, plan_path: Path) -> list[str]:
@@ -113,18 +114,17 @@ def first_error(log_dirs: list[Path]) -> str | None:
     return errors[0][1] + more
 
 
-def launch(plan: dict, nproc: int, workdir: Path, timeout_s: float = DEFAULT_TIMEOUT_S, on_progress=None,
-           gpus: list[str] | None = None) -> LaunchResult:
-    """Write the plan, run torchrun over it, and wait; never returns with a process left running.
+def launch(plan: dict, nproc: int, workdir: Path, name: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+           on_progress=None, gpus: list[str] | None = None, log_dirs=()) -> LaunchResult:
+    """Write the plan to workdir/NAME.json, run torchrun over it (its output in NAME.log), and wait.
 
-    `gpus`: the GPU ids the ranks may see (CUDA_VISIBLE_DEVICES); None leaves the environment's.
+    Never returns with a process left running. `gpus`: the GPU ids the ranks may see
+    (CUDA_VISIBLE_DEVICES); None leaves the environment's. The ranks write plan["progress"].
     """
-    case_dir = Path(plan["out"]) / plan["case"]
-    plan_path = workdir / f"plan-ws{nproc}.json"
+    plan_path = workdir / f"{name}.json"
     records.atomic_write_text(plan_path, json.dumps(plan, indent=2))
-    log_dirs = [case_dir / s["name"] for s in plan["setups"]]
-    return run_process(torchrun_argv(nproc, plan_path), process_env(gpus), workdir / f"torchrun-ws{nproc}.log",
-                       timeout_s, case_dir, on_progress, log_dirs, label="torchrun")
+    return run_process(torchrun_argv(nproc, plan_path), process_env(gpus), workdir / f"{name}.log", timeout_s,
+                       Path(plan["progress"]), on_progress, log_dirs, label="torchrun")
 
 
 def process_env(gpus: list[str] | None = None, extra: dict | None = None) -> dict:
@@ -136,41 +136,68 @@ def process_env(gpus: list[str] | None = None, extra: dict | None = None) -> dic
     return env
 
 
-def run_process(argv: list[str], env: dict, log_path: Path, timeout_s: float, case_dir: Path, on_progress=None,
-                log_dirs: list[Path] = (), cwd: Path | None = None, label: str | None = None) -> LaunchResult:
+def run_process(argv: list[str], env: dict, log_path: Path, timeout_s: float, progress: Path | None = None,
+                on_progress=None, log_dirs=(), cwd: Path | None = None, label: str | None = None) -> LaunchResult:
     """Run one launch (torchrun, or a setup's own command) with its output in log_path, and wait.
 
-    Past timeout_s, on Ctrl-C or on any error here, the process and all its descendants are killed.
-    `log_dirs` hold rank*.log files whose tails and first error explain a failure; `label` names the
-    process in messages (default: the program's file name).
+    Each setup gets timeout_s: the clock starts with the process and again whenever the `progress`
+    file (written by rank 0, see parity.train) names a new setup, so a launch that trains many
+    setups in turn is not cut short. Past it, on Ctrl-C or on any error here, the process and all
+    its descendants are killed. `on_progress(record, seconds in this setup)` sees each progress
+    record. `log_dirs` (a list, or a function giving it when the launch has ended) hold rank*.log
+    files whose tails and first error explain a failure; `label` names the process in messages
+    (default: the program's file name).
     """
     label = label or Path(argv[0]).name
-    (case_dir / ".progress").unlink(missing_ok=True)  # the previous launch's last step is not ours
-    start = time.monotonic()
+    if progress is not None:
+        progress.unlink(missing_ok=True)  # the previous launch's last step is not ours
+    start = clock = time.monotonic()
+    current = None
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 start_new_session=True, preexec_fn=die_with_parent)
         try:
             while proc.poll() is None:
-                if time.monotonic() - start > timeout_s:
+                record = _read_progress(progress) or current
+                if record is not None and (current is None or _setup_of(record) != _setup_of(current)):
+                    clock = time.monotonic()  # a new setup: its own timeout_s starts now
+                current = record
+                if time.monotonic() - clock > timeout_s:
                     kill_tree(proc)
-                    tails = log_tails(log_dirs) or _tail(log_path)
+                    dirs = log_dirs() if callable(log_dirs) else log_dirs
+                    tails = log_tails(dirs) or _tail(log_path)
                     return LaunchResult("timeout", None, f"timed out after {timeout_s:.0f} s; killed {label} "
-                                        f"and its descendants. Log tails:\n{tails}", time.monotonic() - start)
-                if on_progress:
-                    on_progress(case_dir / ".progress", time.monotonic() - start)
+                                        f"and its descendants. Log tails:\n{tails}", time.monotonic() - start, current)
+                if on_progress and current is not None:
+                    on_progress(current, time.monotonic() - clock)
                 time.sleep(0.25)
         except BaseException:  # Ctrl-C or an error here: take the ranks down with us
             kill_tree(proc)
             raise
+    current = _read_progress(progress) or current
     wall = time.monotonic() - start
     if proc.returncode == 0:
-        return LaunchResult("ok", 0, "", wall)
-    error = first_error(log_dirs)
+        return LaunchResult("ok", 0, "", wall, current)
+    dirs = log_dirs() if callable(log_dirs) else log_dirs
+    error = first_error(dirs)
     head = f"a rank failed: {error}" if error else f"{label} exited with code {proc.returncode}"
-    tails = log_tails(log_dirs)
+    tails = log_tails(dirs)
     return LaunchResult("failed", proc.returncode, f"{head}\n" + (f"Rank log tails:\n{tails}\n" if tails else "")
-                        + _tail(log_path), wall)
+                        + _tail(log_path), wall, current)
+
+
+def _read_progress(path: Path | None) -> dict | None:
+    """The progress record, or None before the first one (it is replaced whole, never half-written)."""
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _setup_of(record: dict) -> tuple:
+    return record.get("case"), record.get("setup")
 
 
 def _tail(log_path: Path) -> str:

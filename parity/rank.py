@@ -7,7 +7,10 @@ good. Only then does it hand over to parity.train.
 
 import os
 import sys
+import time
 from pathlib import Path
+
+STARTED = time.time()  # before the slow imports: the launch records where its start-up went
 
 from parity.lifeline import die_with_parent
 
@@ -21,4 +24,4 @@ if b"torch.distributed.run" not in parent and b"torchrun" not in parent:
 
 from parity.train import main  # noqa: E402 - deliberately after the guard
 
-sys.exit(main(sys.argv[1]))
+sys.exit(main(sys.argv[1], STARTED))

@@ -238,3 +238,18 @@ def read_setup_run(directory: str | Path, lenient: bool = False) -> dict:
 
 def setup_dir(out: str | Path, case: str, setup: str) -> Path:
     return inside(out, case, setup)
+
+
+RECORD_FILES = ("metrics.csv", "weights.csv", "probes.csv")  # what a run records besides run.json
+
+
+def copy_run(source: str | Path, dest: str | Path, run_updates: dict) -> None:
+    """A finished run's records, byte for byte, under another case or setup name: run.json last (it
+    marks the copy finished), with `run_updates` (the new names, provenance and where it was trained)."""
+    source, dest = Path(source), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        if (source / name).is_file():
+            with atomic_open(dest / name, "wb") as f:
+                f.write((source / name).read_bytes())
+    write_json(dest / "run.json", {**read_json(source / "run.json"), **run_updates})

@@ -1,7 +1,7 @@
-"""Run one case: seed checkpoint, then one torchrun launch per world size, then provenance for failures.
+"""Run a suite of cases: seed checkpoints, then the launches parity.plan chose, then provenance for failures.
 
-This is the glue the CLI and the pytest plugin share; it returns the run directory's contents as
-plain values and leaves verdicts to parity.compare.
+This is the glue the CLI and the pytest plugin share; it returns how each setup's run ended and
+leaves verdicts to parity.compare.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,8 +24,10 @@ from parity import records
 from parity.errors import InputError
 from parity.external.torchtitan import SeedBuildError
 from parity.external.torchtitan import missing as titan_missing
-from parity.launch import DEFAULT_TIMEOUT_S, LaunchResult, launch
+from parity.launch import DEFAULT_TIMEOUT_S, LaunchResult
+from parity.launch import launch as launch_torchrun
 from parity.paths import CASE_MARKER, inside
+from parity.plan import Job, Launch, Training, plan, summary
 from parity.spec import REPEAT_SUFFIX, Case, Setup, check_attention
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,13 +96,6 @@ def with_steps(case: Case, steps: int | None) -> Case:
     if not steps:
         return case
     return replace(case, setups=tuple(replace(s, train=replace(s.train, steps=steps)) for s in case.setups))
-
-
-def group_by_world_size(setups) -> dict[int, list[Setup]]:
-    groups: dict[int, list[Setup]] = {}
-    for s in setups:
-        groups.setdefault(s.world_size, []).append(s)
-    return groups
 
 
 def seed_for(case: Case, cache: Path | None, device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S):
@@ -188,101 +185,221 @@ def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = No
              timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None, on_progress=None,
              command: list[str] | None = None, repeat: bool | None = None,
              gpus: list[str] | None = None, seed=None) -> dict[str, LaunchResult]:
-    """Run every setup of the case; returns {setup name: how its launch ended}.
+    """Run every setup of one case (run_suite of that case alone); returns {setup name: how it ended}.
 
     `gpus`: the GPU ids this run may use (CUDA_VISIBLE_DEVICES of its launches); default all visible.
-    With `repeat` (see wants_repeat), the reference runs a second time, last in its launch.
-    `seed` is seed_for(case, cache) when the caller checked it already (before writing anything).
     The caller holds case_lock(out, case.name) for the run and its verdict.
+    """
+    device = resolve_device(device, case, None if gpus is None else len(gpus))
+    return run_suite([case], out, {case.name: device}, steps, timeout_s, cache, on_progress, {case.name: command},
+                     repeat, {case.name: seed}, gpus=None if gpus is None else lambda _n, _device: nullcontext(gpus))[case.name]
+
+
+def run_suite(cases: list[Case], out: Path, devices: dict[str, str], steps: int | None = None,
+              timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None, on_progress=None,
+              commands: dict | None = None, repeat: bool | None = None, seeds: dict | None = None,
+              how: str = "suite", gpus=None, plan_file: str = "plan.json", on_plan=None,
+              ) -> dict[str, dict[str, LaunchResult]]:
+    """Run every setup of every case, planned together (parity.plan); returns {case: {setup: how it ended}}.
+
+    `devices`: each case's resolved device (resolve_device). `seeds`: seed_for(case) per case name
+    where the caller checked it already, before writing anything. With `repeat` (see wants_repeat),
+    each reference runs a second time, last in its launch. `gpus(world_size, device)`: a context
+    manager giving the GPU ids one launch may use (None: every visible one). The caller holds case_lock for
+    every case. `on_plan(text)` sees the plan (parity.plan.summary) before the first launch. The plan,
+    each launch's status and time, and which job reused which training are written to OUT/plan_file
+    and to each case's launches.json.
     """
     import torch
 
     from parity.seed import verify
 
-    case = with_steps(case, steps)
-    device = resolve_device(device, case, None if gpus is None else len(gpus))
-    setups = list(case.setups) + ([repeat_setup(case)] if wants_repeat(case, device, repeat) else [])
-    unbuilt = None
-    try:
-        seed = seed or seed_for(case, cache, device, timeout_s)
-    except SeedBuildError as e:  # torchtitan could not make its seed checkpoint: every setup fails with why
-        unbuilt = LaunchResult("failed", None, str(e), 0.0)
-    for note in () if unbuilt else seed.notes:
-        print(f"parity: {note}", file=sys.stderr, flush=True)
     out = prepare_out(out)
-    case_dir = fresh_case_dir(out, case.name)
-    ckpt, seed_sha = (None, None) if unbuilt else (str(seed.path), seed.sha256)
-    provenance = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
-                  "seed_checkpoint": ckpt, "seed_checkpoint_sha256": seed_sha, "case_path": str(case.path),
-                  "case_sha256": case.sha256, "git_commit": git_commit(), "command": command}
-    if unbuilt:
+    cases = [with_steps(c, steps) for c in cases]
+    results: dict[str, dict[str, LaunchResult]] = {c.name: {} for c in cases}
+    provenance, seeds, jobs = {}, dict(seeds or {}), []
+    for case in cases:
+        device = devices[case.name]
+        setups = list(case.setups) + ([repeat_setup(case)] if wants_repeat(case, device, repeat) else [])
+        try:
+            seeds[case.name] = seeds.get(case.name) or seed_for(case, cache, device, timeout_s)
+            unbuilt = None
+        except SeedBuildError as e:  # torchtitan could not make its seed checkpoint: every setup fails with why
+            seeds[case.name], unbuilt = None, LaunchResult("failed", None, str(e), 0.0)
+        seed = seeds[case.name]
+        for note in seed.notes if seed else ():
+            print(f"parity: {note}", file=sys.stderr, flush=True)
+        fresh_case_dir(out, case.name)
+        provenance[case.name] = {
+            "torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
+            "seed_checkpoint": seed and str(seed.path), "seed_checkpoint_sha256": seed and seed.sha256,
+            "case_path": str(case.path), "case_sha256": case.sha256, "git_commit": git_commit(),
+            "command": (commands or {}).get(case.name)}
         for s in setups:
-            _record_failure(case, s, unbuilt, provenance, device, out)
-        return {s.name: unbuilt for s in setups}
-    results: dict[str, LaunchResult] = {}
-    launches = []
+            if unbuilt:
+                _write_failure(out, case.name, s.name, unbuilt, provenance[case.name], device, s.world_size)
+                results[case.name][s.name] = unbuilt
+            else:
+                jobs.append(Job(case, s, device, str(seed.path), seed.sha256, tuple(case.probes.steps_for(s.train.steps))))
+    launches = plan(jobs, how)
+    if on_plan:
+        on_plan(summary(launches, how))
+    log: list[dict] = []
+    run = _SuiteRun(out, provenance, timeout_s, on_progress, gpus or (lambda _n, _device: nullcontext(None)), cache,
+                    results, log)
     try:
-        with tempfile.TemporaryDirectory(prefix=".launch-", dir=case_dir) as workdir:
-            _launch_all(case, [s for s in setups if s.trainer == "builtin"], out, device, ckpt, provenance, timeout_s,
-                        on_progress, Path(workdir), gpus, results, launches)
-            _launch_external(case, [s for s in setups if s.trainer != "builtin"], out, device, ckpt, provenance,
-                             timeout_s, on_progress, Path(workdir), gpus, results, launches, cache)
+        with tempfile.TemporaryDirectory(prefix=".launch-", dir=out) as workdir:
+            run.workdir = Path(workdir)
+            for i, launch in enumerate(launches, 1):
+                run.launch(i, launch)
     except BaseException:  # Ctrl-C, SIGTERM: the setups that did not finish say so
         interrupted = LaunchResult("interrupted", None, "the run was interrupted before this setup finished", 0.0)
-        for s in setups:
-            if s.name not in results:
-                _record_failure(case, s, interrupted, provenance, device, out)
+        for j in jobs:
+            if j.setup.name not in results[j.case.name]:
+                _write_failure(out, j.case.name, j.setup.name, interrupted, provenance[j.case.name], j.device,
+                               j.setup.world_size)
         raise
     finally:
-        (case_dir / ".progress").unlink(missing_ok=True)
-        records.write_json(case_dir / "launches.json", launches)
-    if not verify(seed.path, seed.sha256):  # no verdict, and no baseline, may rest on a changed seed
-        changed = LaunchResult("failed", None, f"seed checkpoint {seed.path} changed during the run", 0.0)
-        for s in setups:
-            _record_failure(case, s, changed, provenance, device, out, overwrite=True)
-            results[s.name] = changed
+        _write_plan_log(out, plan_file, how, launches, log, cases)
+    for case in cases:
+        seed = seeds[case.name]
+        if seed and not verify(seed.path, seed.sha256):  # no verdict, and no baseline, may rest on a changed seed
+            changed = LaunchResult("failed", None, f"seed checkpoint {seed.path} changed during the run", 0.0)
+            for name in results[case.name]:
+                _write_failure(out, case.name, name, changed, provenance[case.name], devices[case.name],
+                               case.world_size, overwrite=True)
+                results[case.name][name] = changed
     return results
 
 
-def _launch_all(case, setups, out, device, ckpt, provenance, timeout_s, on_progress, workdir: Path, gpus,
-                results, launches):
-    """Built-in setups: one torchrun launch per world size; fills results and launches as each one ends."""
-    case_dir = out / case.name
-    for world_size, group in sorted(group_by_world_size(setups).items()):
-        plan = {"case": case.name, "out": str(Path(out).resolve()), "device": device, "seed_checkpoint": ckpt,
-                "provenance": provenance, "determinism": case.determinism, "timeout_s": timeout_s,
-                # steps is a shared [train] key: one list serves every setup of the launch
-                "probe_steps": case.probes.steps_for(group[0].train.steps),
-                "setups": [s.to_dict() for s in group]}
-        result = launch(plan, world_size, workdir, timeout_s, on_progress, gpus)
-        launches.append({"world_size": world_size, "setups": [s.name for s in group], "status": result.status,
-                         "wall_s": result.wall_s})
-        if result.status != "ok":
-            keep = case_dir / f"torchrun-ws{world_size}.log"
-            shutil.copy(workdir / f"torchrun-ws{world_size}.log", keep)
-        for s in group:  # a setup that finished before another one failed keeps its "ok"
-            finished = _record_failure(case, s, result, provenance, device, out)
-            results[s.name] = LaunchResult("ok", 0, "", result.wall_s) if finished else result
+class _SuiteRun:
+    """Runs a plan's launches, one after another, and files every job's outcome."""
 
+    def __init__(self, out: Path, provenance: dict, timeout_s: float, on_progress, gpus, cache, results: dict,
+                 log: list[dict]):
+        self.out, self.provenance, self.timeout_s, self.on_progress = Path(out), provenance, timeout_s, on_progress
+        self.gpus, self.cache, self.results, self.log = gpus, cache, results, log
+        self.workdir: Path | None = None
 
-def _launch_external(case, setups, out, device, ckpt, provenance, timeout_s, on_progress, workdir: Path, gpus,
-                     results, launches, cache):
-    """Command and torchtitan setups: one launch each, through parity.external.command."""
-    from parity.external import command, torchtitan
+    def launch(self, number: int, launch: Launch) -> None:
+        if launch.trainer == "builtin":
+            self._torchrun(number, launch)
+        else:
+            self._external(number, launch)
 
-    for s in setups:
+    def _torchrun(self, number: int, launch: Launch) -> None:
+        """Every training of the launch in one torchrun; after a crash or timeout the culprit fails alone
+        and the trainings it kept from running get a launch of their own."""
+        pending, attempt = list(launch.trainings), 0
+        while pending:
+            attempt += 1
+            name = f"launch{number}" + (f"-retry{attempt - 1}" if attempt > 1 else "")
+            first = pending[0].first
+            doc = {"out": str(self.out.resolve()), "device": launch.device, "determinism": first.case.determinism,
+                   "timeout_s": self.timeout_s, "progress": str(self.workdir / f"{name}.progress"),
+                   "launched_at": time.time(),
+                   "jobs": [{"case": t.first.case.name, "setup": t.first.setup.to_dict(),
+                             "seed_checkpoint": t.first.seed_checkpoint, "probe_steps": list(t.first.probe_steps),
+                             "provenance": self.provenance[t.first.case.name]} for t in pending]}
+            with self.gpus(launch.world_size, launch.device) as gpus:
+                # The rank logs that explain a failure: those of the setup it stopped in.
+                result = launch_torchrun(doc, launch.world_size, self.workdir, name, self.timeout_s,
+                                         self.on_progress, gpus, partial(self._unfinished_dirs, pending))
+            left = [t for t in pending if not self._finished(t.first)]
+            self._log(number, name, launch, pending, result)
+            for t in pending:
+                if t not in left:
+                    self._finish(t, LaunchResult("ok", 0, "", result.wall_s))
+            if not left:
+                return
+            culprit = next((t for t in left if result.progress and _names(result.progress, t.first)), left[0])
+            if result.status == "ok":  # torchrun exited 0 but some records are missing: no retry can help
+                culprit = None
+            started = result.progress is not None
+            for t in left if culprit is None or not started else [culprit]:
+                shutil.copy(self.workdir / f"{name}.log", self._dir(t.first).parent / f"torchrun-{name}.log")
+                self._fail(t, result if result.status != "ok" else LaunchResult(
+                    "failed", 0, "torchrun exited 0 but this setup wrote no records", result.wall_s))
+            # A launch that failed before its first setup started (process group, imports) fails them all.
+            pending = [t for t in left if t is not culprit] if culprit is not None and started else []
+
+    def _external(self, number: int, launch: Launch) -> None:
+        """A command or torchtitan setup: one launch, through parity.external.command."""
+        from parity.external import command, torchtitan
+
+        t = launch.trainings[0]
+        j = t.first
         try:
-            spec, own_ckpt, extra = (torchtitan.prepare(case, s, device, cache, timeout_s, workdir, ckpt)
-                                     if s.trainer == "torchtitan" else (s.external, ckpt, {}))
+            spec, ckpt, extra = (torchtitan.prepare(j.case, j.setup, j.device, self.cache, self.timeout_s,
+                                                    self.workdir, j.seed_checkpoint)
+                                 if j.setup.trainer == "torchtitan" else (j.setup.external, j.seed_checkpoint, {}))
         except SeedBuildError as e:  # this setup's own seed checkpoint could not be built
             result = LaunchResult("failed", None, str(e), 0.0)
         else:
-            result = command.run_setup(spec, s, case.name, out, device, own_ckpt, provenance, timeout_s, on_progress,
-                                       gpus, extra)
-            launches.append({"world_size": s.world_size, "setups": [s.name], "status": result.status,
-                             "wall_s": result.wall_s})
-        _record_failure(case, s, result, provenance, device, out)
-        results[s.name] = result
+            with self.gpus(launch.world_size, launch.device) as gpus:
+                result = command.run_setup(spec, j.setup, j.case.name, self.out, j.device, ckpt,
+                                           self.provenance[j.case.name], self.timeout_s, gpus, extra)
+            self._log(number, f"launch{number}", launch, [t], result)
+        if self._finished(j):
+            self._finish(t, result)
+        else:
+            self._fail(t, result)
+
+    def _unfinished_dirs(self, trainings: list[Training]) -> list[Path]:
+        return [self._dir(t.first) for t in trainings if not self._finished(t.first)][:1]
+
+    def _dir(self, job: Job) -> Path:
+        return records.setup_dir(self.out, job.case.name, job.setup.name)
+
+    def _finished(self, job: Job) -> bool:
+        """Whether the job's run.json says ok: rank 0 (or the command runner) writes it last."""
+        try:
+            return records.read_json(self._dir(job) / "run.json").get("status") == "ok"
+        except records.RecordError:
+            return False
+
+    def _finish(self, t: Training, result: LaunchResult) -> None:
+        """A finished training: its records copied to every job that shares it."""
+        self.results[t.first.case.name][t.first.setup.name] = result
+        for j in t.shared_with:
+            records.copy_run(self._dir(t.first), self._dir(j), {
+                **self.provenance[j.case.name], "case": j.case.name, "setup": j.setup.name,
+                "trained_as": t.first.label})
+            self.results[j.case.name][j.setup.name] = result
+
+    def _fail(self, t: Training, result: LaunchResult) -> None:
+        for j in t.jobs:
+            _write_failure(self.out, j.case.name, j.setup.name, result, self.provenance[j.case.name], j.device,
+                           j.setup.world_size, overwrite=True)
+            self.results[j.case.name][j.setup.name] = result
+
+    def _log(self, number: int, name: str, launch: Launch, trainings: list[Training], result: LaunchResult) -> None:
+        self.log.append({"launch": number, "name": name, "world_size": launch.world_size, "device": launch.device,
+                         "trainer": launch.trainer, "status": result.status, "wall_s": result.wall_s,
+                         "trainings": [{"trained_as": t.first.label, "shared_with": [j.label for j in t.shared_with]}
+                                       for t in trainings]})
+
+
+def _names(progress: dict, job: Job) -> bool:
+    return progress.get("case") == job.case.name and progress.get("setup") == job.setup.name
+
+
+def _write_plan_log(out: Path, plan_file: str, how: str, launches: list[Launch], log: list[dict], cases) -> None:
+    """OUT/plan_file: the plan and how each launch went; <case>/launches.json: the launches that served the case."""
+    records.write_json(inside(out, plan_file), {"plan": how, "planned": [launch.to_dict() for launch in launches],
+                                                "launches": log})
+    for case in cases:
+        mine = []
+        for entry in log:
+            served = {}
+            for t in entry["trainings"]:
+                for label in [t["trained_as"], *t["shared_with"]]:
+                    if label.split("/", 1)[0] == case.name:
+                        served[label.split("/", 1)[1]] = t["trained_as"]
+            if served:
+                mine.append({**{k: v for k, v in entry.items() if k != "trainings"}, "setups": served})
+        records.write_json(inside(out, case.name) / "launches.json", {"plan": how, "plan_file": plan_file,
+                                                                       "launches": mine})
 
 
 def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) -> dict:
@@ -307,15 +424,19 @@ def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) ->
     return verdict
 
 
-def _record_failure(case: Case, s: Setup, result: LaunchResult, provenance: dict, device: str, out: Path,
-                    overwrite: bool = False) -> bool:
-    """True if the setup finished; otherwise write a run.json that says why, so no comparison can pass on it."""
-    d = records.setup_dir(out, case.name, s.name)
-    if (d / "run.json").is_file() and not overwrite:  # rank 0 writes run.json last: this setup finished
-        return True
+def _write_failure(out: Path, case_name: str, setup_name: str, result: LaunchResult, provenance: dict, device: str,
+                   world_size: int, overwrite: bool = False) -> None:
+    """A run.json that says why the setup has no records, so no comparison can pass on it (an ok one stays,
+    unless `overwrite`)."""
+    d = records.setup_dir(out, case_name, setup_name)
+    if not overwrite and (d / "run.json").is_file():
+        try:
+            if records.read_json(d / "run.json").get("status") == "ok":
+                return
+        except records.RecordError:
+            pass
     status = result.status if result.status != "ok" else "failed"
-    records.write_json(d / "run.json", {**provenance, "case": case.name, "setup": s.name, "status": status,
+    records.write_json(d / "run.json", {**provenance, "case": case_name, "setup": setup_name, "status": status,
                                         "device": device, "backend": backend_for(device),
-                                        "world_size": s.world_size, "message": result.message,
+                                        "world_size": world_size, "message": result.message,
                                         "ended": datetime.now(timezone.utc).isoformat()})
-    return False

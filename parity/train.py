@@ -261,25 +261,31 @@ def global_losses(par: Parallel, local: list[float | None]) -> list[float]:
     return [math.fsum(by_rank[r][i] for r in sorted(by_rank)) / len(by_rank) for i in range(len(local))]
 
 
-def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
+def train_setup(setup: Setup, job: dict, device: torch.device) -> dict:
     t = setup.train
     cfg = t.model_config
     rank = dist.get_rank()
     dtype = getattr(torch, t.dtype)
     fault = setup.fault
+    timings = {"seed_load_s": 0.0}
+    began = time.perf_counter()
     # The seed-skip fault still starts from a deterministic init, just not the seed checkpoint's.
     model = build_model(cfg, t.seq_len, t.seed + (1000 if fault == "skip_seed_load" else 0), dtype).to(device)
     load_before_wrap = setup.dims.seed_before_wrap
     if load_before_wrap and fault != "skip_seed_load":
-        load_seed_plain(model, plan["seed_checkpoint"])
+        loading = time.perf_counter()
+        load_seed_plain(model, job["seed_checkpoint"])
+        timings["seed_load_s"] += time.perf_counter() - loading
     par = parallelize(model, setup, device, loss_fn)
     if not load_before_wrap and fault != "skip_seed_load":
-        load_seed(par, plan["seed_checkpoint"])
+        loading = time.perf_counter()
+        load_seed(par, job["seed_checkpoint"])
+        timings["seed_load_s"] += time.perf_counter() - loading
     if fault == "scale_output":  # before the probes' hooks, which must see the scaled output
         scale_output(par, setup.fault_at, setup.fault_factor)
     # No recorder, no hooks: a run without probes computes exactly what it always did.
-    probes = (ProbeRecorder(model, par, cfg, t.global_batch, t.seq_len, plan["probe_steps"], device)
-              if plan["probe_steps"] else None)
+    probes = (ProbeRecorder(model, par, cfg, t.global_batch, t.seq_len, job["probe_steps"], device)
+              if job["probe_steps"] else None)
     params = [p for m in par.modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=t.weight_decay, foreach=False)
     batches = Batches(t.seed, t.global_batch, t.seq_len, cfg.vocab_size, t.data)
@@ -287,6 +293,8 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
     lrs, micro_losses, norms = [], [], []
     clock = StepClock(device)
     last_progress = -math.inf
+    timings["build_s"] = time.perf_counter() - began - timings["seed_load_s"]  # mesh, model, wrappers, optimizer
+    began = time.perf_counter()
     for step in range(1, t.steps + 1):
         if fault in ("hang", "crash") and rank == FAULT_RANK and step == FAULT_STEP:
             if fault == "crash":
@@ -316,11 +324,12 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
         opt.zero_grad(set_to_none=True)
         lrs.append(lr)
         if rank == 0 and (step == t.steps or time.monotonic() - last_progress >= PROGRESS_EVERY_S):
-            _progress(plan, setup, step, t.steps)  # steps queued; the device may still be working on them
+            write_progress(job, setup, step, t.steps)  # steps queued; the device may still be working on them
             last_progress = time.monotonic()
     clock.mark()
     # The one copy to the host. .tolist() yields the same doubles .item() did, step by step.
     times = clock.seconds()
+    timings["steps_s"] = time.perf_counter() - began
     norm_values = torch.stack(norms).tolist()
     local = [None if ls is None else math.fsum(torch.stack(ls).tolist()) / setup.microbatches for ls in micro_losses]
     losses = global_losses(par, local)
@@ -333,8 +342,10 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
                   f"time {r['step_time_s']:.4f}s", flush=True)
     if fault in ("negate_shard", "transpose_shard"):
         plant_shard_fault(par, fault)
+    began = time.perf_counter()
     digest = weight_digest(par)
-    return {"rows": rows, "digest": digest, "par": par, "probes": probe_rows}
+    timings["digest_s"] = time.perf_counter() - began
+    return {"rows": rows, "digest": digest, "par": par, "probes": probe_rows, "timings": timings}
 
 
 def scale_output(par: Parallel, module: str, factor: float) -> None:
@@ -397,25 +408,26 @@ def forward_backward(par: Parallel, setup: Setup, inputs, labels) -> list[torch.
     return total
 
 
-def _progress(plan: dict, setup: Setup, step: int, total: int):
-    """A one-line progress file the launcher polls to draw its display."""
-    path = Path(plan["out"]) / plan["case"] / ".progress"
+def write_progress(job: dict, setup: Setup, step: int, total: int):
+    """The launch's one-line progress file: the launcher draws it, and restarts a setup's timeout when it names a new one."""
+    path = Path(job["progress"])
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"setup": setup.name, "step": step, "steps": total}))
+    tmp.write_text(json.dumps({"case": job["case"], "setup": setup.name, "step": step, "steps": total}))
     os.replace(tmp, path)
 
 
-def write_outputs(setup: Setup, plan: dict, result: dict, started: str, device: torch.device, determinism: dict):
+def write_outputs(setup: Setup, job: dict, result: dict, started: str, device: torch.device, determinism: dict,
+                  timings: dict):
     par = result["par"]
-    out = records.setup_dir(plan["out"], plan["case"], setup.name)
+    out = records.setup_dir(job["out"], job["case"], setup.name)
     fp = fingerprint.fingerprint(device)
     records.write_metrics(out / "metrics.csv", result["rows"])
     records.write_weights(out / "weights.csv", result["digest"])
     if result["probes"] is not None:
         records.write_probes(out / "probes.csv", result["probes"])
     records.write_json(out / "run.json", {
-        **plan["provenance"],
-        "case": plan["case"],
+        **job["provenance"],
+        "case": job["case"],
         "setup": setup.name,
         "status": "ok",
         "device": fp.get("gpu", "cpu"),
@@ -423,23 +435,32 @@ def write_outputs(setup: Setup, plan: dict, result: dict, started: str, device: 
         "backend": dist.get_backend(),
         "fingerprint": fp,
         "determinism": determinism,
-        "pg_timeout_s": plan["timeout_s"] + PG_TIMEOUT_MARGIN_S,
+        "pg_timeout_s": job["timeout_s"] + PG_TIMEOUT_MARGIN_S,
         "world_size": dist.get_world_size(),
         "mesh_shape": par.mesh_shape,
         "mesh_dim_names": par.mesh_dim_names,
         "setup_config": {k: v for k, v in setup.to_dict().items() if k != "train"},
         "train": setup.to_dict()["train"],
         "notes": par.notes,
+        "timings": timings,
         "started": started,
         "ended": datetime.now(timezone.utc).isoformat(),
     })
 
 
-def main(plan_path: str) -> int:
+def main(plan_path: str, rank_started: float | None = None) -> int:
+    """Train every job of the plan in turn. `rank_started`: time.time() when this rank's interpreter began."""
+    imported = time.time()
     plan = json.loads(Path(plan_path).read_text())
     rank = int(os.environ["RANK"])
-    setups = [setup_from_dict(d) for d in plan["setups"]]
-    redirect_output(records.setup_dir(plan["out"], plan["case"], setups[0].name) / f"rank{rank}.log")
+    shared = {k: plan[k] for k in ("out", "progress", "timeout_s")}
+    jobs = [{**entry, **shared} for entry in plan["jobs"]]
+    setups = [setup_from_dict(j["setup"]) for j in jobs]
+
+    def log_to(job, setup):
+        redirect_output(records.setup_dir(plan["out"], job["case"], setup.name) / f"rank{rank}.log")
+
+    log_to(jobs[0], setups[0])
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     determinism = fingerprint.apply_determinism(plan["determinism"])  # before CUDA and NCCL start
     timeout = timedelta(seconds=plan["timeout_s"] + PG_TIMEOUT_MARGIN_S)
@@ -450,17 +471,30 @@ def main(plan_path: str) -> int:
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)
-    current = setups[0].name
+    # Where this launch's start-up went, across its ranks (every setup of the launch records it): until
+    # the first rank's interpreter started, until the last rank had imported torch, until the group formed.
+    starts = [None] * dist.get_world_size()
+    dist.all_gather_object(starts, (rank_started or imported, imported))
+    formed = time.time()
+    first_start, last_import = min(s for s, _ in starts), max(i for _, i in starts)
+    launch_timings = {"torchrun_start_s": first_start - plan["launched_at"], "rank_imports_s": last_import - first_start,
+                      "process_group_s": formed - last_import}
+    current = f"{jobs[0]['case']}/{setups[0].name}"
     try:
-        for setup in setups:
-            current = setup.name
-            redirect_output(records.setup_dir(plan["out"], plan["case"], setup.name) / f"rank{rank}.log")
-            print(f"== setup {setup.name} (rank {rank} of {dist.get_world_size()}) ==", flush=True)
+        for job, setup in zip(jobs, setups):
+            current = f"{job['case']}/{setup.name}"
+            log_to(job, setup)
+            print(f"== setup {setup.name} of case {job['case']} (rank {rank} of {dist.get_world_size()}) ==",
+                  flush=True)
+            if rank == 0:
+                write_progress(job, setup, 0, setup.train.steps)  # the launcher starts this setup's clock
             dist.barrier()
             started = datetime.now(timezone.utc).isoformat()
-            result = train_setup(setup, plan, device)
+            began = time.perf_counter()
+            result = train_setup(setup, job, device)
             if rank == 0:
-                write_outputs(setup, plan, result, started, device, determinism)
+                timings = {**launch_timings, **result["timings"], "setup_s": time.perf_counter() - began}
+                write_outputs(setup, job, result, started, device, determinism, timings)
             del result
             dist.barrier()
     except BaseException as e:  # noqa: BLE001 - report any failure in a form the launcher can find
@@ -472,4 +506,3 @@ def main(plan_path: str) -> int:
     sys.stdout.flush()
     # Skip interpreter teardown: destroying gloo groups can hang; every rank passed the last barrier.
     os._exit(0)
-

@@ -57,7 +57,7 @@ def test_crashing_rank_fails_the_run_with_its_message(write_case, tmp_path, seed
     assert results["healthy"].status == "ok"  # the setup before the crash completed and keeps its files
     faulty = results["faulty"]
     assert faulty.status == "failed"
-    assert "a rank failed: setup faulty rank 1: RuntimeError: planted fault: rank 1 crashes at step 2" in faulty.message
+    assert "a rank failed: setup case/faulty rank 1: RuntimeError: planted fault: rank 1 crashes at step 2" in faulty.message
     run = records.read_json(tmp_path / "out" / case.name / "faulty" / "run.json")
     assert run["status"] == "failed" and "planted fault" in run["message"]
     assert (tmp_path / "out" / case.name / "faulty" / "rank1.log").is_file()

@@ -109,7 +109,7 @@ def placeholder_values(setup, device: str, seed_checkpoint: str, output_dir: Pat
 
 
 def run_setup(command: dict, setup, case_name: str, out: Path, device: str, seed_checkpoint: str,
-              provenance: dict, timeout_s: float, on_progress=None, gpus: list[str] | None = None,
+              provenance: dict, timeout_s: float, gpus: list[str] | None = None,
               extra_info: dict | None = None):
     """Run one external setup and write its records; returns how it ended.
 
@@ -126,8 +126,8 @@ def run_setup(command: dict, setup, case_name: str, out: Path, device: str, seed
     argv = [arg.format_map(values) for arg in command["argv"]]
     log = setup_dir / LOG_NAME
     started = datetime.now(timezone.utc).isoformat()
-    result = run_process(argv, process_env(gpus, command.get("env")), log, timeout_s, setup_dir.parent,
-                         on_progress, cwd=command["cwd"], label=f"setup {setup.name}'s command")
+    result = run_process(argv, process_env(gpus, command.get("env")), log, timeout_s, cwd=command["cwd"],
+                         label=f"setup {setup.name}'s command")
     if result.status != "ok":
         return result
     from parity.external.readers import read_metrics

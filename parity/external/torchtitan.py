@@ -247,7 +247,7 @@ def write_seed(setup, device: str, assets: Path, tree: Path | None, dest: Path, 
     try:
         log = scratch / "seed.log"
         result = run_process(seed_argv(setup, device, assets, scratch / "dump", deterministic),
-                             process_env(None, _env(tree)), log, timeout_s, scratch, cwd=assets,
+                             process_env(None, _env(tree)), log, timeout_s, cwd=assets,
                              label="torchtitan's seed checkpoint build")
         step0 = scratch / "dump" / "checkpoint" / "step-0"
         if result.status != "ok" or not (step0 / ".metadata").is_file():
