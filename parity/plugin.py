@@ -7,7 +7,7 @@ Importing it must stay cheap (no torch): pytest loads it in every session of thi
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import pytest
@@ -162,6 +162,8 @@ def pytest_sessionstart(session):
                 shutil.rmtree(child)
         for name in ("report.md", "report.html"):
             (out / name).unlink(missing_ok=True)
+        for plan_log in out.glob("plan*.json"):  # the plans of an earlier session's processes
+            plan_log.unlink()
 
 
 def pytest_generate_tests(metafunc):
@@ -174,31 +176,110 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("parity_case", params)
 
 
-def run_and_judge(case, config) -> tuple[dict, str]:
-    """Run one case as the CLI would; returns (verdict, failure message)."""
-    from parity.runner import DeviceError, case_lock, judge, prepare_out, resolve_device, run_case, seed_or_none
+def pytest_collection_finish(session):
+    """The case items left after -m / -k / node-id selection: the ones a worker may plan together."""
+    session.config._parity_selected = [item.callspec.params["parity_case"].name for item in session.items
+                                       if "parity_case" in getattr(getattr(item, "callspec", None), "params", {})]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist controller: tell each worker whether whole shares reach it (see pytest_xdist_make_scheduler)."""
+    node.workerinput["parity_shares"] = node.config.getvalue("dist") == "load"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under `-n N` with xdist's default distribution, every case item of one share (parity.plan.shares)
+    goes to the same worker, which plans that share together; other tests are dealt out one by one."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ShareScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            name = nodeid.rpartition("::test_case[")[2][:-1] if nodeid.endswith("]") else None
+            share = _shares(config, len(self.nodes)).get(name) if "test_parity.py::" in nodeid else None
+            return nodeid if share is None else f"parity-share-{share}"
+
+    return ShareScheduling(config, log)
+
+
+def _shares(config, workers: int) -> dict[str, int]:
+    from parity.plan import shares
+
+    return shares(load_parity_cases(config), workers)
+
+
+def _share_of(case, config) -> list:
+    """The cases this process plans together with `case`: every selected one without xdist; under
+    xdist its share when the scheduler keeps shares whole, else the case alone."""
+    selected = set(getattr(config, "_parity_selected", [case.name])) | {case.name}
+    cases = [c for c in load_parity_cases(config) if c.name in selected]
+    worker = getattr(config, "workerinput", None)
+    if worker is None:
+        return cases
+    if not worker.get("parity_shares"):
+        return [case]
+    share = _shares(config, worker["workercount"])
+    return [c for c in cases if share[c.name] == share[case.name]]
+
+
+def _run_share(case, config) -> None:
+    """Run the setups of `case` and of every case planned with it (once per process); a case whose
+    device cannot run it is left out, to be skipped (or failed, with --parity-strict) by its own item."""
+    from parity.runner import DeviceError, case_lock, prepare_out, resolve_device, run_suite, seed_or_none
     from parity.spec import BackendError
 
-    _, baseline_root, out = parity_paths(config)
+    done = config.__dict__.setdefault("_parity_done", {})
+    if case.name in done:
+        return
+    _, _, out = parity_paths(config)
     device = config.getoption("parity_device")
     pool = config._parity_gpu_pool
-    try:
-        resolved = resolve_device(device, case, len(pool.ids) if pool else None)
-    except (DeviceError, BackendError) as e:
-        if config.getoption("parity_strict"):
-            pytest.fail(str(e), pytrace=False)
-        pytest.skip(str(e))
-    steps, repeat = config.getoption("parity_steps"), config.getoption("parity_repeat")
-    # The node id selects exactly this case (-k would also match cases whose names contain it).
-    command = ["pytest", f"parity/test_parity.py::test_case[{case.name}]", "--parity-device", device]
-    command += ["--parity-steps", str(steps)] if steps else []
-    command += [] if repeat is None else ["--parity-repeat" if repeat else "--parity-no-repeat"]
-    seed = seed_or_none(case, None, resolved, config.getoption("parity_timeout"))
+    steps, repeat, timeout = (config.getoption(k) for k in ("parity_steps", "parity_repeat", "parity_timeout"))
+    share = [c for c in _share_of(case, config) if c.name not in done]
+    devices, commands = {}, {}
+    for c in share:
+        try:
+            devices[c.name] = resolve_device(device, c, len(pool.ids) if pool else None)
+        except (DeviceError, BackendError) as e:
+            done[c.name] = e
+            continue
+        # The node id selects exactly this case (-k would also match cases whose names contain it).
+        commands[c.name] = ["pytest", f"parity/test_parity.py::test_case[{c.name}]", "--parity-device", device]
+        commands[c.name] += ["--parity-steps", str(steps)] if steps else []
+        commands[c.name] += [] if repeat is None else ["--parity-repeat" if repeat else "--parity-no-repeat"]
+    share = [c for c in share if c.name in devices]
+    seeds = {c.name: seed_or_none(c, None, devices[c.name], timeout) for c in share}
     out = prepare_out(out)
+    worker = getattr(config, "workerinput", None)
+    plan_file = f"plan-{worker['workerid']}.json" if worker else "plan.json"
+
+    def gpus(world_size, device):
+        return pool.acquire(world_size) if pool and device == "cuda" else nullcontext(None)
+
+    with ExitStack() as locks:
+        for c in share:
+            locks.enter_context(case_lock(out, c.name))
+        run_suite(share, out, devices, steps, timeout, None, None, commands, repeat, seeds, gpus=gpus,
+                  plan_file=plan_file)
+    done.update(dict.fromkeys(devices, None))
+
+
+def run_and_judge(case, config) -> tuple[dict, str]:
+    """Run the case (with the cases planned alongside it, on its first item) and judge it as the CLI would;
+    returns (verdict, failure message)."""
+    from parity.runner import case_lock, judge
+
+    _run_share(case, config)
+    problem = config._parity_done[case.name]
+    if problem is not None:  # its device cannot run it
+        if config.getoption("parity_strict"):
+            pytest.fail(str(problem), pytrace=False)
+        pytest.skip(str(problem))
+    _, baseline_root, out = parity_paths(config)
     with case_lock(out, case.name):
-        with pool.acquire(case.world_size) if pool and resolved == "cuda" else nullcontext() as gpus:
-            run_case(case, out, resolved, steps, config.getoption("parity_timeout"), command=command, repeat=repeat,
-                     gpus=gpus, seed=seed)
         verdict = judge(case, out, baseline_root, config.getoption("parity_update_baselines"))
     message = ""
     if not verdict["passed"]:

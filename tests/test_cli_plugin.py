@@ -160,3 +160,24 @@ def test_pytest_cuda_without_gpus_skips_naming_case_or_fails_strict(tmp_path):
     strict = run(cmd + ["--parity-strict"], REPO)
     assert strict.returncode == 1 and "case small needs 2 GPUs" in strict.stdout
     assert not (tmp_path / "out" / "small").exists()  # never a quiet CPU run
+
+
+def test_pytest_xdist_workers_each_plan_their_own_share(tmp_path, cache_env):
+    """Under -n 2 the cases that share a setup reach one worker, which trains it once for both; each
+    case is still its own item with its own verdict."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    small = textwrap.dedent(SMALL_CASE)
+    (cases / "a.toml").write_text(small)
+    (cases / "b.toml").write_text(small.replace("[setups.hsdp]", "[setups.hsdp_2x1]"))  # the same two setups
+    (cases / "c.toml").write_text(textwrap.dedent(LR_CASE.format(outcome="diverge")))
+    out = tmp_path / "out"
+    result = run([sys.executable, "-m", "pytest", "parity", "-p", "no:cacheprovider", "-n", "2", f"--parity-cases={cases}",
+                  f"--parity-out={out}", f"--parity-baselines={tmp_path / 'baselines'}", "-q"], REPO, cache_env)
+    assert result.returncode == 0 and "3 passed" in result.stdout, result.stdout + result.stderr
+    plans = {p.name: records.read_json(p) for p in out.glob("plan-gw*.json")}
+    assert len(plans) == 2, sorted(plans)  # both workers planned a share
+    trained = {p: [t["trained_as"] for launch in d["launches"] for t in launch["trainings"]] for p, d in plans.items()}
+    ab = next(p for p, names in trained.items() if "a/replicate" in names)
+    assert sorted(trained[ab]) == ["a/hsdp", "a/replicate"]  # b's two setups are a's, trained once
+    assert records.read_json(out / "b" / "hsdp_2x1" / "run.json")["trained_as"] == "a/hsdp"
