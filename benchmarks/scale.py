@@ -1,0 +1,188 @@
+"""How parity's own tooling scales, outside the training itself.
+
+    python benchmarks/scale.py [--only long] [--steps 100000]
+
+Parts (each prints its lines with the goal it is held to):
+
+- long: `parity compare` and `parity report` of one case of two setups of 100,000 steps each,
+  written synthetically into a temporary run directory. Each command runs as its own child
+  process; its wall time and peak RSS are measured from the outside (os.wait4's rusage of that
+  child alone). Goal: both together at most 3 s, each under 300 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # runs from a checkout without installing
+
+from parity import records  # noqa: E402
+
+LONG_STEPS = 100_000
+LONG_GOAL_S, LONG_GOAL_MB = 3.0, 300
+DIVERGES_AT = 60_000  # where the second setup starts to differ by a few ulps
+CASE = "long_run"
+SETUPS = ("replicate", "hsdp_8x1")
+# The debugmodel's parameters (6 layers), as parity's own runs record them in weights.csv.
+LAYER_PARAMS = ("attention.wk.weight", "attention.wo.weight", "attention.wq.weight", "attention.wv.weight",
+                "attention_norm.weight", "feed_forward.w1.weight", "feed_forward.w2.weight",
+                "feed_forward.w3.weight", "ffn_norm.weight")
+PARAMS = [f"layers.{i}.{p}" for i in range(6) for p in LAYER_PARAMS] + ["norm.weight", "output.weight",
+                                                                          "tok_embeddings.weight"]
+
+CASE_TOML = f"""
+description = "Synthetic: two setups of {{steps}} steps, the second off by a few ulps from step {DIVERGES_AT}."
+
+[train]
+model = "debugmodel"
+steps = {{steps}}
+dtype = "float32"
+
+[setups.{SETUPS[0]}]
+dp_api = "replicate"
+dp_replicate = 8
+
+[setups.{SETUPS[1]}]
+dp_api = "fully_shard"
+dp_replicate = 8
+dp_shard = 1
+
+[expect]
+mode = "bitwise"
+outcome = "match"
+"""
+
+
+def synthetic_metrics(steps: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A noisy decreasing loss, float32-valued grad norms with spikes, a warmup lr; like a real run's columns."""
+    step = np.arange(1, steps + 1)
+    loss = 2.0 + 8.5 * np.exp(-step / (steps / 8)) + 0.05 * rng.standard_normal(steps)
+    grad_norm = (0.4 * np.exp(-step / steps) + 0.02 * rng.standard_normal(steps) ** 2).astype(np.float32)
+    grad_norm[rng.integers(0, steps, 20)] *= 30  # a few spikes, which the figure must keep visible
+    lr = 0.005 * np.minimum(1.0, step / 200)
+    return {"step": step, "loss": loss, "grad_norm": grad_norm.astype(np.float64), "lr": lr,
+            "tokens": np.full(steps, 2048), "step_time_s": 0.05 + 0.01 * rng.random(steps)}
+
+
+def drifted(metrics: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The same run, off by a relative 1e-9 (a few ulps of a double) from DIVERGES_AT on."""
+    out = dict(metrics)
+    late = metrics["step"] >= DIVERGES_AT
+    for name in ("loss", "grad_norm"):
+        noise = np.where(late, 1e-9 * rng.standard_normal(len(late)), 0.0)
+        out[name] = metrics[name] * (1.0 + noise)
+    return out
+
+
+def write_setup(directory: Path, name: str, metrics: dict[str, np.ndarray], weight_scale: float, steps: int,
+                case_path: Path) -> None:
+    columns = list(metrics)
+    values = [metrics[c].tolist() for c in columns]  # Python ints and floats: written with repr, exactly
+    records.write_csv(directory / "metrics.csv", columns, [dict(zip(columns, row)) for row in zip(*values)])
+    weights = []
+    for i, p in enumerate(PARAMS):
+        norm = (1.0 + i / 10) * weight_scale
+        weights.append({"param": p, "norm": norm, "sha256": hashlib.sha256(repr(norm).encode()).hexdigest(),
+                        **{c: norm * (k - 1.5) / 2 for k, c in enumerate(records.SKETCH_COLUMNS)}})
+    records.write_weights(directory / "weights.csv", weights)
+    records.write_json(directory / "run.json", {
+        "torch": "2.13.0+cpu", "python": "3.11.7", "host": "bench", "case_path": str(case_path),
+        "case_sha256": hashlib.sha256(case_path.read_bytes()).hexdigest(), "git_commit": "0" * 40,
+        "command": ["parity", "run", str(case_path), "--out", str(directory.parent.parent)],
+        "case": CASE, "setup": name, "status": "ok", "device": "cpu", "platform": "cpu", "backend": "gloo",
+        "fingerprint": {"torch": "2.13.0+cpu", "device_type": "cpu", "cpu_model": "bench", "threads": 1,
+                        "platform": "cpu"},
+        "world_size": 8, "mesh_shape": [8], "mesh_dim_names": ["dp_replicate"],
+        "train": {"model": "debugmodel", "steps": steps, "dtype": "float32"}, "notes": [],
+        "peak_memory": {"measure": "host_rss", "per_rank_bytes": [412 * 2**20 + r for r in range(8)],
+                        "max_bytes": 412 * 2**20 + 7},
+        "started": "2026-01-01T00:00:00+00:00", "ended": "2026-01-01T01:00:00+00:00"})
+
+
+def write_long_run(root: Path, steps: int) -> tuple[Path, Path]:
+    """(run directory, case file) of a synthetic case of two setups of `steps` steps."""
+    rng = np.random.default_rng(0)
+    case_path = root / "cases" / f"{CASE}.toml"
+    case_path.parent.mkdir(parents=True)
+    case_path.write_text(CASE_TOML.format(steps=steps))
+    run_dir = root / "run"
+    ref = synthetic_metrics(steps, rng)
+    write_setup(run_dir / CASE / SETUPS[0], SETUPS[0], ref, 1.0, steps, case_path)
+    write_setup(run_dir / CASE / SETUPS[1], SETUPS[1], drifted(ref, rng), 1.0 + 1e-9, steps, case_path)
+    return run_dir, case_path
+
+
+def timed(argv: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS in MB, exit code) of one child process, measured by os.wait4."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    start = time.perf_counter()
+    child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    err = child.stderr.read().decode()
+    child.stderr.close()
+    if child.returncode not in (0, 1):  # 1: the case failed (no stored baseline); 2 would be bad input
+        raise SystemExit(f"{' '.join(argv)} exited {child.returncode}:\n{err}")
+    return wall, usage.ru_maxrss / 1024, child.returncode  # ru_maxrss is in KiB on Linux
+
+
+def best_of(argv: list[str], repeats: int) -> tuple[float, float]:
+    """The fastest of `repeats` runs (others' load on a shared machine only ever adds time), and its peak RSS."""
+    runs = [timed(argv)[:2] for _ in range(repeats)]
+    return min(runs)
+
+
+def long_runs(steps: int = LONG_STEPS, repeats: int = 3) -> list[str]:
+    """`parity compare` and `parity report` of two setups of `steps` steps: wall time and peak RSS of each."""
+    parity = [sys.executable, "-m", "parity.cli"]
+    with tempfile.TemporaryDirectory(prefix="parity-scale-") as tmp:
+        run_dir, case_path = write_long_run(Path(tmp), steps)
+        compare_s, compare_mb = best_of(parity + ["compare", str(run_dir), str(case_path), "--baselines",
+                                                  str(Path(tmp) / "baselines")], repeats)
+        verdict = json.loads((run_dir / CASE / "verdict.json").read_text())
+        size_kb = (run_dir / CASE / "verdict.json").stat().st_size / 1024
+        report_s, report_mb = best_of(parity + ["report", str(run_dir)], repeats)
+    total = compare_s + report_s
+    first = verdict["pairs"][0]["diverged"]
+    found = f"{first['metric']} step {first['step']}" if first else "none"
+    ok = total <= LONG_GOAL_S and max(compare_mb, report_mb) < LONG_GOAL_MB
+    return [
+        f"long runs: 2 setups x {steps} steps (best of {repeats}; first divergence found: {found}, "
+        f"verdict.json {size_kb:.0f} KiB)",
+        f"  parity compare  {compare_s:6.2f} s  {compare_mb:6.0f} MB peak RSS",
+        f"  parity report   {report_s:6.2f} s  {report_mb:6.0f} MB peak RSS",
+        f"  total           {total:6.2f} s  (goal <= {LONG_GOAL_S:g} s, each < {LONG_GOAL_MB} MB): "
+        + ("met" if ok else "NOT met"),
+    ]
+
+
+PARTS = {"long": long_runs}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", choices=sorted(PARTS), action="append",
+                   help="run only this part (repeatable); default: every part")
+    p.add_argument("--steps", type=int, default=LONG_STEPS, help="steps per setup for the long part")
+    p.add_argument("--repeats", type=int, default=3, help="runs per timing; the best is reported")
+    args = p.parse_args(argv)
+    options = {"long": dict(steps=args.steps, repeats=args.repeats)}
+    for name in args.only or PARTS:
+        print("\n".join(PARTS[name](**options.get(name, {}))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
