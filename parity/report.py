@@ -675,13 +675,30 @@ def provenance(c: CaseRun, run_dir) -> dict:
     }
 
 
-SETUP_COLUMNS = ("setup", "status", "world size", "mesh", "started", "ended")
+SETUP_COLUMNS = ("setup", "status", "world size", "mesh", "peak memory", "started", "ended")
+# run.json "peak_memory": {"measure": one of these, "per_rank_bytes": [int, ...], "max_bytes": int}
+MEMORY_MEASURES = {"host_rss": "host RSS", "cuda_max_allocated": "CUDA max allocated"}
 
 
 def setup_rows(c: CaseRun) -> list[dict]:
     return [{"setup": s.name, "status": s.run.get("status", "—"), "world size": s.run.get("world_size", "—"),
-             "mesh": _mesh(s.run), "started": s.run.get("started", "—"), "ended": s.run.get("ended", "—")}
+             "mesh": _mesh(s.run), "peak memory": peak_memory(s.run), "started": s.run.get("started", "—"),
+             "ended": s.run.get("ended", "—")}
             for s in c.setups]
+
+
+def peak_memory(run: dict) -> str:
+    """The largest peak over the setup's ranks, e.g. "412 MiB (host RSS)"; "—" where run.json has none
+    (older runs, setups run by another trainer or command)."""
+    peak = run.get("peak_memory")
+    if not isinstance(peak, dict):
+        return "—"
+    per_rank = [b for b in peak.get("per_rank_bytes") or [] if isinstance(b, int) and not isinstance(b, bool)]
+    largest = max(per_rank, default=peak.get("max_bytes"))
+    if not isinstance(largest, int) or isinstance(largest, bool):
+        return "—"
+    measure = peak.get("measure")
+    return f"{largest / 2**20:.0f} MiB ({MEMORY_MEASURES.get(measure, str(measure))})"
 
 
 PAIR_COLUMNS = ("pair", "passed", "loss max abs", "loss max rel", "grad norm max abs", "grad norm max rel",

@@ -298,6 +298,21 @@ def test_short_runs_keep_their_markers(run_dir):
         report.plt.close(fig)
 
 
+def test_peak_memory_per_setup():
+    def run(**peak):
+        return {"peak_memory": peak}
+
+    assert report.peak_memory(run(measure="host_rss", per_rank_bytes=[300 * 2**20, 412 * 2**20],
+                                  max_bytes=412 * 2**20)) == "412 MiB (host RSS)"
+    assert report.peak_memory(run(measure="cuda_max_allocated", max_bytes=3 * 2**30)) == "3072 MiB (CUDA max allocated)"
+    assert report.peak_memory({}) == "—"  # an older run, or one made by another trainer or command
+    assert report.peak_memory(run(measure="host_rss", per_rank_bytes=["x"])) == "—"
+    c = report.CaseRun("c", Path("."), None, [report.SetupRun("a", run(measure="host_rss", max_bytes=2**20), {}),
+                                              report.SetupRun("b", {}, {})])
+    assert [r["peak memory"] for r in report.setup_rows(c)] == ["1 MiB (host RSS)", "—"]
+    assert "| peak memory |" in report._md_table(report.SETUP_COLUMNS, report.setup_rows(c))
+
+
 def test_compare_and_report_import_no_torch(tmp_path):
     """Judging and drawing a copied run directory must not pay torch's start-up (seconds, hundreds of MB)."""
     import importlib.util
