@@ -64,7 +64,6 @@ This module reads files and numbers only; it never imports torch.
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import replace
 from pathlib import Path
 
@@ -117,20 +116,26 @@ def ulps_text(e: dict) -> str:
     return f"{e['ulps']} {unit} ulps" if unit else f"{e['ulps']} ulps"
 
 
-def bitwise_equal(a: float, b: float) -> bool:
-    return math.isfinite(a) and math.isfinite(b) and struct.pack("<d", a) == struct.pack("<d", b)
+def bitwise_equal(a, b):
+    """The same IEEE double (8-byte pattern) on both sides, and finite; element by element for arrays."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    same = np.isfinite(a) & np.isfinite(b) & (a.view(np.int64) == b.view(np.int64))
+    return same if same.ndim else bool(same)
+
+
+def _differences(ref, other) -> tuple[np.ndarray, np.ndarray]:
+    """|other - ref|, and that relative to |ref| (0 where equal, inf against a zero reference); element by element."""
+    ref, other = np.asarray(ref, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        diff = np.abs(other - ref)
+        rel = np.where(diff == 0.0, 0.0, np.where(ref == 0.0, np.inf, diff / np.abs(ref)))
+    return diff, rel
 
 
 def _entry(key_name: str, key, ref: float, other: float) -> dict:
-    diff = abs(other - ref)
-    if diff == 0.0:
-        rel = 0.0
-    elif ref == 0.0:
-        rel = math.inf
-    else:
-        rel = diff / abs(ref)
+    diff, rel = _differences(ref, other)
     unit = ulp_unit(ref, other)
-    return {key_name: key, "value_ref": ref, "value_other": other, "abs": diff, "rel": rel,
+    return {key_name: key, "value_ref": ref, "value_other": other, "abs": float(diff), "rel": float(rel),
             "ulps": ulps_apart(ref, other, unit), "ulp_unit": unit}
 
 
@@ -191,19 +196,6 @@ def _summarize(entry, exact: np.ndarray, within: np.ndarray, abs_: np.ndarray, r
     }
 
 
-def _bitwise_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """bitwise_equal, element by element."""
-    return np.isfinite(a) & np.isfinite(b) & (a.view(np.int64) == b.view(np.int64))
-
-
-def _differences(ref: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(abs, rel) as _entry computes them, element by element."""
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        diff = np.abs(other - ref)
-        rel = np.where(diff == 0.0, 0.0, np.where(ref == 0.0, np.inf, diff / np.abs(ref)))
-    return diff, rel
-
-
 def compare_series(ref_steps, ref_values, other_steps, other_values, tol: Tolerance,
                    mode: str = "tolerance", labels=("reference", "other"), slack: dict | None = None) -> dict:
     """One step-wise metric; returns the metric result M (see the module docstring).
@@ -223,7 +215,7 @@ def compare_series(ref_steps, ref_values, other_steps, other_values, tol: Tolera
     steps, ref_v = ref_k[shared], ref_v[shared]
     order = np.argsort(other_k, kind="stable")
     other_v = other_v[order[np.searchsorted(other_k, steps, sorter=order)]] if steps.size else ref_v[:0]
-    exact = _bitwise_equal(ref_v, other_v)
+    exact = bitwise_equal(ref_v, other_v)
     diff, rel = _differences(ref_v, other_v)
     with np.errstate(invalid="ignore", over="ignore"):
         if slack:
