@@ -237,8 +237,9 @@ def _plot_values(ax, c: CaseRun, metric: str, n_steps: int) -> None:
                 # Hollow, larger and dotted, so the run drawn over it stays visible inside it.
                 marks = (dict(marker=st["marker"], markersize=st["markersize"] + 4, markerfacecolor="none",
                               markeredgewidth=1.2, markevery=st["markevery"]) if _marked(n_steps) else {})
+                label = f"{s.name} baseline ({entry.get('platform') or '?'}, {entry.get('status', '?')})"
                 ax.plot(*_envelope(x, y), color=st["color"], **marks, linestyle=":", linewidth=1.0, zorder=2,
-                        alpha=0.9, label=f"{s.name} baseline ({entry.get('platform') or '?'}, {entry.get('status', '?')})")
+                        alpha=0.9, label=label)
         x, y = _series(s.metrics, metric)
         if len(x):
             ax.plot(*_envelope(x, y), label=s.name, **st)

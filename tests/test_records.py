@@ -28,7 +28,9 @@ def _with_neighbours(values: list[float]) -> list[float]:
     """Each value and the doubles one ulp either side: the first ones a lossy parser would land on instead."""
     out = []
     for x in values:
-        out += [float(np.nextafter(x, -math.inf)), x, float(np.nextafter(x, math.inf))] if abs(x) < sys.float_info.max else [x]
+        with np.errstate(over="ignore"):  # the largest double's neighbour is inf: left out
+            below, above = float(np.nextafter(x, -math.inf)), float(np.nextafter(x, math.inf))
+        out += [v for v in (below, x, above) if math.isfinite(v)]
     return out
 
 

@@ -324,7 +324,8 @@ def test_compare_and_report_import_no_torch(tmp_path):
     run, case = scale.write_long_run(tmp_path, 2_000)
     check = "import sys; from parity.cli import main; rc = main(sys.argv[1:]); " \
             "print('torch' in sys.modules); sys.exit(rc)"
-    for argv, rc in ((["compare", str(run), str(case), "--baselines", str(tmp_path / "b")], 1), (["report", str(run)], 0)):
+    compare_argv = ["compare", str(run), str(case), "--baselines", str(tmp_path / "b")]
+    for argv, rc in ((compare_argv, 1), (["report", str(run)], 0)):
         done = subprocess.run([sys.executable, "-c", check, *argv], check=False, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == rc, done.stderr[-2000:]
