@@ -1,13 +1,14 @@
 """How parity's own tooling scales, outside the training itself.
 
-    python benchmarks/scale.py [--only long] [--steps 100000]
+    python benchmarks/scale.py [--only long] [--steps 100000] [--repeats 3]
 
 Parts (each prints its lines with the goal it is held to):
 
 - long: `parity compare` and `parity report` of one case of two setups of 100,000 steps each,
   written synthetically into a temporary run directory. Each command runs as its own child
   process; its wall time and peak RSS are measured from the outside (os.wait4's rusage of that
-  child alone). Goal: both together at most 3 s, each under 300 MB.
+  child alone), with its CPU seconds beside (on a busy shared machine wall time is mostly waiting).
+  Goal: both together at most 3 s, each under 300 MB.
 """
 
 from __future__ import annotations
