@@ -210,20 +210,20 @@ def _style(i: int, k: int, n_steps: int) -> dict:
     MARKED_STEPS have no markers: the dashes and widths alone keep them apart.
     """
     stride = _stride(n_steps)
-    marks = dict(
-        marker=MARKERS[i % len(MARKERS)],
-        markersize=max(4.0, 10.0 - 6.0 * i / max(1, k - 1)) if k > 1 else 7.0,
-        markeredgecolor="white",  # a light rim separates a marker from the larger one beneath it
-        markeredgewidth=0.7,
-        markevery=(round(i * stride / max(1, k)) % stride, stride),
-    )
-    return dict(
-        color=f"C{i % 10}",
-        **(marks if _marked(n_steps) else dict(marker="none")),
-        linestyle=LINESTYLES[i % len(LINESTYLES)],
-        linewidth=max(0.8, 2.6 - 0.6 * i),
-        zorder=3 + i,
-    )
+    marks = {
+        "marker": MARKERS[i % len(MARKERS)],
+        "markersize": max(4.0, 10.0 - 6.0 * i / max(1, k - 1)) if k > 1 else 7.0,
+        "markeredgecolor": "white",  # a light rim separates a marker from the larger one beneath it
+        "markeredgewidth": 0.7,
+        "markevery": (round(i * stride / max(1, k)) % stride, stride),
+    }
+    return {
+        "color": f"C{i % 10}",
+        **(marks if _marked(n_steps) else {"marker": "none"}),
+        "linestyle": LINESTYLES[i % len(LINESTYLES)],
+        "linewidth": max(0.8, 2.6 - 0.6 * i),
+        "zorder": 3 + i,
+    }
 
 
 def _plot_values(ax, c: CaseRun, metric: str, n_steps: int) -> None:
@@ -235,8 +235,8 @@ def _plot_values(ax, c: CaseRun, metric: str, n_steps: int) -> None:
             x, y = _series(columns, metric)
             if len(x):
                 # Hollow, larger and dotted, so the run drawn over it stays visible inside it.
-                marks = (dict(marker=st["marker"], markersize=st["markersize"] + 4, markerfacecolor="none",
-                              markeredgewidth=1.2, markevery=st["markevery"]) if _marked(n_steps) else {})
+                marks = ({"marker": st["marker"], "markersize": st["markersize"] + 4, "markerfacecolor": "none",
+                          "markeredgewidth": 1.2, "markevery": st["markevery"]} if _marked(n_steps) else {})
                 label = f"{s.name} baseline ({entry.get('platform') or '?'}, {entry.get('status', '?')})"
                 ax.plot(*_envelope(x, y), color=st["color"], **marks, linestyle=":", linewidth=1.0, zorder=2,
                         alpha=0.9, label=label)
