@@ -36,10 +36,12 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from parity.compare import compare_series, not_compared, ulps_text
 from parity.fingerprint import determinism_summary, differing_fields, platform_key
 from parity.paths import check_platform, inside
-from parity.records import RecordError, atomic_write_text, csv_text, read_csv, read_setup_run, setup_dir
+from parity.records import RecordError, atomic_write_text, csv_text, read_csv, read_setup_run, rows_of, setup_dir
 from parity.spec import Case, Setup
 
 DEFAULT_ROOT = Path("baselines")
@@ -120,33 +122,37 @@ def _result(setup, path, platform, status, how, passed, message, metrics=None, o
 
 
 def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str, torch_version: str,
-                   update: str | None = None) -> dict:
-    """Compare one setup's run with its baseline, writing files as `update` allows; returns B."""
+                   update: str | None = None, records: dict | None = None) -> dict:
+    """Compare one setup's run with its baseline, writing files as `update` allows; returns B. `records`:
+    the run's records as read_setup_run returns them, where the caller has read them already."""
     if update not in UPDATE_MODES:
         raise ValueError(f"update mode {update!r}; allowed: new, failing, all (or none)")
     name = setup if isinstance(setup, str) else setup.name
     path = baseline_path(root, case.name, name, platform)
     result = partial(_result, name, path, platform)
-    records = read_setup_run(setup_dir(run_dir, case.name, name))
-    run, rows = records["info"], records["metrics"]
+    records = records if records is not None else read_setup_run(setup_dir(run_dir, case.name, name))
+    run, columns = records["info"], records["metrics"]
     if run["status"] != "ok":
         return result("error", "exact", False, f"run status is {run['status']!r}; not compared, nothing written")
-    bad = [r["step"] for r in rows if not all(math.isfinite(r[m]) for m in COMPARED)]
+    bad = columns["step"][~np.logical_and.reduce([np.isfinite(columns[m]) for m in COMPARED])].tolist()
     if bad:
         return result("error", "exact", False, f"the run has NaN/Inf at steps {bad}; not compared, nothing written")
     prov = provenance(run, case, name, platform)
+
+    def write(to: Path) -> None:
+        write_baseline(to, rows_of(columns), prov)
 
     if not path.exists():
         if update is None:
             return result("missing", "exact", False,
                           f"no baseline {path} for platform {platform}; create it with {create_commands(case)}")
-        write_baseline(path, rows, prov)
+        write(path)
         return result("updated", "exact", True, f"wrote new baseline {path}")
     try:
         header, base = read_baseline(path)
     except RecordError as e:
         if update in ("failing", "all"):
-            write_baseline(path, rows, prov)
+            write(path)
             return result("updated", "exact", True, f"rewrote unreadable baseline {path} ({e})")
         raise RecordError(f"{e}; fix or recreate it with {create_commands(case, 'failing')}") from None
 
@@ -156,20 +162,20 @@ def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str,
     how = "exact" if exact else "tolerance"
     # A run may be shorter than its baseline (pytest --parity-steps): compare the steps it made.
     # It must not be longer: steps the baseline lacks are unverified.
-    last = rows[-1]["step"] if rows else 0
+    last = int(columns["step"][-1]) if len(columns["step"]) else 0
     stored = len(base)
     base = [r for r in base if r["step"] <= last]
     part = f" (its first {len(base)} of {stored} steps)" if len(base) < stored else ""
     labels = ("baseline", "run")
-    metrics = {m: compare_series([r["step"] for r in base], [r[m] for r in base], [r["step"] for r in rows],
-                                 [r[m] for r in rows], case.expect.tolerance[m],
+    metrics = {m: compare_series([r["step"] for r in base], [r[m] for r in base], columns["step"], columns[m],
+                                 case.expect.tolerance[m],
                                  "bitwise" if exact else "tolerance", labels) for m in COMPARED}
     why = "" if exact else (" (baseline and run differ in " + ", ".join(
         f"{k}: {header.get(k, 'not recorded')} vs {mine.get(k, 'not recorded')}"
         for k in (differ or ["platform"])) + ": compared within tolerance)")
     if all(m["passed"] for m in metrics.values()):
         if update == "all" and not part:
-            write_baseline(path, rows, prov)
+            write(path)
             return result("updated", how, True, f"matches; rewrote {path} (update mode all)", metrics)
         return result("match", how, True, f"matches {path}{part}{why}", metrics)
 
@@ -178,10 +184,10 @@ def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str,
         diff += " (every step is within the case tolerance: bit-level drift, not a large change)"
     # A shortened run (--parity-steps) never replaces a longer baseline, whatever the mode.
     if update in ("failing", "all") and not part:
-        write_baseline(path, rows, prov)
+        write(path)
         return result("updated", how, True, f"rewrote {path}; it differed: {diff}", metrics)
     obtained = obtained_path(run_dir, case.name, name)
-    write_baseline(obtained, rows, prov)
+    write(obtained)
     accept = ("not rewritten: the run made fewer steps than the baseline; rerun all steps to update it"
               if part and update else f"accept them with {create_commands(case, 'failing')}")
     return result("mismatch", how, False,
@@ -197,13 +203,17 @@ def _difference(setup: str, m: dict, metric: str, how: str) -> str:
             f"(abs {e['abs']:.3g}, rel {e['rel']:.3g}, {ulps_text(e)})")
 
 
-def check_case_baselines(case: Case, run_dir, root=None, update: str | None = None) -> list[dict]:
-    """check_baseline for every setup, with platform and torch version from its run.json."""
+def check_case_baselines(case: Case, run_dir, root=None, update: str | None = None,
+                         runs: dict[str, dict] | None = None) -> list[dict]:
+    """check_baseline for every setup, with platform and torch version from its run.json; `runs`: each
+    setup's records (read_setup_run) by name, where the caller has read them already."""
     results = []
     for s in case.setups:
-        run = read_setup_run(setup_dir(run_dir, case.name, s.name))["info"]
+        records = runs[s.name] if runs is not None else read_setup_run(setup_dir(run_dir, case.name, s.name))
+        run = records["info"]
         platform = run.get("platform") or platform_key(str(run.get("device", "")))
-        results.append(check_baseline(case, s, run_dir, root, platform, run.get("torch", "unknown"), update))
+        results.append(check_baseline(case, s, run_dir, root, platform, run.get("torch", "unknown"), update,
+                                      records))
     return results
 
 

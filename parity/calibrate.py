@@ -34,7 +34,7 @@ def _series(run_dir: Path, case: str, setup: str, metric: str) -> np.ndarray:
         rows = run["weights"]
         columns = ("norm",) + (records.SKETCH_COLUMNS if all(c in r for r in rows for c in records.SKETCH_COLUMNS) else ())
         return np.array([[r[c] for c in columns] for r in rows])
-    return np.array([r[metric] for r in run["metrics"]])
+    return run["metrics"][metric]
 
 
 def errors_against_oracle(run_dir: Path, case: Case) -> dict[str, dict[str, float]]:

@@ -44,7 +44,7 @@ def step_table(case, run_dir: Path) -> str:
     series = {}
     for s in case.setups:
         run = records.read_setup_run(records.setup_dir(run_dir, case.name, s.name), lenient=True)
-        series[s.name] = {r["step"]: r for r in run["metrics"] or []}
+        series[s.name] = {r["step"]: r for r in records.rows_of(run["metrics"] or {})}
     ref = case.reference.name
     steps = sorted({k for rows in series.values() for k in rows})
     header = ["step"]

@@ -64,7 +64,6 @@ This module reads files and numbers only; it never imports torch.
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import replace
 from pathlib import Path
 
@@ -117,69 +116,81 @@ def ulps_text(e: dict) -> str:
     return f"{e['ulps']} {unit} ulps" if unit else f"{e['ulps']} ulps"
 
 
-def bitwise_equal(a: float, b: float) -> bool:
-    return math.isfinite(a) and math.isfinite(b) and struct.pack("<d", a) == struct.pack("<d", b)
+def bitwise_equal(a, b):
+    """The same IEEE double (8-byte pattern) on both sides, and finite; element by element for arrays."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    same = np.isfinite(a) & np.isfinite(b) & (a.view(np.int64) == b.view(np.int64))
+    return same if same.ndim else bool(same)
+
+
+def _differences(ref, other) -> tuple[np.ndarray, np.ndarray]:
+    """|other - ref|, and that relative to |ref| (0 where equal, inf against a zero reference); element by element."""
+    ref, other = np.asarray(ref, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        diff = np.abs(other - ref)
+        rel = np.where(diff == 0.0, 0.0, np.where(ref == 0.0, np.inf, diff / np.abs(ref)))
+    return diff, rel
 
 
 def _entry(key_name: str, key, ref: float, other: float) -> dict:
-    diff = abs(other - ref)
-    if diff == 0.0:
-        rel = 0.0
-    elif ref == 0.0:
-        rel = math.inf
-    else:
-        rel = diff / abs(ref)
+    diff, rel = _differences(ref, other)
     unit = ulp_unit(ref, other)
-    return {key_name: key, "value_ref": ref, "value_other": other, "abs": diff, "rel": rel,
+    return {key_name: key, "value_ref": ref, "value_other": other, "abs": float(diff), "rel": float(rel),
             "ulps": ulps_apart(ref, other, unit), "ulp_unit": unit}
 
 
-def _span(keys) -> str:
-    keys = list(keys)
+def _span(keys, count: int | None = None) -> str:
+    """The first LISTED keys, and how many there are in all (`count`, when `keys` holds only the first ones)."""
+    keys = list(keys[:LISTED]) if count is not None else list(keys)
+    count = len(keys) if count is None else count
     shown = ", ".join(map(str, keys[:LISTED]))
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > LISTED else "")
+    return shown + (f", ... ({count} in all)" if count > LISTED else "")
 
 
-def _index(keys, values, label: str, what: str, problems: list[str]) -> dict:
-    """key -> value, recording duplicated, out-of-order and non-finite entries as problems."""
-    keys, values = list(keys), [float(v) for v in values]
+def _index(keys, values, label: str, what: str, problems: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, values), each key once (a repeated key keeps its place and its last value), recording
+    duplicated, out-of-order and non-finite entries as problems."""
+    keys, values = np.asarray(keys), np.asarray(values, dtype=np.float64)
     if len(keys) != len(values):
         problems.append(f"{label} has {len(keys)} {what}s but {len(values)} values")
-    out: dict = {}
-    for k, v in zip(keys, values):
-        if k in out:
-            problems.append(f"{label} has {what} {k} twice")
-        elif what == "step" and out and k < next(reversed(out)):
-            problems.append(f"{label} steps are out of order: {k} after {next(reversed(out))}")
-        out[k] = v
-    bad = [f"{k} ({v!r})" for k, v in out.items() if not math.isfinite(v)]
-    if bad:
-        problems.append(f"{label} has non-finite values at {what} {_span(bad)}")
-    return out
+        keys, values = keys[:len(values)], values[:len(keys)]
+    if not (what == "step" and (keys[1:] > keys[:-1]).all()):  # strictly increasing steps: nothing to find
+        out: dict = {}
+        for k, v in zip(keys.tolist(), values.tolist()):
+            if k in out:
+                problems.append(f"{label} has {what} {k} twice")
+            elif what == "step" and out and k < next(reversed(out)):
+                problems.append(f"{label} steps are out of order: {k} after {next(reversed(out))}")
+            out[k] = v
+        keys, values = np.array(list(out), dtype=keys.dtype), np.fromiter(out.values(), np.float64, len(out))
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        shown = [f"{k} ({v!r})" for k, v in zip(keys[bad[:LISTED]].tolist(), values[bad[:LISTED]].tolist())]
+        problems.append(f"{label} has non-finite values at {what} {_span(shown, bad.size)}")
+    return keys, values
 
 
-def _summarize(entries: list[dict], exact: list[bool], tol: Tolerance, mode: str, problems: list[str],
-               within: list[bool] | None = None) -> dict:
-    """`within`: each entry's tolerance verdict when the caller judges more than the entry's value (weights)."""
-    if within is None:
-        within = [math.isfinite(e["value_ref"]) and math.isfinite(e["value_other"])
-                  and tol.allows(e["value_other"], e["value_ref"]) for e in entries]
-    finite = [e for e in entries if math.isfinite(e["abs"])]
-    n = len(entries)
+def _summarize(entry, exact: np.ndarray, within: np.ndarray, abs_: np.ndarray, rel: np.ndarray, mode: str,
+               problems: list[str]) -> dict:
+    """M from each entry's lanes (exact, within tolerance) and differences; `entry(i)` builds entry i, the
+    first divergence and first tolerance failure being the only ones a verdict keeps."""
+    n = len(exact)
     if n == 0 and not problems:
         problems.append("nothing to compare")
-    bitwise = not problems and all(exact)
-    within_tolerance = not problems and all(within)
+    bitwise = not problems and bool(exact.all())
+    within_tolerance = not problems and bool(within.all())
+    finite = np.isfinite(abs_)
+    first_divergence, first_failure = np.flatnonzero(~exact)[:1], np.flatnonzero(~within)[:1]
     return {
         "n": n,
-        "exact_equal_steps": sum(exact),
+        "exact_equal_steps": int(exact.sum()),
         "bitwise": bitwise,
         "within_tolerance": within_tolerance,
-        "max_abs": max((e["abs"] for e in finite), default=0.0),
-        "max_rel": max((e["rel"] for e in finite), default=0.0),
-        "failing_steps": within.count(False),
-        "first_divergence": next((e for e, ok in zip(entries, exact) if not ok), None),
-        "first_tolerance_failure": next((e for e, ok in zip(entries, within) if not ok), None),
+        "max_abs": max(abs_[finite].tolist(), default=0.0),
+        "max_rel": max(rel[finite].tolist(), default=0.0),
+        "failing_steps": int(n - within.sum()),
+        "first_divergence": entry(int(first_divergence[0])) if first_divergence.size else None,
+        "first_tolerance_failure": entry(int(first_failure[0])) if first_failure.size else None,
         "passed": bitwise if mode == "bitwise" else within_tolerance,
         "problems": problems,
     }
@@ -190,24 +201,33 @@ def compare_series(ref_steps, ref_values, other_steps, other_values, tol: Tolera
     """One step-wise metric; returns the metric result M (see the module docstring).
 
     `passed` follows `mode`: "bitwise" needs every step exact, "tolerance" every step within tol
-    (plus `slack[step]`, the rounding of values read from printed text, where given).
+    (plus `slack[step]`, the rounding of values read from printed text, where given). Whole
+    columns at a time: a long run has 10^5 steps.
     """
     problems: list[str] = []
-    ref = _index(ref_steps, ref_values, labels[0], "step", problems)
-    other = _index(other_steps, other_values, labels[1], "step", problems)
-    missing = [s for s in ref if s not in other]
-    extra = [s for s in other if s not in ref]
-    if missing:
-        problems.append(f"{labels[1]} lacks steps {_span(missing)} that {labels[0]} has")
-    if extra:
-        problems.append(f"{labels[1]} has steps {_span(extra)} that {labels[0]} lacks")
-    entries = [_entry("step", s, ref[s], other[s]) for s in ref if s in other]
-    exact = [bitwise_equal(e["value_ref"], e["value_other"]) for e in entries]
-    within = None
-    if slack:
-        within = [math.isfinite(e["abs"]) and e["abs"] <= tol.bound(e["value_ref"]) + slack.get(e["step"], 0.0)
-                  for e in entries]
-    return _summarize(entries, exact, tol, mode, problems, within)
+    ref_k, ref_v = _index(ref_steps, ref_values, labels[0], "step", problems)
+    other_k, other_v = _index(other_steps, other_values, labels[1], "step", problems)
+    shared, in_ref = np.isin(ref_k, other_k), np.isin(other_k, ref_k)
+    if not shared.all():
+        problems.append(f"{labels[1]} lacks steps {_span(ref_k[~shared].tolist())} that {labels[0]} has")
+    if not in_ref.all():
+        problems.append(f"{labels[1]} has steps {_span(other_k[~in_ref].tolist())} that {labels[0]} lacks")
+    steps, ref_v = ref_k[shared], ref_v[shared]
+    order = np.argsort(other_k, kind="stable")
+    other_v = other_v[order[np.searchsorted(other_k, steps, sorter=order)]] if steps.size else ref_v[:0]
+    exact = bitwise_equal(ref_v, other_v)
+    diff, rel = _differences(ref_v, other_v)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if slack:
+            allowance = np.fromiter((slack.get(s, 0.0) for s in steps.tolist()), np.float64, len(steps))
+            within = np.isfinite(diff) & (diff <= tol.bound(ref_v) + allowance)
+        else:
+            within = np.isfinite(ref_v) & np.isfinite(other_v) & tol.allows(other_v, ref_v)
+
+    def entry(i: int) -> dict:
+        return _entry("step", int(steps[i]), float(ref_v[i]), float(other_v[i]))
+
+    return _summarize(entry, exact, within, diff, rel, mode, problems)
 
 
 def compare_weights(ref_rows, other_rows, tol: Tolerance, mode: str = "tolerance",
@@ -222,8 +242,8 @@ def compare_weights(ref_rows, other_rows, tol: Tolerance, mode: str = "tolerance
     misses a sign flip or a permutation; the sketches do not.
     """
     problems: list[str] = []
-    ref = _index([r["param"] for r in ref_rows], [r["norm"] for r in ref_rows], labels[0], "param", problems)
-    other = _index([r["param"] for r in other_rows], [r["norm"] for r in other_rows], labels[1], "param", problems)
+    ref = _norms(ref_rows, labels[0], problems)
+    other = _norms(other_rows, labels[1], problems)
     ref_sha = {r["param"]: r["sha256"] for r in ref_rows}
     other_sha = {r["param"]: r["sha256"] for r in other_rows}
     # weights.csv files written before the sketches existed lack their columns: such a pair is
@@ -254,7 +274,14 @@ def compare_weights(ref_rows, other_rows, tol: Tolerance, mode: str = "tolerance
         entries.append(e)
         within.append(ok)
     exact = [ref_sha[p] == other_sha[p] and math.isfinite(ref[p]) and math.isfinite(other[p]) for p in keys]
-    return _summarize(entries, exact, tol, mode, problems, within)
+    return _summarize(entries.__getitem__, np.array(exact, dtype=bool), np.array(within, dtype=bool),
+                      np.array([e["abs"] for e in entries], dtype=np.float64),
+                      np.array([e["rel"] for e in entries], dtype=np.float64), mode, problems)
+
+
+def _norms(rows: list[dict], label: str, problems: list[str]) -> dict[str, float]:
+    params, norms = _index([r["param"] for r in rows], [r["norm"] for r in rows], label, "param", problems)
+    return dict(zip(params.tolist(), norms.tolist()))
 
 
 def not_recorded(reason: str) -> dict:
@@ -262,9 +289,9 @@ def not_recorded(reason: str) -> dict:
     return {**not_compared(reason), "within_tolerance": True, "passed": True, "problems": [], "not_recorded": reason}
 
 
-def rounding(rows: list[dict], metric: str) -> dict[int, float]:
-    """step -> how far a recorded value may be from the true one: 0 unless read from rounded log text."""
-    return {r["step"]: r.get(f"{metric}_rounding", 0.0) for r in rows}
+def rounding(columns: dict[str, np.ndarray], metric: str) -> np.ndarray:
+    """Per row, how far a recorded value may be from the true one: 0 unless read from rounded log text."""
+    return columns.get(f"{metric}_rounding", np.zeros(len(columns["step"])))
 
 
 def not_compared(reason: str) -> dict:
@@ -334,16 +361,17 @@ def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict,
         if a is None or b is None:
             metrics[metric] = not_compared("metrics.csv unreadable")
             continue
+        slack = None
         ra, rb = rounding(a, metric), rounding(b, metric)
-        slack = {s: ra.get(s, 0.0) + rb.get(s, 0.0) for s in ra.keys() | rb.keys()}
-        if any(slack.values()):
+        if ra.any() or rb.any():  # NaN counts as rounding here, and then fails every bound it widens
+            ra, rb = dict(zip(a["step"].tolist(), ra.tolist())), dict(zip(b["step"].tolist(), rb.tolist()))
+            slack = {s: ra.get(s, 0.0) + rb.get(s, 0.0) for s in ra.keys() | rb.keys()}
             # Values read from rounded log text carry no bits to compare: within tolerance plus each step's rounding.
             modes[metric] = "tolerance"
             notes.append(f"{metric}: recorded from rounded log text, so compared within tolerance with each step's "
                          f"atol widened by its rounding (at most {max(slack.values()):.3g}), not {mode}")
-        metrics[metric] = compare_series([r["step"] for r in a], [r[metric] for r in a], [r["step"] for r in b],
-                                         [r[metric] for r in b], tol[metric], modes[metric], labels,
-                                         slack if any(slack.values()) else None)
+        metrics[metric] = compare_series(a["step"], a[metric], b["step"], b[metric], tol[metric], modes[metric], labels,
+                                         slack)
         problems += [f"{metric}: {p}" for p in metrics[metric]["problems"]]
     unrecorded = [name for name, run in zip(labels, (ref_run, other_run))
                   if run["info"].get("status") == "ok" and run["info"].get("weights_recorded") is False]
@@ -445,10 +473,17 @@ def _repeat_cause(pair: dict, run_problems: list[str]) -> str | None:
             "verdict between setups means anything")
 
 
-def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None = None) -> dict:
-    """The verdict of one case from the runs under run_dir/<case>/ (and baseline checks, if given)."""
+def load_runs(case: Case, run_dir: str | Path) -> dict[str, dict]:
+    """Every setup's records (see _load_run), by name: read once, then judged between setups and against baselines."""
+    return {s.name: _load_run(Path(run_dir) / case.name / s.name, s.name) for s in case.setups}
+
+
+def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None = None,
+                 runs: dict[str, dict] | None = None) -> dict:
+    """The verdict of one case from the runs under run_dir/<case>/ (and baseline checks, if given);
+    `runs` is load_runs(case, run_dir) where the caller has read them already."""
     base = Path(run_dir) / case.name
-    runs = {s.name: _load_run(base / s.name, s.name) for s in case.setups}
+    runs = runs if runs is not None else load_runs(case, run_dir)
     ref = case.reference.name
     repeat = None
     if (base / (ref + REPEAT_SUFFIX)).is_dir():

@@ -295,11 +295,12 @@ def _failure_message(case, verdict, out: Path) -> str:
              compare.divergence_table(verdict)]
     lines += [f"obtained: {b['obtained']}" for b in verdict["baselines"] if not b["passed"] and b.get("obtained")]
     try:
-        from parity.report import plot_case, plot_probes
+        from parity.report import load_case_run, plot_case, plot_probes
 
-        png, _ = plot_case(out, case.name)
+        records = load_case_run(out, case.name)  # read once, for both figures
+        png, _ = plot_case(out, case.name, records)
         lines.append(f"plot: {png}")
-        probes = plot_probes(out, case.name)
+        probes = plot_probes(out, case.name, records)
         if probes:
             lines.append(f"probes heatmap: {probes[0]}")
     except Exception as e:  # noqa: BLE001 - a plotting failure must not hide the verdict

@@ -11,7 +11,6 @@ import base64
 import html
 import math
 import shlex
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +36,8 @@ NUMERIC = ("loss", "grad_norm", "lr", "tokens")
 MARKERS = "osD^vPX*"
 LINESTYLES = ("-", "--", "-.", ":")
 DPI = 150
+COLUMNS = 1000  # buckets a long curve is drawn in (_envelope): about one per pixel column of an axis
+MARKED_STEPS = 1000  # curves up to this many steps carry markers
 FIGSIZE = (7.2, 9.0)  # inches; at 150 dpi about 1080 px wide, the width of a PR comment
 
 
@@ -47,8 +48,12 @@ FIGSIZE = (7.2, 9.0)  # inches; at 150 dpi about 1080 px wide, the width of a PR
 class SetupRun:
     name: str
     run: dict  # run.json, {} when the setup left none
-    metrics: list[dict]  # rows of metrics.csv, [] when it left none
+    metrics: dict[str, np.ndarray]  # the columns of metrics.csv, {} when it left none
     probes: list[dict] | None = None  # rows of probes.csv, None when it left none
+
+    @property
+    def steps(self) -> int:
+        return len(self.metrics.get("step", ()))
 
 
 @dataclass
@@ -57,7 +62,7 @@ class CaseRun:
     dir: Path
     verdict: dict | None
     setups: list[SetupRun]  # the reference first
-    baselines: dict[str, tuple[dict, list[dict]]] = field(default_factory=dict)  # setup -> (verdict entry, rows)
+    baselines: dict[str, tuple[dict, dict[str, np.ndarray]]] = field(default_factory=dict)  # setup -> (entry, columns)
 
     @property
     def platform(self) -> str:
@@ -118,22 +123,35 @@ def load_case_run(run_dir, case: str) -> CaseRun:
     setups = []
     for name in names:
         run = records.read_setup_run(cdir / name, lenient=True)
-        setups.append(SetupRun(name, run["info"], run["metrics"] or [], run["probes"]))
+        setups.append(SetupRun(name, run["info"], run["metrics"] or {}, run["probes"]))
     baselines = {}
     for entry in (verdict or {}).get("baselines", []) or []:
         path = _baseline_path(entry, run_dir)
         if path is None or not entry.get("setup"):
             continue
         try:
-            baselines[entry["setup"]] = (entry, records.read_csv(path)[1])
+            baselines[entry["setup"]] = (entry, records.read_columns(path)[1])
         except records.RecordError:
             pass
     return CaseRun(case, cdir, verdict, setups, baselines)
 
 
-def _series(rows: list[dict], metric: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[metric]) for r in rows if metric in r]
-    return [s for s, _ in pts], [v for _, v in pts]
+def _series(columns: dict[str, np.ndarray], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    if metric not in columns:
+        return np.empty(0, np.int64), np.empty(0)
+    return columns["step"], columns[metric]
+
+
+def _by_step(columns: dict[str, np.ndarray], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps in increasing order, each once, with its last recorded value): what a dict keyed by step holds."""
+    steps, values = _series(columns, metric)
+    last = _last_rows(steps)
+    return steps[last], values[last]
+
+
+def _last_rows(steps: np.ndarray) -> np.ndarray:
+    """The index of each step's last row, in increasing step order."""
+    return len(steps) - 1 - np.unique(steps[::-1], return_index=True)[1]
 
 
 # ----------------------------------------------------------------------------- figure
@@ -151,25 +169,61 @@ def _stride(n_steps: int) -> int:
     return max(1, math.ceil(n_steps / 15))
 
 
+def _marked(n_steps: int) -> bool:
+    """Whether curves of this length carry markers; longer ones are lines, told apart by colour and dash."""
+    return n_steps <= MARKED_STEPS
+
+
+def _envelope(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The points of a long series worth drawing: per bucket of consecutive points (COLUMNS of them, about
+    one per pixel column), its lowest, its highest and its first NaN, in step order. A spike stays as tall
+    as it is, a NaN still breaks the line, and 10^5 points draw as fast as a few thousand."""
+    n = len(y)
+    if n <= 4 * COLUMNS:
+        return x, y
+    size = -(-n // COLUMNS)
+    padded = np.concatenate([y, np.full(size * COLUMNS - n, np.nan)]).reshape(COLUMNS, size)
+    nan = np.isnan(padded)
+    start = np.arange(COLUMNS) * size
+    keep = np.concatenate([start + np.argmin(np.where(nan, np.inf, padded), axis=1),
+                           start + np.argmax(np.where(nan, -np.inf, padded), axis=1),
+                           (start + np.argmax(nan, axis=1))[nan.any(axis=1)], [0, n - 1]])
+    keep = np.unique(keep[keep < n])  # the padding's NaNs are no points
+    return x[keep], y[keep]
+
+
+def _one_per_column(x: np.ndarray) -> np.ndarray:
+    """Marker positions, at most one per pixel column (COLUMNS across the series' span, the first in each):
+    markers that would be drawn over one another anyway. None of the columns that hold one goes empty."""
+    if len(x) <= 4 * COLUMNS:
+        return x
+    column = (x - x.min()) * COLUMNS // max(1, x.max() - x.min() + 1)
+    return x[np.flatnonzero(np.diff(column, prepend=-1))]
+
+
 def _style(i: int, k: int, n_steps: int) -> dict:
     """Setup i of k: its own colour, marker, dash and a smaller marker than the one before.
 
     In a bitwise case every curve lies on the reference. Drawing later setups with thinner
     dashes and smaller markers on top leaves each earlier one visible as a rim around it, and
-    staggering which steps carry markers keeps long runs readable.
+    staggering which steps carry markers keeps long runs readable. Curves longer than
+    MARKED_STEPS have no markers: the dashes and widths alone keep them apart.
     """
     stride = _stride(n_steps)
-    return dict(
-        color=f"C{i % 10}",
-        marker=MARKERS[i % len(MARKERS)],
-        markersize=max(4.0, 10.0 - 6.0 * i / max(1, k - 1)) if k > 1 else 7.0,
-        markeredgecolor="white",  # a light rim separates a marker from the larger one beneath it
-        markeredgewidth=0.7,
-        linestyle=LINESTYLES[i % len(LINESTYLES)],
-        linewidth=max(0.8, 2.6 - 0.6 * i),
-        markevery=(round(i * stride / max(1, k)) % stride, stride),
-        zorder=3 + i,
-    )
+    marks = {
+        "marker": MARKERS[i % len(MARKERS)],
+        "markersize": max(4.0, 10.0 - 6.0 * i / max(1, k - 1)) if k > 1 else 7.0,
+        "markeredgecolor": "white",  # a light rim separates a marker from the larger one beneath it
+        "markeredgewidth": 0.7,
+        "markevery": (round(i * stride / max(1, k)) % stride, stride),
+    }
+    return {
+        "color": f"C{i % 10}",
+        **(marks if _marked(n_steps) else {"marker": "none"}),
+        "linestyle": LINESTYLES[i % len(LINESTYLES)],
+        "linewidth": max(0.8, 2.6 - 0.6 * i),
+        "zorder": 3 + i,
+    }
 
 
 def _plot_values(ax, c: CaseRun, metric: str, n_steps: int) -> None:
@@ -177,31 +231,35 @@ def _plot_values(ax, c: CaseRun, metric: str, n_steps: int) -> None:
     for i, s in enumerate(c.setups):
         st = _style(i, k, n_steps)
         if s.name in c.baselines:
-            entry, rows = c.baselines[s.name]
-            x, y = _series(rows, metric)
-            if x:
+            entry, columns = c.baselines[s.name]
+            x, y = _series(columns, metric)
+            if len(x):
                 # Hollow, larger and dotted, so the run drawn over it stays visible inside it.
-                ax.plot(x, y, color=st["color"], marker=st["marker"], markersize=st["markersize"] + 4,
-                        markerfacecolor="none", markeredgewidth=1.2, linestyle=":", linewidth=1.0,
-                        markevery=st["markevery"], zorder=2, alpha=0.9,
-                        label=f"{s.name} baseline ({entry.get('platform') or '?'}, {entry.get('status', '?')})")
+                marks = ({"marker": st["marker"], "markersize": st["markersize"] + 4, "markerfacecolor": "none",
+                          "markeredgewidth": 1.2, "markevery": st["markevery"]} if _marked(n_steps) else {})
+                label = f"{s.name} baseline ({entry.get('platform') or '?'}, {entry.get('status', '?')})"
+                ax.plot(*_envelope(x, y), color=st["color"], **marks, linestyle=":", linewidth=1.0, zorder=2,
+                        alpha=0.9, label=label)
         x, y = _series(s.metrics, metric)
-        if x:
-            ax.plot(x, y, label=s.name, **st)
+        if len(x):
+            ax.plot(*_envelope(x, y), label=s.name, **st)
     ax.set_ylabel(LABEL[metric])
     ax.grid(True, alpha=0.3)
     # A setup that blows up flattens every other curve onto zero on a linear axis.
-    ys = [v for ln in ax.get_lines() for v in ln.get_ydata() if math.isfinite(v) and v > 0]
-    if ys and max(ys) / min(ys) > 1e3:
+    ys = np.concatenate([np.asarray(ln.get_ydata(), dtype=np.float64) for ln in ax.get_lines()] or [np.empty(0)])
+    ys = ys[np.isfinite(ys) & (ys > 0)]
+    if ys.size and ys.max() / ys.min() > 1e3:
         ax.set_yscale("log")
 
 
-def _diffs(ref: SetupRun, other: SetupRun, metric: str) -> tuple[list[int], list[float], list[float]]:
+def _diffs(ref: SetupRun, other: SetupRun, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Common steps, |other - ref|, and |ref| (for the tolerance at each step)."""
-    r = dict(zip(*_series(ref.metrics, metric)))
-    o = dict(zip(*_series(other.metrics, metric)))
-    steps = sorted(set(r) & set(o))
-    return steps, [abs(o[s] - r[s]) if o[s] != r[s] else 0.0 for s in steps], [abs(r[s]) for s in steps]
+    ref_steps, r = _by_step(ref.metrics, metric)
+    other_steps, o = _by_step(other.metrics, metric)
+    steps, i, j = np.intersect1d(ref_steps, other_steps, assume_unique=True, return_indices=True)
+    r, o = r[i], o[j]
+    with np.errstate(invalid="ignore", over="ignore"):
+        return steps, np.where(o != r, np.abs(o - r), 0.0), np.abs(r)
 
 
 def _tolerance(c: CaseRun, metric: str) -> tuple[float, float] | None:
@@ -223,18 +281,18 @@ def _verdict_divergence(c: CaseRun, other: str) -> tuple[str, int] | None:
 
 
 def _plot_diffs(ax, c: CaseRun) -> None:
-    ref, others = c.setups[0], [s for s in c.setups[1:] if s.metrics]
+    ref, others = c.setups[0], [s for s in c.setups[1:] if s.steps]
     series = []  # (setup, metric, steps, diffs, colour, marker, linestyle)
     tol_lines = []  # (metric, steps, tolerance per step)
     for metric, ls, mk in (("loss", "-", "o"), ("grad_norm", "--", "s")):
         for s in others:
             steps, d, mag = _diffs(ref, s, metric)
-            if steps:
+            if len(steps):
                 i = c.setups.index(s)
                 series.append((s.name, metric, steps, d, f"C{i % 10}", mk, ls))
                 tol = _tolerance(c, metric)
                 if tol and not any(t[0] == metric for t in tol_lines):
-                    tol_lines.append((metric, steps, [tol[1] + tol[0] * m for m in mag]))
+                    tol_lines.append((metric, steps, tol[1] + tol[0] * mag))
     if not series:
         ax.text(0.5, 0.5, "one setup only: nothing to compare" if len(c.setups) < 2 else "no common steps",
                 ha="center", va="center", transform=ax.transAxes)
@@ -243,10 +301,10 @@ def _plot_diffs(ax, c: CaseRun) -> None:
 
     # Exact (bitwise-equal) steps have no logarithm. They go in a shaded band under `floor`, one
     # lane per series, so "equal" is drawn explicitly rather than silently dropped.
-    positive = [v for _, _, _, d, *_ in series for v in d if v > 0 and math.isfinite(v)]
-    positive += [v for _, _, tl in tol_lines for v in tl if v > 0 and math.isfinite(v)]
-    lo = min(positive) if positive else 1e-12
-    hi = max(positive) if positive else lo * 1e4
+    positive = np.concatenate([d for _, _, _, d, *_ in series] + [tl for _, _, tl in tol_lines])
+    positive = positive[np.isfinite(positive) & (positive > 0)]
+    lo = float(positive.min()) if positive.size else 1e-12
+    hi = float(positive.max()) if positive.size else lo * 1e4
     floor = 10 ** (math.floor(math.log10(lo)) - 1)
     top = 10 ** (math.ceil(math.log10(hi)) + 2)  # headroom for the divergence labels along the top
     lane = 10 ** 0.35  # factor between lanes on the log axis
@@ -258,7 +316,7 @@ def _plot_diffs(ax, c: CaseRun) -> None:
     trans = blended_transform_factory(ax.transAxes, ax.transData)
     ax.text(-0.012, floor / lane ** ((len(series) + 1) / 2), "exact", transform=trans,
             fontsize=9, va="center", ha="right", color="0.25")
-    if not positive:
+    if not positive.size:
         ax.text(0.5, 0.6, "every compared step is bitwise equal", transform=ax.transAxes,
                 ha="center", va="center", fontsize=10, color="darkgreen")
     # Tick labels inside the band would read as real magnitudes; blank them.
@@ -266,30 +324,36 @@ def _plot_diffs(ax, c: CaseRun) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
 
     for metric, steps, tl in tol_lines:
-        ax.plot(steps, tl, color="0.3", linestyle="-" if metric == "loss" else "--", linewidth=1.4,
+        ax.plot(*_envelope(steps, tl), color="0.3", linestyle="-" if metric == "loss" else "--", linewidth=1.4,
                 label=f"tolerance {LABEL[metric]}", zorder=2)
 
-    stride = _stride(max(len(x[2]) for x in series))
+    n_steps = max(len(x[2]) for x in series)
+    marked = _marked(n_steps)
     firsts = {}  # setup -> (step, metric, y) of its earliest difference over both metrics
     for j, (name, metric, steps, d, color, mk, ls) in enumerate(series):
         lane_y = floor / lane ** (j + 1)
-        finite = [(s, v) for s, v in zip(steps, d) if v > 0 and math.isfinite(v)]
-        exact = [s for s, v in zip(steps, d) if v == 0]
-        bad = [s for s, v in zip(steps, d) if not math.isfinite(v)]  # NaN/Inf: drawn at the top
-        ax.plot([s for s, _ in finite], [v for _, v in finite], color=color, marker=mk, linestyle=ls,
-                markersize=5, markevery=stride, linewidth=1.4, label=f"{name} {LABEL[metric]}", zorder=4)
-        if exact:
-            # Every exact step gets its mark (no thinning): "equal here" is the claim being shown.
-            ax.plot(exact, [lane_y] * len(exact), color=color, linestyle="none", zorder=4,
+        finite = np.isfinite(d) & (d > 0)
+        exact = steps[d == 0]
+        bad = steps[~np.isfinite(d)]  # NaN/Inf: drawn at the top
+        ax.plot(*_envelope(steps[finite], d[finite]), color=color, marker=mk if marked else "none", linestyle=ls,
+                markersize=5, markevery=_stride(n_steps) if marked else None, linewidth=1.4,
+                label=f"{name} {LABEL[metric]}", zorder=4)
+        if exact.size:
+            # Every exact step gets its mark (thinned to one per pixel column only where they would overlap):
+            # "equal here" is the claim being shown.
+            exact = _one_per_column(exact)
+            ax.plot(exact, np.full(len(exact), lane_y), color=color, linestyle="none", zorder=4,
                     **(dict(marker=mk, markersize=4, markerfacecolor="none") if len(steps) <= 30
                        else dict(marker="|", markersize=4.5)))
-        if bad:
-            ax.plot(bad, [top / lane] * len(bad), color=color, marker="X", linestyle="none", markersize=7,
+        if bad.size:
+            bad = _one_per_column(bad)
+            ax.plot(bad, np.full(len(bad), top / lane), color=color, marker="X", linestyle="none", markersize=7,
                     zorder=4, label=f"{name} {LABEL[metric]} not finite")
-        first = next((s for s, v in zip(steps, d) if v != 0), None)
-        if first is None:
+        differing = np.flatnonzero(d != 0)
+        if not differing.size:
             continue
-        y_first = dict(finite).get(first, top / lane)
+        first = int(steps[differing[0]])
+        y_first = float(d[differing[0]]) if finite[differing[0]] else top / lane
         ax.plot([first], [y_first], marker="o", markersize=13, markerfacecolor="none",
                 markeredgecolor="crimson", markeredgewidth=1.6, linestyle="none", zorder=5)
         if name not in firsts or first < firsts[name][0]:
@@ -317,10 +381,11 @@ def _plot_diffs(ax, c: CaseRun) -> None:
     ax.legend(handles, labels, fontsize=7, ncol=3, loc="upper left", bbox_to_anchor=(0, -0.16), frameon=False)
 
 
-def build_figure(run_dir, case_name: str):
-    """The case's figure: axes[0] loss, axes[1] grad norm, axes[2] |difference| to the reference."""
-    c = load_case_run(run_dir, case_name)
-    n_steps = max((len(s.metrics) for s in c.setups), default=0)
+def build_figure(run_dir, case_name: str, c: CaseRun | None = None):
+    """The case's figure: axes[0] loss, axes[1] grad norm, axes[2] |difference| to the reference.
+    `c`: the case's records (load_case_run), where the caller has read them already."""
+    c = c or load_case_run(run_dir, case_name)
+    n_steps = max((s.steps for s in c.setups), default=0)
     fig, axes = plt.subplots(3, 1, figsize=FIGSIZE, sharex=True, height_ratios=(1, 1, 1.25))
     _plot_values(axes[0], c, "loss", n_steps)
     _plot_values(axes[1], c, "grad_norm", n_steps)
@@ -348,9 +413,9 @@ def _save_atomic(fig, path: Path, fmt: str) -> None:
         fig.savefig(f, format=fmt, dpi=DPI)
 
 
-def plot_case(run_dir, case_name: str) -> tuple[Path, Path]:
+def plot_case(run_dir, case_name: str, c: CaseRun | None = None) -> tuple[Path, Path]:
     """Writes `<run_dir>/<case>/<case>.png` and `.svg`; returns their paths."""
-    return _save_figure(build_figure(run_dir, case_name), inside(run_dir, case_name, case_name))
+    return _save_figure(build_figure(run_dir, case_name, c), inside(run_dir, case_name, case_name))
 
 
 def _save_figure(fig, base: Path) -> tuple[Path, Path]:
@@ -402,10 +467,11 @@ def _probe_tolerances(c: CaseRun) -> dict | None:
     return {p: Tolerance(*b) for p, b in bounds.items()}
 
 
-def build_probes_figure(run_dir, case_name: str):
+def build_probes_figure(run_dir, case_name: str, c: CaseRun | None = None):
     """|relative difference| of every probe to the reference: rows in causal order within a step, grouped by
-    phase, probed steps as columns, one panel per non-reference setup; None when there are no probes."""
-    c = load_case_run(run_dir, case_name)
+    phase, probed steps as columns, one panel per non-reference setup; None when there are no probes. `c` as
+    for build_figure."""
+    c = c or load_case_run(run_dir, case_name)
     panels = _probe_panels(c)
     if not panels:
         return None
@@ -501,9 +567,9 @@ def _phase_labels(ax, rows: list[tuple]) -> None:
         ax.text(1.04, (a + b) / 2, phase, transform=trans, rotation=-90, va="center", ha="left", fontsize=8)
 
 
-def plot_probes(run_dir, case_name: str) -> tuple[Path, Path] | None:
+def plot_probes(run_dir, case_name: str, c: CaseRun | None = None) -> tuple[Path, Path] | None:
     """Writes `<run_dir>/<case>/<case>-probes.png` and `.svg` when the setups recorded probes; None otherwise."""
-    fig = build_probes_figure(run_dir, case_name)
+    fig = build_probes_figure(run_dir, case_name, c)
     if fig is None:
         return None
     return _save_figure(fig, inside(run_dir, case_name, f"{case_name}-probes"))
@@ -610,13 +676,30 @@ def provenance(c: CaseRun, run_dir) -> dict:
     }
 
 
-SETUP_COLUMNS = ("setup", "status", "world size", "mesh", "started", "ended")
+SETUP_COLUMNS = ("setup", "status", "world size", "mesh", "peak memory", "started", "ended")
+# run.json "peak_memory": {"measure": one of these, "per_rank_bytes": [int, ...], "max_bytes": int}
+MEMORY_MEASURES = {"host_rss": "host RSS", "cuda_max_allocated": "CUDA max allocated"}
 
 
 def setup_rows(c: CaseRun) -> list[dict]:
     return [{"setup": s.name, "status": s.run.get("status", "—"), "world size": s.run.get("world_size", "—"),
-             "mesh": _mesh(s.run), "started": s.run.get("started", "—"), "ended": s.run.get("ended", "—")}
+             "mesh": _mesh(s.run), "peak memory": peak_memory(s.run), "started": s.run.get("started", "—"),
+             "ended": s.run.get("ended", "—")}
             for s in c.setups]
+
+
+def peak_memory(run: dict) -> str:
+    """The largest peak over the setup's ranks, e.g. "412 MiB (host RSS)"; "—" where run.json has none
+    (older runs, setups run by another trainer or command)."""
+    peak = run.get("peak_memory")
+    if not isinstance(peak, dict):
+        return "—"
+    per_rank = [b for b in peak.get("per_rank_bytes") or [] if isinstance(b, int) and not isinstance(b, bool)]
+    largest = max(per_rank, default=peak.get("max_bytes"))
+    if not isinstance(largest, int) or isinstance(largest, bool):
+        return "—"
+    measure = peak.get("measure")
+    return f"{largest / 2**20:.0f} MiB ({MEMORY_MEASURES.get(measure, str(measure))})"
 
 
 PAIR_COLUMNS = ("pair", "passed", "loss max abs", "loss max rel", "grad norm max abs", "grad norm max rel",
@@ -669,13 +752,13 @@ def _load_all(run_dir) -> list[CaseRun]:
 
 
 def _figure_or_none(run_dir, c: CaseRun) -> Path | None:
-    if not any(s.metrics for s in c.setups):
+    if not any(s.steps for s in c.setups):
         return None
-    return plot_case(run_dir, c.name)[0]
+    return plot_case(run_dir, c.name, c)[0]
 
 
 def _probes_or_none(run_dir, c: CaseRun) -> Path | None:
-    found = plot_probes(run_dir, c.name)
+    found = plot_probes(run_dir, c.name, c)
     return found[0] if found else None
 
 
@@ -782,34 +865,36 @@ def write_report(run_dir) -> tuple[Path, Path]:
 # ----------------------------------------------------------------------------- regression
 
 
-def _bits(x) -> bytes:
-    # Bitwise identity: 0.0 and -0.0 differ, and NaN equals NaN of the same payload.
-    return struct.pack("<d", float(x))
-
-
-def _compare_setup(new_rows: list[dict], old_rows: list[dict]) -> list[str]:
+def _compare_setup(new: dict[str, np.ndarray], old: dict[str, np.ndarray]) -> list[str]:
     """Markdown lines describing how one setup's metrics changed; [] when bitwise identical."""
     lines = []
-    new_by, old_by = {r["step"]: r for r in new_rows}, {r["step"]: r for r in old_rows}
-    if set(new_by) != set(old_by):
-        lines.append(f"steps differ: {len(old_by)} before, {len(new_by)} now")
-    common = sorted(set(new_by) & set(old_by))
+    new_steps, old_steps = new.get("step", np.empty(0, np.int64)), old.get("step", np.empty(0, np.int64))
+    new_last, old_last = _last_rows(new_steps), _last_rows(old_steps)
+    if not np.array_equal(new_steps[new_last], old_steps[old_last]):
+        lines.append(f"steps differ: {len(old_last)} before, {len(new_last)} now")
+    common, i, j = np.intersect1d(new_steps[new_last], old_steps[old_last], assume_unique=True, return_indices=True)
     for metric in NUMERIC:
-        changed = [s for s in common if metric in new_by[s] and metric in old_by[s]
-                   and _bits(new_by[s][metric]) != _bits(old_by[s][metric])]
-        if not changed:
+        if metric not in new or metric not in old:
             continue
-        abs_d = [abs(new_by[s][metric] - old_by[s][metric]) for s in changed]
-        rel_d = [a / abs(old_by[s][metric]) if old_by[s][metric] else math.inf for a, s in zip(abs_d, changed)]
-        first = changed[0]
-        lines.append(f"{metric}: {len(changed)}/{len(common)} steps changed, max abs {fmt(max(abs_d, key=_nan_max))}, "
-                     f"max rel {fmt(max(rel_d, key=_nan_max))}, first at step {first} "
-                     f"({old_by[first][metric]!r} → {new_by[first][metric]!r})")
+        now, before = new[metric][new_last][i], old[metric][old_last][j]
+        # Bitwise identity of the doubles: 0.0 and -0.0 differ, and NaN equals NaN of the same payload.
+        a, b = now.astype(np.float64), before.astype(np.float64)
+        changed = np.flatnonzero(a.view(np.int64) != b.view(np.int64))
+        if not changed.size:
+            continue
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            abs_d = np.abs(a - b)[changed]
+            rel_d = np.where(b[changed] != 0, abs_d / np.abs(b[changed]), np.inf)
+        k = changed[0]
+        lines.append(f"{metric}: {len(changed)}/{len(common)} steps changed, max abs {fmt(_worst(abs_d))}, "
+                     f"max rel {fmt(_worst(rel_d))}, first at step {common[k]} "
+                     f"({before[k].item()!r} → {now[k].item()!r})")
     return lines
 
 
-def _nan_max(x: float) -> float:
-    return math.inf if math.isnan(x) else x
+def _worst(values: np.ndarray) -> float:
+    """The largest value, NaN counting as larger than any (the first of equals, as max() picks)."""
+    return float(values[np.argmax(np.where(np.isnan(values), np.inf, values))])
 
 
 def _weights_changes(new_dir: Path, old_dir: Path) -> list[str]:
@@ -874,8 +959,8 @@ def evidence(run_dir, case: str | None = None) -> str:
     out = [_md_table(SUMMARY_COLUMNS, [summary_row(c) for c in cases]), ""]
     for c in cases:
         png = run_dir / c.name / f"{c.name}.png"
-        if not png.is_file() and any(s.metrics for s in c.setups):
-            png = plot_case(run_dir, c.name)[0]
+        if not png.is_file() and any(s.steps for s in c.setups):
+            png = plot_case(run_dir, c.name, c)[0]
         prov = provenance(c, run_dir)
         worlds = " / ".join(dict.fromkeys(str(s.run.get("world_size")) for s in c.setups if s.run.get("world_size")))
         out += [f"**{c.name}**: {_verdict_words(c.verdict)}", ""]

@@ -412,9 +412,10 @@ def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) ->
 
     if not inside(run_dir, case.name).is_dir():
         raise InputError(f"{run_dir}: no run of case {case.name} here ({Path(run_dir) / case.name} is not a directory)")
-    between_setups = compare.compare_case(case, run_dir)  # read and judged once; baselines are added to it
+    runs = compare.load_runs(case, run_dir)  # read once, for both checks
+    between_setups = compare.compare_case(case, run_dir, runs=runs)  # judged once; baselines are added to it
     passed = between_setups["passed"]
-    checks = baselines.check_case_baselines(case, run_dir, baseline_root, update if passed else None)
+    checks = baselines.check_case_baselines(case, run_dir, baseline_root, update if passed else None, runs)
     if update and not passed:
         for b in checks:
             b["message"] += (f"; --update-baselines={update} wrote nothing: the case failed, and only a passing "

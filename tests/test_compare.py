@@ -417,3 +417,64 @@ def test_rounding_slack_is_per_step():
     ok = compare_series([1, 2], [2.5, 0.123457], [1, 2], [2.54, 0.1234573], Tolerance(0.0, 0.0), "tolerance",
                         slack=slack)
     assert ok["passed"] and ok["exact_equal_steps"] == 0
+
+
+# ---- long series: whole columns, the same verdict as a short hand-checked one -----------------
+
+SHORT_REF = [2.5, 2.25, 2.0, 1.75, 1.5]
+SHORT_OTHER = [2.5, up(2.25), 2.0 * (1 + 2e-5), 1.75, 1.5]  # 1 ulp at step 2, beyond rtol 1e-5 at step 3
+
+
+def test_short_series_hand_checked():
+    m = compare_series([1, 2, 3, 4, 5], SHORT_REF, [1, 2, 3, 4, 5], SHORT_OTHER, LOOSE, "tolerance")
+    assert (m["n"], m["exact_equal_steps"], m["failing_steps"], m["passed"], m["bitwise"]) == (5, 3, 1, False, False)
+    assert m["first_divergence"] == {"step": 2, "value_ref": 2.25, "value_other": up(2.25), "abs": up(2.25) - 2.25,
+                                     "rel": (up(2.25) - 2.25) / 2.25, "ulps": 1, "ulp_unit": "f64"}
+    assert m["first_tolerance_failure"]["step"] == 3 and m["first_tolerance_failure"]["value_other"] == 2.0 * (1 + 2e-5)
+    assert m["max_abs"] == 2.0 * (1 + 2e-5) - 2.0 and m["max_rel"] == (2.0 * (1 + 2e-5) - 2.0) / 2.0
+
+
+def _long(at: int, n: int = 100_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n steps of a decreasing series, equal in both runs except the short example placed at steps at..at+4."""
+    steps = np.arange(1, n + 1)
+    ref = 3.0 + np.exp(-steps / 1e4)
+    ref[at - 1:at + 4] = SHORT_REF
+    other = ref.copy()
+    other[at - 1:at + 4] = SHORT_OTHER
+    return steps, ref, other
+
+
+def test_a_long_series_gets_the_short_examples_verdict():
+    short = compare_series([1, 2, 3, 4, 5], SHORT_REF, [1, 2, 3, 4, 5], SHORT_OTHER, LOOSE, "tolerance")
+    steps, ref, other = _long(at=70_001)
+    m = compare_series(steps, ref, steps, other, LOOSE, "tolerance")
+    assert m["n"] == 100_000 and m["exact_equal_steps"] == 100_000 - 5 + short["exact_equal_steps"]
+    assert m["first_divergence"] == {**short["first_divergence"], "step": 70_002}
+    assert m["first_tolerance_failure"] == {**short["first_tolerance_failure"], "step": 70_003}
+    for key in ("failing_steps", "max_abs", "max_rel", "passed", "bitwise", "within_tolerance", "problems"):
+        assert m[key] == short[key], key
+    assert all(type(m[k]) in (int, float, bool) for k in ("n", "exact_equal_steps", "max_abs", "failing_steps"))
+    json.dumps(m, allow_nan=False)  # plain Python numbers, as verdict.json needs them
+
+
+def test_a_long_series_with_nan_gaps_and_rounding():
+    steps, ref, other = _long(at=50_001)
+    other[80_000] = math.nan  # step 80001
+    m = compare_series(steps, ref, np.delete(steps, 99_998), np.delete(other, 99_998), LOOSE, "tolerance")
+    assert not m["passed"] and m["problems"] == ["other has non-finite values at step 80001 (nan)",
+                                                 "other lacks steps 99999 that reference has"]
+    assert m["n"] == 99_999 and m["failing_steps"] == 2  # step 50003 beyond tolerance, the NaN never within it
+    assert m["first_tolerance_failure"]["step"] == 50_003
+    # Rounding slack (values read from printed text) widens each step's allowance by its own amount only.
+    slack = {50_003: 2e-5 * 2.0}
+    m = compare_series(steps, ref, steps, _long(at=50_001)[2], LOOSE, "tolerance", slack=slack)
+    assert m["passed"] and m["failing_steps"] == 0 and m["exact_equal_steps"] == 100_000 - 2
+
+
+def test_duplicated_and_disordered_steps_are_named_as_before():
+    steps = np.arange(1, 10_001)
+    values = np.ones(10_000)
+    m = compare_series(np.r_[steps, 5], np.r_[values, 1.0], steps, values, EXACT, "bitwise")
+    assert m["problems"] == ["reference has step 5 twice"] and not m["passed"]
+    m = compare_series(np.r_[steps[:3], 2_000, steps[3:5]], np.ones(6), steps[:5], np.ones(5), EXACT, "bitwise")
+    assert m["problems"][0] == "reference steps are out of order: 4 after 2000"

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from parity import compare, records, report
@@ -226,3 +227,106 @@ def test_report_html_renders_in_headless_chromium(run_dir, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- long runs: drawn as lines, downsampled, nothing that matters dropped ---------------------
+
+LONG = 100_000
+SPIKE, DIVERGES, NAN_AT = 30_001, 60_000, 90_000
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory):
+    """Two setups of LONG steps: equal up to DIVERGES, then a relative 1e-9 apart; a spike in both, a NaN in one."""
+    out = tmp_path_factory.mktemp("long") / "run"
+    steps = np.arange(1, LONG + 1)
+    loss = 2.0 + 8.0 * np.exp(-steps / 12_500)
+    loss[SPIKE - 1] *= 40
+    other = loss.copy()
+    other[DIVERGES - 1:] *= 1 + 1e-9
+    other[NAN_AT - 1] = math.nan
+
+    def rows(values):
+        return [{"step": s, "loss": x, "grad_norm": x / 10} for s, x in zip(steps.tolist(), values.tolist())]
+
+    make_case(out, "long", {"ref": rows(loss), "other": rows(other)}, mode="tolerance")
+    return out, loss
+
+
+def test_a_long_run_is_drawn_as_bounded_lines_without_markers(long_run):
+    out, loss = long_run
+    fig = report.build_figure(out, "long")
+    try:
+        for ax, scale in zip(fig.axes[:2], (1.0, 10.0)):
+            lines = ax.get_lines()
+            assert [ln.get_label() for ln in lines] == ["ref", "other"]
+            for ln in lines:
+                assert ln.get_marker() == "none"
+                assert len(ln.get_xdata()) <= 3 * report.COLUMNS + 2
+                # The spike survives the downsampling, at its height, and the NaN still breaks the line.
+                assert np.nanmax(ln.get_ydata()) == loss[SPIKE - 1] / scale
+            assert np.isnan(lines[1].get_ydata()[lines[1].get_xdata() == NAN_AT]).all()
+        diffs = fig.axes[2].get_lines()
+        assert all(len(ln.get_xdata()) <= 3 * report.COLUMNS + 2 for ln in diffs)
+        first = [ln for ln in diffs if ln.get_markeredgecolor() == "crimson"]
+        assert [ln.get_xdata().tolist() for ln in first] == [[DIVERGES], [DIVERGES]]  # loss and grad norm
+        not_finite = [ln for ln in diffs if ln.get_label().endswith("not finite")]
+        assert [ln.get_xdata().tolist() for ln in not_finite] == [[NAN_AT], [NAN_AT]]
+        exact = [ln for ln in diffs if ln.get_marker() == "|"]
+        assert exact and all(ln.get_xdata()[0] == 1 and ln.get_xdata()[-1] >= DIVERGES - 1 - LONG / report.COLUMNS
+                             for ln in exact)
+    finally:
+        report.plt.close(fig)
+    png, svg = report.plot_case(out, "long")
+    assert png.stat().st_size > 0 and svg.stat().st_size < 2_000_000  # 10^5 points would make it 20 MB
+
+
+def test_a_long_runs_verdict_stays_small(long_run):
+    out, _ = long_run
+    verdict = out / "long" / "verdict.json"
+    assert verdict.stat().st_size < 20_000
+    pair = records.read_json(verdict)["pairs"][0]
+    assert pair["metrics"]["loss"]["first_divergence"]["step"] == DIVERGES
+    assert pair["problems"][0] == f"loss: other has non-finite values at step {NAN_AT} (nan)"
+
+
+def test_short_runs_keep_their_markers(run_dir):
+    fig = report.build_figure(run_dir, "tol_tp")
+    try:
+        assert [ln.get_marker() for ln in fig.axes[0].get_lines()] == ["o", "s", "D"]
+    finally:
+        report.plt.close(fig)
+
+
+def test_peak_memory_per_setup():
+    def run(**peak):
+        return {"peak_memory": peak}
+
+    assert report.peak_memory(run(measure="host_rss", per_rank_bytes=[300 * 2**20, 412 * 2**20],
+                                  max_bytes=412 * 2**20)) == "412 MiB (host RSS)"
+    assert report.peak_memory(run(measure="cuda_max_allocated", max_bytes=3 * 2**30)) == "3072 MiB (CUDA max allocated)"
+    assert report.peak_memory({}) == "—"  # an older run, or one made by another trainer or command
+    assert report.peak_memory(run(measure="host_rss", per_rank_bytes=["x"])) == "—"
+    c = report.CaseRun("c", Path("."), None, [report.SetupRun("a", run(measure="host_rss", max_bytes=2**20), {}),
+                                              report.SetupRun("b", {}, {})])
+    assert [r["peak memory"] for r in report.setup_rows(c)] == ["1 MiB (host RSS)", "—"]
+    assert "| peak memory |" in report._md_table(report.SETUP_COLUMNS, report.setup_rows(c))
+
+
+def test_compare_and_report_import_no_torch(tmp_path):
+    """Judging and drawing a copied run directory must not pay torch's start-up (seconds, hundreds of MB)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("scale", Path(__file__).parent.parent / "benchmarks" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    run, case = scale.write_long_run(tmp_path, 2_000)
+    check = "import sys; from parity.cli import main; rc = main(sys.argv[1:]); " \
+            "print('torch' in sys.modules); sys.exit(rc)"
+    compare_argv = ["compare", str(run), str(case), "--baselines", str(tmp_path / "b")]
+    for argv, rc in ((compare_argv, 1), (["report", str(run)], 0)):
+        done = subprocess.run([sys.executable, "-c", check, *argv], check=False, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == rc, done.stderr[-2000:]
+        assert done.stdout.splitlines()[-1] == "False", argv
