@@ -676,15 +676,16 @@ def provenance(c: CaseRun, run_dir) -> dict:
     }
 
 
-SETUP_COLUMNS = ("setup", "status", "world size", "mesh", "peak memory", "started", "ended")
+SETUP_COLUMNS = ("setup", "status", "world size", "mesh", "peak memory", "trained as", "started", "ended")
 # run.json "peak_memory": {"measure": one of these, "per_rank_bytes": [int, ...], "max_bytes": int}
 MEMORY_MEASURES = {"host_rss": "host RSS", "cuda_max_allocated": "CUDA max allocated"}
 
 
 def setup_rows(c: CaseRun) -> list[dict]:
+    # "trained as": the suite planner trained this setup once, for another case that names it too.
     return [{"setup": s.name, "status": s.run.get("status", "—"), "world size": s.run.get("world_size", "—"),
-             "mesh": _mesh(s.run), "peak memory": peak_memory(s.run), "started": s.run.get("started", "—"),
-             "ended": s.run.get("ended", "—")}
+             "mesh": _mesh(s.run), "peak memory": peak_memory(s.run), "trained as": s.run.get("trained_as", "—"),
+             "started": s.run.get("started", "—"), "ended": s.run.get("ended", "—")}
             for s in c.setups]
 
 

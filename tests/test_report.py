@@ -313,6 +313,13 @@ def test_peak_memory_per_setup():
     assert "| peak memory |" in report._md_table(report.SETUP_COLUMNS, report.setup_rows(c))
 
 
+def test_a_setup_trained_for_another_case_says_so():
+    c = report.CaseRun("c", Path("."), None, [report.SetupRun("a", {"trained_as": "other/a_8"}, {}),
+                                              report.SetupRun("b", {}, {})])
+    assert [r["trained as"] for r in report.setup_rows(c)] == ["other/a_8", "—"]
+    assert "| trained as |" in report._md_table(report.SETUP_COLUMNS, report.setup_rows(c))
+
+
 def test_compare_and_report_import_no_torch(tmp_path):
     """Judging and drawing a copied run directory must not pay torch's start-up (seconds, hundreds of MB)."""
     import importlib.util
