@@ -38,11 +38,11 @@ def shard(cache, sha):
 
 
 def loaded_weights(path) -> str:
-    from parity.train import load_seed_plain
+    from parity.train import load_seed
 
     model = build_model(PRESETS["tiny"], 1, 99)  # a different init, so the load must do the work
     with pytest.warns(UserWarning, match="single process"):
-        load_seed_plain(model, str(path))
+        load_seed([model], str(path))
     return state_dict_sha256(model.state_dict())
 
 
