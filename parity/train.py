@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parity import fingerprint, records
+from parity import fingerprint, memory, records
 from parity.data import Batches
 from parity.lifeline import ERROR_MARK
 from parity.model import build_meta_model
@@ -329,6 +329,7 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
     rank = dist.get_rank()
     dtype = getattr(torch, t.dtype)
     fault = setup.fault
+    memory.reset_peak(device)  # after the previous setup in this process has been let go
     # Built on the meta device and allocated after parallelize: a rank allocates only the shards and
     # pipeline stages it holds, never a full copy of the model first (torchtitan's order).
     model = build_meta_model(cfg, t.seq_len, dtype)
@@ -397,7 +398,16 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
     if fault in ("negate_shard", "transpose_shard"):
         plant_shard_fault(par, fault)
     digest = weight_digest(par)
-    return {"rows": rows, "digest": digest, "par": par, "probes": probe_rows}
+    return {"rows": rows, "digest": digest, "par": par, "probes": probe_rows, "peak_memory": peak_memory(device)}
+
+
+def peak_memory(device: torch.device) -> dict | None:
+    """run.json's peak_memory: every rank's peak since the setup's start (one all_gather_object)."""
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, memory.peak_bytes(device))
+    if None in per_rank:
+        return None
+    return {"measure": memory.measure(device), "per_rank_bytes": per_rank, "max_bytes": max(per_rank)}
 
 
 def scale_output(par: Parallel, module: str, factor: float) -> None:
@@ -493,6 +503,7 @@ def write_outputs(setup: Setup, plan: dict, result: dict, started: str, device: 
         "setup_config": {k: v for k, v in setup.to_dict().items() if k != "train"},
         "train": setup.to_dict()["train"],
         "notes": par.notes,
+        "peak_memory": result["peak_memory"],
         "started": started,
         "ended": datetime.now(timezone.utc).isoformat(),
     })
