@@ -119,7 +119,21 @@ def grad_norm_and_clip(par: Parallel, max_norm: float, device: torch.device, sta
     return total.detach().clone()  # stays on the device; read once after the last step
 
 
-def allocate_and_load(modules: list, plan: dict, fault: str | None, seed: int, device: torch.device) -> None:
+def build_parallel(setup: Setup, ckpt: str, device: torch.device):
+    """(the model, its Parallel), loaded. Built on the meta device and allocated after parallelize: a
+    rank allocates only the shards and pipeline stages it holds, never a full copy of the model
+    first (torchtitan's order). DDP and a bare single model allocate, load, then wrap."""
+    t = setup.train
+    model = build_meta_model(t.model_config, t.seq_len, getattr(torch, t.dtype))
+    if setup.dims.seed_before_wrap:
+        allocate_and_load([model], ckpt, setup.fault, t.seed, device)
+        return model, parallelize(model, setup, device, loss_fn)
+    par = parallelize(model, setup, device, loss_fn)
+    allocate_and_load(par.modules, ckpt, setup.fault, t.seed, device)
+    return model, par
+
+
+def allocate_and_load(modules: list, ckpt: str, fault: str | None, seed: int, device: torch.device) -> None:
     """Give the meta-device module(s) storage on `device` and their weights: the seed checkpoint, or
     for the `skip_seed_load` fault a deterministic init that is not the seed's."""
     for m in modules:
@@ -128,7 +142,7 @@ def allocate_and_load(modules: list, plan: dict, fault: str | None, seed: int, d
     if fault == "skip_seed_load":
         fresh_init(modules, seed)
     else:
-        load_seed(modules, plan["seed_checkpoint"])
+        load_seed(modules, ckpt)
 
 
 def fresh_init(modules: list, seed: int) -> None:
@@ -327,18 +341,9 @@ def train_setup(setup: Setup, plan: dict, device: torch.device) -> dict:
     t = setup.train
     cfg = t.model_config
     rank = dist.get_rank()
-    dtype = getattr(torch, t.dtype)
     fault = setup.fault
     memory.reset_peak(device)  # after the previous setup in this process has been let go
-    # Built on the meta device and allocated after parallelize: a rank allocates only the shards and
-    # pipeline stages it holds, never a full copy of the model first (torchtitan's order).
-    model = build_meta_model(cfg, t.seq_len, dtype)
-    if setup.dims.seed_before_wrap:  # DDP and a bare single model: allocate, load, then wrap
-        allocate_and_load([model], plan, fault, t.seed, device)
-        par = parallelize(model, setup, device, loss_fn)
-    else:
-        par = parallelize(model, setup, device, loss_fn)
-        allocate_and_load(par.modules, plan, fault, t.seed, device)
+    model, par = build_parallel(setup, plan["seed_checkpoint"], device)
     if fault == "scale_output":  # before the probes' hooks, which must see the scaled output
         scale_output(par, setup.fault_at, setup.fault_factor)
     # No recorder, no hooks: a run without probes computes exactly what it always did.
