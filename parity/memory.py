@@ -7,6 +7,11 @@ collection for its reference cycles, then glibc's malloc_trim: freed heap pages 
 resident) and then resetting VmHWM to the current resident set (Linux: "5" written to
 /proc/self/clear_refs). The host peak counts everything resident in the process: the interpreter
 and torch's libraries, communication buffers and whatever the setup allocates.
+
+glibc also pins its mmap threshold here, at its own starting value: by default it raises the
+threshold (up to 32 MiB) each time a large block is freed, after which freed tensors of a few MiB
+stay in the heap, resident, and the peak measures the allocator's caching more than the setup
+(measured: FSDP over 8 ranks of llama_134m peaked at 2.1 GiB per rank that way, 1.0 GiB pinned).
 """
 
 from __future__ import annotations
@@ -29,15 +34,20 @@ def measure(device: torch.device) -> str | None:
     return "host_rss" if _CLEAR_REFS.exists() and _STATUS.exists() else None
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_GLIBC_MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
+
+
 def reset_peak(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     elif measure(device) is not None:
         libc = ctypes.util.find_library("c")
-        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
-        if trim is not None:  # glibc only; without it the peak may start above what is still in use
-            trim(0)
+        libc = ctypes.CDLL(libc) if libc else None
+        if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt"):  # glibc only
+            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD)
+            libc.malloc_trim(0)
         _CLEAR_REFS.write_text("5")
 
 
