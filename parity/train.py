@@ -176,7 +176,8 @@ def weight_digest(par: Parallel) -> list[dict]:
     SKETCHES random projections of the logical tensor computed from local shards (see weight_sketches).
 
     Norm and sha256 need the full tensor: parameter i of the model is assembled on rank i % world
-    size alone (see full_on_one_rank), one parameter at a time, and one all_gather_object shares the rows.
+    size alone (see full_on_one_rank), one parameter at a time, and one all_gather_object shares the
+    rows.
     """
     local = {}
     for m in par.modules:
@@ -205,13 +206,17 @@ def weight_digest(par: Parallel) -> list[dict]:
 
 
 def full_on_one_rank(name: str, dst: int, box, world: list[dict]) -> torch.Tensor | None:
-    """Parameter `name`'s full tensor on the host of rank `dst` (None on every other rank): each rank
+    """Parameter `name`'s full tensor on rank `dst` (None on every other rank): each rank
     sends the box it counts (shards.local_box) as raw bytes with one dist.gather, padded to the
     largest box (a rank without one sends padding only), and `dst` writes each box at its offset.
-    Bytes, so that the tensor arrives bit for bit in any dtype."""
+    Bytes, so that the tensor arrives bit for bit in any dtype. Where one rank's box is the whole
+    parameter (DDP, replicate, a plain pipeline stage), that rank returns it instead: nothing moves."""
     shape, dtype = next(part[name][:2] for part in world if name in part)
     boxes = [part[name][2] if name in part else None for part in world]
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    holders = [r for r, b in enumerate(boxes) if b is not None]
+    if len(holders) == 1 and boxes[holders[0]][0] == shape:
+        return box[0] if dist.get_rank() == holders[0] else None
+    itemsize = dtype.itemsize
     size = max((math.prod(b[0]) * itemsize for b in boxes if b is not None), default=0)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     send = torch.zeros(size, dtype=torch.uint8, device=device)
