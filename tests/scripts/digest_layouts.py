@@ -30,14 +30,14 @@ TRAIN = Train(model="tiny", seq_len=32, global_batch=8)
 # Every way a rank holds a parameter: a DDP copy, FSDP row shards, HSDP and replicate replicas,
 # TP column and row shards, FSDP over TP, pipeline stages of FSDP shards and of replicas.
 LAYOUTS = {
-    "ddp": dict(dp_api="ddp", dp_replicate=4),
-    "fsdp": dict(dp_api="fully_shard", dp_shard=4),
-    "hsdp": dict(dp_api="fully_shard", dp_replicate=2, dp_shard=2),
-    "fsdp_tp": dict(dp_api="fully_shard", dp_shard=2, tp=2),
-    "replicate": dict(dp_api="replicate", dp_replicate=4),
-    "tp": dict(dp_api="none", tp=4),
-    "pp_fsdp": dict(dp_api="fully_shard", dp_shard=2, pp=2, pp_schedule="gpipe", microbatches=2),
-    "pp_replicate": dict(dp_api="replicate", dp_replicate=2, pp=2, pp_schedule="gpipe", microbatches=2),
+    "ddp": {"dp_api": "ddp", "dp_replicate": 4},
+    "fsdp": {"dp_api": "fully_shard", "dp_shard": 4},
+    "hsdp": {"dp_api": "fully_shard", "dp_replicate": 2, "dp_shard": 2},
+    "fsdp_tp": {"dp_api": "fully_shard", "dp_shard": 2, "tp": 2},
+    "replicate": {"dp_api": "replicate", "dp_replicate": 4},
+    "tp": {"dp_api": "none", "tp": 4},
+    "pp_fsdp": {"dp_api": "fully_shard", "dp_shard": 2, "pp": 2, "pp_schedule": "gpipe", "microbatches": 2},
+    "pp_replicate": {"dp_api": "replicate", "dp_replicate": 2, "pp": 2, "pp_schedule": "gpipe", "microbatches": 2},
 }
 
 
