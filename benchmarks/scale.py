@@ -242,8 +242,9 @@ def startup(run_dir: Path) -> list[str]:
         if run.get("status") == "ok" and "timings" in run:
             by_world.setdefault(run["world_size"], []).append(run["timings"])
     parts = [("torchrun + interpreter start", "torchrun_start_s"), ("rank imports (torch, parity)", "rank_imports_s"),
-             ("process group", "process_group_s"), ("mesh", "mesh_s"), ("model, wrappers, optimizer", "build_s"),
-             ("seed checkpoint load", "seed_load_s"), ("training steps", "steps_s"), ("weight digest", "digest_s")]
+             ("process group", "process_group_s"), ("mesh and wrappers (parallelize)", "parallelize_s"),
+             ("allocate + seed checkpoint load", "seed_load_s"), ("meta model, probes, optimizer", "build_s"),
+             ("training steps", "steps_s"), ("weight digest", "digest_s")]
     lines = ["(c) where a launch's time goes (median seconds over the naive run's launches; built-in trainer)"]
     header = f"    {'':32}" + "".join(f"  ws {w:<3} (n={len(t):<2})" for w, t in sorted(by_world.items()))
     lines.append(header)

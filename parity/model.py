@@ -84,6 +84,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, seq_len: int, rope_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.cfg = cfg
+        self.seq_len, self.rope_dtype = seq_len, rope_dtype
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         # A ModuleDict keyed "0".."n-1" keeps FQNs stable when a pipeline stage deletes layers.
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
@@ -100,6 +101,14 @@ class Transformer(nn.Module):
             h = layer(h, self.rope_cos, self.rope_sin)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
+
+    @torch.no_grad()
+    def init_buffers(self):
+        """Recompute the RoPE tables in place (cast to the buffers' dtype): after to_empty they hold garbage,
+        and the seed checkpoint does not carry them."""
+        cos, sin = rope_tables(self.cfg, self.seq_len, self.rope_dtype)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
 
     @torch.no_grad()
     def init_weights(self):
@@ -122,7 +131,19 @@ def build_model(cfg: ModelConfig, seq_len: int, seed: int, dtype: torch.dtype = 
     """Deterministic on every machine: init in float32 on CPU from `seed`, then cast."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    model = Transformer(cfg, seq_len, torch.float64 if dtype == torch.float64 else torch.float32)
+    model = Transformer(cfg, seq_len, _rope_dtype(dtype))
     model.init_weights()
     torch.random.set_rng_state(gen_state)
     return model.to(dtype)
+
+
+def build_meta_model(cfg: ModelConfig, seq_len: int, dtype: torch.dtype = torch.float32) -> Transformer:
+    """The model's structure without storage: parallelize it first, so that each rank allocates only
+    what it holds (to_empty), then load the weights and call init_buffers."""
+    with torch.device("meta"):
+        model = Transformer(cfg, seq_len, _rope_dtype(dtype))
+    return model.to(dtype)
+
+
+def _rope_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32

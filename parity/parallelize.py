@@ -190,16 +190,17 @@ def stage_layers(n_layers: int, n_stages: int, stage: int) -> list[int]:
 
 
 def stage_module(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
-    m = copy.deepcopy(model)
+    """A copy of `model` holding only this stage's layers (tok_embeddings on the first stage, norm and
+    output on the last). What the stage drops is never copied: deepcopy's memo hands back None for it."""
     keep = {str(i) for i in stage_layers(len(model.layers), n_stages, stage)}
-    for name in list(m.layers):
-        if name not in keep:
-            del m.layers[name]
+    dropped = [layer for name, layer in model.layers.items() if name not in keep]
     if stage != 0:
-        m.tok_embeddings = None
+        dropped.append(model.tok_embeddings)
     if stage != n_stages - 1:
-        m.norm = None
-        m.output = None
+        dropped += [model.norm, model.output]
+    m = copy.deepcopy(model, memo={id(d): None for d in dropped})
+    for name in [n for n, layer in m.layers.items() if layer is None]:
+        del m.layers[name]
     return m
 
 
@@ -216,7 +217,8 @@ def _schedule(s: Setup, stages: list, loss_fn):
 
 
 def parallelize(model: nn.Module, s: Setup, device: torch.device, loss_fn) -> Parallel:
-    """Wrap `model` (already on `device`) for setup `s`. Seeds are loaded afterwards, except for DDP/none."""
+    """Wrap `model` for setup `s`: on the meta device (allocated and loaded afterwards), except for DDP and
+    a bare single model, which take the seed before wrapping and arrive allocated on `device`."""
     mesh = build_mesh(s, device.type)
     par = Parallel(mesh=mesh, modules=[model], dp_rank=_local_rank(mesh, "dp_replicate") * s.dp_shard + _local_rank(mesh, "dp_shard"),
                    pp_rank=_local_rank(mesh, "pp"), tp_rank=_local_rank(mesh, "tp"))

@@ -24,6 +24,9 @@ PRESETS = {
     "debugmodel": ModelConfig(dim=256, n_layers=6, n_heads=16, vocab_size=2048, ffn_hidden=768),
     # Small enough for unit tests on 2 CPU cores; 4 layers so interleaved PP fits 2 ranks x 2 stages.
     "tiny": ModelConfig(dim=64, n_layers=4, n_heads=4, vocab_size=256, ffn_hidden=192),
+    # Llama-3 shaped, 134M parameters (536 MB in float32, 2.1 GB with grads and AdamW state): big
+    # enough that a rank holding a full copy instead of its shard shows in the recorded peak memory.
+    "llama_134m": ModelConfig(dim=768, n_layers=12, n_heads=12, vocab_size=32000, ffn_hidden=2048),
 }
 
 

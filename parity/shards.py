@@ -18,6 +18,19 @@ def _shard_box_fn():
     return compute_local_shape_and_global_offset
 
 
+def held_box(p):
+    """(local tensor, global offset) of what this rank holds of p: its shard of a DTensor (a replica
+    included), or a plain tensor whole."""
+    if not hasattr(p, "device_mesh"):
+        return p, (0,) * p.dim()
+    shape, offset = _shard_box_fn()(p.shape, p.device_mesh, p.placements)
+    local = p.to_local()
+    if tuple(local.shape) != tuple(shape):
+        raise RuntimeError(f"shard of a parameter: local shard {tuple(local.shape)} is not the {tuple(shape)} "
+                           f"that {p.placements} gives for {tuple(p.shape)}")
+    return local, offset
+
+
 def local_box(p, par: Parallel):
     """(local tensor, global offset) when this rank is the one that counts p's local elements, else None.
 
@@ -46,13 +59,7 @@ def local_box(p, par: Parallel):
                     return None
             elif not isinstance(placement, (Shard, _StridedShard)):
                 raise RuntimeError(f"counting shards: parameter placement {placement} is neither Shard nor Replicate")
-        shape, offset = _shard_box_fn()(p.shape, mesh, p.placements)
-        local = p.to_local()
-        if tuple(local.shape) != tuple(shape):
-            raise RuntimeError(f"counting shards: local shard {tuple(local.shape)} is not the {tuple(shape)} "
-                               f"that {p.placements} gives for {tuple(p.shape)}")
-    else:
-        local, offset = p, (0,) * p.dim()
+    local, offset = held_box(p)
     if world is not None:
         for name in world.mesh_dim_names:
             if name != "pp" and name not in spanned and world.get_local_rank(name) != 0:

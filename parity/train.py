@@ -12,6 +12,7 @@ exactly the floats that were always recorded (NaN and Inf included, which the co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -25,13 +26,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parity import fingerprint, records
+from parity import fingerprint, memory, records
 from parity.data import Batches
 from parity.lifeline import ERROR_MARK
-from parity.model import build_model
+from parity.model import build_meta_model
 from parity.parallelize import Parallel, parallelize
 from parity.probes import ProbeRecorder
-from parity.shards import local_box
+from parity.shards import held_box, local_box
 from parity.sketch import SKETCHES, norm_and_sha, param_order, sketch_block
 from parity.spec import Setup, Train
 
@@ -118,42 +119,131 @@ def grad_norm_and_clip(par: Parallel, max_norm: float, device: torch.device, sta
     return total.detach().clone()  # stays on the device; read once after the last step
 
 
-def load_seed(par: Parallel, ckpt: str):
-    """DCP load into the wrapped model(s): each rank reads only what its shards hold."""
+def build_parallel(setup: Setup, ckpt: str, device: torch.device, timings: dict | None = None):
+    """(the model, its Parallel), loaded. Built on the meta device and allocated after parallelize: a
+    rank allocates only the shards and pipeline stages it holds, never a full copy of the model
+    first (torchtitan's order). DDP and a bare single model allocate, load, then wrap. `timings`
+    gets parallelize_s (mesh and wrappers) and seed_load_s (allocation and the checkpoint's read)."""
+    t = setup.train
+    timings = {} if timings is None else timings
+    model = build_meta_model(t.model_config, t.seq_len, getattr(torch, t.dtype))
+
+    def timed(key, fn, *args):
+        began = time.perf_counter()
+        result = fn(*args)
+        timings[key] = time.perf_counter() - began
+        return result
+
+    if setup.dims.seed_before_wrap:
+        timed("seed_load_s", allocate_and_load, [model], ckpt, setup.fault, t.seed, device)
+        return model, timed("parallelize_s", parallelize, model, setup, device, loss_fn)
+    par = timed("parallelize_s", parallelize, model, setup, device, loss_fn)
+    timed("seed_load_s", allocate_and_load, par.modules, ckpt, setup.fault, t.seed, device)
+    return model, par
+
+
+def allocate_and_load(modules: list, ckpt: str, fault: str | None, seed: int, device: torch.device) -> None:
+    """Give the meta-device module(s) storage on `device` and their weights: the seed checkpoint, or
+    for the `skip_seed_load` fault a deterministic init that is not the seed's."""
+    for m in modules:
+        m.to_empty(device=device)
+        m.init_buffers()
+    if fault == "skip_seed_load":
+        fresh_init(modules, seed)
+    else:
+        load_seed(modules, ckpt)
+
+
+def fresh_init(modules: list, seed: int) -> None:
+    """The `skip_seed_load` fault's weights, the same in every layout: each parameter's full tensor is
+    drawn on the host from a generator seeded by `seed` and its name (norm weights are ones), one
+    parameter at a time, and each rank copies in the shard it holds."""
+    for m in modules:
+        for name, p in m.named_parameters():
+            key = int.from_bytes(hashlib.sha256(f"{seed}|{name}".encode()).digest()[:8], "little")
+            full = (torch.ones(p.shape) if p.dim() == 1
+                    else torch.randn(p.shape, generator=torch.Generator().manual_seed(key)) * 0.02)
+            local, offset = held_box(p)
+            with torch.no_grad():
+                local.copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))])
+
+
+def load_seed(modules: list, ckpt: str):
+    """DCP load into the (wrapped) model(s): each rank reads only what its shards hold."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    parts = [get_model_state_dict(m) for m in par.modules]
+    parts = [get_model_state_dict(m) for m in modules]
     merged = {k: v for part in parts for k, v in part.items()}  # stage FQNs are disjoint
     dcp.load(merged, checkpoint_id=ckpt)
-    for m, part in zip(par.modules, parts):
+    for m, part in zip(modules, parts):
         set_model_state_dict(m, {k: merged[k] for k in part})
-
-
-def load_seed_plain(model, ckpt: str):
-    """DDP and single-process setups: load before wrapping (DDP broadcasts from rank 0 anyway)."""
-    import torch.distributed.checkpoint as dcp
-
-    state = model.state_dict()
-    dcp.load(state, checkpoint_id=ckpt)
-    model.load_state_dict(state)
 
 
 def weight_digest(par: Parallel) -> list[dict]:
     """Per parameter of the full model: L2 norm (float64), sha256 of the full tensor's bytes, and
-    SKETCHES random projections of the logical tensor computed from local shards (see weight_sketches)."""
-    rows = {}
+    SKETCHES random projections of the logical tensor computed from local shards (see weight_sketches).
+
+    Norm and sha256 need the full tensor: parameter i of the model is assembled on rank i % world
+    size alone (see full_on_one_rank), one parameter at a time, and one all_gather_object shares the
+    rows.
+    """
+    local = {}
     for m in par.modules:
         for name, p in m.named_parameters():
-            name = name.removeprefix("module.")  # DDP
-            rows[name] = norm_and_sha(name, p.full_tensor() if hasattr(p, "full_tensor") else p)
-    gathered = [None] * dist.get_world_size()
+            local[name.removeprefix("module.")] = p  # DDP
+    boxes = {name: local_box(p, par) for name, p in local.items()}
+    # What each rank holds: every parameter's shape and dtype, and the box it counts (None: none).
+    held = {name: (tuple(p.shape), p.dtype, None if boxes[name] is None else
+                   (tuple(boxes[name][0].shape), tuple(boxes[name][1]))) for name, p in local.items()}
+    world = [None] * dist.get_world_size()
+    dist.all_gather_object(world, held)  # pipeline stages hold different parameters
+    order = sorted({n for part in world for n in part}, key=param_order)
+    rows = {}
+    for i, name in enumerate(order):
+        full = full_on_one_rank(name, i % len(world), boxes.get(name), world)
+        if full is not None:
+            rows[name] = norm_and_sha(name, full)
+            del full
+    gathered = [None] * len(world)
     dist.all_gather_object(gathered, rows)
     merged = {}
     for part in gathered:
         merged.update(part)
     sketches = weight_sketches(par)
-    return [{**merged[k], **dict(zip(records.SKETCH_COLUMNS, sketches[k]))} for k in sorted(merged, key=param_order)]
+    return [{**merged[k], **dict(zip(records.SKETCH_COLUMNS, sketches[k]))} for k in order]
+
+
+def full_on_one_rank(name: str, dst: int, box, world: list[dict]) -> torch.Tensor | None:
+    """Parameter `name`'s full tensor on rank `dst` (None on every other rank): each rank
+    sends the box it counts (shards.local_box) as raw bytes with one dist.gather, padded to the
+    largest box (a rank without one sends padding only), and `dst` writes each box at its offset.
+    Bytes, so that the tensor arrives bit for bit in any dtype. Where one rank's box is the whole
+    parameter (DDP, replicate, a plain pipeline stage), that rank returns it instead: nothing moves."""
+    shape, dtype = next(part[name][:2] for part in world if name in part)
+    boxes = [part[name][2] if name in part else None for part in world]
+    holders = [r for r, b in enumerate(boxes) if b is not None]
+    if len(holders) == 1 and boxes[holders[0]][0] == shape:
+        return box[0] if dist.get_rank() == holders[0] else None
+    itemsize = dtype.itemsize
+    size = max((math.prod(b[0]) * itemsize for b in boxes if b is not None), default=0)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    send = torch.zeros(size, dtype=torch.uint8, device=device)
+    if box is not None:
+        block = box[0].detach().contiguous().reshape(-1).view(torch.uint8)
+        send[:block.numel()].copy_(block)
+    rank = dist.get_rank()
+    recv = [torch.empty_like(send) for _ in world] if rank == dst else None
+    dist.gather(send, recv, dst=dst)
+    if rank != dst:
+        return None
+    full = torch.zeros(shape, dtype=dtype)
+    for piece, b in zip(recv, boxes):
+        if b is not None:
+            block_shape, offset = b
+            n = math.prod(block_shape) * itemsize
+            full[tuple(slice(o, o + k) for o, k in zip(offset, block_shape))] = piece[:n].cpu().view(dtype).view(block_shape)
+    return full
 
 
 def weight_sketches(par: Parallel) -> dict[str, list[float]]:
@@ -265,22 +355,11 @@ def train_setup(setup: Setup, job: dict, device: torch.device) -> dict:
     t = setup.train
     cfg = t.model_config
     rank = dist.get_rank()
-    dtype = getattr(torch, t.dtype)
     fault = setup.fault
-    timings = {"seed_load_s": 0.0}
+    timings: dict[str, float] = {}
     began = time.perf_counter()
-    # The seed-skip fault still starts from a deterministic init, just not the seed checkpoint's.
-    model = build_model(cfg, t.seq_len, t.seed + (1000 if fault == "skip_seed_load" else 0), dtype).to(device)
-    load_before_wrap = setup.dims.seed_before_wrap
-    if load_before_wrap and fault != "skip_seed_load":
-        loading = time.perf_counter()
-        load_seed_plain(model, job["seed_checkpoint"])
-        timings["seed_load_s"] += time.perf_counter() - loading
-    par = parallelize(model, setup, device, loss_fn)
-    if not load_before_wrap and fault != "skip_seed_load":
-        loading = time.perf_counter()
-        load_seed(par, job["seed_checkpoint"])
-        timings["seed_load_s"] += time.perf_counter() - loading
+    memory.reset_peak(device)  # after the previous setup in this process has been let go
+    model, par = build_parallel(setup, job["seed_checkpoint"], device, timings)
     if fault == "scale_output":  # before the probes' hooks, which must see the scaled output
         scale_output(par, setup.fault_at, setup.fault_factor)
     # No recorder, no hooks: a run without probes computes exactly what it always did.
@@ -293,7 +372,8 @@ def train_setup(setup: Setup, job: dict, device: torch.device) -> dict:
     lrs, micro_losses, norms = [], [], []
     clock = StepClock(device)
     last_progress = -math.inf
-    timings["build_s"] = time.perf_counter() - began - timings["seed_load_s"]  # mesh, model, wrappers, optimizer
+    # The meta model, probes and optimizer: what build_parallel's own two parts leave.
+    timings["build_s"] = time.perf_counter() - began - timings["seed_load_s"] - timings["parallelize_s"]
     began = time.perf_counter()
     for step in range(1, t.steps + 1):
         if fault in ("hang", "crash") and rank == FAULT_RANK and step == FAULT_STEP:
@@ -345,7 +425,17 @@ def train_setup(setup: Setup, job: dict, device: torch.device) -> dict:
     began = time.perf_counter()
     digest = weight_digest(par)
     timings["digest_s"] = time.perf_counter() - began
-    return {"rows": rows, "digest": digest, "par": par, "probes": probe_rows, "timings": timings}
+    return {"rows": rows, "digest": digest, "par": par, "probes": probe_rows, "timings": timings,
+            "peak_memory": peak_memory(device)}
+
+
+def peak_memory(device: torch.device) -> dict | None:
+    """run.json's peak_memory: every rank's peak since the setup's start (one all_gather_object)."""
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, memory.peak_bytes(device))
+    if None in per_rank:
+        return None
+    return {"measure": memory.measure(device), "per_rank_bytes": per_rank, "max_bytes": max(per_rank)}
 
 
 def scale_output(par: Parallel, module: str, factor: float) -> None:
@@ -443,6 +533,7 @@ def write_outputs(setup: Setup, job: dict, result: dict, started: str, device: t
         "train": setup.to_dict()["train"],
         "notes": par.notes,
         "timings": timings,
+        "peak_memory": result["peak_memory"],
         "started": started,
         "ended": datetime.now(timezone.utc).isoformat(),
     })

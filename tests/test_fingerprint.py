@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from parity.fingerprint import (
-    BIT_FIELDS, DETERMINISM, apply_determinism, determinism_summary, differing_fields, fingerprint, nccl_env,
+    BIT_FIELDS, DETERMINISM, determinism_summary, differing_fields, fingerprint, nccl_env,
     platform_key,
 )
 

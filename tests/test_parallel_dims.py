@@ -9,6 +9,7 @@ end run the combinations that used to crash or drop their wrapper.
 import math
 
 import pytest
+import torch
 
 from parity import records
 from parity.parallel_dims import ParallelDims
@@ -207,3 +208,24 @@ def test_fsdp_groups_are_blocks_then_root():
     assert dp_groups(model) == [*model.layers.values(), model]
     last = stage_module(model, 1, 2)
     assert dp_groups(last) == [*last.layers.values(), last]
+
+
+class _NoCopy(torch.nn.Module):
+    def __deepcopy__(self, memo):
+        raise AssertionError("stage_module copied a module its stage drops")
+
+
+def test_a_stage_copies_only_what_it_keeps():
+    """A pipeline stage never copies the layers (or embeddings, norm, output) another stage holds."""
+    from parity.model import build_meta_model
+    from parity.parallelize import stage_module
+    from parity.presets import PRESETS
+
+    model = build_meta_model(PRESETS["tiny"], 32)
+    model.layers["0"], model.layers["1"] = _NoCopy(), _NoCopy()
+    model.tok_embeddings = _NoCopy()
+    last = stage_module(model, 1, 2)
+    assert list(last.layers) == ["2", "3"] and last.tok_embeddings is None
+    assert last.layers["2"] is not model.layers["2"]  # a copy, so wrapping it leaves the model alone
+    with pytest.raises(AssertionError, match="copied a module"):
+        stage_module(model, 0, 2)

@@ -42,7 +42,7 @@ def make_case(out: Path, case: str, setups: dict[str, list[dict]], mode="bitwise
         records.write_weights(d / "weights.csv", WEIGHTS)
         run = {"case": case, "setup": name, "status": "ok", "torch": "2.11.0+cpu", "python": "3.11.2",
                "device": "cpu", "platform": "cpu-gloo", "backend": "gloo", "world_size": 8,
-               "mesh_shape": [2, 4], "mesh_dim_names": ["dp_replicate", "dp_shard"], "setup": {}, "train": {},
+               "mesh_shape": [2, 4], "mesh_dim_names": ["dp_replicate", "dp_shard"], "setup_config": {}, "train": {},
                "seed_checkpoint_sha256": "ab" * 32, "case_sha256": "cd" * 32, "case_path": f"cases/{case}.toml",
                "started": "2025-01-01T00:00:00", "ended": "2025-01-01T00:01:00", "git_commit": "deadbeef"}
         if command:

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from parity.errors import InputError
 from parity.model import build_model
@@ -38,11 +37,11 @@ def shard(cache, sha):
 
 
 def loaded_weights(path) -> str:
-    from parity.train import load_seed_plain
+    from parity.train import load_seed
 
     model = build_model(PRESETS["tiny"], 1, 99)  # a different init, so the load must do the work
     with pytest.warns(UserWarning, match="single process"):
-        load_seed_plain(model, str(path))
+        load_seed([model], str(path))
     return state_dict_sha256(model.state_dict())
 
 

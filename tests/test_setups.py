@@ -1,8 +1,6 @@
 """Every setup kind runs real torchrun + gloo ranks for a few steps and agrees with the single-process reference."""
 
 import math
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest

@@ -1,0 +1,64 @@
+"""A setup's peak memory on this rank: the CUDA allocator's peak on a GPU, the process's peak
+resident set (VmHWM) on the host.
+
+Several setups run one after another in one process, so the peak is reset at each setup's start.
+On the host that means returning the previous setup's freed memory to the kernel first (a
+collection for its reference cycles, then glibc's malloc_trim: freed heap pages otherwise stay
+resident) and then resetting VmHWM to the current resident set (Linux: "5" written to
+/proc/self/clear_refs). The host peak counts everything resident in the process: the interpreter
+and torch's libraries, communication buffers and whatever the setup allocates.
+
+glibc also pins its mmap threshold here, at its own starting value: by default it raises the
+threshold (up to 32 MiB) each time a large block is freed, after which freed tensors of a few MiB
+stay in the heap, resident, and the peak measures the allocator's caching more than the setup
+(measured: FSDP over 8 ranks of llama_134m peaked at 2.1 GiB per rank that way, 1.0 GiB pinned).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+from pathlib import Path
+
+import torch
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def measure(device: torch.device) -> str | None:
+    """What this rank's peak counts, or None where it cannot be measured (a host without Linux's /proc)."""
+    if device.type == "cuda":
+        return "cuda_max_allocated"
+    return "host_rss" if _CLEAR_REFS.exists() and _STATUS.exists() else None
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_GLIBC_MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif measure(device) is not None:
+        libc = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(libc) if libc else None
+        if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt"):  # glibc only
+            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD)
+            libc.malloc_trim(0)
+        _CLEAR_REFS.write_text("5")
+
+
+def peak_bytes(device: torch.device) -> int | None:
+    """The peak since reset_peak, in bytes."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if measure(device) is None:
+        return None
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # the kernel reports kB
+    raise RuntimeError(f"{_STATUS} has no VmHWM line")
+
