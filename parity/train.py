@@ -214,6 +214,11 @@ def weight_digest(par: Parallel) -> list[dict]:
     return [{**merged[k], **dict(zip(records.SKETCH_COLUMNS, sketches[k]))} for k in order]
 
 
+def collective_device() -> torch.device:
+    """Where this process group's collectives take their tensors: the rank's GPU under nccl, else the host."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def full_on_one_rank(name: str, dst: int, box, world: list[dict]) -> torch.Tensor | None:
     """Parameter `name`'s full tensor on rank `dst` (None on every other rank): each rank
     sends the box it counts (shards.local_box) as raw bytes with one dist.gather, padded to the
@@ -227,7 +232,7 @@ def full_on_one_rank(name: str, dst: int, box, world: list[dict]) -> torch.Tenso
         return box[0] if dist.get_rank() == holders[0] else None
     itemsize = dtype.itemsize
     size = max((math.prod(b[0]) * itemsize for b in boxes if b is not None), default=0)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = collective_device()
     send = torch.zeros(size, dtype=torch.uint8, device=device)
     if box is not None:
         block = box[0].detach().contiguous().reshape(-1).view(torch.uint8)
@@ -275,7 +280,7 @@ def weight_sketches(par: Parallel) -> dict[str, list[float]]:
             table[row, :SKETCHES] = torch.from_numpy(sketch_block(name, block, offset, tuple(p.shape)))
             table[row, count] = block.numel()
             table[row, index_sum] = _box_index_sum(tuple(block.shape), offset, tuple(p.shape)) % _INDEX_PRIME
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = collective_device()
     table = table.to(device)
     dist.all_reduce(table)
     table = table.cpu()
