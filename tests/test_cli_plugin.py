@@ -173,7 +173,8 @@ def test_pytest_xdist_workers_each_plan_their_own_share(tmp_path, cache_env):
     (cases / "c.toml").write_text(textwrap.dedent(LR_CASE.format(outcome="diverge")))
     out = tmp_path / "out"
     result = run([sys.executable, "-m", "pytest", "parity", "-p", "no:cacheprovider", "-n", "2", f"--parity-cases={cases}",
-                  f"--parity-out={out}", f"--parity-baselines={tmp_path / 'baselines'}", "-q"], REPO, cache_env)
+                  f"--parity-out={out}", f"--parity-baselines={tmp_path / 'baselines'}",
+                  "--parity-update-baselines=new", "-q"], REPO, cache_env)  # new cases: their first baselines
     assert result.returncode == 0 and "3 passed" in result.stdout, result.stdout + result.stderr
     plans = {p.name: records.read_json(p) for p in out.glob("plan-gw*.json")}
     assert len(plans) == 2, sorted(plans)  # both workers planned a share
