@@ -54,6 +54,9 @@ class Training:
     def shared_with(self) -> list[Job]:
         return self.jobs[1:]
 
+    def to_dict(self) -> dict:
+        return {"trained_as": self.first.label, "shared_with": [j.label for j in self.shared_with]}
+
 
 @dataclass
 class Launch:
@@ -64,8 +67,7 @@ class Launch:
 
     def to_dict(self) -> dict:
         return {"world_size": self.world_size, "device": self.device, "trainer": self.trainer,
-                "trainings": [{"trained_as": t.first.label, "shared_with": [j.label for j in t.shared_with]}
-                              for t in self.trainings]}
+                "trainings": [t.to_dict() for t in self.trainings]}
 
 
 def training_key(job: Job) -> str:

@@ -376,8 +376,7 @@ class _SuiteRun:
     def _log(self, number: int, name: str, launch: Launch, trainings: list[Training], result: LaunchResult) -> None:
         self.log.append({"launch": number, "name": name, "world_size": launch.world_size, "device": launch.device,
                          "trainer": launch.trainer, "status": result.status, "wall_s": result.wall_s,
-                         "trainings": [{"trained_as": t.first.label, "shared_with": [j.label for j in t.shared_with]}
-                                       for t in trainings]})
+                         "trainings": [t.to_dict() for t in trainings]})
 
 
 def _names(progress: dict, job: Job) -> bool:

@@ -180,6 +180,11 @@ def load_seed(modules: list, ckpt: str):
         set_model_state_dict(m, {k: merged[k] for k in part})
 
 
+def held_parameters(par: Parallel) -> dict:
+    """This rank's parameters by model name (DDP's "module." prefix dropped; pipeline stages hold some only)."""
+    return {name.removeprefix("module."): p for m in par.modules for name, p in m.named_parameters()}
+
+
 def weight_digest(par: Parallel) -> list[dict]:
     """Per parameter of the full model: L2 norm (float64), sha256 of the full tensor's bytes, and
     SKETCHES random projections of the logical tensor computed from local shards (see weight_sketches).
@@ -188,10 +193,7 @@ def weight_digest(par: Parallel) -> list[dict]:
     size alone (see full_on_one_rank), one parameter at a time, and one all_gather_object shares the
     rows.
     """
-    local = {}
-    for m in par.modules:
-        for name, p in m.named_parameters():
-            local[name.removeprefix("module.")] = p  # DDP
+    local = held_parameters(par)
     boxes = {name: local_box(p, par) for name, p in local.items()}
     # What each rank holds: every parameter's shape and dtype, and the box it counts (None: none).
     held = {name: (tuple(p.shape), p.dtype, None if boxes[name] is None else
@@ -261,10 +263,7 @@ def weight_sketches(par: Parallel) -> dict[str, list[float]]:
     (modulo a prime, so that the float64 sum stays exact). A box at a wrong offset, or two ranks
     counting the same box, changes the index sum.
     """
-    local = {}
-    for m in par.modules:
-        for name, p in m.named_parameters():
-            local[name.removeprefix("module.")] = p
+    local = held_parameters(par)
     names = [None] * dist.get_world_size()
     dist.all_gather_object(names, sorted(local))  # pipeline stages hold different parameters
     order = sorted({n for part in names for n in part}, key=param_order)
