@@ -14,12 +14,14 @@ from pathlib import Path
 
 from parity import records
 from parity.errors import InputError
+from parity.launch.process import DEFAULT_TIMEOUT_S
 from parity.paths import inside, name_problem
 from parity.plan import PLANS
 from parity.spec import MAX_STEPS, load_cases
 
 UPDATE_MODES = ("failing", "new", "all")
 DEFAULT_OUT = Path("reports/runs/latest")
+DEFAULT_BASELINES = "baselines"
 
 
 class UsageError(InputError):
@@ -66,28 +68,67 @@ def step_table(case, run_dir: Path) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in lines)
 
 
+def run_argv(args) -> list[str]:
+    """The `parity run` command line that args came from, in full (the reproduce command, the SLURM job's)."""
+    argv = ["parity", "run", *args.cases, "--device", args.device, "--out", str(args.out)]
+    argv += ["--steps", str(args.steps)] if args.steps else []
+    argv += [] if args.repeat is None else ["--repeat" if args.repeat else "--no-repeat"]
+    argv += ["--plan", args.plan] if args.plan != "suite" else []
+    argv += ["--timeout", repr(args.timeout)] if args.timeout != DEFAULT_TIMEOUT_S else []
+    argv += ["--baselines", args.baselines] if args.baselines != DEFAULT_BASELINES else []
+    argv += [f"--update-baselines={args.update_baselines}"] if args.update_baselines else []
+    argv += ["--no-report"] if args.no_report else []
+    return argv
+
+
 def cmd_run(args) -> int:
+    from parity.launch.nodes import check_splits, digest, parse_nodes
+    from parity.runner import resolve_device, visible_gpus
+
+    if args.launcher == "slurm":
+        return _submit_slurm(args)
+    if args.submit:
+        raise UsageError("--submit: allowed only with --launcher slurm")
+    nodes = parse_nodes(args.nnodes, args.node_rank, args.rdzv_endpoint)
+    cases = _load_cases(args.cases, args.baselines, args.update_baselines)
+    # Every case's device (GPU count, SDPA kernels), --out and seed checkpoint are checked before the
+    # first case runs: bad input writes nothing.
+    gpus = None if nodes is None else visible_gpus() * nodes.count  # a launch spreads its ranks over the nodes
+    devices = {case.name: resolve_device(args.device, case, gpus) for case in cases}
+    if nodes is None:
+        return _run_here(args, cases, devices)
+    check_splits(nodes, cases)
+    agreed = digest([[c.name, c.sha256] for c in cases] + [devices, args.steps, args.repeat, args.plan, nodes.count])
+    if not nodes.leads:
+        from parity.launch.nodes import follow
+
+        return follow(nodes, agreed, Path(args.out), args.timeout)
+    from parity.launch.nodes import Leader
+
+    leader = Leader(nodes, agreed, args.timeout)
+    code = 1
+    try:
+        code = _run_here(args, cases, devices, leader)
+    finally:
+        leader.finish(code)  # the other nodes exit with node 0's code
+    return code
+
+
+def _run_here(args, cases, devices, leader=None) -> int:
+    """Run, judge and report the cases from this process (alone, or as node 0 of several)."""
     from contextlib import ExitStack
 
     from parity import compare
     from parity.progress import Progress
-    from parity.runner import case_lock, check_out, judge, prepare_out, resolve_device, run_suite, seed_or_none
+    from parity.runner import case_lock, check_out, judge, prepare_out, run_suite, seed_or_none
 
-    cases = _load_cases(args.cases, args.baselines, args.update_baselines)
-    # Every case's device (GPU count, SDPA kernels), --out and seed checkpoint are checked before the
-    # first case runs: bad input writes nothing.
-    devices = {case.name: resolve_device(args.device, case) for case in cases}
     check_out(Path(args.out))
     seeds = {c.name: seed_or_none(c, None, devices[c.name], args.timeout) for c in cases}
     out = prepare_out(Path(args.out))
     progress = Progress()
-    command = ["parity", "run", *args.cases, "--device", args.device, "--out", str(out)]
-    if args.steps:
-        command += ["--steps", str(args.steps)]
-    if args.repeat is not None:
-        command += ["--repeat" if args.repeat else "--no-repeat"]
-    if args.plan != "suite":
-        command += ["--plan", args.plan]
+    command = run_argv(args)
+    if leader is not None:
+        command += ["--nnodes", str(args.nnodes), "--node-rank", "0", "--rdzv-endpoint", args.rdzv_endpoint]
     started = time.monotonic()
 
     def on_progress(p, _setup_elapsed):
@@ -99,7 +140,7 @@ def cmd_run(args) -> int:
             locks.enter_context(case_lock(out, case.name))
         results = run_suite(cases, out, devices, args.steps, args.timeout, None, on_progress,
                             {c.name: command for c in cases}, args.repeat, seeds, args.plan,
-                            on_plan=lambda text: print(text, flush=True))
+                            on_plan=lambda text: print(text, flush=True), leader=leader)
         progress.done()
         for case in cases:
             for name, r in results[case.name].items():
@@ -118,6 +159,35 @@ def cmd_run(args) -> int:
         md, html = write_report(out)
         print(f"\nreport: {md}  {html}")
     return 1 if failed else 0
+
+
+def _submit_slurm(args) -> int:
+    """--launcher slurm: print the job script, or with --submit write it into --out and sbatch it."""
+    import shutil
+    import subprocess
+
+    from parity.launch.slurm import job_script
+    from parity.runner import prepare_out
+
+    if args.node_rank is not None or args.rdzv_endpoint is not None:
+        raise UsageError("--launcher slurm: the job script sets --node-rank and --rdzv-endpoint on each node; "
+                         "allowed: leave them out")
+    cases = _load_cases(args.cases, args.baselines, args.update_baselines)
+    if args.nnodes > 1:
+        from parity.launch.nodes import Nodes, check_splits
+
+        check_splits(Nodes(args.nnodes, 0, "", 0), cases)
+    script = job_script(run_argv(args)[2:], args.nnodes, max(c.world_size for c in cases), args.device, Path.cwd())
+    if not args.submit:
+        print(script, end="")
+        return 0
+    if shutil.which("sbatch") is None:
+        raise UsageError("--submit: sbatch is not on PATH; allowed: leave out --submit to print the job script")
+    path = inside(prepare_out(Path(args.out)), "slurm-job.sh")
+    records.atomic_write_text(path, script)
+    done = subprocess.run(["sbatch", str(path)], capture_output=True, text=True)
+    print(f"{path}\n{done.stdout}{done.stderr}", end="")
+    return 0 if done.returncode == 0 else 1
 
 
 def cmd_list(args) -> int:
@@ -284,13 +354,13 @@ def parser() -> argparse.ArgumentParser:
                         help="auto: CUDA when enough GPUs are visible, else CPU with gloo ranks")
         sp.add_argument("--out", default=str(DEFAULT_OUT), help="run directory (default %(default)s)")
         sp.add_argument("--steps", type=STEPS, help="override every setup's step count")
-        sp.add_argument("--timeout", type=TIMEOUT, default=900.0,
+        sp.add_argument("--timeout", type=TIMEOUT, default=DEFAULT_TIMEOUT_S,
                         help="seconds per setup before its launch's ranks are killed (default %(default)s)")
 
     r = sub.add_parser("run", help="run cases and judge them")
     r.add_argument("cases", nargs="+", help="case files or directories of them")
     common_run(r)
-    r.add_argument("--baselines", default="baselines", help="baseline root (default %(default)s)")
+    r.add_argument("--baselines", default=DEFAULT_BASELINES, help="baseline root (default %(default)s)")
     r.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None,
                    metavar="{failing,new,all}", help="write baselines: failing (default), new, all")
     r.add_argument("--no-report", action="store_true", help="skip report.md/report.html")
@@ -300,6 +370,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--repeat", action=argparse.BooleanOptionalAction, default=None,
                    help="run each reference twice and compare bitwise before anything else "
                         "(default: the case's [expect] repeat, else on for CUDA, off for CPU)")
+    nodes = r.add_argument_group("across nodes", "run the same command on every node; node 0 plans, judges and "
+                                 "reports, and hosts torchrun's c10d rendezvous at --rdzv-endpoint")
+    nodes.add_argument("--nnodes", type=_positive(int, 4096), default=1, help="how many nodes (default 1)")
+    nodes.add_argument("--node-rank", type=int, help="this node's rank, 0 to NNODES-1")
+    nodes.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="node 0's address and a free port on it")
+    nodes.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                       help="local (default): run here; slurm: print a job script that runs this command on "
+                            "--nnodes nodes (one `parity run` per node, each starting torchrun)")
+    nodes.add_argument("--submit", action="store_true", help="with --launcher slurm: write the script into --out "
+                                                             "and submit it with sbatch")
     r.set_defaults(fn=cmd_run)
 
     c = sub.add_parser("compare", help="judge an existing run directory without running")

@@ -1,26 +1,23 @@
-"""torchrun's entry module for every rank: `-m parity.rank PLAN.json`.
+"""The entry module of every rank: `-m parity.rank PLAN.json`, under torchrun or any launcher that sets
+torch.distributed's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
-It arms PR_SET_PDEATHSIG before the slow `import torch`, then checks that the parent is still
-torchrun. A rank whose torchrun died before the guard was armed would otherwise be orphaned for
-good. Only then does it hand over to parity.train.
+It notes its parent and arms PR_SET_PDEATHSIG before the slow `import torch`, then checks that the
+parent is still the one it started under: a rank whose launcher died before the guard was armed
+would otherwise be orphaned for good. Only then does it hand over to parity.train.
 """
 
 import os
 import sys
 import time
-from pathlib import Path
 
+PARENT = os.getppid()  # first, before anything slow: the launcher this rank must die with
 STARTED = time.time()  # before the slow imports: the launch records where its start-up went
 
-from parity.lifeline import die_with_parent
+from parity.lifeline import die_with_parent, orphaned  # noqa: E402
 
 die_with_parent()
-try:
-    parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
-except OSError:
-    parent = b""
-if b"torch.distributed.run" not in parent and b"torchrun" not in parent:
-    sys.exit("parity.rank: torchrun is gone; exiting")
+if orphaned(PARENT):
+    sys.exit("parity.rank: its launcher is gone; exiting")
 
 from parity.train import main  # noqa: E402 - deliberately after the guard
 

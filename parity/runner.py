@@ -24,8 +24,8 @@ from parity import records
 from parity.errors import InputError
 from parity.external.torchtitan import SeedBuildError
 from parity.external.torchtitan import missing as titan_missing
-from parity.launch import DEFAULT_TIMEOUT_S, LaunchResult
-from parity.launch import launch as launch_torchrun
+from parity.launch.process import DEFAULT_TIMEOUT_S, LaunchResult
+from parity.launch.torchrun import launch as launch_torchrun
 from parity.paths import CASE_MARKER, inside
 from parity.plan import Job, Launch, Training, plan, summary
 from parity.spec import REPEAT_SUFFIX, Case, Setup, check_attention
@@ -198,7 +198,7 @@ def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = No
 def run_suite(cases: list[Case], out: Path, devices: dict[str, str], steps: int | None = None,
               timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None, on_progress=None,
               commands: dict | None = None, repeat: bool | None = None, seeds: dict | None = None,
-              how: str = "suite", gpus=None, plan_file: str = "plan.json", on_plan=None,
+              how: str = "suite", gpus=None, plan_file: str = "plan.json", on_plan=None, leader=None,
               ) -> dict[str, dict[str, LaunchResult]]:
     """Run every setup of every case, planned together (parity.plan); returns {case: {setup: how it ended}}.
 
@@ -208,7 +208,8 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], steps: int 
     manager giving the GPU ids one launch may use (None: every visible one). The caller holds case_lock for
     every case. `on_plan(text)` sees the plan (parity.plan.summary) before the first launch. The plan,
     each launch's status and time, and which job reused which training are written to OUT/plan_file
-    and to each case's launches.json.
+    and to each case's launches.json. `leader` (parity.launch.nodes.Leader): every launch spans the
+    nodes that joined it, this process being node 0.
     """
     import torch
 
@@ -246,7 +247,7 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], steps: int 
         on_plan(summary(launches, how))
     log: list[dict] = []
     run = _SuiteRun(out, provenance, timeout_s, on_progress, gpus or (lambda _n, _device: nullcontext(None)), cache,
-                    results, log)
+                    results, log, leader)
     try:
         with tempfile.TemporaryDirectory(prefix=".launch-", dir=out) as workdir:
             run.workdir = Path(workdir)
@@ -276,9 +277,9 @@ class _SuiteRun:
     """Runs a plan's launches, one after another, and files every job's outcome."""
 
     def __init__(self, out: Path, provenance: dict, timeout_s: float, on_progress, gpus, cache, results: dict,
-                 log: list[dict]):
+                 log: list[dict], leader=None):
         self.out, self.provenance, self.timeout_s, self.on_progress = Path(out), provenance, timeout_s, on_progress
-        self.gpus, self.cache, self.results, self.log = gpus, cache, results, log
+        self.gpus, self.cache, self.results, self.log, self.leader = gpus, cache, results, log, leader
         self.workdir: Path | None = None
 
     def launch(self, number: int, launch: Launch) -> None:
@@ -303,8 +304,7 @@ class _SuiteRun:
                              "provenance": self.provenance[t.first.case.name]} for t in pending]}
             with self.gpus(launch.world_size, launch.device) as gpus:
                 # The rank logs that explain a failure: those of the setup it stopped in.
-                result = launch_torchrun(doc, launch.world_size, self.workdir, name, self.timeout_s,
-                                         self.on_progress, gpus, partial(self._unfinished_dirs, pending))
+                result = self._launch(doc, name, launch.world_size, gpus, partial(self._unfinished_dirs, pending))
             left = [t for t in pending if not self._finished(t.first)]
             self._log(number, name, launch, pending, result)
             for t in pending:
@@ -322,6 +322,21 @@ class _SuiteRun:
                     "failed", 0, "torchrun exited 0 but this setup wrote no records", result.wall_s))
             # A launch that failed before its first setup started (process group, imports) fails them all.
             pending = [t for t in left if t is not culprit] if culprit is not None and started else []
+
+    def _launch(self, doc: dict, name: str, world_size: int, gpus, log_dirs) -> LaunchResult:
+        """One torchrun: on this node alone, or this node's part of a launch the other nodes join."""
+        if self.leader is None:
+            return launch_torchrun(doc, world_size, self.workdir, name, self.timeout_s, self.on_progress, gpus, log_dirs)
+        nodes = self.leader.nodes
+        self.leader.announce(name, self.workdir / f"{name}.json", world_size, self.timeout_s, Path(doc["progress"]))
+        result = launch_torchrun(doc, nodes.ranks_per_node(world_size), self.workdir, name, self.timeout_s,
+                                 self.on_progress, gpus, log_dirs, nodes.rendezvous(name, self.timeout_s),
+                                 self.leader.failure_elsewhere(name))
+        self.leader.post_result(name, result)
+        if result.status == "ok":
+            return result
+        return replace(result, message=f"{nodes.where()}: {result.message}\nThe other nodes:\n"
+                                       + self.leader.others_said(name))
 
     def _external(self, number: int, launch: Launch) -> None:
         """A command or torchtitan setup: one launch, through parity.external.command."""

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from parity.launch import process_env
+from parity.launch.process import process_env
 from parity.seed import resolve_seed
 
 SCRIPT = Path(__file__).parent / "scripts" / "digest_layouts.py"

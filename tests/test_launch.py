@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from parity import records
-from parity.launch import alive, descendants
+from parity.launch.process import alive, descendants
 from parity.runner import run_case
 from parity.spec import load_case
 
@@ -91,7 +91,7 @@ def test_descendants_finds_grandchildren(tmp_path):
         found = descendants(proc.pid)
         assert len(found) >= 1
     finally:
-        from parity.launch import kill_tree
+        from parity.launch.process import kill_tree
 
         kill_tree(proc, grace_s=2)
     assert not any(alive(p) for p in found)
@@ -149,3 +149,18 @@ def test_sigterm_on_parity_records_interrupted_and_cleans_scratch(write_case, tm
     assert faulty["status"] == "interrupted" and "interrupted" in faulty["message"]
     leftovers = [p.name for p in (out / "case").iterdir() if p.name.startswith((".launch-", ".progress"))]
     assert leftovers == []
+
+
+def test_lifeline_wrapper_refuses_to_start_a_program_once_its_launcher_is_gone(tmp_path):
+    """`python -m parity.lifeline PARENT PROGRAM`: a PARENT that is not (or no longer) its parent means the
+    launcher died before the guard was armed; the program must not start, orphaned for good."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "parity.lifeline", "1", "touch", "started"], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert done.returncode == 1 and "the launcher (pid 1) is gone; not starting touch" in done.stderr
+    assert not (tmp_path / "started").exists()
+    ran = subprocess.run([sys.executable, "-c", "import os, subprocess, sys; from parity.lifeline import wrapped; "
+                          "sys.exit(subprocess.run(wrapped(['sh', '-c', 'exit 7'])).returncode)"])
+    assert ran.returncode == 7  # with its real parent, the wrapper becomes the program (exec), exit code and all

@@ -115,9 +115,9 @@ def run_setup(command: dict, setup, case_name: str, out: Path, device: str, seed
 
     `command` is a setup's validated keys (normalize) or a preset's expansion of them. A command
     that exits 0 but leaves metrics that cannot be read is a failed run, with the reason.
-    Returns a parity.launch.LaunchResult.
+    Returns a parity.launch.process.LaunchResult.
     """
-    from parity.launch import LaunchResult, process_env, run_process  # host side only: the case schema imports us
+    from parity.launch.process import LaunchResult, process_env, run_process  # host side only: the case schema imports us
 
     setup_dir = records.setup_dir(out, case_name, setup.name)
     output_dir = setup_dir / OUTPUT_DIR

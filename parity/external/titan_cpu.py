@@ -33,13 +33,18 @@ Items 1-4 apply at every world size and layout alike and depend on no CLI flag o
 runs the same schedule torch's own `step` would, on the microbatches torchtitan made.
 """
 
-from parity.lifeline import die_with_parent
+import os
+import sys
+
+PARENT = os.getppid()  # first: the launcher this rank must die with
+
+from parity.lifeline import die_with_parent, orphaned  # noqa: E402
 
 die_with_parent()  # before the slow imports: a killed torchrun takes this rank down
+if orphaned(PARENT):
+    sys.exit("parity titan_cpu: its launcher is gone; exiting")
 
 import inspect  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
 import types  # noqa: E402
 
 import torch  # noqa: E402

@@ -240,7 +240,7 @@ def write_seed(setup, device: str, assets: Path, tree: Path | None, dest: Path, 
     import torch.distributed.checkpoint as dcp
 
     from parity.external.command import load_dcp_full
-    from parity.launch import process_env, run_process
+    from parity.launch.process import process_env, run_process
     from parity.seed import deterministic_writer
 
     scratch = Path(tempfile.mkdtemp(prefix="parity-titan-seed-"))

@@ -1,4 +1,4 @@
-"""Run one launch (torchrun over planned setups, or a setup's own command) with a per-setup timeout and clean teardown.
+"""Run one launched process (torchrun, or a setup's own command) with a per-setup timeout and clean teardown.
 
 torchrun starts its workers in new sessions, so killing torchrun's process group does not reach
 them; on a timeout we walk /proc for every descendant and signal each one. torchrun and every rank
@@ -12,13 +12,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from parity import records
-from parity.lifeline import ERROR_MARK, die_with_parent
+from parity.lifeline import ERROR_MARK, wrapped
 
 DEFAULT_TIMEOUT_S = 900.0
 LOG_TAIL_LINES = 15
@@ -31,12 +29,6 @@ class LaunchResult:
     message: str
     wall_s: float
     progress: dict | None = None  # the last progress record the launch wrote: which setup it was on
-
-
-def torchrun_argv(nproc: int, plan_path: Path) -> list[str]:
-    # --standalone: a private rendezvous on a free local port, so concurrent launches (xdist) never collide.
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "parity.rank", str(plan_path)]
 
 
 def _stat(pid: int) -> tuple[str, int] | None:
@@ -114,19 +106,6 @@ def first_error(log_dirs: list[Path]) -> str | None:
     return errors[0][1] + more
 
 
-def launch(plan: dict, nproc: int, workdir: Path, name: str, timeout_s: float = DEFAULT_TIMEOUT_S,
-           on_progress=None, gpus: list[str] | None = None, log_dirs=()) -> LaunchResult:
-    """Write the plan to workdir/NAME.json, run torchrun over it (its output in NAME.log), and wait.
-
-    Never returns with a process left running. `gpus`: the GPU ids the ranks may see
-    (CUDA_VISIBLE_DEVICES); None leaves the environment's. The ranks write plan["progress"].
-    """
-    plan_path = workdir / f"{name}.json"
-    records.atomic_write_text(plan_path, json.dumps(plan, indent=2))
-    return run_process(torchrun_argv(nproc, plan_path), process_env(gpus), workdir / f"{name}.log", timeout_s,
-                       Path(plan["progress"]), on_progress, log_dirs, label="torchrun")
-
-
 def process_env(gpus: list[str] | None = None, extra: dict | None = None) -> dict:
     """The environment of every launch: one intra-op thread per rank unless PARITY_OMP_THREADS says otherwise."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("PARITY_OMP_THREADS", "1"), PYTHONUNBUFFERED="1",
@@ -137,7 +116,8 @@ def process_env(gpus: list[str] | None = None, extra: dict | None = None) -> dic
 
 
 def run_process(argv: list[str], env: dict, log_path: Path, timeout_s: float, progress: Path | None = None,
-                on_progress=None, log_dirs=(), cwd: Path | None = None, label: str | None = None) -> LaunchResult:
+                on_progress=None, log_dirs=(), cwd: Path | None = None, label: str | None = None,
+                abort=None, clear_progress: bool = True) -> LaunchResult:
     """Run one launch (torchrun, or a setup's own command) with its output in log_path, and wait.
 
     Each setup gets timeout_s: the clock starts with the process and again whenever the `progress`
@@ -146,16 +126,18 @@ def run_process(argv: list[str], env: dict, log_path: Path, timeout_s: float, pr
     its descendants are killed. `on_progress(record, seconds in this setup)` sees each progress
     record. `log_dirs` (a list, or a function giving it when the launch has ended) hold rank*.log
     files whose tails and first error explain a failure; `label` names the process in messages
-    (default: the program's file name).
+    (default: the program's file name). `abort()`, asked while the process runs, gives a reason to
+    stop it now (another node's part of the launch failed), or None. `clear_progress`: remove a
+    stale progress file first; False where another process owns it (node 0, on a shared filesystem).
     """
     label = label or Path(argv[0]).name
-    if progress is not None:
+    if progress is not None and clear_progress:
         progress.unlink(missing_ok=True)  # the previous launch's last step is not ours
     start = clock = time.monotonic()
     current = None
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                start_new_session=True, preexec_fn=die_with_parent)
+        proc = subprocess.Popen(wrapped(argv), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                start_new_session=True)
         try:
             while proc.poll() is None:
                 record = _read_progress(progress) or current
@@ -168,6 +150,10 @@ def run_process(argv: list[str], env: dict, log_path: Path, timeout_s: float, pr
                     tails = log_tails(dirs) or _tail(log_path)
                     return LaunchResult("timeout", None, f"timed out after {timeout_s:.0f} s; killed {label} "
                                         f"and its descendants. Log tails:\n{tails}", time.monotonic() - start, current)
+                if abort is not None and (reason := abort()) is not None:
+                    kill_tree(proc)
+                    return LaunchResult("failed", None, f"{reason}; killed {label} and its descendants",
+                                        time.monotonic() - start, current)
                 if on_progress and current is not None:
                     on_progress(current, time.monotonic() - clock)
                 time.sleep(0.25)
