@@ -32,6 +32,8 @@ PALETTE = (("blue", "#1f77b4"), ("orange", "#ff7f0e"), ("green", "#2ca02c"), ("r
            ("purple", "#9467bd"), ("brown", "#8c564b"), ("pink", "#e377c2"), ("grey", "#7f7f7f"),
            ("olive", "#bcbd22"), ("cyan", "#17becf"))
 SIGNIFICANT = 6  # digits of a value in a chart
+# Up to this many steps the x-axis names each step; a numeric range over 4 steps would tick at 1.2, 1.4, ...
+LABELLED_STEPS = 20
 
 
 @dataclass
@@ -164,7 +166,8 @@ def mermaid_chart(c: CaseRun, metric: str) -> list[str]:
     low, high = float(min(p.min() for p in plotted)), float(max(p.max() for p in plotted))
     pad = (high - low) * 0.05 or abs(high) * 0.05 or 1.0
     colours = [PALETTE[i % len(PALETTE)] for i in range(len(drawn))]
-    x_axis = (f'x-axis "step" {grid[0]} --> {grid[-1]}' if len(grid) > 1 else f'x-axis "step" [{grid[0]}]')
+    x_axis = (f'x-axis "step" [{", ".join(map(str, grid))}]' if len(grid) <= LABELLED_STEPS
+              else f'x-axis "step" {grid[0]} --> {grid[-1]}')
     block = ["```mermaid",
              '%%{init: {"themeVariables": {"xyChart": {"plotColorPalette": "'
              + ", ".join(hex_ for _, hex_ in colours) + '"}}}}%%',
