@@ -6,8 +6,9 @@ the first divergence of each pair, the loss and grad-norm curves as Mermaid `xyc
 provenance and the commands that reproduce it. `png` links the case figure (`<case>/<case>.png`) instead of
 drawing charts: for a report uploaded with its images, as an artifact.
 
-Only the plain subset of xychart-beta is used (Mermaid 10.5 and later, which GitHub renders): a title, a
-numeric x-axis range, a y-axis range and `line [...]` rows, with the colours set by an init directive.
+Only the plain subset of xychart-beta is used (Mermaid 10.6 and later, which GitHub renders): a title, a
+numeric x-axis range (or the steps, for a short run), a y-axis range and `line [...]` rows, with the
+colours set by an init directive.
 """
 
 from __future__ import annotations
