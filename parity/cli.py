@@ -19,6 +19,9 @@ from parity.paths import inside, name_problem
 from parity.plan import PLANS
 from parity.spec import MAX_STEPS, load_cases
 
+# parity.evidence.FORMATS, spelt out: importing that module here would load matplotlib for every command.
+EVIDENCE_FORMATS = ("mermaid", "png")
+
 UPDATE_MODES = ("failing", "new", "all")
 DEFAULT_OUT = Path("reports/runs/latest")
 DEFAULT_BASELINES = "baselines"
@@ -246,7 +249,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_evidence(args) -> int:
-    from parity.report import evidence
+    from parity.evidence import evidence
 
     run_dir = _run_dir(args.run_dir, "RUN_DIR")
     if args.case is not None:
@@ -254,7 +257,7 @@ def cmd_evidence(args) -> int:
             raise UsageError(f"--case: {problem}")
         if not inside(run_dir, args.case).is_dir():
             raise UsageError(f"--case: no run of case {args.case} in {run_dir}")
-    print(evidence(run_dir, args.case))
+    print(evidence(run_dir, args.case, args.format))
     return 0
 
 
@@ -409,7 +412,10 @@ def parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evidence", help="print a markdown block for a pull request")
     ev.add_argument("run_dir")
-    ev.add_argument("--case")
+    ev.add_argument("--case", help="only this case (default: every case in RUN_DIR)")
+    ev.add_argument("--format", choices=EVIDENCE_FORMATS, default="mermaid",
+                    help="mermaid: curves as Mermaid charts, which GitHub renders in a PR comment as pasted; "
+                         "png: links to each case's figure, for a report uploaded with its images (default %(default)s)")
     ev.set_defaults(fn=cmd_evidence)
 
     ls = sub.add_parser("list", help="list cases with world size, mode, outcome and markers")

@@ -323,12 +323,17 @@ def _mismatch(metric: str, m: dict, mode: str) -> str:
         e, text = m["first_divergence"], f"{m['n'] - m['exact_equal_steps']} of {m['n']} {unit} {how}"
     else:
         e, text = m["first_tolerance_failure"], f"{m['failing_steps']} of {m['n']} {unit} outside tolerance"
-    return f"{metric}: {text}; first at {_where(e)}: {e['value_ref']!r} vs {e['value_other']!r} " \
-           f"(abs {e['abs']:.3g}, rel {e['rel']:.3g}, {ulps_text(e)})"
+    return f"{metric}: {text}; first at {entry_text(e)}"
+
+
+def entry_text(e: dict) -> str:
+    """Where an entry is and both values: "step 4: 1.25 vs 1.2500001 (abs 1e-07, rel 8e-08, 3 f32 ulps)"."""
+    return f"{_where(e)}: {e['value_ref']!r} vs {e['value_other']!r} (abs {e['abs']:.3g}, rel {e['rel']:.3g}, " \
+           f"{ulps_text(e)})"
 
 
 def _where(e: dict) -> str:
-    if "param" in e:
+    if e.get("param") is not None:  # a pair's `diverged` at a step carries "param": None
         return f"param {e['param']}" + (f" sketch{e['sketch']}" if "sketch" in e else "")
     return f"step {e['step']}"
 

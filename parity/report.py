@@ -1,8 +1,8 @@
 """Figures, reports and PR evidence over a run directory; reads the record files, never writes them.
 
 A run directory holds `<case>/<setup>/{metrics.csv,run.json}` and `<case>/verdict.json`. This module
-draws one figure per case (and, where the setups recorded probes.csv, a heatmap of where they part), writes `report.md` and a self-contained `report.html`, compares two
-runs (`regression.md`), and prints a markdown block to paste into a pull request.
+draws one figure per case (and, where the setups recorded probes.csv, a heatmap of where they part), writes `report.md` and a self-contained `report.html`, and compares two
+runs (`regression.md`). The block pasted into a pull request is parity.evidence, built from these pieces.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def _series(columns: dict[str, np.ndarray], metric: str) -> tuple[np.ndarray, np
     return columns["step"], columns[metric]
 
 
-def _by_step(columns: dict[str, np.ndarray], metric: str) -> tuple[np.ndarray, np.ndarray]:
+def by_step(columns: dict[str, np.ndarray], metric: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps in increasing order, each once, with its last recorded value): what a dict keyed by step holds."""
     steps, values = _series(columns, metric)
     last = _last_rows(steps)
@@ -157,7 +157,7 @@ def _last_rows(steps: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- figure
 
 
-def _verdict_words(v: dict | None) -> str:
+def verdict_words(v: dict | None) -> str:
     if not v:
         return "no verdict"
     word = "PASS" if v.get("passed") else "FAIL"
@@ -254,8 +254,8 @@ def _plot_values(ax, c: CaseRun, metric: str, n_steps: int) -> None:
 
 def _diffs(ref: SetupRun, other: SetupRun, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Common steps, |other - ref|, and |ref| (for the tolerance at each step)."""
-    ref_steps, r = _by_step(ref.metrics, metric)
-    other_steps, o = _by_step(other.metrics, metric)
+    ref_steps, r = by_step(ref.metrics, metric)
+    other_steps, o = by_step(other.metrics, metric)
     steps, i, j = np.intersect1d(ref_steps, other_steps, assume_unique=True, return_indices=True)
     r, o = r[i], o[j]
     with np.errstate(invalid="ignore", over="ignore"):
@@ -402,7 +402,7 @@ def build_figure(run_dir, case_name: str, c: CaseRun | None = None):
         ax.set_title(title, fontsize=9, loc="left")
     passed = (c.verdict or {}).get("passed")
     fig.suptitle(f"{c.name}: {' vs '.join(s.name for s in c.setups)}\n"
-                 f"platform {c.platform} · {_verdict_words(c.verdict)}",
+                 f"platform {c.platform} · {verdict_words(c.verdict)}",
                  fontsize=10.5, color={True: "darkgreen", False: "firebrick"}.get(passed, "black"))
     fig.tight_layout()
     return fig
@@ -511,7 +511,7 @@ def build_probes_figure(run_dir, case_name: str, c: CaseRun | None = None):
                              label="beyond tolerance"))
     fig.legend(handles=legend, loc="lower left", ncol=len(legend), fontsize=7.5, frameon=False)
     passed = (c.verdict or {}).get("passed")
-    fig.suptitle(f"{c.name}: probes in causal order · {_verdict_words(c.verdict)}", fontsize=10,
+    fig.suptitle(f"{c.name}: probes in causal order · {verdict_words(c.verdict)}", fontsize=10,
                  color={True: "darkgreen", False: "firebrick"}.get(passed, "black"))
     return fig
 
@@ -627,7 +627,7 @@ def _md_cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(columns, rows) -> str:
+def md_table(columns, rows) -> str:
     # GitHub renders the emoji; the HTML report colours the word instead, since a machine
     # without an emoji font (headless CI) shows an empty box.
     rows = [{**r, "verdict": {"PASS": "✅ PASS", "FAIL": "❌ FAIL"}.get(r["verdict"], r["verdict"])} if "verdict" in r else r
@@ -764,7 +764,7 @@ def _probes_or_none(run_dir, c: CaseRun) -> Path | None:
 
 
 def _md_case(c: CaseRun, run_dir, png: Path | None, probes_png: Path | None = None) -> list[str]:
-    out = [f"## {c.name}", "", f"**{_verdict_words(c.verdict)}** · setups: {', '.join(s.name for s in c.setups)}", ""]
+    out = [f"## {c.name}", "", f"**{verdict_words(c.verdict)}** · setups: {', '.join(s.name for s in c.setups)}", ""]
     problems = (c.verdict or {}).get("problems") or []
     if problems:
         out += ["Problems:", ""] + [f"- {p}" for p in problems] + [""]
@@ -777,13 +777,13 @@ def _md_case(c: CaseRun, run_dir, png: Path | None, probes_png: Path | None = No
         rel = probes_png.relative_to(Path(run_dir)).as_posix()
         out += [f"![{c.name} probes]({rel})", "", f"[SVG]({Path(rel).with_suffix('.svg').as_posix()})", ""]
     if pair_rows(c):
-        out += [_md_table(PAIR_COLUMNS, pair_rows(c)), ""]
+        out += [md_table(PAIR_COLUMNS, pair_rows(c)), ""]
     if baseline_rows(c):
-        out += ["Baselines:", "", _md_table(BASELINE_COLUMNS, baseline_rows(c)), ""]
+        out += ["Baselines:", "", md_table(BASELINE_COLUMNS, baseline_rows(c)), ""]
     prov = provenance(c, run_dir)
     out += ["Provenance:", ""]
     out += [f"- {k}: `{v}`" for k, v in prov.items() if k != "command"]
-    out += ["", _md_table(SETUP_COLUMNS, setup_rows(c)), "", "Reproduce:", "", "```sh", *prov["command"], "```", ""]
+    out += ["", md_table(SETUP_COLUMNS, setup_rows(c)), "", "Reproduce:", "", "```sh", *prov["command"], "```", ""]
     return out
 
 
@@ -809,7 +809,7 @@ def _html_case(c: CaseRun, run_dir, png: Path | None, probes_png: Path | None = 
     passed = (c.verdict or {}).get("passed")
     cls = {True: "pass", False: "fail"}.get(passed, "")
     parts = [f'<section id="case-{e(c.name)}"><h2>{e(c.name)}</h2>',
-             f'<p><strong class="{cls}">{e(_verdict_words(c.verdict))}</strong> · setups: {e(", ".join(s.name for s in c.setups))}</p>']
+             f'<p><strong class="{cls}">{e(verdict_words(c.verdict))}</strong> · setups: {e(", ".join(s.name for s in c.setups))}</p>']
     problems = (c.verdict or {}).get("problems") or []
     if problems:
         parts.append("<ul>" + "".join(f"<li>{e(p)}</li>" for p in problems) + "</ul>")
@@ -846,7 +846,7 @@ def write_report(run_dir) -> tuple[Path, Path]:
     headline = f"{len(cases)} cases · {n_pass} passed · {len(cases) - n_pass - n_none} failed"
     headline += f" · {n_none} without verdict" if n_none else ""
 
-    md = ["# Parity report", "", f"Run directory: `{run_dir}` · {headline}", "", _md_table(SUMMARY_COLUMNS, rows), ""]
+    md = ["# Parity report", "", f"Run directory: `{run_dir}` · {headline}", "", md_table(SUMMARY_COLUMNS, rows), ""]
     for c in cases:
         md += _md_case(c, run_dir, pngs[c.name], probe_pngs[c.name])
     md_path = run_dir / "report.md"
@@ -918,7 +918,7 @@ def regression_report(new_dir, old_dir) -> tuple[str, list[str]]:
         lines = []
         pv, nv = (old.verdict or {}).get("passed"), (new.verdict or {}).get("passed")
         if pv != nv:
-            lines.append(f"verdict: {_verdict_words(old.verdict)} → {_verdict_words(new.verdict)}")
+            lines.append(f"verdict: {verdict_words(old.verdict)} → {verdict_words(new.verdict)}")
         old_setups = {s.name: s for s in old.setups}
         new_setups = {s.name: s for s in new.setups}
         for setup in sorted(set(old_setups) | set(new_setups)):
@@ -945,29 +945,3 @@ def regression_report(new_dir, old_dir) -> tuple[str, list[str]]:
     text = "\n".join(md)
     records.atomic_write_text(new_dir / "regression.md", text)
     return text, changed
-
-
-# ----------------------------------------------------------------------------- evidence
-
-
-def evidence(run_dir, case: str | None = None) -> str:
-    """A markdown block for a pull request: summary, figure, reproducing command, torch and hardware."""
-    run_dir = Path(run_dir)
-    names = [case] if case else find_cases(run_dir)
-    cases = [load_case_run(run_dir, n) for n in names if (run_dir / n).is_dir()]
-    if not cases:
-        return f"No cases found in `{run_dir}`" + (f" named `{case}`" if case else "") + ".\n"
-    out = [_md_table(SUMMARY_COLUMNS, [summary_row(c) for c in cases]), ""]
-    for c in cases:
-        png = run_dir / c.name / f"{c.name}.png"
-        if not png.is_file() and any(s.steps for s in c.setups):
-            png = plot_case(run_dir, c.name, c)[0]
-        prov = provenance(c, run_dir)
-        worlds = " / ".join(dict.fromkeys(str(s.run.get("world_size")) for s in c.setups if s.run.get("world_size")))
-        out += [f"**{c.name}**: {_verdict_words(c.verdict)}", ""]
-        if png.is_file():
-            out += [f"![{c.name}]({png.as_posix()})", ""]
-        out += [f"torch `{prov['torch']}` · device `{prov['device']}` · platform `{prov['platform']}` · "
-                f"world size {worlds or '—'} · python `{prov['python']}`", "",
-                "Reproduce:", "", "```sh", *prov["command"], "```", ""]
-    return "\n".join(out)

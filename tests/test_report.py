@@ -1,4 +1,4 @@
-"""Figures, report, regression report, PR evidence and progress, on run directories built by hand."""
+"""Figures, report, regression report and progress, on run directories built by hand."""
 
 from __future__ import annotations
 
@@ -156,15 +156,6 @@ def test_regression_report_lists_verdict_changes_and_lone_cases(run_dir, tmp_pat
     assert "PASS (bitwise, expect match) → FAIL" in text
 
 
-def test_evidence_has_command_and_torch(run_dir):
-    text = report.evidence(run_dir, "tol_tp")
-    assert "parity run cases/tol_tp.toml --out 'runs/x y'" in text
-    assert "2.11.0+cpu" in text and "cpu-gloo" in text and "tol_tp.png" in text
-    assert "| tol_tp |" in text and "bitwise_fsdp" not in text
-    # Without a recorded command, the CLI invocation that reproduces it.
-    assert f"parity run cases/unjudged.toml --out {run_dir}" in report.evidence(run_dir, "unjudged")
-
-
 def test_nonfinite_values_render(tmp_path):
     out = tmp_path / "run"
     bad = _metrics()
@@ -310,14 +301,14 @@ def test_peak_memory_per_setup():
     c = report.CaseRun("c", Path("."), None, [report.SetupRun("a", run(measure="host_rss", max_bytes=2**20), {}),
                                               report.SetupRun("b", {}, {})])
     assert [r["peak memory"] for r in report.setup_rows(c)] == ["1 MiB (host RSS)", "—"]
-    assert "| peak memory |" in report._md_table(report.SETUP_COLUMNS, report.setup_rows(c))
+    assert "| peak memory |" in report.md_table(report.SETUP_COLUMNS, report.setup_rows(c))
 
 
 def test_a_setup_trained_for_another_case_says_so():
     c = report.CaseRun("c", Path("."), None, [report.SetupRun("a", {"trained_as": "other/a_8"}, {}),
                                               report.SetupRun("b", {}, {})])
     assert [r["trained as"] for r in report.setup_rows(c)] == ["other/a_8", "—"]
-    assert "| trained as |" in report._md_table(report.SETUP_COLUMNS, report.setup_rows(c))
+    assert "| trained as |" in report.md_table(report.SETUP_COLUMNS, report.setup_rows(c))
 
 
 def test_compare_and_report_import_no_torch(tmp_path):
