@@ -1,4 +1,5 @@
-"""pytest plugin (entry point `parity`): `pytest parity -m 8gpu` runs every case as one test item.
+"""pytest plugin (entry point `parity`): `pytest parity -m 8gpu` runs every case as one test item
+(`pytest --pyargs parity -m 8gpu` from a repository that has parity installed and its own cases).
 
 Items come from parity/test_parity.py, parametrized over the case files; this module owns the
 options, the markers, the GPU pool shared by xdist workers and the end-of-session report.
