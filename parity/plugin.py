@@ -40,10 +40,9 @@ def markers_for(case) -> list[str]:
 
 def pytest_addoption(parser):
     from parity.cli import STEPS, TIMEOUT  # one parser per value, shared with the command line
-
-    g = parser.getgroup("parity", "numerics parity cases")
     from parity.config import DEVICES, INI_PREFIX
 
+    g = parser.getgroup("parity", "numerics parity cases")
     g.addoption("--parity-device", choices=DEVICES, default=None,
                 help="auto: CUDA when enough GPUs are visible for a case, else CPU with gloo ranks "
                      "(default: parity_device or [tool.parity] device, else auto)")
