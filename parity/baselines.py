@@ -111,8 +111,10 @@ def provenance(run: dict, case: Case, setup_name: str, platform: str) -> dict:
 
 
 def create_commands(case: Case, mode: str = "new") -> str:
+    from parity.commands import pytest_case, shell
+
     return (f"`parity run {case.path} --update-baselines={mode}` "
-            f"(or `pytest parity -k {case.name} --parity-update-baselines={mode}`)")
+            f"(or `{shell(pytest_case(case.name, f'--parity-update-baselines={mode}'))}`)")
 
 
 def _result(setup, path, platform, status, how, passed, message, metrics=None, obtained=None) -> dict:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from parity import records
+from parity.config import DEVICES, Settings, layered, project_settings
 from parity.errors import InputError
 from parity.launch.process import DEFAULT_TIMEOUT_S
 from parity.paths import inside, name_problem
@@ -23,8 +24,9 @@ from parity.spec import MAX_STEPS, load_cases
 EVIDENCE_FORMATS = ("mermaid", "png")
 
 UPDATE_MODES = ("failing", "new", "all")
-DEFAULT_OUT = Path("reports/runs/latest")
-DEFAULT_BASELINES = "baselines"
+# Used where neither the command line nor [tool.parity] (parity.config) says otherwise; relative
+# to the current directory.
+DEFAULTS = Settings(cases=Path("cases"), baselines=Path("baselines"), out=Path("reports/runs/latest"), device="auto")
 
 
 class UsageError(InputError):
@@ -78,7 +80,7 @@ def run_argv(args) -> list[str]:
     argv += [] if args.repeat is None else ["--repeat" if args.repeat else "--no-repeat"]
     argv += ["--plan", args.plan] if args.plan != "suite" else []
     argv += ["--timeout", repr(args.timeout)] if args.timeout != DEFAULT_TIMEOUT_S else []
-    argv += ["--baselines", args.baselines] if args.baselines != DEFAULT_BASELINES else []
+    argv += ["--baselines", str(args.baselines)] if str(args.baselines) != str(DEFAULTS.baselines) else []
     argv += [f"--update-baselines={args.update_baselines}"] if args.update_baselines else []
     argv += ["--no-report"] if args.no_report else []
     return argv
@@ -196,7 +198,7 @@ def _submit_slurm(args) -> int:
 def cmd_list(args) -> int:
     from parity.plugin import markers_for
 
-    cases = _load_cases(args.cases or ["cases"])
+    cases = _load_cases(args.cases)
     rows = [("case", "world size", "setups", "mode", "outcome", "markers")]
     for c in cases:
         rows.append((c.name, str(c.world_size), ", ".join(s.name for s in c.setups), c.expect.mode, c.expect.outcome,
@@ -348,22 +350,28 @@ STEPS = _positive(int, MAX_STEPS)
 TIMEOUT = _positive(float, 7 * 24 * 3600.0)  # a week: beyond it, a typo (and nan, inf would never fire)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="parity", description="Numerics parity tests for PyTorch distributed training setups.")
+def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
+    """The command line; its defaults for cases, --baselines, --out and --device come from `settings`
+    (the [tool.parity] table found from the current directory, over DEFAULTS)."""
+    p = argparse.ArgumentParser(prog="parity", description="Numerics parity tests for PyTorch distributed training setups.",
+                                epilog="Defaults for the cases, --baselines, --out and --device come from the "
+                                       "[tool.parity] table of the nearest pyproject.toml at or above the current "
+                                       "directory, where there is one.")
     sub = p.add_subparsers(dest="command", required=True)
+    cases, baselines = [str(settings.cases)], str(settings.baselines)
 
     def common_run(sp):
-        sp.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: CUDA when enough GPUs are visible, else CPU with gloo ranks")
-        sp.add_argument("--out", default=str(DEFAULT_OUT), help="run directory (default %(default)s)")
+        sp.add_argument("--device", choices=DEVICES, default=settings.device,
+                        help="auto: CUDA when enough GPUs are visible, else CPU with gloo ranks (default %(default)s)")
+        sp.add_argument("--out", default=str(settings.out), help="run directory (default %(default)s)")
         sp.add_argument("--steps", type=STEPS, help="override every setup's step count")
         sp.add_argument("--timeout", type=TIMEOUT, default=DEFAULT_TIMEOUT_S,
                         help="seconds per setup before its launch's ranks are killed (default %(default)s)")
 
     r = sub.add_parser("run", help="run cases and judge them")
-    r.add_argument("cases", nargs="+", help="case files or directories of them")
+    r.add_argument("cases", nargs="*", default=cases, help="case files or directories of them (default %(default)s)")
     common_run(r)
-    r.add_argument("--baselines", default=DEFAULT_BASELINES, help="baseline root (default %(default)s)")
+    r.add_argument("--baselines", default=baselines, help="baseline root (default %(default)s)")
     r.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None,
                    metavar="{failing,new,all}", help="write baselines: failing (default), new, all")
     r.add_argument("--no-report", action="store_true", help="skip report.md/report.html")
@@ -388,7 +396,7 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="judge an existing run directory without running")
     c.add_argument("run_dir")
     c.add_argument("cases", nargs="+")
-    c.add_argument("--baselines", default="baselines")
+    c.add_argument("--baselines", default=baselines, help="baseline root (default %(default)s)")
     c.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None)
     c.set_defaults(fn=cmd_compare)
 
@@ -419,12 +427,12 @@ def parser() -> argparse.ArgumentParser:
     ev.set_defaults(fn=cmd_evidence)
 
     ls = sub.add_parser("list", help="list cases with world size, mode, outcome and markers")
-    ls.add_argument("cases", nargs="*")
+    ls.add_argument("cases", nargs="*", default=cases, help="case files or directories of them (default %(default)s)")
     ls.set_defaults(fn=cmd_list)
 
     b = sub.add_parser("baselines", help="check the stored baselines")
     b.add_argument("action", choices=("lint",))
-    b.add_argument("--baselines", default="baselines")
+    b.add_argument("--baselines", default=baselines, help="baseline root (default %(default)s)")
     b.set_defaults(fn=cmd_baselines)
 
     cal = sub.add_parser("calibrate", help="measure each setup's error against a float64 CPU oracle; propose tolerances")
@@ -444,7 +452,12 @@ def _terminate(signum, _frame):
 
 def main(argv=None) -> int:
     argv = bare_flag_default(sys.argv[1:] if argv is None else argv, "--update-baselines", UPDATE_MODES, "failing")
-    args = parser().parse_args(argv)
+    try:
+        settings = layered(project_settings(Path.cwd()), DEFAULTS)
+    except InputError as e:
+        print(f"parity: error: {e}", file=sys.stderr)
+        return 2
+    args = parser(settings).parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.fn(args)

@@ -1,4 +1,5 @@
-"""pytest plugin (entry point `parity`): `pytest parity -m 8gpu` runs every case as one test item.
+"""pytest plugin (entry point `parity`): `pytest parity -m 8gpu` runs every case as one test item
+(`pytest --pyargs parity -m 8gpu` from a repository that has parity installed and its own cases).
 
 Items come from parity/test_parity.py, parametrized over the case files; this module owns the
 options, the markers, the GPU pool shared by xdist workers and the end-of-session report.
@@ -39,11 +40,15 @@ def markers_for(case) -> list[str]:
 
 def pytest_addoption(parser):
     from parity.cli import STEPS, TIMEOUT  # one parser per value, shared with the command line
+    from parity.config import DEVICES, INI_PREFIX
 
     g = parser.getgroup("parity", "numerics parity cases")
-    g.addoption("--parity-device", choices=("auto", "cpu", "cuda"), default="auto",
-                help="auto: CUDA when enough GPUs are visible for a case, else CPU with gloo ranks")
-    g.addoption("--parity-out", default=None, help="run directory for case outputs and the report (default reports/runs/pytest)")
+    g.addoption("--parity-device", choices=DEVICES, default=None,
+                help="auto: CUDA when enough GPUs are visible for a case, else CPU with gloo ranks "
+                     "(default: parity_device or [tool.parity] device, else auto)")
+    g.addoption("--parity-out", default=None,
+                help="run directory for case outputs and the report (default: parity_out or [tool.parity] out, "
+                     "else <rootdir>/reports/runs/pytest)")
     g.addoption("--parity-update-baselines", nargs="?", const="failing", default=None, type=_mode_or_path,
                 metavar="{failing,new,all}", help="write baselines: failing (default when given), new, all")
     g.addoption("--parity-steps", type=STEPS, default=None, help="override every case's step count")
@@ -55,8 +60,13 @@ def pytest_addoption(parser):
                      "unless the case says [expect] repeat)")
     g.addoption("--parity-no-repeat", action="store_const", const=False, dest="parity_repeat",
                 help="never run the repeat check")
-    g.addoption("--parity-cases", default=None, help="directory of case files (default <rootdir>/cases)")
-    g.addoption("--parity-baselines", default=None, help="baseline root (default <rootdir>/baselines)")
+    g.addoption("--parity-cases", default=None,
+                help="directory of case files (default: parity_cases or [tool.parity] cases, else <rootdir>/cases)")
+    g.addoption("--parity-baselines", default=None,
+                help="baseline root (default: parity_baselines or [tool.parity] baselines, else <rootdir>/baselines)")
+    for key, what in (("cases", "directory of case files"), ("baselines", "baseline root"),
+                      ("out", "run directory"), ("device", "auto, cpu or cuda")):
+        parser.addini(INI_PREFIX + key, f"parity: {what} (paths relative to this ini file)", default=None)
 
 
 class _SwallowedArg(str):
@@ -86,23 +96,46 @@ def _give_back_swallowed_arg(config) -> None:
 
 def pytest_configure(config):
     _give_back_swallowed_arg(config)
+    parity_settings(config)  # a bad [tool.parity] or parity ini key stops the session now (exit 4)
     for name, doc in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {doc}")
     worker = getattr(config, "workerinput", None)
     config._parity_gpu_pool = None
-    if worker is not None and config.getoption("parity_device") != "cpu":
+    if worker is not None and parity_settings(config).device != "cpu":
         # xdist workers share every visible GPU through one pool; a case takes what it needs or waits.
         ids = visible_gpu_ids()
         if ids:
             config._parity_gpu_pool = GpuPool(pool_dir(worker["testrunuid"]), ids)
 
 
-def parity_paths(config) -> tuple[Path, Path, Path]:
+def parity_settings(config):
+    """This session's cases, baselines, out and device: the command line, else the ini keys, else the
+    [tool.parity] table of the nearest pyproject.toml at or above the rootdir, else the defaults."""
+    cached = getattr(config, "_parity_settings", None)
+    if cached is not None:
+        return cached
+    from parity.config import Settings, ini_settings, layered, project_settings
+    from parity.errors import InputError
+
+    def option(name):
+        value = config.getoption(name)
+        return None if value is None else Path(value)
+
     root = config.rootpath
-    cases = Path(config.getoption("parity_cases") or root / "cases")
-    baselines = Path(config.getoption("parity_baselines") or root / "baselines")
-    out = Path(config.getoption("parity_out") or root / "reports" / "runs" / "pytest")
-    return cases, baselines, out
+    given = Settings(option("parity_cases"), option("parity_baselines"), option("parity_out"),
+                     config.getoption("parity_device"))
+    defaults = Settings(root / "cases", root / "baselines", root / "reports" / "runs" / "pytest", "auto")
+    try:
+        settings = layered(given, ini_settings(config.getini, config.inipath, root), project_settings(root), defaults)
+    except InputError as e:
+        raise pytest.UsageError(f"parity: {e}") from None
+    config._parity_settings = settings
+    return settings
+
+
+def parity_paths(config) -> tuple[Path, Path, Path]:
+    settings = parity_settings(config)
+    return settings.cases, settings.baselines, settings.out
 
 
 def load_parity_cases(config):
@@ -228,6 +261,7 @@ def _share_of(case, config) -> list:
 def _run_share(case, config) -> None:
     """Run the setups of `case` and of every case planned with it (once per process); a case whose
     device cannot run it is left out, to be skipped (or failed, with --parity-strict) by its own item."""
+    from parity.commands import pytest_case
     from parity.runner import DeviceError, case_lock, prepare_out, resolve_device, run_suite, seed_or_none
     from parity.spec import BackendError
 
@@ -235,19 +269,21 @@ def _run_share(case, config) -> None:
     if case.name in done:
         return
     _, _, out = parity_paths(config)
-    device = config.getoption("parity_device")
+    device = parity_settings(config).device
     pool = config._parity_gpu_pool
     steps, repeat, timeout = (config.getoption(k) for k in ("parity_steps", "parity_repeat", "parity_timeout"))
     share = [c for c in _share_of(case, config) if c.name not in done]
     devices, commands = {}, {}
+    # Paths given on the command line are not in the configuration the command will read: pass them on.
+    given_paths = [f"--{o.replace('_', '-')}={Path(config.getoption(o)).resolve()}"
+                   for o in ("parity_cases", "parity_baselines") if config.getoption(o)]
     for c in share:
         try:
             devices[c.name] = resolve_device(device, c, len(pool.ids) if pool else None)
         except (DeviceError, BackendError) as e:
             done[c.name] = e
             continue
-        # The node id selects exactly this case (-k would also match cases whose names contain it).
-        commands[c.name] = ["pytest", f"parity/test_parity.py::test_case[{c.name}]", "--parity-device", device]
+        commands[c.name] = pytest_case(c.name, *given_paths, "--parity-device", device)
         commands[c.name] += ["--parity-steps", str(steps)] if steps else []
         commands[c.name] += [] if repeat is None else ["--parity-repeat" if repeat else "--parity-no-repeat"]
     share = [c for c in share if c.name in devices]

@@ -34,6 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
+    """The commit of this checkout; "unknown" for an installed parity. Installed into a virtual
+    environment inside the user's repository, git would otherwise answer with that repository's commit."""
+    if not (REPO / ".git").exists():  # a file in a git worktree, a folder in a clone
+        return "unknown"
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         # Baselines and reports are outputs, not code: rewriting them must not mark the run dirty.

@@ -120,7 +120,7 @@ def test_missing_baseline_fails_with_create_command(tmp_path):
     b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
     assert b["status"] == "missing" and not b["passed"]
     assert "parity run cases/demo.toml --update-baselines=new" in b["message"]
-    assert "pytest parity -k demo --parity-update-baselines=new" in b["message"]
+    assert "pytest --pyargs 'parity.test_parity::test_case[demo]' --parity-update-baselines=new" in b["message"]
     assert not (root / "demo" / "ref.cpu.csv").exists()  # update None never writes
     v = compare_case(case, run_dir, [b])
     assert not v["passed"] and "--update-baselines=new" in divergence_table(v)

@@ -114,6 +114,10 @@ def test_baseline_tamper_fails_then_update_restores_only_that_file(tmp_path, cac
     assert (out / "report.html").is_file() and "parity report:" in created.stdout
     assert "parity: small PASS on cpu/gloo" in created.stdout
     assert "parity: cases per device: cpu/gloo 1" in created.stdout
+    # The reproduce command passes on the case folder given on the command line (no configuration names it).
+    command = records.read_json(out / "small" / "hsdp" / "run.json")["command"]
+    assert command[:3] == ["pytest", "--pyargs", "parity.test_parity::test_case[small]"], command
+    assert f"--parity-cases={cases}" in command and f"--parity-baselines={baselines}" in command
     tampered_path = baselines / "small" / "hsdp.cpu.csv"
     untouched_path = baselines / "small" / "replicate.cpu.csv"
     untouched = untouched_path.read_bytes()

@@ -1,0 +1,64 @@
+"""The example CI workflow runs the command README documents and keeps the report when cases fail.
+
+PyYAML is not a dependency, so the workflow is read as text: its steps are the `- ` entries under
+`steps:` (the file keeps one step per entry, keys indented below it).
+"""
+
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+from parity.commands import PYTEST
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOW = REPO / "examples" / "github-actions-8gpu.yml"
+
+
+def readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
+def code_blocks(text: str, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
+
+
+def steps(text: str) -> list[str]:
+    body = text.split("    steps:\n", 1)[1]
+    return [s for s in re.split(r"^      - ", body, flags=re.M) if s.strip()]
+
+
+def step_value(step: str, key: str) -> str | None:
+    """The value of `key` in the step, at any depth (`path` sits under `with:`); comments dropped."""
+    m = re.search(rf"^\s*{key}: (.*)$", step, re.M)
+    return m.group(1).split(" #")[0].strip() if m else None
+
+
+def test_workflow_runs_readme_command_uploads_configured_out_always_and_fails_on_a_failed_verdict():
+    section = readme_section("Use it from your own repository")
+    documented = [line.split("#")[0].strip() for block in code_blocks(section, "sh") for line in block.splitlines()
+                  if line.startswith(shlex.join(PYTEST)) and "-m 8gpu" in line]
+    assert len(documented) == 1, documented
+    out = tomllib.loads(code_blocks(section, "toml")[0])["tool"]["parity"]["out"]
+    assert f"uploads `{out}`" in section  # README says what the example uploads
+
+    text = WORKFLOW.read_text()
+    assert "continue-on-error" not in text  # a failed verdict must fail the job
+    found = steps(text)
+    names = [step_value(s, "name") for s in found]
+    assert names[0] == "Check out" and step_value(found[0], "uses").startswith("actions/checkout@")
+    install = found[names.index("Install")]
+    assert re.search(r"pip install torch==\d+\.\d+\.\d+ --index-url https://download\.pytorch\.org/whl/cu\d+", install)
+    assert re.search(r'pip install "parity @ git\+https://', install)
+
+    runs = [i for i, s in enumerate(found) if (step_value(s, "run") or "").startswith("pytest ")]
+    assert len(runs) == 1
+    run = shlex.split(step_value(found[runs[0]], "run"))
+    assert run[:len(shlex.split(documented[0]))] == shlex.split(documented[0])
+
+    upload = next(i for i, s in enumerate(found) if (step_value(s, "uses") or "").startswith("actions/upload-artifact@"))
+    assert upload > runs[0] and step_value(found[upload], "if") == "always()"
+    assert step_value(found[upload], "path") == out
