@@ -65,10 +65,10 @@ def test_crashing_rank_fails_the_run_with_its_message(write_case, tmp_path, seed
 
 def test_hanging_rank_is_killed_after_the_timeout(write_case, tmp_path, seed_cache, no_stray_ranks):
     case = load_case(write_case(CASE.format(fault="hang")))
-    results = run_case(case, tmp_path / "out", "cpu", cache=seed_cache, timeout_s=40)
+    results = run_case(case, tmp_path / "out", "cpu", cache=seed_cache, timeout_s=30)
     faulty = results["faulty"]
     assert faulty.status == "timeout"
-    assert "timed out after 40 s" in faulty.message
+    assert "timed out after 30 s" in faulty.message
     assert "planted fault: rank 1 hangs at step 2" in faulty.message  # the tail of rank 1's log
     assert "rank0.log" in faulty.message and "rank1.log" in faulty.message
     assert records.read_json(tmp_path / "out" / case.name / "faulty" / "run.json")["status"] == "timeout"
