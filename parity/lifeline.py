@@ -5,7 +5,7 @@
 - die_with_parent(): Linux PR_SET_PDEATHSIG, so a killed launcher (even by SIGKILL) takes its
   processes down, and they take theirs.
 - wrapped(argv): the same guard for a program we start, set by a small exec wrapper
-  (`python -m parity.lifeline PARENT_PID PROGRAM ARGS...`) rather than by a preexec_fn: running
+  (`python .../parity/lifeline.py PARENT_PID PROGRAM ARGS...`) rather than by a preexec_fn: running
   Python (ctypes) between fork and exec in a threaded parent can deadlock on a lock another thread
   held at the fork. The setting survives exec.
 """
@@ -38,8 +38,9 @@ def orphaned(parent_at_start: int) -> bool:
 
 
 def wrapped(argv: list[str]) -> list[str]:
-    """argv, run so that it dies with this process."""
-    return [sys.executable, "-m", "parity.lifeline", str(os.getpid()), *argv]
+    """argv, run so that it dies with this process. This file runs as a script (it needs only the
+    standard library), so the wrapper works whatever the program's working directory and sys.path."""
+    return [sys.executable, __file__, str(os.getpid()), *argv]
 
 
 def _exec_wrapped(args: list[str]) -> None:

@@ -96,6 +96,7 @@ def _give_back_swallowed_arg(config) -> None:
 
 def pytest_configure(config):
     _give_back_swallowed_arg(config)
+    config.pluginmanager.register(_CasesRan(), _CasesRan.name)
     parity_settings(config)  # a bad [tool.parity] or parity ini key stops the session now (exit 4)
     for name, doc in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {doc}")
@@ -345,10 +346,25 @@ def _failure_message(case, verdict, out: Path) -> str:
     return "\n".join(lines)
 
 
+class _CasesRan:
+    """Whether a case item ran in this session: xdist's controller sees its workers' reports here too."""
+
+    name = "parity-cases-ran"
+
+    def __init__(self):
+        self.any = False
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" and "test_parity.py::test_case[" in report.nodeid:
+            self.any = True
+
+
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
     if getattr(config, "workerinput", None) is not None:
         return  # workers share the run directory; the controller writes one merged report
+    if not config.pluginmanager.get_plugin(_CasesRan.name).any:
+        return  # an earlier session's verdicts in --parity-out are not this session's to report
     _, _, out = parity_paths(config)
     if not any(out.glob("*/verdict.json")) if out.is_dir() else True:
         return

@@ -114,6 +114,14 @@ def test_baseline_tamper_fails_then_update_restores_only_that_file(tmp_path, cac
     assert (out / "report.html").is_file() and "parity report:" in created.stdout
     assert "parity: small PASS on cpu/gloo" in created.stdout
     assert "parity: cases per device: cpu/gloo 1" in created.stdout
+    # A session that runs no case (here: one unit test) neither reports nor rewrites the verdicts that an
+    # earlier session left in --parity-out.
+    written = (out / "report.html").stat().st_mtime_ns
+    (tmp_path / "test_unit.py").write_text("def test_unit():\n    assert True\n")
+    idle = run([sys.executable, "-m", "pytest", str(tmp_path / "test_unit.py"), "-p", "no:cacheprovider",
+                f"--parity-out={out}", "-q"], REPO, cache_env)
+    assert idle.returncode == 0 and "parity report:" not in idle.stdout and "small PASS" not in idle.stdout, idle.stdout
+    assert (out / "report.html").stat().st_mtime_ns == written
     # The reproduce command passes on the case folder given on the command line (no configuration names it).
     command = records.read_json(out / "small" / "hsdp" / "run.json")["command"]
     assert command[:3] == ["pytest", "--pyargs", "parity.test_parity::test_case[small]"], command

@@ -152,15 +152,17 @@ def test_sigterm_on_parity_records_interrupted_and_cleans_scratch(write_case, tm
 
 
 def test_lifeline_wrapper_refuses_to_start_a_program_once_its_launcher_is_gone(tmp_path):
-    """`python -m parity.lifeline PARENT PROGRAM`: a PARENT that is not (or no longer) its parent means the
+    """`python parity/lifeline.py PARENT PROGRAM`: a PARENT that is not (or no longer) its parent means the
     launcher died before the guard was armed; the program must not start, orphaned for good."""
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "parity.lifeline", "1", "touch", "started"], capture_output=True,
+    from parity import lifeline
+
+    done = subprocess.run([sys.executable, lifeline.__file__, "1", "touch", "started"], capture_output=True,
                           text=True, cwd=tmp_path)
     assert done.returncode == 1 and "the launcher (pid 1) is gone; not starting touch" in done.stderr
     assert not (tmp_path / "started").exists()
-    ran = subprocess.run([sys.executable, "-c", "import os, subprocess, sys; from parity.lifeline import wrapped; "
+    ran = subprocess.run([sys.executable, "-c", "import subprocess, sys; from parity.lifeline import wrapped; "
                           "sys.exit(subprocess.run(wrapped(['sh', '-c', 'exit 7'])).returncode)"])
     assert ran.returncode == 7  # with its real parent, the wrapper becomes the program (exec), exit code and all

@@ -10,7 +10,7 @@ mistake for this run (the store lives and dies with node 0's process):
     parity/go/R        node 0's answer: "" to go on, or why not (the digests differ)
     parity/launch/K    node 0's K-th launch: its name, plan file, ranks per node and timeout; or {"done": code}
     parity/result/L/R  how launch L ended on node R (each node stops its part when another's failed)
-    parity/bye/R       node R read "done"; node 0 may close the store
+    parity/bye/R       node R read "done" (or a refusal); node 0 may close the store
 
 The other nodes start nothing of their own: for each launch they run torchrun with the plan file
 node 0 wrote, so the run directory and the seed checkpoints must be on a filesystem every node
@@ -159,6 +159,7 @@ class Leader(_Group):
                            f"node(s) {', '.join(map(str, differ))} were given other cases, case files or options "
                            "(--steps, --device, --repeat, --plan) than node 0")
         if differ:
+            self._wait_for_byes()  # the store must outlive their reading of the refusal
             raise InputError(self.store.get(f"parity/go/{differ[0]}").decode())
 
     def announce(self, name: str, plan_path: Path, world_size: int, timeout_s: float, progress: Path) -> None:
@@ -182,6 +183,9 @@ class Leader(_Group):
         """Tell every node the run is over (with the exit code they should give), then wait for them to read it."""
         self.announced += 1
         self.store.set(f"parity/launch/{self.announced}", json.dumps({"done": code}))
+        self._wait_for_byes()
+
+    def _wait_for_byes(self) -> None:
         byes = [f"parity/bye/{r}" for r in range(1, self.nodes.count)]
         deadline = time.monotonic() + BYE_WAIT_S
         while not self.store.check(byes) and time.monotonic() < deadline:
@@ -195,6 +199,7 @@ def follow(nodes: Nodes, agreed: str, out: Path, timeout_s: float) -> int:
     store.set(f"parity/hello/{nodes.rank}", agreed)
     refusal = store.get(f"parity/go/{nodes.rank}").decode()  # blocks until node 0 has heard every node
     if refusal:
+        store.set(f"parity/bye/{nodes.rank}", "")
         raise InputError(refusal)
     print(f"parity: {nodes.where()}: following node 0", flush=True)
     k = 0
