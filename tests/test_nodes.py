@@ -134,7 +134,9 @@ def test_killing_one_nodes_agent_fails_the_run_on_both_and_leaves_nothing(write_
     assert follower.wait(timeout=60) == 1, log_of(out, 1)  # node 0's exit code
     faulty = records.read_json(out / "case" / "faulty" / "run.json")
     assert faulty["status"] == "failed"
+    assert "stopped: node 1's part of launch1 ended first (failed)" in faulty["message"]
     assert "node 1: failed: torchrun on node 1 exited with code -9" in faulty["message"]
+    assert "planted fault: rank 1 hangs at step 2" in faulty["message"]  # the tails of the setup it stopped in
     assert records.read_json(out / "case" / "replicate" / "run.json")["status"] == "ok"  # before the fault: kept
     assert not [p for p in everything if alive(p)]
 

@@ -152,8 +152,10 @@ def run_process(argv: list[str], env: dict, log_path: Path, timeout_s: float, pr
                                         f"and its descendants. Log tails:\n{tails}", time.monotonic() - start, current)
                 if abort is not None and (reason := abort()) is not None:
                     kill_tree(proc)
-                    return LaunchResult("failed", None, f"{reason}; killed {label} and its descendants",
-                                        time.monotonic() - start, current)
+                    dirs = log_dirs() if callable(log_dirs) else log_dirs
+                    tails = log_tails(dirs) or _tail(log_path)
+                    return LaunchResult("failed", None, f"{reason}; killed {label} and its descendants. Log tails:\n"
+                                        f"{tails}", time.monotonic() - start, current)
                 if on_progress and current is not None:
                     on_progress(current, time.monotonic() - clock)
                 time.sleep(0.25)
