@@ -150,11 +150,15 @@ def load_parity_cases(config):
         return cached
     from parity.baselines import check_case_files
     from parity.errors import InputError
-    from parity.spec import find_cases, load_cases
+    from parity.spec import load_cases
 
     cases_dir, baseline_root, _ = parity_paths(config)
+    if not cases_dir.is_dir():
+        raise pytest.UsageError(f"parity: cases folder {cases_dir} is not a directory (--parity-cases, parity_cases "
+                                "or [tool.parity] cases); allowed: a directory of case files")
     try:
-        cases = load_cases(find_cases(cases_dir))
+        # A folder that is missing or holds no case file is a mistake (a typo in --parity-cases), not zero cases.
+        cases = load_cases([cases_dir])
         for case in cases:
             check_case_files(case, baseline_root, config.getoption("parity_update_baselines"))
     except InputError as e:

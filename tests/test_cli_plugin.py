@@ -194,3 +194,15 @@ def test_pytest_xdist_workers_each_plan_their_own_share(tmp_path, cache_env):
     ab = next(p for p, names in trained.items() if "a/replicate" in names)
     assert sorted(trained[ab]) == ["a/hsdp", "a/replicate"]  # b's two setups are a's, trained once
     assert records.read_json(out / "b" / "hsdp_2x1" / "run.json")["trained_as"] == "a/hsdp"
+
+
+@pytest.mark.parametrize("folder, message", [
+    ("missing", "is not a directory (--parity-cases, parity_cases or [tool.parity] cases); allowed: a directory"),
+    ("empty", "no case files (*.toml) in this directory"),
+])
+def test_a_cases_folder_with_no_cases_is_a_usage_error_not_zero_cases(tmp_path, folder, message):
+    """A typo in --parity-cases once collected one empty-parameter item and skipped it: the suite 'passed'."""
+    (tmp_path / "empty").mkdir()
+    r = run([sys.executable, "-m", "pytest", "parity", "--collect-only", "-q", "-p", "no:cacheprovider",
+             f"--parity-cases={tmp_path / folder}"], REPO)
+    assert r.returncode == 4 and message in r.stderr, r.stdout + r.stderr
