@@ -102,7 +102,7 @@ def cmd_run(args) -> int:
     devices = {case.name: resolve_device(args.device, case, gpus) for case in cases}
     if nodes is None:
         return _run_here(args, cases, devices)
-    check_splits(nodes, cases)
+    check_splits(nodes.count, cases)
     agreed = digest([[c.name, c.sha256] for c in cases] + [devices, args.steps, args.repeat, args.plan, nodes.count])
     if not nodes.leads:
         from parity.launch.nodes import follow
@@ -179,9 +179,9 @@ def _submit_slurm(args) -> int:
                          "allowed: leave them out")
     cases = _load_cases(args.cases, args.baselines, args.update_baselines)
     if args.nnodes > 1:
-        from parity.launch.nodes import Nodes, check_splits
+        from parity.launch.nodes import check_splits
 
-        check_splits(Nodes(args.nnodes, 0, "", 0), cases)
+        check_splits(args.nnodes, cases)
     script = job_script(run_argv(args)[2:], args.nnodes, max(c.world_size for c in cases), args.device, Path.cwd())
     if not args.submit:
         print(script, end="")

@@ -16,24 +16,9 @@ from pathlib import Path
 
 from parity import records
 from parity.commands import PYTEST
+from test_cli_plugin import SMALL_CASE
 
 REPO = Path(__file__).resolve().parent.parent
-
-CASE = """
-description = "replicate against HSDP (2, 1) at two ranks, bitwise"
-[train]
-model = "tiny"
-steps = 3
-global_batch = 4
-seq_len = 16
-[setups.replicate]
-dp_api = "replicate"
-dp_replicate = 2
-[setups.hsdp]
-dp_api = "fully_shard"
-dp_replicate = 2
-dp_shard = 1
-"""
 
 PYPROJECT = """
 [project]
@@ -79,7 +64,7 @@ def user_repo(root: Path) -> Path:
     (root / "tests" / "parity" / "cases").mkdir(parents=True)
     (root / "tests" / "parity" / "baselines").mkdir()
     (root / "pyproject.toml").write_text(textwrap.dedent(PYPROJECT))
-    (root / "tests" / "parity" / "cases" / "small.toml").write_text(textwrap.dedent(CASE))
+    (root / "tests" / "parity" / "cases" / "small.toml").write_text(textwrap.dedent(SMALL_CASE))  # replicate against HSDP (2, 1), bitwise
     return root
 
 

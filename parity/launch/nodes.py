@@ -81,17 +81,16 @@ def parse_nodes(count: int, rank: int | None, endpoint: str | None) -> Nodes | N
     return Nodes(count, rank, host.strip("[]"), int(port))
 
 
-def check_splits(nodes: Nodes, cases) -> None:
-    """Every setup must split evenly over the nodes and be one parity trains itself."""
+def check_splits(count: int, cases) -> None:
+    """Every setup must split evenly over `count` nodes and be one parity trains itself."""
     for case in cases:
         for s in case.setups:
             if s.trainer != "builtin":
                 raise InputError(f"{case.path}: setups.{s.name}: trainer {s.trainer!r} runs on one node only; "
-                                 f"allowed with --nnodes {nodes.count}: built-in setups")
-            if s.world_size % nodes.count:
+                                 f"allowed with --nnodes {count}: built-in setups")
+            if s.world_size % count:
                 raise InputError(f"{case.path}: setups.{s.name}: world size {s.world_size} does not split evenly "
-                                 f"over --nnodes {nodes.count}; allowed: world sizes that are multiples of "
-                                 f"{nodes.count}")
+                                 f"over --nnodes {count}; allowed: world sizes that are multiples of {count}")
 
 
 def digest(parts) -> str:

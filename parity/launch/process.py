@@ -144,17 +144,15 @@ def run_process(argv: list[str], env: dict, log_path: Path, timeout_s: float, pr
                 if record is not None and (current is None or _setup_of(record) != _setup_of(current)):
                     clock = time.monotonic()  # a new setup: its own timeout_s starts now
                 current = record
+                stop = None  # (status, why): this setup ran out of time, or another node's part failed
                 if time.monotonic() - clock > timeout_s:
+                    stop = ("timeout", f"timed out after {timeout_s:.0f} s")
+                elif abort is not None and (reason := abort()) is not None:
+                    stop = ("failed", reason)
+                if stop is not None:
                     kill_tree(proc)
-                    dirs = log_dirs() if callable(log_dirs) else log_dirs
-                    tails = log_tails(dirs) or _tail(log_path)
-                    return LaunchResult("timeout", None, f"timed out after {timeout_s:.0f} s; killed {label} "
-                                        f"and its descendants. Log tails:\n{tails}", time.monotonic() - start, current)
-                if abort is not None and (reason := abort()) is not None:
-                    kill_tree(proc)
-                    dirs = log_dirs() if callable(log_dirs) else log_dirs
-                    tails = log_tails(dirs) or _tail(log_path)
-                    return LaunchResult("failed", None, f"{reason}; killed {label} and its descendants. Log tails:\n"
+                    tails = log_tails(_resolved(log_dirs)) or _tail(log_path)
+                    return LaunchResult(stop[0], None, f"{stop[1]}; killed {label} and its descendants. Log tails:\n"
                                         f"{tails}", time.monotonic() - start, current)
                 if on_progress and current is not None:
                     on_progress(current, time.monotonic() - clock)
@@ -166,12 +164,17 @@ def run_process(argv: list[str], env: dict, log_path: Path, timeout_s: float, pr
     wall = time.monotonic() - start
     if proc.returncode == 0:
         return LaunchResult("ok", 0, "", wall, current)
-    dirs = log_dirs() if callable(log_dirs) else log_dirs
+    dirs = _resolved(log_dirs)
     error = first_error(dirs)
     head = f"a rank failed: {error}" if error else f"{label} exited with code {proc.returncode}"
     tails = log_tails(dirs)
     return LaunchResult("failed", proc.returncode, f"{head}\n" + (f"Rank log tails:\n{tails}\n" if tails else "")
                         + _tail(log_path), wall, current)
+
+
+def _resolved(log_dirs) -> list[Path]:
+    """run_process's `log_dirs`: a list, or a function giving it once the launch has ended."""
+    return log_dirs() if callable(log_dirs) else log_dirs
 
 
 def _read_progress(path: Path | None) -> dict | None:
