@@ -53,6 +53,7 @@ FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash", "noise", "local_
 # parameter's gradient before the norm and clip, by `factor`, every step. What they name is
 # checked against parity.presets (the names probes record), so the probes must point at it.
 FAULT_TABLES = {"scale_output": "module", "scale_grad": "param"}  # kind -> the key naming where
+ALL_PARAMS = "*"  # scale_grad's param that names every parameter
 REPEAT_SUFFIX = ".repeat"  # the reference's second run in the same launch: `<reference>.repeat`
 
 # Default tolerances by the lowest precision any setup computes in. fp32 numbers: observed across
@@ -476,9 +477,12 @@ class _Validator:
         self.keys(value, {"kind", where, "factor"}, key + ".")
         names = probe_modules(cfg) if where == "module" else param_names(cfg)
         at = value.get(where)
-        if at not in names:
+        # "*" scales every gradient: a loss-normalisation error (gradients summed over tokens, the
+        # recorded loss still their mean), which AdamW's scale invariance and clipping mostly hide.
+        if at not in names and not (where == "param" and at == ALL_PARAMS):
             few = ", ".join([*names[:4], "...", *names[-2:]])
-            self.fail(f"{key}.{where}", f"{at!r} is not a {where} of the model; allowed: {few}")
+            self.fail(f"{key}.{where}", f"{at!r} is not a {where} of the model; allowed: {few}"
+                      + (f", or {ALL_PARAMS!r} for every parameter" if where == "param" else ""))
         if "factor" not in value:
             self.fail(f"{key}.factor", "required; allowed: a finite number > 0")
         return {"fault": kind, "fault_at": at, "fault_factor": self.number(f"{key}.factor", value["factor"], positive=True)}

@@ -34,7 +34,7 @@ from parity.parallelize import Parallel, parallelize
 from parity.probes import ProbeRecorder
 from parity.shards import held_box, local_box
 from parity.sketch import SKETCHES, norm_and_sha, param_order, sketch_block
-from parity.spec import Setup, Train
+from parity.spec import ALL_PARAMS, Setup, Train
 
 FAULT_RANK = 1  # the rank that hangs or crashes in the `hang` / `crash` fault setups
 FAULT_STEP = 2  # the step of every planted fault
@@ -453,11 +453,12 @@ def scale_output(par: Parallel, module: str, factor: float) -> None:
 
 
 def scale_grad(par: Parallel, param: str, factor: float) -> None:
-    """The `scale_grad` fault: multiply the named parameter's gradient by `factor` (before the norm and
-    clip), on every rank holding a piece of it: a shard, a replica or a pipeline stage's copy."""
+    """The `scale_grad` fault: multiply the named parameter's gradient (every one for "*") by `factor`
+    (before the norm and clip), on every rank holding a piece of it: a shard, a replica or a pipeline
+    stage's copy."""
     for m in par.modules:
         for name, p in m.named_parameters():
-            if name.removeprefix("module.") == param and p.grad is not None:
+            if param in (ALL_PARAMS, name.removeprefix("module.")) and p.grad is not None:
                 g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
                 g.mul_(factor)
 

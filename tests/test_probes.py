@@ -105,6 +105,24 @@ def test_fault_tables_fill_the_setup(write_case):
     assert case.setup("a").fault is None
 
 
+def test_scale_grad_star_names_every_parameter(write_case):
+    """param = "*": every gradient scaled (a loss-normalisation error), checked here without a launch."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from parity.train import scale_grad
+
+    case = load_case(write_case(BASE + SETUPS + 'fault = { kind = "scale_grad", param = "*", factor = 512 }\n'))
+    b = case.setup("b")
+    assert (b.fault, b.fault_at, b.fault_factor) == ("scale_grad", "*", 512.0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    model(torch.ones(1, 2)).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    scale_grad(SimpleNamespace(modules=[model]), b.fault_at, b.fault_factor)
+    assert all(torch.equal(p.grad, g * 512) for p, g in zip(model.parameters(), before))
+
+
 # ---- real launches ------------------------------------------------------------------------
 
 FACTOR = 1.5
