@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a c
 
 from parity import records  # noqa: E402
 from parity.runner import run_suite, seed_for  # noqa: E402
-from parity.spec import Setup, load_case  # noqa: E402
+from parity.spec import Setup, Train, load_case  # noqa: E402
 
 REFERENCE = "ref"
 NULLS = ("ref", "fsdp2")  # candidates a correct change could produce: they must pass
@@ -184,21 +184,22 @@ def windows(x: np.ndarray, w: int) -> np.ndarray:
 FLOOR = {"loss": 1e-5, "grad_norm": 1e-4}
 
 
-def window_z(cand: dict, members: list[dict], metric: str, w: int, alpha: float, n_tests: int) -> tuple[bool, float, int]:
+def window_z(cand: dict, members: list[dict], metric: str, w: int, alpha: float, n_tests: int,
+             after: int = 0) -> tuple[bool, float, int]:
     """Prediction-interval test per window: z = (c - mean) / (sd * sqrt(1 + 1/K)) is t with K-1 degrees
     of freedom when the window means are normal; fail if max |z| passes the t quantile at alpha split
     (Bonferroni) over every window of every metric tested. Grad norms are compared as logs (ratios).
     Returns (failed, max |z| / threshold, the 1-based last step of the first failing window or 0)."""
     f = np.log if metric == "grad_norm" else (lambda a: a)
-    c = windows(f(np.asarray(cand[metric])), w)
-    m = np.stack([windows(f(np.asarray(r[metric])), w) for r in members])
+    c = windows(f(np.asarray(cand[metric][after:])), w)
+    m = np.stack([windows(f(np.asarray(r[metric][after:])), w) for r in members])
     k = len(members)
     mean, sd = m.mean(axis=0), m.std(axis=0, ddof=1)
     floor = FLOOR[metric] * (1.0 if metric == "grad_norm" else np.abs(mean))  # a log's difference is relative
     z = (c - mean) / (np.maximum(sd, floor) * math.sqrt(1 + 1 / k))
     limit = t_quantile(1 - alpha / (2 * n_tests), k - 1)
     bad = np.flatnonzero(np.abs(z) > limit)
-    return bool(bad.size), float(np.max(np.abs(z)) / limit), int((bad[0] + 1) * w) if bad.size else 0
+    return bool(bad.size), float(np.max(np.abs(z)) / limit), after + int((bad[0] + 1) * w) if bad.size else 0
 
 
 def megatron(cand: dict, members: list[dict], metric: str, exclude: int, multiplier: float) -> tuple[bool, float, int]:
@@ -219,10 +220,10 @@ def verdicts(args) -> dict:
     """name -> rule(candidate, members) -> (failed, margin, where)."""
     w, a = args.window, args.alpha
 
-    def wz(metrics):
+    def wz(metrics, after=0):
         def rule(c, ms):
-            n = len(c["loss"]) // w * len(metrics)
-            outs = [window_z(c, ms, m, w, a, n) for m in metrics]
+            n = (len(c["loss"]) - after) // w * len(metrics)
+            outs = [window_z(c, ms, m, w, a, n, after) for m in metrics]
             failed = [o for o in outs if o[0]]
             return (bool(failed), max(o[1] for o in outs), min(o[2] for o in failed) if failed else 0)
         return rule
@@ -234,7 +235,8 @@ def verdicts(args) -> dict:
             return (bool(failed), max(o[1] for o in outs), min(o[2] for o in failed) if failed else 0)
         return rule
 
-    return {f"window-z loss (w={w})": wz(["loss"]),
+    late = {f"window-z loss after step {args.late} (w={w})": wz(["loss"], args.late)} if args.late else {}
+    return {**late, f"window-z loss (w={w})": wz(["loss"]),
             f"window-z loss+gnorm (w={w})": wz(["loss", "grad_norm"]),
             f"megatron loss (x{args.multiplier}, skip {args.exclude})": mg(["loss"]),
             f"megatron loss+gnorm (x{args.multiplier}, skip {args.exclude})": mg(["loss", "grad_norm"])}
@@ -287,6 +289,8 @@ def spread_table(study: dict, args) -> str:
     for cand in ("fsdp2", *CONTROLS):
         rel = np.abs(loss[cand] - loss[REFERENCE]) / loss[REFERENCE]
         lines.append(f"| {cand} vs {REFERENCE} | " + " | ".join(f"{rel[i]:.1e}" for i in shown) + " |")
+    clipped = np.mean(np.asarray(series[REFERENCE]["grad_norm"]) > Train().max_norm)
+    lines.append(f"\n{REFERENCE}'s pre-clip grad norm is above max_norm {Train().max_norm} at {clipped:.0%} of its steps")
     return "\n".join(lines)
 
 
@@ -319,6 +323,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--warmup-steps", type=int, default=30)
     p.add_argument("--window", type=int, default=25)
+    p.add_argument("--late", type=int, default=0,
+                   help="also the loss window test on steps after this one only: is a late effect still caught?")
     p.add_argument("--alpha", type=float, default=0.01, help="the window test's nominal false-alarm rate")
     p.add_argument("--multiplier", type=float, default=1.5, help="megatron rule: x the members' largest relative deviation")
     p.add_argument("--exclude", type=int, default=30, help="megatron rule: leading steps left out (warm-up)")
