@@ -34,7 +34,7 @@ ATTENTION_DTYPES = {
     "cpu": {"math": DTYPES, "flash": DTYPES},
     "cuda": {"math": DTYPES, "flash": ("bfloat16",), "efficient": ("float32", "bfloat16"), "cudnn": ("bfloat16",)},
 }
-MODES = ("bitwise", "tolerance")
+MODES = ("bitwise", "tolerance", "statistical")
 OUTCOMES = ("match", "diverge")
 METRICS = ("loss", "grad_norm", "weights")
 # What [expect.tolerance] bounds: the metrics, and the probes of each phase (parity.localize).
@@ -55,6 +55,11 @@ FAULTS = ("replicated_data", "skip_seed_load", "hang", "crash", "noise", "local_
 FAULT_TABLES = {"scale_output": "module", "scale_grad": "param"}  # kind -> the key naming where
 ALL_PARAMS = "*"  # scale_grad's param that names every parameter
 REPEAT_SUFFIX = ".repeat"  # the reference's second run in the same launch: `<reference>.repeat`
+MEMBER_SUFFIX = ".member"  # statistical mode's ensemble: `<reference>.member01` ... (no case-file name has a dot)
+# What an ensemble member changes (parity.ensemble): "weights" multiplies each seed-checkpoint weight by
+# (1 + eps z), a few ULPs, as a reduction-order change would; "data" draws other batches (the setup seed).
+PERTURBATIONS = ("weights", "data")
+DATA_MEMBER_SEED = 1000  # a data member i draws with the reference's seed + DATA_MEMBER_SEED + i
 
 # Default tolerances by the lowest precision any setup computes in. fp32 numbers: observed across
 # DDP/FSDP/HSDP/TP/PP at 8 CPU ranks (loss rel <= 2e-7, grad norm rel <= 8.5e-6) with ~10x
@@ -135,6 +140,7 @@ class Setup:
     fault_at: str | None = None  # the module (scale_output) or parameter (scale_grad) a table fault scales
     fault_factor: float | None = None
     repeat: bool = False  # set by the runner on the reference's second run, never by a case file
+    perturb: int | None = None  # a weights-ensemble member's number (seeds its perturbation); never from a case file
     trainer: str = "builtin"
     # A torchtitan or command setup's own keys, validated (see parity.external), and its world_size.
     external: dict | None = None
@@ -178,6 +184,17 @@ class Tolerance:
 
 
 @dataclass(frozen=True)
+class Statistical:
+    """`[expect.statistical]`: the ensemble of reference runs and the test against it (parity.ensemble).
+    Defaults and their reasons: benchmarks/ensemble_study.md."""
+
+    members: int = 8
+    perturb: str = "weights"
+    window: int = 25  # steps per window mean
+    alpha: float = 0.01  # false-alarm rate of one setup's test, split over its windows and metrics
+
+
+@dataclass(frozen=True)
 class Expect:
     mode: str = "bitwise"
     outcome: str = "match"
@@ -186,6 +203,7 @@ class Expect:
     first_divergence: dict | None = None  # negative controls: {"metric": ..., "step": ...} they must be caught at
     localized: dict | None = None  # negative controls: {"step", "phase", "name"} their probes must first part at
     repeat: bool | None = None  # run the reference twice and compare bitwise; None: on for CUDA, off for CPU
+    statistical: Statistical | None = None  # mode "statistical" only
 
 
 PROBE_ALL_UP_TO = 64  # a case of at most this many steps probes every step by default
@@ -235,6 +253,18 @@ class Case:
     def setup(self, name: str) -> Setup:
         return next(s for s in self.setups if s.name == name)
 
+    @property
+    def ensemble(self) -> tuple[Setup, ...]:
+        """Statistical mode's members: the reference again, each perturbed its own way; () in other modes."""
+        st = self.expect.statistical
+        if st is None:
+            return ()
+        ref = self.reference
+        return tuple(replace(ref, name=f"{ref.name}{MEMBER_SUFFIX}{i:02d}",
+                             **({"perturb": i} if st.perturb == "weights" else
+                                {"train": replace(ref.train, seed=(ref.train.seed + DATA_MEMBER_SEED + i) % (MAX_SEED + 1))}))
+                     for i in range(1, st.members + 1))
+
 
 TRAIN_KEYS = {f.name for f in fields(Train)}
 EXTERNAL_KEYS = COMMAND_KEYS | TITAN_KEYS | {"trainer"}
@@ -244,8 +274,8 @@ TITAN_SETUP_TRAIN_KEYS = {"seed"}  # the one a torchtitan setup may override (a 
 # number of steps or on other batch shapes would differ for a reason no verdict names. A setup may
 # still change the seed and the optimizer keys (negative controls do).
 SHARED_TRAIN_KEYS = ("model", "steps", "seq_len", "global_batch", "data")
-SETUP_KEYS = ({f.name for f in fields(Setup)} - {"name", "train", "repeat", "trainer", "external", "fault_at",
-                                                  "fault_factor"} | {"world_size"})
+SETUP_KEYS = ({f.name for f in fields(Setup)} - {"name", "train", "repeat", "perturb", "trainer", "external",
+                                                  "fault_at", "fault_factor"} | {"world_size"})
 TOP_KEYS = {"description", "seed_checkpoint", "train", "setups", "expect", "determinism", "probes"}
 
 
@@ -580,12 +610,14 @@ class _Validator:
             self.fail(key, str(e))
 
     def expect(self, table: dict, setups) -> Expect:
-        self.keys(table, {"mode", "outcome", "tolerance", "first_divergence", "localized", "repeat"}, "expect.")
+        self.keys(table, {"mode", "outcome", "tolerance", "first_divergence", "localized", "repeat", "statistical"},
+                  "expect.")
         repeat = table.get("repeat")
         if repeat is not None and not isinstance(repeat, bool):
             self.fail("expect.repeat", f"{repeat!r} is not allowed; allowed: true, false")
         mode = self.choice("expect.mode", table.get("mode", "bitwise"), MODES)
         outcome = self.choice("expect.outcome", table.get("outcome", "match"), OUTCOMES)
+        statistical = self.statistical(table.get("statistical"), mode, setups)
         dtype, tolerance = default_tolerances(setups)
         source = {m: f"default for {dtype}" for m in TOLERANCE_KEYS}
         tol_doc = table.get("tolerance", {})
@@ -612,6 +644,10 @@ class _Validator:
             steps = min(s.train.steps for s in setups)
             parsed = {"metric": self.choice(f"{key}.metric", first.get("metric"), ("loss", "grad_norm")),
                       "step": self.integer(f"{key}.step", first.get("step"), 1, steps)}
+            if statistical and parsed["step"] % statistical.window and parsed["step"] != steps:
+                w = statistical.window
+                self.fail(f"{key}.step", f"{parsed['step']} ends no window: statistical mode judges means over "
+                          f"windows of {w} steps; allowed: a multiple of {w}, or the last step {steps}")
             # A control must be caught by the planted effect, not by a last-bit difference: it states the size.
             if ("ratio" in first) == ("min_rel" in first):
                 self.fail(key, f"state the expected effect with exactly one of ratio, min_rel; allowed: {shape}")
@@ -624,8 +660,37 @@ class _Validator:
                 parsed["min_rel"] = self.number(f"{key}.min_rel", first["min_rel"], positive=True)
             first = parsed
         localized = self.localized(table.get("localized"), outcome, setups)
+        if localized and statistical:
+            self.fail("expect.localized", "probes part at the first rounding difference, which statistical mode "
+                      "expects; allowed: first_divergence (the window the control leaves the band in)")
         return Expect(mode=mode, outcome=outcome, tolerance=tolerance, tolerance_source=source, first_divergence=first,
-                      localized=localized, repeat=repeat)
+                      localized=localized, repeat=repeat, statistical=statistical)
+
+    def statistical(self, table, mode: str, setups) -> Statistical | None:
+        """`[expect.statistical]`, with its defaults, for mode "statistical" (and only there)."""
+        key = "expect.statistical"
+        if mode != "statistical":
+            if table is not None:
+                self.fail(key, f"only for mode = \"statistical\" (this case's mode is {mode!r})")
+            return None
+        table = {} if table is None else table
+        self.keys(table, {f.name for f in fields(Statistical)}, key + ".")
+        ref, base = setups[0], Statistical()
+        if ref.trainer != "builtin":
+            self.fail(f"setups.{ref.name}.trainer", "statistical mode runs the reference again as an ensemble, "
+                      "perturbing it from inside the built-in trainer; allowed: a built-in reference (the first setup)")
+        steps = min(s.train.steps for s in setups)
+        st = Statistical(
+            members=self.integer(f"{key}.members", table.get("members", base.members), 4, 256),
+            perturb=self.choice(f"{key}.perturb", table.get("perturb", base.perturb), PERTURBATIONS),
+            window=self.integer(f"{key}.window", table.get("window", base.window), 1, steps),
+            alpha=self.number(f"{key}.alpha", table.get("alpha", base.alpha), positive=True))
+        if st.alpha >= 1:
+            self.fail(f"{key}.alpha", f"{table['alpha']!r} is not allowed; allowed: a number between 0 and 1")
+        if st.perturb == "data" and ref.train.data is not None:
+            self.fail(f"{key}.perturb", "\"data\" draws other batches with another seed, but a token file "
+                      "(train.data) is read in order whatever the seed; allowed: \"weights\"")
+        return st
 
     def localized(self, table, outcome: str, setups) -> dict | None:
         """Where a negative control's probes must first part: {step, phase, name} (see parity.localize)."""

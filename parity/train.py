@@ -135,23 +135,51 @@ def build_parallel(setup: Setup, ckpt: str, device: torch.device, timings: dict 
         return result
 
     if setup.dims.seed_before_wrap:
-        timed("seed_load_s", allocate_and_load, [model], ckpt, setup.fault, t.seed, device)
+        timed("seed_load_s", allocate_and_load, [model], ckpt, setup, device)
         return model, timed("parallelize_s", parallelize, model, setup, device, loss_fn)
     par = timed("parallelize_s", parallelize, model, setup, device, loss_fn)
-    timed("seed_load_s", allocate_and_load, par.modules, ckpt, setup.fault, t.seed, device)
+    timed("seed_load_s", allocate_and_load, par.modules, ckpt, setup, device)
     return model, par
 
 
-def allocate_and_load(modules: list, ckpt: str, fault: str | None, seed: int, device: torch.device) -> None:
-    """Give the meta-device module(s) storage on `device` and their weights: the seed checkpoint, or
-    for the `skip_seed_load` fault a deterministic init that is not the seed's."""
+def allocate_and_load(modules: list, ckpt: str, setup: Setup, device: torch.device) -> None:
+    """Give the meta-device module(s) storage on `device` and their weights: the seed checkpoint (perturbed
+    for a weights-ensemble member), or for the `skip_seed_load` fault a deterministic init that is not the seed's."""
     for m in modules:
         m.to_empty(device=device)
         m.init_buffers()
-    if fault == "skip_seed_load":
-        fresh_init(modules, seed)
+    if setup.fault == "skip_seed_load":
+        fresh_init(modules, setup.train.seed)
     else:
         load_seed(modules, ckpt)
+    if setup.perturb is not None:
+        perturb_weights(modules, setup.perturb)
+
+
+def _host_generator(*key) -> torch.Generator:
+    """A CPU generator seeded by `key` and nothing else: the same draws on every rank and in every layout."""
+    seed = int.from_bytes(hashlib.sha256("|".join(map(str, key)).encode()).digest()[:8], "little")
+    return torch.Generator().manual_seed(seed)
+
+
+def _held_part(p) -> tuple[torch.Tensor, tuple]:
+    """(this rank's local tensor of p, the index of that part in p's full tensor): a shard, a stage's or all of it."""
+    local, offset = held_box(p)
+    return local, tuple(slice(o, o + n) for o, n in zip(offset, local.shape))
+
+
+def perturb_weights(modules: list, member: int) -> None:
+    """A weights-ensemble member's start: every loaded weight times (1 + eps z), z ~ N(0, 1) drawn on the host
+    per full tensor from (member, parameter name), eps the weight dtype's machine epsilon. A few ULPs: the
+    size of difference a changed reduction order leaves, here put into the weights. Each rank scales the
+    part it holds, so a member starts from the same bits in every layout."""
+    for m in modules:
+        for name, p in m.named_parameters():
+            local, part = _held_part(p)
+            z = torch.randn(p.shape, generator=_host_generator("perturb", member, name.removeprefix("module.")))
+            factor = 1 + torch.finfo(local.dtype).eps * z.to(local.dtype)
+            with torch.no_grad():
+                local.mul_(factor[part].to(local.device))
 
 
 def fresh_init(modules: list, seed: int) -> None:
@@ -160,12 +188,10 @@ def fresh_init(modules: list, seed: int) -> None:
     parameter at a time, and each rank copies in the shard it holds."""
     for m in modules:
         for name, p in m.named_parameters():
-            key = int.from_bytes(hashlib.sha256(f"{seed}|{name}".encode()).digest()[:8], "little")
-            full = (torch.ones(p.shape) if p.dim() == 1
-                    else torch.randn(p.shape, generator=torch.Generator().manual_seed(key)) * 0.02)
-            local, offset = held_box(p)
+            full = torch.ones(p.shape) if p.dim() == 1 else torch.randn(p.shape, generator=_host_generator(seed, name)) * 0.02
+            local, part = _held_part(p)
             with torch.no_grad():
-                local.copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))])
+                local.copy_(full[part])
 
 
 def load_seed(modules: list, ckpt: str):

@@ -1,6 +1,7 @@
 """The weight digest assembles each full parameter on one rank from the ranks' boxes: its norm and
 sha256 must be bit for bit those of the plain full tensor, in every layout, for the seed's weights
-and for the skip_seed_load fault's init (tests/scripts/digest_layouts.py, 4 gloo ranks under
+for the skip_seed_load fault's init, and for a weights-ensemble member's perturbed start (which must also
+differ from the seed's) (tests/scripts/digest_layouts.py, 4 gloo ranks under
 torchrun, untrained weights of the tiny model)."""
 
 import subprocess

@@ -41,10 +41,15 @@ LAYOUTS = {
 }
 
 
-def plain_digest(ckpt: str, fault: str | None) -> list[dict]:
-    """The digest of one whole model on the host, loaded (or fresh-initialised) as a one-process setup is."""
+# How a run's first weights are made: loaded, fresh-initialised (the skip_seed_load fault), or loaded and
+# perturbed as weights-ensemble member 3 is.
+STARTS = {"seed": {}, "skip_seed_load": {"fault": "skip_seed_load"}, "member 3": {"perturb": 3}}
+
+
+def plain_digest(ckpt: str, start: dict) -> list[dict]:
+    """The digest of one whole model on the host, made as a one-process setup makes it."""
     model = build_meta_model(TRAIN.model_config, TRAIN.seq_len)
-    allocate_and_load([model], ckpt, fault, TRAIN.seed, torch.device("cpu"))
+    allocate_and_load([model], ckpt, Setup(name="plain", train=TRAIN, dp_api="none", **start), torch.device("cpu"))
     return state_dict_digest(dict(model.named_parameters()))
 
 
@@ -65,14 +70,19 @@ def differences(layout: str, got: list[dict], want: list[dict]) -> list[str]:
 def main(ckpt: str, out: str) -> None:
     dist.init_process_group("gloo")
     problems = []
-    for fault in (None, "skip_seed_load"):
-        want = plain_digest(ckpt, fault)  # on every rank: loading the seed is a collective
+    seed_digest = None
+    for start, fields in STARTS.items():
+        want = plain_digest(ckpt, fields)  # on every rank: loading the seed is a collective
+        if start == "seed":
+            seed_digest = want
+        elif [r["sha256"] for r in want] == [r["sha256"] for r in seed_digest]:
+            problems.append(f"{start}: the same weights as the seed checkpoint's")
         for layout, dims in LAYOUTS.items():
-            setup = Setup(name=layout, train=TRAIN, fault=fault, **dims)
+            setup = Setup(name=layout, train=TRAIN, **fields, **dims)
             _, par = build_parallel(setup, ckpt, torch.device("cpu"))
             got = weight_digest(par)
             if dist.get_rank() == 0:
-                problems += differences(f"{layout} ({fault or 'seed'})", got, want)
+                problems += differences(f"{layout} ({start})", got, want)
             del par
             dist.barrier()
     if dist.get_rank() == 0:
