@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.compare import compare_series, not_compared, ulps_text
+from parity.compare import compare_series, load_runs, not_compared, ulps_text
 from parity.fingerprint import determinism_summary, differing_fields, platform_key
 from parity.paths import check_platform, inside
 from parity.records import RecordError, atomic_write_text, csv_text, read_csv, read_setup_run, rows_of, setup_dir
@@ -124,9 +124,10 @@ def _result(setup, path, platform, status, how, passed, message, metrics=None, o
 
 
 def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str, torch_version: str,
-                   update: str | None = None, records: dict | None = None) -> dict:
+                   update: str | None = None, records: dict | None = None, members: list[dict] | None = None) -> dict:
     """Compare one setup's run with its baseline, writing files as `update` allows; returns B. `records`:
-    the run's records as read_setup_run returns them, where the caller has read them already."""
+    the run's records as read_setup_run returns them, where the caller has read them already. `members`:
+    a statistical case's ensemble runs, whose spread judges a baseline made where the bits differ."""
     if update not in UPDATE_MODES:
         raise ValueError(f"update mode {update!r}; allowed: new, failing, all (or none)")
     name = setup if isinstance(setup, str) else setup.name
@@ -172,9 +173,13 @@ def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str,
     metrics = {m: compare_series([r["step"] for r in base], [r[m] for r in base], columns["step"], columns[m],
                                  case.expect.tolerance[m],
                                  "bitwise" if exact else "tolerance", labels) for m in COMPARED}
+    if case.expect.statistical and not exact:
+        how = "statistical"
+        metrics = _drift(case, base, columns, members or [], metrics)
+    judged = {"tolerance": "within tolerance", "statistical": "as two draws of the ensemble"}.get(how)
     why = "" if exact else (" (baseline and run differ in " + ", ".join(
         f"{k}: {header.get(k, 'not recorded')} vs {mine.get(k, 'not recorded')}"
-        for k in (differ or ["platform"])) + ": compared within tolerance)")
+        for k in (differ or ["platform"])) + f": compared {judged})")
     if all(m["passed"] for m in metrics.values()):
         if update == "all" and not part:
             write(path)
@@ -197,9 +202,35 @@ def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str,
                   metrics, obtained)
 
 
+def _drift(case: Case, base: list[dict], columns: dict, members: list[dict], metrics: dict) -> dict:
+    """Statistical mode, where the bits differ (another CPU instruction set): over hundreds of steps a run
+    drifts from its baseline as far as the ensemble's members drift from each other, so each window's
+    difference is judged by the ensemble's spread (parity.ensemble.drift), not by a per-step tolerance."""
+    from parity import ensemble
+
+    steps = columns["step"]
+    healthy = [r for r in members if not r["problems"]]
+    out = {}
+    for m in COMPARED:
+        base_values = ensemble.series_at({"metrics": {"step": np.array([r["step"] for r in base]),
+                                                      m: np.array([r[m] for r in base], dtype=np.float64)}}, m, steps)
+        if not healthy or len(healthy) < len(members):
+            out[m] = {**metrics[m], "passed": False, "statistical": None,
+                      "problems": metrics[m]["problems"] + ["the ensemble did not finish: no spread to judge by"]}
+            continue
+        t = ensemble.drift(base_values, columns[m], [ensemble.series_at(r, m, steps) for r in members], m,
+                           case.expect.statistical, case.expect.tolerance[m])
+        out[m] = {**metrics[m], "passed": t["passed"], "statistical": t}
+    return out
+
+
 def _difference(setup: str, m: dict, metric: str, how: str) -> str:
     if m["problems"]:
         return f"{setup} {metric}: " + "; ".join(m["problems"])
+    if how == "statistical":
+        e = m["statistical"]["first_failure"]
+        return (f"{setup} {metric} steps {e['window'][0]}-{e['window'][1]}: baseline mean {e['value_ref']!r}, run "
+                f"{e['value_other']!r} (rel {e['rel']:.3g}, z {e['z']:.3g}, limit {e['limit']:.3g})")
     e = m["first_divergence"] if how == "exact" else m["first_tolerance_failure"]
     return (f"{setup} {metric} step {e['step']}: baseline {e['value_ref']!r}, run {e['value_other']!r} "
             f"(abs {e['abs']:.3g}, rel {e['rel']:.3g}, {ulps_text(e)})")
@@ -207,15 +238,16 @@ def _difference(setup: str, m: dict, metric: str, how: str) -> str:
 
 def check_case_baselines(case: Case, run_dir, root=None, update: str | None = None,
                          runs: dict[str, dict] | None = None) -> list[dict]:
-    """check_baseline for every setup, with platform and torch version from its run.json; `runs`: each
-    setup's records (read_setup_run) by name, where the caller has read them already."""
+    """check_baseline for every setup, with platform and torch version from its run.json; `runs`: every
+    setup's records (compare.load_runs), where the caller has read them already."""
+    runs = runs if runs is not None else load_runs(case, run_dir)
+    members = [runs[m.name] for m in case.ensemble]
     results = []
     for s in case.setups:
-        records = runs[s.name] if runs is not None else read_setup_run(setup_dir(run_dir, case.name, s.name))
-        run = records["info"]
+        run = runs[s.name]["info"]
         platform = run.get("platform") or platform_key(str(run.get("device", "")))
         results.append(check_baseline(case, s, run_dir, root, platform, run.get("torch", "unknown"), update,
-                                      records))
+                                      runs[s.name], members))
     return results
 
 

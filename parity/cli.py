@@ -44,6 +44,9 @@ def _load_cases(paths: list[str], baseline_root: str | None = None, update: str 
     return cases
 
 
+TABLE_STEPS, TABLE_HEAD, TABLE_TAIL = 40, 10, 5  # a longer run's table shows its first and last steps
+
+
 def step_table(case, run_dir: Path) -> str:
     """Side by side: step, then loss and grad norm of every setup, '=' where bitwise equal to the reference."""
     from parity.compare import bitwise_equal  # the one equality rule: same 8 bytes, never NaN or Inf
@@ -58,7 +61,10 @@ def step_table(case, run_dir: Path) -> str:
     for metric in ("loss", "grad_norm"):
         header += [f"{metric}[{s.name}]" + ("" if s.name == ref else " =ref") for s in case.setups]
     lines = [header]
-    for step in steps:
+    shown = steps if len(steps) <= TABLE_STEPS else steps[:TABLE_HEAD] + steps[-TABLE_TAIL:]
+    for step in shown:
+        if len(shown) < len(steps) and step == shown[TABLE_HEAD]:
+            lines.append(["..."] + [""] * (len(header) - 1))
         row = [str(step)]
         for metric in ("loss", "grad_norm"):
             base = series[ref].get(step, {}).get(metric)
@@ -70,7 +76,11 @@ def step_table(case, run_dir: Path) -> str:
                 row.append(cell)
         lines.append(row)
     widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in lines)
+    text = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in lines)
+    if len(shown) < len(steps):
+        text += (f"\n({len(shown)} of {len(steps)} steps shown; every step is in "
+                 f"{records.setup_dir(run_dir, case.name, ref) / 'metrics.csv'} and each setup's own)")
+    return text
 
 
 def run_argv(args) -> list[str]:

@@ -20,6 +20,7 @@ The verdict, `<out>/<case>/verdict.json` (a contract for the plugin, CLI and rep
     {case, passed, mode, outcome, reference, platform, device, backend, notes: [str],
      tolerance: {loss|grad_norm|weights|forward|backward|update: {rtol, atol, source}},
      repeat: null | P (the reference against its repeat run, always bitwise),
+     statistical: null | S (mode "statistical" only),
      pairs: [P], baselines: [B (see baselines.py)], problems: [str]}
     P = {reference, other, passed, problems: [str], notes: [str],
          diverged: null | {metric, step, param, value_ref, value_other, abs, rel, ulps, ulp_unit},
@@ -29,6 +30,18 @@ The verdict, `<out>/<case>/verdict.json` (a contract for the plugin, CLI and rep
     E = {step, phase, name, stat, value_ref, value_other, abs, rel, ulps, ulp_unit}
     M = {n, exact_equal_steps, bitwise, within_tolerance, max_abs, max_rel, failing_steps,
          first_divergence, first_tolerance_failure, passed, problems[, not_recorded: str]}
+
+In mode "statistical" (parity.ensemble) the step lanes are computed within tolerance, for
+information, and a step metric's `passed` is the ensemble test's: its M also holds `statistical`, T.
+The weights lane is not compared (runs that drift apart have no band for their final weights).
+
+    S = {members: [name], k, perturb, window, alpha, metrics, tests, limit, window_ends: [step],
+         bands: {loss|grad_norm: {mean, sd, sd_used, low, high: [per window], members: {name: [...]}}},
+         windows_at_floor: {metric: int}, held_out: [{member, passed, max_abs_z_over_limit}],
+         reference: {metric: T}}
+    T = {passed, values: [per window], z: [per window], max_abs_z, failing_windows,
+         first_failure: null | {step, window: [first, last], value_ref (the ensemble's mean), value_other,
+                                abs, rel, z, limit}}
 
 `modes` is the case's mode per metric, except where a setup's values were read from rounded log
 text (metrics.csv `<metric>_rounding`, see parity.external.readers): that metric is compared
@@ -318,6 +331,10 @@ def _load_run(directory: Path, name: str) -> dict:
 
 def _mismatch(metric: str, m: dict, mode: str) -> str:
     unit = "params" if metric == "weights" else "steps"
+    if mode == "statistical":
+        t = m["statistical"]
+        return (f"{metric}: {t['failing_windows']} of {len(t['z'])} windows outside the ensemble's band; first at "
+                f"{band_text(t['first_failure'])}")
     if mode == "bitwise":
         how = "have another sha256" if metric == "weights" else "differ bitwise"
         e, text = m["first_divergence"], f"{m['n'] - m['exact_equal_steps']} of {m['n']} {unit} {how}"
@@ -338,7 +355,15 @@ def _where(e: dict) -> str:
     return f"step {e['step']}"
 
 
+def band_text(e: dict) -> str:
+    """Where a window leaves the band: "steps 26-50: 3.2154 vs ensemble mean 3.1002 (rel 0.0372, z 41.3, limit 7.02)"."""
+    return (f"steps {e['window'][0]}-{e['window'][1]}: {e['value_other']!r} vs ensemble mean {e['value_ref']!r} "
+            f"(rel {e['rel']:.3g}, z {e['z']:.3g}, limit {e['limit']:.3g})")
+
+
 def _first(m: dict, mode: str) -> dict | None:
+    if mode == "statistical":
+        return (m.get("statistical") or {}).get("first_failure")
     return m["first_divergence"] if mode == "bitwise" else m["first_tolerance_failure"]
 
 
@@ -355,14 +380,18 @@ def _diverged(metrics: dict, modes: dict) -> dict | None:
     return None
 
 
-def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict, case: Case) -> dict:
+def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict, case: Case,
+                 statistical: dict | None = None) -> dict:
+    """The reference against one other setup. In statistical mode `statistical` is parity.ensemble.evaluate's
+    result: the step lanes are computed within tolerance, for information, and the ensemble test decides."""
     mode, outcome, tol = case.expect.mode, case.expect.outcome, case.expect.tolerance
+    lanes = "tolerance" if mode == "statistical" else mode  # how the step lanes compare
     labels = (ref_name, other_name)
     problems = ref_run["problems"] + other_run["problems"]
     metrics, modes, notes = {}, {"weights": mode}, []
     for metric in STEP_METRICS:
         a, b = ref_run["metrics"], other_run["metrics"]
-        modes[metric] = mode
+        modes[metric] = lanes
         if a is None or b is None:
             metrics[metric] = not_compared("metrics.csv unreadable")
             continue
@@ -378,9 +407,18 @@ def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict,
         metrics[metric] = compare_series(a["step"], a[metric], b["step"], b[metric], tol[metric], modes[metric], labels,
                                          slack)
         problems += [f"{metric}: {p}" for p in metrics[metric]["problems"]]
+        if mode == "statistical":  # the lanes inform; whether the setup stays in the ensemble's band decides
+            test = (statistical or {}).get("tests", {}).get(other_name, {}).get(metric)
+            metrics[metric] = {**metrics[metric], "passed": bool(test and test["passed"]), "statistical": test}
+            modes[metric] = mode
+            if test is None:
+                problems.append(f"{metric}: not tested: the ensemble has no band (see the case's problems)")
     unrecorded = [name for name, run in zip(labels, (ref_run, other_run))
                   if run["info"].get("status") == "ok" and run["info"].get("weights_recorded") is False]
-    if unrecorded:
+    if mode == "statistical":
+        metrics["weights"] = not_recorded("statistical mode judges loss and grad norm per window; the final weights "
+                                          "of runs that drift apart have no band")
+    elif unrecorded:
         metrics["weights"] = not_recorded(f"{', '.join(unrecorded)} recorded no final weights (its command "
                                           "setup names no `weights`)")
     elif ref_run["weights"] is None or other_run["weights"] is None:
@@ -409,7 +447,7 @@ def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict,
             effect = _effect(diverged, want)
             problems += effect["problems"]
     localization = _localization(ref_run, other_run, case, labels)
-    if healthy:
+    if healthy and mode != "statistical":  # probes part at the first rounding difference, which this mode expects
         problems += _probe_problems(localization, case, metrics_passed=not problems)
     return {"reference": ref_name, "other": other_name, "passed": not problems, "problems": problems,
             "diverged": diverged, "effect": effect, "metrics": metrics, "modes": modes, "notes": notes,
@@ -425,7 +463,8 @@ def probe_tolerances(case: Case) -> dict[str, Tolerance]:
 def _localization(ref_run: dict, other_run: dict, case: Case, labels) -> dict:
     from parity.localize import localize  # it builds on this module's entries; imported here, not in a cycle
 
-    return localize(ref_run["probes"], other_run["probes"], case.expect.mode, probe_tolerances(case), labels)
+    mode = "tolerance" if case.expect.mode == "statistical" else case.expect.mode
+    return localize(ref_run["probes"], other_run["probes"], mode, probe_tolerances(case), labels)
 
 
 def _probe_problems(loc: dict, case: Case, metrics_passed: bool) -> list[str]:
@@ -479,8 +518,9 @@ def _repeat_cause(pair: dict, run_problems: list[str]) -> str | None:
 
 
 def load_runs(case: Case, run_dir: str | Path) -> dict[str, dict]:
-    """Every setup's records (see _load_run), by name: read once, then judged between setups and against baselines."""
-    return {s.name: _load_run(Path(run_dir) / case.name / s.name, s.name) for s in case.setups}
+    """Every setup's records (see _load_run), ensemble members' too, by name: read once, then judged between
+    setups and against baselines."""
+    return {s.name: _load_run(Path(run_dir) / case.name / s.name, s.name) for s in (*case.setups, *case.ensemble)}
 
 
 def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None = None,
@@ -498,8 +538,10 @@ def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None =
         again = _load_run(base / name, name)
         repeat = compare_pair(ref, runs[ref], name, again, bitwise)
         repeat["cause"] = _repeat_cause(repeat, runs[ref]["problems"] + again["problems"])
-    pairs = [compare_pair(ref, runs[ref], s.name, runs[s.name], case) for s in case.setups[1:]]
+    statistical = _statistical(case, runs)
+    pairs = [compare_pair(ref, runs[ref], s.name, runs[s.name], case, statistical) for s in case.setups[1:]]
     problems = [repeat["cause"]] if repeat and repeat["cause"] else []
+    problems += statistical["problems"] if statistical else []
     problems += [f"{p['reference']} vs {p['other']}: {line}" for p in pairs for line in p["problems"]]
     info = runs[ref]["info"] or {}
     verdict = {
@@ -514,12 +556,36 @@ def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None =
         "tolerance": {m: {"rtol": t.rtol, "atol": t.atol, "source": case.expect.tolerance_source.get(m, "case")}
                       for m, t in case.expect.tolerance.items()},
         "repeat": repeat,
+        "statistical": statistical and statistical["summary"],
         "pairs": pairs,
         "baselines": [],
         "problems": problems,
         "notes": _case_file_notes(case, runs),
     }
     return with_baselines(verdict, baselines or [])
+
+
+def _statistical(case: Case, runs: dict) -> dict | None:
+    """Statistical mode's ensemble and tests (parity.ensemble.evaluate), with the reference's own test in the
+    summary: a reference outside its own ensemble's band means the band cannot be trusted (a problem)."""
+    from parity import ensemble  # numbers only; imported where used, as the mode is rare
+
+    st = case.expect.statistical
+    if st is None:
+        return None
+    ref = runs[case.reference.name]
+    steps = ref["metrics"]["step"] if ref["metrics"] is not None else np.array([], dtype=np.int64)
+    result = ensemble.evaluate(st, case.expect.tolerance, steps, {m.name: runs[m.name] for m in case.ensemble},
+                               {s.name: runs[s.name] for s in case.setups})
+    own = result["tests"].get(case.reference.name)
+    result["summary"]["reference"] = own
+    problems = [f"ensemble: {p}" for p in result["problems"]]
+    for metric, t in (own or {}).items():
+        if not t["passed"] and not ref["problems"]:
+            problems.append(f"the reference {case.reference.name} leaves its own ensemble's band on {metric} at "
+                            f"{band_text(t['first_failure'])}: the members do not vary as the reference's own "
+                            "rounding does, so the band cannot judge")
+    return {**result, "problems": problems}
 
 
 def with_baselines(verdict: dict, baselines: list[dict]) -> dict:
@@ -565,7 +631,12 @@ def _metric_line(name: str, m: dict) -> str:
            f"max rel {_g(m['max_rel'])}, outside tolerance {m['failing_steps']}"
     e = m["first_divergence"]
     # Problems are listed once, under the pair.
-    return line + (f", first divergence {_where(e)} ({ulps_text(e)})" if e else ", no divergence")
+    line += f", first divergence {_where(e)} ({ulps_text(e)})" if e else ", no divergence"
+    t = m.get("statistical")
+    if t:
+        line += (f"; ensemble: max |z| {_g(t['max_abs_z'])}, {t['failing_windows']} of {len(t['z'])} windows "
+                 "outside the band")
+    return line
 
 
 def format_verdict(verdict: dict) -> str:
@@ -576,6 +647,7 @@ def format_verdict(verdict: dict) -> str:
     lines.append("  tolerance: " + "; ".join(f"{m} rtol={t['rtol']!r} atol={t['atol']!r} ({t['source']})"
                                             for m, t in v["tolerance"].items()))
     lines += [f"  note: {n}" for n in v.get("notes", [])]
+    lines += _ensemble_lines(v.get("statistical"))
     r = v.get("repeat")
     if r is not None:
         lines.append(f"  repeat check ({r['reference']} twice, bitwise): "
@@ -595,6 +667,28 @@ def format_verdict(verdict: dict) -> str:
         lines.append(f"  baseline {b['setup']} [{b['platform']}, {b['how']}]: {b['status']}"
                      f"{'' if b['passed'] else ' FAIL'}: {b['message']}")
     return "\n".join(lines)
+
+
+def _ensemble_lines(st: dict | None) -> list[str]:
+    """Statistical mode: the ensemble, the test's limit, how many windows the tolerance floor decided, the
+    reference's own test and the held-out members' (a measured false-alarm count)."""
+    if not st:
+        return []
+    windows = len(st["window_ends"])
+    floor = ", ".join(f"{m} {n}/{windows}" for m, n in st["windows_at_floor"].items()) or "—"
+    lines = [f"  ensemble: {st['k']} members ({st['perturb']} perturbed), windows of {st['window']} steps, "
+             f"alpha {st['alpha']!r} over {st['tests']} tests: |z| limit {st['limit']:.3g}; windows where the "
+             f"tolerance floors the spread: {floor}"]
+    ref = st.get("reference")
+    if ref:
+        lines.append("  reference in its own band: " + ", ".join(
+            f"{m} max |z| {_g(t['max_abs_z'])}" + ("" if t["passed"] else " (OUTSIDE)") for m, t in ref.items()))
+    held = st.get("held_out") or []
+    if held:
+        out = [h["member"] for h in held if not h["passed"]]
+        lines.append(f"  held-out members (each against the other {st['k'] - 1}): {len(out)} of {len(held)} outside"
+                     + (f" ({', '.join(out)})" if out else "") + f"; largest |z| / limit {max(h['max_abs_z_over_limit'] for h in held):.3g}")
+    return lines
 
 
 def _localization_lines(pair: dict, indent: str) -> list[str]:
@@ -630,26 +724,31 @@ def device_counts(run_dir, cases=None) -> tuple[list[str], str]:
     return lines, ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
 
 
+def _row_where(e: dict) -> str:
+    """A table row's step, parameter, or (statistical mode) window of steps."""
+    return f"steps {e['window'][0]}-{e['window'][1]}" if "window" in e else str(e.get("step", e.get("param")))
+
+
 def divergence_table(verdict: dict) -> str:
     """The failing rows only: for each failing pair/baseline and metric, its first failing entry."""
     rows = []
     for p in verdict["pairs"]:
         if p["passed"]:
             continue
-        key = "first_divergence" if verdict["mode"] == "bitwise" else "first_tolerance_failure"
         for name, m in p["metrics"].items():
-            if not m["passed"] and m[key] is not None and verdict["outcome"] == "match":
-                rows.append((f"{p['reference']} vs {p['other']}", name, m[key]))
+            e = _first(m, verdict["mode"])
+            if not m["passed"] and e is not None and verdict["outcome"] == "match":
+                rows.append((f"{p['reference']} vs {p['other']}", name, e))
     for b in verdict["baselines"]:
         if b["passed"]:
             continue
-        key = "first_divergence" if b["how"] == "exact" else "first_tolerance_failure"
         for name, m in b["metrics"].items():
-            if m[key] is not None:
-                rows.append((f"baseline {b['setup']} vs run", name, m[key]))
+            e = _first(m, {"exact": "bitwise"}.get(b["how"], b["how"]))
+            if e is not None and not m["passed"]:
+                rows.append((f"baseline {b['setup']} vs run", name, e))
     header = ("pair", "metric", "step|param", "reference", "other", "abs", "rel", "ulps")
-    table = [header] + [(who, name, str(e.get("step", e.get("param"))), repr(e["value_ref"]),
-                         repr(e["value_other"]), repr(e["abs"]), repr(e["rel"]), ulps_text(e))
+    table = [header] + [(who, name, _row_where(e), repr(e["value_ref"]), repr(e["value_other"]), repr(e["abs"]),
+                         repr(e["rel"]), ulps_text(e) if "ulps" in e else f"z {e['z']:.3g} (limit {e['limit']:.3g})")
                         for who, name, e in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table) if rows else ""

@@ -142,10 +142,11 @@ def shares(cases: list[Case], n: int) -> dict[str, int]:
     owner: dict[str, str] = {}
     cost: dict[str, float] = {}
     for c in cases:
-        for s in c.setups:
+        members = c.ensemble  # cases with one reference share its ensemble too
+        for s in (*c.setups, *members):
             setup = {k: v for k, v in s.to_dict().items() if k != "name"}
-            key = json.dumps([setup, str(c.seed_checkpoint), c.probes.steps_for(s.train.steps), c.determinism],
-                             sort_keys=True, default=str)
+            probed = [] if s in members else c.probes.steps_for(s.train.steps)  # as the runner's jobs
+            key = json.dumps([setup, str(c.seed_checkpoint), probed, c.determinism], sort_keys=True, default=str)
             if key in owner:
                 parent[root(c.name)] = root(owner[key])
             else:

@@ -88,6 +88,20 @@ def repeat_setup(case: Case) -> Setup:
     return replace(case.reference, name=case.reference.name + REPEAT_SUFFIX, repeat=True)
 
 
+def runs_of(case: Case, repeat: bool) -> list[Setup]:
+    """Every run the case's verdict reads: its setups, the reference's repeat (with `repeat`), and statistical
+    mode's ensemble members, which are trained, and shared across cases, like any setup."""
+    return [*case.setups, *([repeat_setup(case)] if repeat else []), *case.ensemble]
+
+
+def case_jobs(case: Case, device: str, seed, repeat: bool) -> list[Job]:
+    """runs_of(case) as jobs from `seed` (seed_for's). A member only widens the band: probes would cost it
+    time and show nothing."""
+    members = {m.name for m in case.ensemble}
+    return [Job(case, s, device, str(seed.path), seed.sha256,
+                () if s.name in members else tuple(case.probes.steps_for(s.train.steps))) for s in runs_of(case, repeat)]
+
+
 def wants_repeat(case: Case, device: str, requested: bool | None = None) -> bool:
     """The command line's choice, else the case's `[expect] repeat`, else on for CUDA and off for CPU."""
     for choice in (requested, case.expect.repeat):
@@ -225,7 +239,6 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], steps: int 
     provenance, seeds, jobs = {}, dict(seeds or {}), []
     for case in cases:
         device = devices[case.name]
-        setups = list(case.setups) + ([repeat_setup(case)] if wants_repeat(case, device, repeat) else [])
         try:
             seeds[case.name] = seeds.get(case.name) or seed_for(case, cache, device, timeout_s)
             unbuilt = None
@@ -240,12 +253,12 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], steps: int 
             "seed_checkpoint": seed and str(seed.path), "seed_checkpoint_sha256": seed and seed.sha256,
             "case_path": str(case.path), "case_sha256": case.sha256, "git_commit": git_commit(),
             "command": (commands or {}).get(case.name)}
-        for s in setups:
-            if unbuilt:
+        if unbuilt:
+            for s in runs_of(case, wants_repeat(case, device, repeat)):
                 _write_failure(out, case.name, s.name, unbuilt, provenance[case.name], device, s.world_size)
                 results[case.name][s.name] = unbuilt
-            else:
-                jobs.append(Job(case, s, device, str(seed.path), seed.sha256, tuple(case.probes.steps_for(s.train.steps))))
+        else:
+            jobs += case_jobs(case, device, seed, wants_repeat(case, device, repeat))
     launches = plan(jobs, how)
     if on_plan:
         on_plan(summary(launches, how))

@@ -338,7 +338,7 @@ def test_verdict_schema(tmp_path):
     write_run(tmp_path, "other", loss=[up(x) for x in LOSS])
     v = compare_case(make_case(), tmp_path)
     assert set(v) == {"case", "passed", "mode", "outcome", "reference", "platform", "device", "backend",
-                      "tolerance", "repeat", "pairs", "baselines", "problems", "notes"}
+                      "tolerance", "repeat", "statistical", "pairs", "baselines", "problems", "notes"}
     pair = v["pairs"][0]
     assert set(pair) == {"reference", "other", "passed", "problems", "diverged", "effect", "metrics", "modes", "notes",
                          "localization"}
