@@ -28,6 +28,7 @@ from matplotlib.transforms import blended_transform_factory  # noqa: E402
 from parity import localize, records  # noqa: E402
 from parity.compare import bitwise_equal, ran_on  # noqa: E402
 from parity.paths import inside  # noqa: E402
+from parity.spec import MEMBER_SUFFIX  # noqa: E402
 
 PLOTTED = ("loss", "grad_norm")
 LABEL = {"loss": "loss", "grad_norm": "grad norm"}
@@ -114,7 +115,9 @@ def load_case_run(run_dir, case: str) -> CaseRun:
     run_dir = Path(run_dir)
     cdir = run_dir / case
     verdict = _read_json_or_empty(cdir / "verdict.json") or None
-    names = sorted(d.name for d in cdir.iterdir() if d.is_dir() and ((d / "metrics.csv").is_file() or (d / "run.json").is_file()))
+    # Statistical mode's ensemble members are drawn from the verdict's band, not as setups of their own.
+    names = sorted(d.name for d in cdir.iterdir() if d.is_dir() and MEMBER_SUFFIX not in d.name
+                   and ((d / "metrics.csv").is_file() or (d / "run.json").is_file()))
     if verdict:
         # The verdict knows the reference and the case's order; setups it does not name go last.
         order = [verdict.get("reference")] + [p.get("other") for p in verdict.get("pairs", [])]
@@ -385,6 +388,10 @@ def build_figure(run_dir, case_name: str, c: CaseRun | None = None):
     """The case's figure: axes[0] loss, axes[1] grad norm, axes[2] |difference| to the reference.
     `c`: the case's records (load_case_run), where the caller has read them already."""
     c = c or load_case_run(run_dir, case_name)
+    if (c.verdict or {}).get("statistical"):
+        from parity.bandplot import build_band_figure  # it draws with this module's styles
+
+        return build_band_figure(c)
     n_steps = max((s.steps for s in c.setups), default=0)
     fig, axes = plt.subplots(3, 1, figsize=FIGSIZE, sharex=True, height_ratios=(1, 1, 1.25))
     _plot_values(axes[0], c, "loss", n_steps)
