@@ -27,9 +27,7 @@ Prints markdown tables; writes DIR/series.json (every run's loss and grad norm) 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import math
 import sys
 import tempfile
 import time
@@ -42,9 +40,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout without installing
 
-from parity import records  # noqa: E402
+from parity import ensemble, records  # noqa: E402
 from parity.runner import run_suite, seed_for  # noqa: E402
-from parity.spec import Setup, Train, load_case  # noqa: E402
+from parity.spec import Setup, Tolerance, Train, load_case  # noqa: E402
 
 REFERENCE = "ref"
 NULLS = ("ref", "fsdp2")  # candidates a correct change could produce: they must pass
@@ -154,52 +152,25 @@ def train_all(args, out: Path) -> dict:
 
 # ---- statistics ---------------------------------------------------------------------------------
 
-def t_cdf(x: float, df: int) -> float:
-    """Student's t CDF by Simpson's rule on the density (no scipy): ample for the quantiles used here."""
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    n = 4000
-    h = abs(x) / n
-    f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
-    area = h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
-    return 0.5 + math.copysign(area, x)
-
-
-@functools.lru_cache(maxsize=None)  # the same few quantiles, asked for thousands of times
-def t_quantile(p: float, df: int) -> float:
-    lo, hi = 0.0, 1000.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def windows(x: np.ndarray, w: int) -> np.ndarray:
-    """Means of consecutive windows of w steps (a trailing partial window is dropped)."""
-    n = len(x) // w
-    return x[: n * w].reshape(n, w).mean(axis=1)
-
-
-# Relative floors on the ensemble's spread: below them two runs differ by rounding, which
-# `mode = "tolerance"` judges already (the float32 default rtols of parity.spec: loss 1e-5, grad norm 1e-4).
-FLOOR = {"loss": 1e-5, "grad_norm": 1e-4}
+# The window rule is parity.ensemble's (mode = "statistical"), with the float32 default tolerances of
+# parity.spec as its floor: below them two runs differ by rounding, which `mode = "tolerance"` judges already.
+FLOOR = {"loss": Tolerance(1e-5, 0.0), "grad_norm": Tolerance(1e-4, 0.0)}
 
 
 def window_z(cand: dict, members: list[dict], metric: str, w: int, alpha: float, n_tests: int,
              after: int = 0) -> tuple[bool, float, int]:
-    """Prediction-interval test per window: z = (c - mean) / (sd * sqrt(1 + 1/K)) is t with K-1 degrees
-    of freedom when the window means are normal; fail if max |z| passes the t quantile at alpha split
-    (Bonferroni) over every window of every metric tested. Grad norms are compared as logs (ratios).
-    Returns (failed, max |z| / threshold, the 1-based last step of the first failing window or 0)."""
-    f = np.log if metric == "grad_norm" else (lambda a: a)
-    c = windows(f(np.asarray(cand[metric][after:])), w)
-    m = np.stack([windows(f(np.asarray(r[metric][after:])), w) for r in members])
-    k = len(members)
-    mean, sd = m.mean(axis=0), m.std(axis=0, ddof=1)
-    floor = FLOOR[metric] * (1.0 if metric == "grad_norm" else np.abs(mean))  # a log's difference is relative
-    z = (c - mean) / (np.maximum(sd, floor) * math.sqrt(1 + 1 / k))
-    limit = t_quantile(1 - alpha / (2 * n_tests), k - 1)
-    bad = np.flatnonzero(np.abs(z) > limit)
-    return bool(bad.size), float(np.max(np.abs(z)) / limit), after + int((bad[0] + 1) * w) if bad.size else 0
+    """parity.ensemble's test on the steps after `after`: windows of w steps, z against the members' t
+    prediction band, alpha split (Bonferroni) over `n_tests` windows x metrics. Returns (failed,
+    max |z| / limit, the last step of the first failing window or 0)."""
+    def values(run):
+        return ensemble.window_values(np.asarray(run[metric][after:]), w, metric)
+
+    band = ensemble.Band(np.stack([values(r) for r in members]), metric, FLOOR[metric])
+    lim = ensemble.limit(len(members), alpha, n_tests)
+    candidate = values(cand)
+    ends = after + ensemble.window_ends(np.arange(1, len(cand[metric]) - after + 1), w)
+    t = ensemble.test(candidate, band, ends, w, lim)
+    return not t["passed"], t["max_abs_z"] / lim, t["first_failure"]["step"] if t["first_failure"] else 0
 
 
 def megatron(cand: dict, members: list[dict], metric: str, exclude: int, multiplier: float) -> tuple[bool, float, int]:
@@ -277,7 +248,7 @@ def spread_table(study: dict, args) -> str:
     """How wide each ensemble is, window by window, against the size of each candidate's effect: relative
     sd of the members' window-mean loss, and each candidate's relative distance from the reference."""
     series, w = study["series"], args.window
-    loss = {n: windows(np.asarray(r["loss"]), w) for n, r in series.items()}
+    loss = {n: ensemble.window_values(np.asarray(r["loss"]), w, "loss") for n, r in series.items()}
     shown = sorted({0, 3, *range(7, len(loss[REFERENCE]), 8), len(loss[REFERENCE]) - 1})
     lines = [f"\n### spread and effects on the window-mean loss (w={w}; relative to the mean / the reference)\n",
              "| window ending at step | " + " | ".join(str((i + 1) * w) for i in shown) + " |",
