@@ -647,7 +647,7 @@ def format_verdict(verdict: dict) -> str:
     lines.append("  tolerance: " + "; ".join(f"{m} rtol={t['rtol']!r} atol={t['atol']!r} ({t['source']})"
                                             for m, t in v["tolerance"].items()))
     lines += [f"  note: {n}" for n in v.get("notes", [])]
-    lines += _ensemble_lines(v.get("statistical"))
+    lines += ensemble_lines(v.get("statistical"))
     r = v.get("repeat")
     if r is not None:
         lines.append(f"  repeat check ({r['reference']} twice, bitwise): "
@@ -669,7 +669,7 @@ def format_verdict(verdict: dict) -> str:
     return "\n".join(lines)
 
 
-def _ensemble_lines(st: dict | None) -> list[str]:
+def ensemble_lines(st: dict | None) -> list[str]:
     """Statistical mode: the ensemble, the test's limit, how many windows the tolerance floor decided, the
     reference's own test and the held-out members' (a measured false-alarm count)."""
     if not st:

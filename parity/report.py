@@ -26,7 +26,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from parity import localize, records  # noqa: E402
-from parity.compare import bitwise_equal, ran_on  # noqa: E402
+from parity.compare import bitwise_equal, ensemble_lines, ran_on  # noqa: E402
 from parity.paths import inside  # noqa: E402
 from parity.spec import MEMBER_SUFFIX  # noqa: E402
 
@@ -744,6 +744,20 @@ def _probes_text(loc: dict | None) -> str:
     return "; ".join([text] + [f"problem: {q}" for q in loc.get("problems") or []])
 
 
+def ensemble_text(c: CaseRun) -> list[str]:
+    """Statistical mode: the ensemble and the test, then each setup's largest |z| and windows outside the band."""
+    v = c.verdict or {}
+    if not v.get("statistical"):
+        return []
+    lines = [line.strip() for line in ensemble_lines(v["statistical"])]
+    for p in v.get("pairs", []) or []:
+        tests = {m: (p["metrics"].get(m) or {}).get("statistical") for m in PLOTTED}
+        lines.append(f"{p['other']}: " + "; ".join(
+            f"{LABEL[m]} max |z| {fmt(t['max_abs_z'])}, {t['failing_windows']} of {len(t['z'])} windows outside"
+            for m, t in tests.items() if t) if any(tests.values()) else f"{p['other']}: not tested")
+    return lines
+
+
 BASELINE_COLUMNS = ("setup", "platform", "status", "message")
 
 
@@ -785,6 +799,8 @@ def _md_case(c: CaseRun, run_dir, png: Path | None, probes_png: Path | None = No
         out += [f"![{c.name} probes]({rel})", "", f"[SVG]({Path(rel).with_suffix('.svg').as_posix()})", ""]
     if pair_rows(c):
         out += [md_table(PAIR_COLUMNS, pair_rows(c)), ""]
+    if ensemble_text(c):
+        out += ["Ensemble:", ""] + [f"- {line}" for line in ensemble_text(c)] + [""]
     if baseline_rows(c):
         out += ["Baselines:", "", md_table(BASELINE_COLUMNS, baseline_rows(c)), ""]
     prov = provenance(c, run_dir)
@@ -831,6 +847,8 @@ def _html_case(c: CaseRun, run_dir, png: Path | None, probes_png: Path | None = 
         parts.append(f'<img alt="{e(c.name)} probes heatmap" src="data:image/png;base64,{data}">')
     if pair_rows(c):
         parts.append(_html_table(PAIR_COLUMNS, pair_rows(c)))
+    if ensemble_text(c):
+        parts.append("<h3>Ensemble</h3><ul>" + "".join(f"<li>{e(line)}</li>" for line in ensemble_text(c)) + "</ul>")
     if baseline_rows(c):
         parts.append("<h3>Baselines</h3>" + _html_table(BASELINE_COLUMNS, baseline_rows(c)))
     prov = provenance(c, run_dir)

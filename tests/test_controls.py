@@ -34,6 +34,25 @@ LOCALIZED = {
 }
 
 
+# Statistical mode's controls: the window (its last step) they must leave the ensemble's band in, and by how much.
+STATISTICAL_CONTROLS = {
+    "control_statistical_lr": {"metric": "loss", "step": 25, "min_rel": 1e-3},  # lr x1.1
+    "control_statistical_no_warmup": {"metric": "loss", "step": 25, "min_rel": 0.03},
+    # every gradient x the 512 tokens of a step: the pre-clip grad norm shows the factor itself
+    "control_statistical_grad_x_tokens": {"metric": "grad_norm", "step": 25, "ratio": 512.0, "within": 0.01},
+}
+
+
+@pytest.mark.parametrize("name", list(STATISTICAL_CONTROLS))
+def test_each_statistical_control_declares_its_window_and_shares_the_ensemble(name):
+    case = load_case(f"cases/{name}.toml")
+    null = load_case("cases/statistical_single_vs_fsdp2.toml")
+    assert (case.expect.mode, case.expect.outcome) == ("statistical", "diverge")
+    assert case.expect.first_divergence == STATISTICAL_CONTROLS[name]
+    # the same reference and members as the case a correct layout must pass: one ensemble, trained once
+    assert case.ensemble == null.ensemble and case.expect.statistical == null.expect.statistical
+
+
 GRADS, DATA = ("backward", "output.weight"), ("forward", "tok_embeddings")
 
 

@@ -314,3 +314,19 @@ def test_a_baseline_from_another_instruction_set_is_judged_by_the_ensembles_spre
     tb.write_run(out, "ref.member02", tb.rows(*drifting(102)), status="failed", isa="AVX2")
     ref, _ = check_case_baselines(case, out, root)
     assert not ref["passed"] and "the ensemble did not finish" in ref["message"]
+
+
+def test_the_report_draws_the_band_and_lists_the_ensemble(tmp_path):
+    from parity.compare import write_verdict
+    from parity.report import load_case_run, write_report
+
+    case = statistical_case("diverge")
+    write_ensemble(tmp_path, case, {"ref": drifting(1), "other": drifting(2, shift=0.05)})
+    write_verdict(tmp_path, compare_case(case, tmp_path))
+    c = load_case_run(tmp_path, "demo")
+    assert [s.name for s in c.setups] == ["ref", "other"]  # the members are drawn from the band, not as setups
+    md, html = write_report(tmp_path)
+    text = md.read_text()
+    assert "Ensemble:" in text and "- other: loss max |z|" in text and "2 of 4 windows outside" in text
+    png = tmp_path / "demo" / "demo.png"
+    assert png.stat().st_size > 10_000 and "<h3>Ensemble</h3>" in html.read_text()
