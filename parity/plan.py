@@ -21,7 +21,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from parity.spec import Case, Setup
+from parity.spec import MEMBER_SUFFIX, Case, Setup
 
 PLANS = ("suite", "case", "setup")
 
@@ -117,8 +117,22 @@ def summary(launches: list[Launch], how: str = "suite") -> str:
     trainings = sum(len(launch.trainings) for launch in launches)
     lines = [f"plan ({how}): {jobs} setups, {trainings} trained ({jobs - trainings} reused), {len(launches)} launches"]
     for i, launch in enumerate(launches, 1):
-        names = [t.first.label + (f" (also {', '.join(j.label for j in t.shared_with)})" if t.shared_with else "")
-                 for t in launch.trainings]
+        ensembles: dict[tuple, list[Training]] = {}  # an ensemble is one entry, not K
+        for t in launch.trainings:
+            if MEMBER_SUFFIX in t.first.setup.name:
+                key = (t.first.case.name, t.first.setup.name.rsplit(MEMBER_SUFFIX, 1)[0])
+                ensembles.setdefault(key, []).append(t)
+        names = []
+        for t in launch.trainings:
+            group = next((g for g in ensembles.values() if t in g), None)
+            if group is None:
+                names.append(t.first.label + (f" (also {', '.join(j.label for j in t.shared_with)})"
+                                              if t.shared_with else ""))
+            elif t is group[0]:
+                also = sorted({j.case.name for m in group for j in m.shared_with})
+                last = group[-1].first.setup.name.rsplit(MEMBER_SUFFIX, 1)[1]
+                names.append(f"{t.first.label}..{last} ({len(group)} ensemble members"
+                             + (f"; also for {', '.join(also)})" if also else ")"))
         what = "torchrun" if launch.trainer == "builtin" else launch.trainer
         lines.append(f"  launch {i}: {what}, world size {launch.world_size}, {launch.device}: {'; '.join(names)}")
     return "\n".join(lines)

@@ -265,7 +265,7 @@ def test_a_long_runs_step_table_shows_its_first_and_last_steps(tmp_path, monkeyp
 def test_cases_with_one_reference_train_one_ensemble_and_stay_in_one_share():
     from types import SimpleNamespace
 
-    from parity.plan import plan, shares
+    from parity.plan import plan, shares, summary
     from parity.runner import case_jobs
     from parity.spec import load_cases
 
@@ -280,6 +280,10 @@ def test_cases_with_one_reference_train_one_ensemble_and_stay_in_one_share():
     members = [t for t in trainings if t.first.setup.perturb is not None]
     assert len(members) == 8 and all(len(t.jobs) == 4 and t.first.probe_steps == () for t in members)
     assert len({shares(cases, 2)[c.name] for c in stat}) == 1
+    first = stat[0].name
+    line = summary(launches).splitlines()[1]
+    assert (f"{first}/single.member01..08 (8 ensemble members; also for "
+            f"{', '.join(sorted(c.name for c in stat[1:]))})") in line and "member02" not in line
 
 
 # ---- baselines of statistical cases ---------------------------------------------------------------
