@@ -1,10 +1,10 @@
-"""The figure of a statistical case: the ensemble's band, every setup's window means, and where one leaves it.
+"""The figure of a statistical case: the ensemble's band, every setup's window medians, and where one leaves it.
 
-Drawn from the verdict alone (its `statistical` summary holds the members' window means and the band,
-each pair's test holds the setup's window means and z), so it shows exactly what was judged:
+Drawn from the verdict alone (its `statistical` summary holds the members' window medians and the band,
+each pair's test holds the setup's window medians and z), so it shows exactly what was judged:
 
-    (a) the loss window means: the members in grey, the setups in colour (the familiar loss curve);
-    (b) loss and (c) grad norm (pre-clip, geometric window means) as differences from the ensemble's
+    (a) the loss window medians: the members in grey, the setups in colour (the familiar loss curve);
+    (b) loss and (c) grad norm (pre-clip, window medians) as differences from the ensemble's
         mean, relative: the band (mean +/- limit x floored sd x sqrt(1 + 1/K)) shaded, the members as
         thin grey lines, the setups in colour, a red ring and a label where a setup first leaves it
         (symlog: the band widens by decades as the runs drift, and a control may sit far outside);
@@ -53,9 +53,9 @@ def build_band_figure(c: CaseRun):
     axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
     w = st["window"]
     floor = ", ".join(f"{LABEL[m]} {n} of {len(ends)}" for m, n in st["windows_at_floor"].items())
-    titles = (f"(a) loss, mean of each {w} steps: the members in grey",
+    titles = (f"(a) loss, median of each {w} steps: the members in grey",
               "(b) loss: difference from the ensemble's mean, relative; the band shaded",
-              "(c) grad norm (pre-clip, geometric mean): the same",
+              "(c) grad norm (pre-clip, median): the same",
               f"(d) |z| per window (solid loss, dashed grad norm): fails above {st['limit']:.3g}\n"
               f"    windows where the tolerance, not the members' spread, set the band: {floor}")
     for ax, title in zip(axes, titles):

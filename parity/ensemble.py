@@ -7,9 +7,11 @@ change perturbs it (`[expect.statistical] perturb`, parity.spec.PERTURBATIONS): 
 seed-checkpoint weight times (1 + eps z), a few ULPs, the size of a changed reduction order. How far
 the members spread is how far a correct setup may drift.
 
-The test, per setup, on windows of `window` steps: each run's mean loss, and mean log grad norm (so
-that a grad norm is judged by its ratio), per window. Over the K members a window has mean m and
-standard deviation s; a setup's window value x gives
+The test, per setup, on windows of `window` steps: each run's median loss, and median log grad norm
+(so that a grad norm is judged by its ratio), per window. A median, because chaotic runs have
+single-step grad-norm spikes at random times: with window means, one member whose window lacked the
+spikes the others had sat 6.4 sd from 19 others (benchmarks/statistical_power.py measures this).
+Over the K members a window has mean m and standard deviation s; a setup's window value x gives
 
     z = (x - m) / (s * sqrt(1 + 1/K))
 
@@ -18,7 +20,7 @@ freedom: a prediction interval. The setup fails when any |z| passes t_{K-1}(1 - 
 windows times metrics (Bonferroni), so a correct setup fails with probability at most alpha. Where
 the members agree more closely than the case's tolerance (the early steps, before the drift has
 grown), s is raised to that tolerance at the window's mean (`sd_used`): there two runs differ by
-rounding, which tolerance mode judges already, and the test is that tolerance check on window means.
+rounding, which tolerance mode judges already, and the test is that tolerance check on window medians.
 This follows Megatron-LM's golden values, whose tolerance comes from the spread of repeated runs,
 with a stated error rate in place of its multiplier; benchmarks/ensemble_study.md measures both.
 
@@ -80,17 +82,20 @@ def window_ends(steps: np.ndarray, window: int) -> np.ndarray:
 
 
 def window_values(values: np.ndarray, window: int, metric: str) -> np.ndarray:
-    """Mean per window, in test space (a log for LOG_METRICS); NaN or Inf anywhere in a window makes it NaN."""
+    """Median per window, in test space (a log for LOG_METRICS). A median, not a mean: a chaotic run has
+    single-step spikes at random times, and one spike must not move its window. NaN or Inf anywhere in a
+    window makes it NaN."""
     v = np.asarray(values, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         v = np.log(v) if metric in LOG_METRICS else v
     v = np.where(np.isfinite(v), v, np.nan)
-    starts = np.arange(0, len(v), window)
-    return np.add.reduceat(v, starts) / np.diff([*starts, len(v)]) if len(v) else v
+    full = len(v) // window * window
+    medians = np.median(v[:full].reshape(-1, window), axis=1) if full else np.empty(0)
+    return np.append(medians, np.median(v[full:])) if full < len(v) else medians
 
 
 def shown(x: np.ndarray, metric: str) -> np.ndarray:
-    """Test-space values back in the metric's units (a grad norm window's geometric mean)."""
+    """Test-space values back in the metric's units (a grad norm window's median)."""
     return np.exp(x) if metric in LOG_METRICS else x
 
 

@@ -190,7 +190,7 @@ class Statistical:
 
     members: int = 8
     perturb: str = "weights"
-    window: int = 25  # steps per window mean
+    window: int = 25  # steps per window (its median is what is tested)
     alpha: float = 0.01  # false-alarm rate of one setup's test, split over its windows and metrics
 
 

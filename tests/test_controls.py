@@ -36,7 +36,7 @@ LOCALIZED = {
 
 # Statistical mode's controls: the window (its last step) they must leave the ensemble's band in, and by how much.
 STATISTICAL_CONTROLS = {
-    "control_statistical_lr": {"metric": "loss", "step": 25, "min_rel": 1e-3},  # lr x1.1
+    "control_statistical_lr": {"metric": "loss", "step": 25, "min_rel": 5e-4},  # lr x1.1
     "control_statistical_no_warmup": {"metric": "loss", "step": 25, "min_rel": 0.03},
     # every gradient x the 512 tokens of a step: the pre-clip grad norm shows the factor itself
     "control_statistical_grad_x_tokens": {"metric": "grad_norm", "step": 25, "ratio": 512.0, "within": 0.01},
