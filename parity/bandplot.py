@@ -52,12 +52,12 @@ def build_band_figure(c: CaseRun):
     axes[3].set_xlabel("last step of the window")
     axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
     w = st["window"]
-    floor = ", ".join(f"{LABEL[m]} {n} of {len(ends)}" for m, n in st["windows_at_floor"].items())
+    floor = ", ".join(f"{n}/{len(ends)} {LABEL[m]}" for m, n in st["windows_at_floor"].items())
     titles = (f"(a) loss, median of each {w} steps: the members in grey",
               "(b) loss: difference from the ensemble's mean, relative; the band shaded",
               "(c) grad norm (pre-clip, median): the same",
               f"(d) |z| per window (solid loss, dashed grad norm): fails above {st['limit']:.3g}\n"
-              f"    windows where the tolerance, not the members' spread, set the band: {floor}")
+              f"    the tolerance, not the members' spread, set the band in {floor} windows")
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=9, loc="left")
     fig.suptitle(f"{c.name}: {verdict_words(v)}\n{st['k']} {st['perturb']}-perturbed members of {v['reference']}, "
