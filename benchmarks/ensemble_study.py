@@ -169,7 +169,7 @@ def window_z(cand: dict, members: list[dict], metric: str, w: int, alpha: float,
     lim = ensemble.limit(len(members), alpha, n_tests)
     candidate = values(cand)
     ends = after + ensemble.window_ends(np.arange(1, len(cand[metric]) - after + 1), w)
-    t = ensemble.test(candidate, band, ends, w, lim)
+    t = ensemble.test(candidate, band, ends, lim)
     return not t["passed"], t["max_abs_z"] / lim, t["first_failure"]["step"] if t["first_failure"] else 0
 
 

@@ -229,7 +229,7 @@ def _difference(setup: str, m: dict, metric: str, how: str) -> str:
         return f"{setup} {metric}: " + "; ".join(m["problems"])
     if how == "statistical":
         e = m["statistical"]["first_failure"]
-        return (f"{setup} {metric} steps {e['window'][0]}-{e['window'][1]}: baseline mean {e['value_ref']!r}, run "
+        return (f"{setup} {metric} steps {e['window'][0]}-{e['window'][1]}: baseline median {e['value_ref']!r}, run "
                 f"{e['value_other']!r} (rel {e['rel']:.3g}, z {e['z']:.3g}, limit {e['limit']:.3g})")
     e = m["first_divergence"] if how == "exact" else m["first_tolerance_failure"]
     return (f"{setup} {metric} step {e['step']}: baseline {e['value_ref']!r}, run {e['value_other']!r} "

@@ -119,7 +119,7 @@ class Band:
         return (values - self.mean) / self.scale
 
 
-def test(values: np.ndarray, band: Band, ends: np.ndarray, window: int, lim: float) -> dict:
+def test(values: np.ndarray, band: Band, ends: np.ndarray, lim: float) -> dict:
     """One setup's windows against the band: z per window, and the first window where |z| passes `lim`
     (NaN never passes: a window with a non-finite value fails)."""
     z = band.z(values)
@@ -172,12 +172,12 @@ def evaluate(st: Statistical, tolerance: dict[str, Tolerance], steps: np.ndarray
                for m in METRICS}
     bands = {m: Band(np.stack(list(windows[m].values())), m, tolerance[m]) for m in METRICS}
     for m, b in bands.items():
-        half = lim * b.sd_used * math.sqrt(1 + 1 / k)
+        half = lim * b.scale
         summary["bands"][m] = {"mean": shown(b.mean, m).tolist(), "sd": b.sd.tolist(), "sd_used": b.sd_used.tolist(),
                                "low": shown(b.mean - half, m).tolist(), "high": shown(b.mean + half, m).tolist(),
                                "members": {name: shown(v, m).tolist() for name, v in windows[m].items()}}
         summary["windows_at_floor"][m] = int(b.at_floor.sum())
-    tests = {name: {m: test(window_values(series_at(run, m, steps), st.window, m), bands[m], ends, st.window, lim)
+    tests = {name: {m: test(window_values(series_at(run, m, steps), st.window, m), bands[m], ends, lim)
                     for m in METRICS} for name, run in setups.items()}
     summary["held_out"] = held_out(st, tolerance, windows, ends, tests_n)
     return {"summary": summary, "tests": tests, "problems": []}
@@ -193,7 +193,7 @@ def held_out(st: Statistical, tolerance: dict[str, Tolerance], windows: dict, en
         worst, passed = 0.0, True
         for m in METRICS:
             rest = np.stack([v for other, v in windows[m].items() if other != name])
-            t = test(windows[m][name], Band(rest, m, tolerance[m]), ends, st.window, lim)
+            t = test(windows[m][name], Band(rest, m, tolerance[m]), ends, lim)
             worst, passed = max(worst, t["max_abs_z"] / lim), passed and t["passed"]
         out.append({"member": name, "passed": passed, "max_abs_z_over_limit": worst})
     return out
@@ -207,4 +207,4 @@ def drift(base: np.ndarray, run: np.ndarray, members: list[np.ndarray], metric: 
     ends = window_ends(np.arange(1, len(run) + 1), st.window)
     band = Band(np.stack([window_values(v, st.window, metric) for v in members]), metric, tol)
     band.mean, band.scale = window_values(base, st.window, metric), band.sd_used * math.sqrt(2)
-    return test(window_values(run, st.window, metric), band, ends, st.window, limit(band.k, st.alpha, len(ends) * len(METRICS)))
+    return test(window_values(run, st.window, metric), band, ends, limit(band.k, st.alpha, len(ends) * len(METRICS)))
