@@ -116,7 +116,11 @@ class Band:
         self.scale = self.sd_used * math.sqrt(1 + 1 / self.k)  # a new draw's spread about an estimated mean
 
     def z(self, values: np.ndarray) -> np.ndarray:
-        return (values - self.mean) / self.scale
+        """(values - mean) / scale; 0 where they are equal, even at a zero scale (a zero tolerance and members
+        that agree to the bit), and infinite where they differ there."""
+        diff = values - self.mean
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(diff == 0, 0.0, diff / self.scale)
 
 
 def test(values: np.ndarray, band: Band, ends: np.ndarray, lim: float) -> dict:

@@ -334,3 +334,12 @@ def test_the_report_draws_the_band_and_lists_the_ensemble(tmp_path):
     assert "Ensemble:" in text and "- other: loss max |z|" in text and "2 of 4 windows outside" in text
     png = tmp_path / "demo" / "demo.png"
     assert png.stat().st_size > 10_000 and "<h3>Ensemble</h3>" in html.read_text()
+
+
+def test_a_zero_tolerance_and_members_equal_to_the_bit_still_judge():
+    band = Band(np.full((6, 2), 2.0), "loss", Tolerance(0.0, 0.0))
+    lim = limit(6, 0.01, 2)
+    same = ensemble.test(np.array([2.0, 2.0]), band, np.array([5, 10]), lim)
+    assert same["passed"] and same["z"] == [0.0, 0.0]
+    moved = ensemble.test(np.array([2.0, float(np.nextafter(2.0, 3.0))]), band, np.array([5, 10]), lim)
+    assert not moved["passed"] and moved["first_failure"]["window"] == [6, 10] and math.isinf(moved["z"][1])
