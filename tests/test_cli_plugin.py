@@ -88,10 +88,12 @@ def test_lr_one_percent_higher_fails_match_at_step_2_and_passes_diverge(tmp_path
     assert "first diverged: loss at step 2" in diverge.stdout
 
 
-def test_collection_ids_and_markers_for_committed_cases():
+def test_collection_ids_and_markers_for_committed_cases(tmp_path):
     def collected(marker: str) -> list[str]:
+        # Its own --parity-out: a session that collects the cases first clears the case folders in its out,
+        # and under `pytest -n 2` the repository's default out holds the other worker's running cases.
         r = run([sys.executable, "-m", "pytest", "parity", "--collect-only", "-q", "-m", marker, "-p",
-                 "no:cacheprovider"], REPO)
+                 "no:cacheprovider", f"--parity-out={tmp_path / 'out'}"], REPO)
         assert r.returncode in (0, 5), r.stdout + r.stderr  # 5: nothing selected
         return sorted(line.split("[", 1)[1].rstrip("]") for line in r.stdout.splitlines() if "::test_case[" in line)
 
