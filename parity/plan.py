@@ -64,10 +64,14 @@ class Launch:
     device: str
     trainer: str  # "builtin": one torchrun over every training in order; otherwise exactly one training
     trainings: list[Training] = field(default_factory=list)
+    # A CPU launch whose ranks leave cores idle is split into `lanes` launches that run at once, side by
+    # side in the plan: lane 0 .. lanes - 1.
+    lane: int = 0
+    lanes: int = 1
 
     def to_dict(self) -> dict:
         return {"world_size": self.world_size, "device": self.device, "trainer": self.trainer,
-                "trainings": [t.to_dict() for t in self.trainings]}
+                "trainings": [t.to_dict() for t in self.trainings], "lane": self.lane, "lanes": self.lanes}
 
 
 def training_key(job: Job) -> str:
@@ -78,16 +82,40 @@ def training_key(job: Job) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def plan(jobs: list[Job], how: str = "suite") -> list[Launch]:
-    """The launches that produce every job's records, in the order to run them."""
+def plan(jobs: list[Job], how: str = "suite", cores: int = 1) -> list[Launch]:
+    """The launches that produce every job's records, in the order to run them. `cores`: the CPU cores this
+    run may use; a merged CPU launch of world size w splits into up to cores // w lanes (see lanes)."""
     if how not in PLANS:
         raise ValueError(f"plan {how!r}; allowed: {', '.join(PLANS)}")
     if how == "case":
         by_case: dict[str, list[Job]] = {}
         for j in jobs:
             by_case.setdefault(j.case.name, []).append(j)
-        return [launch for case_jobs in by_case.values() for launch in _plan(case_jobs, share=True, merge=True)]
-    return _plan(jobs, share=how == "suite", merge=how == "suite")
+        return [lane for case_jobs in by_case.values() for launch in _plan(case_jobs, share=True, merge=True)
+                for lane in lanes(launch, cores)]
+    launches = _plan(jobs, share=how == "suite", merge=how == "suite")
+    return [lane for launch in launches for lane in lanes(launch, cores)] if how == "suite" else launches
+
+
+def lanes(launch: Launch, cores: int) -> list[Launch]:
+    """A CPU launch of world size w with trainings to spare, split into up to cores // w launches that run at
+    once, each on cores of its own (world size 1 on 2 cores: two trainings at a time). Trainings are dealt
+    longest first to the lane with the fewest steps, and keep their planned order within a lane. A launch
+    with a repeat run stays whole: the repeat checks the reference in the process that ran it."""
+    n = min(cores // launch.world_size, len(launch.trainings))
+    if launch.device != "cpu" or launch.trainer != "builtin" or n < 2 or any(t.first.setup.repeat
+                                                                              for t in launch.trainings):
+        return [launch]
+    parts = [Launch(launch.world_size, launch.device, "builtin", lane=i, lanes=n) for i in range(n)]
+    load = [0] * n
+    for t in sorted(launch.trainings, key=lambda t: -t.first.setup.train.steps):
+        i = load.index(min(load))
+        parts[i].trainings.append(t)
+        load[i] += t.first.setup.train.steps
+    order = {id(t): k for k, t in enumerate(launch.trainings)}
+    for p in parts:
+        p.trainings.sort(key=lambda t: order[id(t)])
+    return parts
 
 
 def _plan(jobs: list[Job], share: bool, merge: bool) -> list[Launch]:
@@ -130,11 +158,14 @@ def summary(launches: list[Launch], how: str = "suite") -> str:
                                               if t.shared_with else ""))
             elif t is group[0]:
                 also = sorted({j.case.name for m in group for j in m.shared_with})
-                last = group[-1].first.setup.name.rsplit(MEMBER_SUFFIX, 1)[1]
-                names.append(f"{t.first.label}..{last} ({len(group)} ensemble members"
+                numbers = [m.first.setup.name.rsplit(MEMBER_SUFFIX, 1)[1] for m in group]
+                runs = f"..{numbers[-1]}" if len(numbers) == int(numbers[-1]) - int(numbers[0]) + 1 else \
+                    "".join(f", {n}" for n in numbers[1:])
+                names.append(f"{t.first.label}{runs} ({len(group)} ensemble members"
                              + (f"; also for {', '.join(also)})" if also else ")"))
         what = "torchrun" if launch.trainer == "builtin" else launch.trainer
-        lines.append(f"  launch {i}: {what}, world size {launch.world_size}, {launch.device}: {'; '.join(names)}")
+        lane = f", lane {launch.lane + 1} of {launch.lanes} (at once)" if launch.lanes > 1 else ""
+        lines.append(f"  launch {i}: {what}, world size {launch.world_size}, {launch.device}{lane}: {'; '.join(names)}")
     return "\n".join(lines)
 
 

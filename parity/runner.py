@@ -13,7 +13,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from functools import partial
@@ -217,7 +219,7 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], steps: int 
               timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None, on_progress=None,
               commands: dict | None = None, repeat: bool | None = None, seeds: dict | None = None,
               how: str = "suite", gpus=None, plan_file: str = "plan.json", on_plan=None, leader=None,
-              ) -> dict[str, dict[str, LaunchResult]]:
+              cores: int | None = None) -> dict[str, dict[str, LaunchResult]]:
     """Run every setup of every case, planned together (parity.plan); returns {case: {setup: how it ended}}.
 
     `devices`: each case's resolved device (resolve_device). `seeds`: seed_for(case) per case name
@@ -227,7 +229,8 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], steps: int 
     every case. `on_plan(text)` sees the plan (parity.plan.summary) before the first launch. The plan,
     each launch's status and time, and which job reused which training are written to OUT/plan_file
     and to each case's launches.json. `leader` (parity.launch.nodes.Leader): every launch spans the
-    nodes that joined it, this process being node 0.
+    nodes that joined it, this process being node 0. `cores`: how many CPU cores lanes may use (default: this
+    process's; one across nodes).
     """
     import torch
 
@@ -259,7 +262,8 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], steps: int 
                 results[case.name][s.name] = unbuilt
         else:
             jobs += case_jobs(case, device, seed, wants_repeat(case, device, repeat))
-    launches = plan(jobs, how)
+    # Lanes (parity.plan.lanes) use the cores a launch leaves idle; not across nodes, whose launches go in turn.
+    launches = plan(jobs, how, cores=1 if leader else cores or len(os.sched_getaffinity(0)))
     if on_plan:
         on_plan(summary(launches, how))
     log: list[dict] = []
@@ -268,8 +272,11 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], steps: int 
     try:
         with tempfile.TemporaryDirectory(prefix=".launch-", dir=out) as workdir:
             run.workdir = Path(workdir)
-            for i, launch in enumerate(launches, 1):
-                run.launch(i, launch)
+            i = 0
+            while i < len(launches):
+                group = launches[i:i + launches[i].lanes]  # one launch, or the lanes of a split one
+                run.at_once([(i + 1 + k, launch) for k, launch in enumerate(group)])
+                i += len(group)
     except BaseException:  # Ctrl-C, SIGTERM: the setups that did not finish say so
         interrupted = LaunchResult("interrupted", None, "the run was interrupted before this setup finished", 0.0)
         for j in jobs:
@@ -291,13 +298,39 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], steps: int 
 
 
 class _SuiteRun:
-    """Runs a plan's launches, one after another, and files every job's outcome."""
+    """Runs a plan's launches, one after another (a split launch's lanes at once), and files every job's outcome."""
 
     def __init__(self, out: Path, provenance: dict, timeout_s: float, on_progress, gpus, cache, results: dict,
                  log: list[dict], leader=None):
         self.out, self.provenance, self.timeout_s, self.on_progress = Path(out), provenance, timeout_s, on_progress
         self.gpus, self.cache, self.results, self.log, self.leader = gpus, cache, results, log, leader
         self.workdir: Path | None = None
+        self.stopping = threading.Event()  # set when the run is interrupted while lanes are running
+
+    def at_once(self, numbered: list[tuple[int, Launch]]) -> None:
+        """Run these launches (the lanes of one split launch) at once, each in a thread waiting on its own
+        torchrun. On Ctrl-C or SIGTERM every lane kills its ranks (run_process's abort) before this re-raises,
+        and the trainings they cut short are left for run_suite to mark interrupted."""
+        if len(numbered) == 1:
+            self.launch(*numbered[0])
+            return
+        with ThreadPoolExecutor(len(numbered)) as pool:
+            futures = [pool.submit(self.launch, number, launch) for number, launch in numbered]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                self.stopping.set()
+                wait(futures)
+                for _, launch in numbered:
+                    for t in launch.trainings:
+                        for j in t.jobs:
+                            if (r := self.results[j.case.name].get(j.setup.name)) is not None and r.status != "ok":
+                                del self.results[j.case.name][j.setup.name]
+                raise
+
+    def _stopped(self) -> str | None:
+        return "the run was interrupted" if self.stopping.is_set() else None
 
     def launch(self, number: int, launch: Launch) -> None:
         if launch.trainer == "builtin":
@@ -309,7 +342,7 @@ class _SuiteRun:
         """Every training of the launch in one torchrun; after a crash or timeout the culprit fails alone
         and the trainings it kept from running get a launch of their own."""
         pending, attempt = list(launch.trainings), 0
-        while pending:
+        while pending and not self.stopping.is_set():
             attempt += 1
             name = f"launch{number}" + (f"-retry{attempt - 1}" if attempt > 1 else "")
             first = pending[0].first
@@ -343,7 +376,8 @@ class _SuiteRun:
     def _launch(self, doc: dict, name: str, world_size: int, gpus, log_dirs) -> LaunchResult:
         """One torchrun: on this node alone, or this node's part of a launch the other nodes join."""
         if self.leader is None:
-            return launch_torchrun(doc, world_size, self.workdir, name, self.timeout_s, self.on_progress, gpus, log_dirs)
+            return launch_torchrun(doc, world_size, self.workdir, name, self.timeout_s, self.on_progress, gpus, log_dirs,
+                                   abort=self._stopped)
         nodes = self.leader.nodes
         self.leader.announce(name, self.workdir / f"{name}.json", world_size, self.timeout_s, Path(doc["progress"]))
         result = launch_torchrun(doc, nodes.ranks_per_node(world_size), self.workdir, name, self.timeout_s,
@@ -407,7 +441,8 @@ class _SuiteRun:
 
     def _log(self, number: int, name: str, launch: Launch, trainings: list[Training], result: LaunchResult) -> None:
         self.log.append({"launch": number, "name": name, "world_size": launch.world_size, "device": launch.device,
-                         "trainer": launch.trainer, "status": result.status, "wall_s": result.wall_s,
+                         "trainer": launch.trainer, "lane": launch.lane, "lanes": launch.lanes, "status": result.status,
+                         "wall_s": result.wall_s, "ended": time.time(),
                          "trainings": [t.to_dict() for t in trainings]})
 
 
@@ -417,6 +452,7 @@ def _names(progress: dict, job: Job) -> bool:
 
 def _write_plan_log(out: Path, plan_file: str, how: str, launches: list[Launch], log: list[dict], cases) -> None:
     """OUT/plan_file: the plan and how each launch went; <case>/launches.json: the launches that served the case."""
+    log = sorted(log, key=lambda entry: entry["launch"])  # lanes finish in any order; a launch's retries keep theirs
     records.write_json(inside(out, plan_file), {"plan": how, "planned": [launch.to_dict() for launch in launches],
                                                 "launches": log})
     for case in cases:

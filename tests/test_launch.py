@@ -166,3 +166,48 @@ def test_lifeline_wrapper_refuses_to_start_a_program_once_its_launcher_is_gone(t
     ran = subprocess.run([sys.executable, "-c", "import subprocess, sys; from parity.lifeline import wrapped; "
                           "sys.exit(subprocess.run(wrapped(['sh', '-c', 'exit 7'])).returncode)"])
     assert ran.returncode == 7  # with its real parent, the wrapper becomes the program (exec), exit code and all
+
+
+LANES_CASE = """
+description = "two world-size-1 setups, long enough to be running when the run is stopped"
+[train]
+model = "tiny"
+steps = 5000
+global_batch = 4
+seq_len = 16
+[probes]
+enabled = false
+[setups.one]
+dp_api = "none"
+[setups.two]
+dp_api = "none"
+lr = 0.004
+"""
+# `parity run` with two cores for its lanes whatever this machine has, so both lanes always run.
+TWO_CORES = "import os, sys; os.sched_getaffinity = lambda pid: {0, 1}; from parity.cli import main; sys.exit(main())"
+
+
+def test_sigterm_while_lanes_run_stops_both_and_leaves_nothing(write_case, tmp_path, seed_cache, no_stray_ranks):
+    """The lanes of a split launch run in threads, each waiting on its own torchrun: SIGTERM must still kill
+    every rank of both, mark both setups interrupted and exit 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write_case(LANES_CASE)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", TWO_CORES, "run", str(path), "--device", "cpu", "--out", str(out)],
+                            env=dict(os.environ, PARITY_CACHE=str(seed_cache)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob(".launch-*/launch*.progress"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)  # both lanes are training
+    assert len(list(out.glob(".launch-*/launch*.progress"))) == 2
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+    for name in ("one", "two"):
+        run = records.read_json(out / "case" / name / "run.json")
+        assert run["status"] == "interrupted" and "interrupted" in run["message"], name
+    assert not list(out.glob(".launch-*"))

@@ -102,6 +102,25 @@ def test_a_repeat_runs_last_in_its_launch(three):
     assert len(ws2.trainings) == 3  # the repeat is a run of its own, never shared with the first one
 
 
+def test_lanes_use_the_cores_a_launch_leaves_idle(three, write_case):
+    a, b, c = three
+    d = tiny_case(write_case, "d", setups(("single", SINGLE + "lr = 0.002\n"), ("other", SINGLE + "lr = 0.003\n")))
+    one = plan(jobs_of(a, b, c, d))
+    assert [(x.world_size, x.lanes) for x in one] == [(1, 1), (2, 1)]  # one core: the plan as before
+    two = plan(jobs_of(a, b, c, d), cores=2)
+    # world size 1 on 2 cores: two lanes, the four trainings dealt two each, in planned order within a lane;
+    # world size 2 fills both cores already
+    assert [(x.world_size, x.lane, x.lanes) for x in two] == [(1, 0, 2), (1, 1, 2), (2, 0, 1)]
+    assert [[t.first.label for t in x.trainings] for x in two[:2]] == [["b/single", "d/single"], ["c/single", "d/other"]]
+    assert sorted(t.first.label for x in two for t in x.trainings) == sorted(t.first.label for x in one for t in x.trainings)
+    assert "launch 2: torchrun, world size 1, cpu, lane 2 of 2 (at once): c/single; d/other" in summary(two)
+    assert [x.lanes for x in plan(jobs_of(a, b, c, d), cores=4)][:4] == [4, 4, 4, 4]
+    gpu = [Job(j.case, j.setup, "cuda", j.seed_checkpoint, j.seed_sha256, j.probe_steps) for j in jobs_of(b, c, d)]
+    assert all(x.lanes == 1 for x in plan(gpu, cores=2))  # GPUs are allocated per launch, not shared out here
+    again = Job(c, repeat_setup(c), "cpu", "/seed", "a" * 64, ())  # c.single run twice: keep it whole
+    assert all(x.lanes == 1 for x in plan([*jobs_of(b, c, d), again], cores=2) if x.world_size == 1)
+
+
 def test_shares_keep_cases_that_share_a_training_together(three, write_case):
     a, b, c = three
     hsdp = '{name}\ndp_api = "fully_shard"\ndp_replicate = 2\n'
@@ -128,9 +147,11 @@ def record_bytes(out: Path, case: str, setup: str) -> dict[str, object]:
 
 
 def test_suite_plan_is_bit_identical_to_each_case_alone(three, tmp_path, seed_cache):
+    """The suite plan (shared trainings, one launch per world size, its world-size-1 launch split into two
+    lanes that run at once) against each case planned alone (no sharing, no lanes)."""
     cases = list(three)
     devices = dict.fromkeys((c.name for c in cases), "cpu")
-    suite = run_suite(cases, tmp_path / "suite", devices, cache=seed_cache, timeout_s=300)
+    suite = run_suite(cases, tmp_path / "suite", devices, cache=seed_cache, timeout_s=300, cores=2)
     alone = run_suite(cases, tmp_path / "alone", devices, cache=seed_cache, timeout_s=300, how="case")
     for c in cases:
         for s in c.setups:
@@ -138,7 +159,9 @@ def test_suite_plan_is_bit_identical_to_each_case_alone(three, tmp_path, seed_ca
             assert record_bytes(tmp_path / "suite", c.name, s.name) == record_bytes(tmp_path / "alone", c.name, s.name), \
                 f"{c.name}/{s.name}"
     log = records.read_json(tmp_path / "suite" / "plan.json")
-    assert [launch["world_size"] for launch in log["launches"]] == [1, 2]
+    assert [(x["world_size"], x["lane"], x["lanes"]) for x in log["launches"]] == [(1, 0, 2), (1, 1, 2), (2, 0, 1)]
+    first, second = log["launches"][:2]
+    assert first["ended"] - first["wall_s"] < second["ended"] and second["ended"] - second["wall_s"] < first["ended"]
     assert sum(json.dumps(log["launches"]).count(f'"{label}"') for label in ("a/fsdp", "b/fsdp_2")) == 2
     shared = records.read_json(tmp_path / "suite" / "b" / "fsdp_2" / "run.json")
     assert shared["trained_as"] == "a/fsdp" and shared["case"] == "b" and shared["setup"] == "fsdp_2"

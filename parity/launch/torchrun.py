@@ -25,7 +25,8 @@ def launch(plan: dict, nproc: int, workdir: Path, name: str, timeout_s: float = 
 
     Never returns with a process left running. `nproc`: ranks on this node. `gpus`: the GPU ids the
     ranks may see (CUDA_VISIBLE_DEVICES); None leaves the environment's. The ranks write plan["progress"].
-    `rendezvous` and `abort`: this node's part of a launch across nodes (parity.launch.nodes).
+    `rendezvous`: this node's part of a launch across nodes (parity.launch.nodes). `abort()`: a reason to
+    stop now (another node failed, or the run was interrupted while lanes ran), or None.
     """
     plan_path = workdir / f"{name}.json"
     records.atomic_write_text(plan_path, json.dumps(plan, indent=2))
