@@ -19,25 +19,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from parity.compare import statistical_tests
+from parity.ensemble import METRICS
 from parity.report import FIGSIZE, LABEL, CaseRun, verdict_words
-
-METRICS = ("loss", "grad_norm")
-
-
-def tests_by_setup(verdict: dict) -> dict[str, dict]:
-    """{setup: {metric: test}}: the reference's own test first, then each pair's other setup."""
-    st = verdict["statistical"]
-    out = {verdict["reference"]: st.get("reference") or {}}
-    for p in verdict.get("pairs", []):
-        out[p["other"]] = {m: (p["metrics"].get(m) or {}).get("statistical") for m in METRICS}
-    return out
 
 
 def build_band_figure(c: CaseRun):
     v = c.verdict
     st = v["statistical"]
     ends = np.asarray(st["window_ends"])
-    tests = tests_by_setup(v)
+    tests = statistical_tests(v)
     colours = {name: f"C{(i + 1) % 10}" for i, name in enumerate(tests)}
     fig, axes = plt.subplots(4, 1, figsize=(FIGSIZE[0], FIGSIZE[1] * 1.25), sharex=True, height_ratios=(0.8, 1, 1, 0.8))
     if st["bands"]:

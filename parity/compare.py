@@ -669,6 +669,15 @@ def format_verdict(verdict: dict) -> str:
     return "\n".join(lines)
 
 
+def statistical_tests(verdict: dict) -> dict[str, dict]:
+    """A statistical verdict's tests by setup, {setup: {metric: T or None}}: the reference's own first, then
+    each pair's other setup."""
+    out = {verdict["reference"]: verdict["statistical"].get("reference") or {}}
+    for p in verdict.get("pairs", []):
+        out[p["other"]] = {m: (p["metrics"].get(m) or {}).get("statistical") for m in STEP_METRICS}
+    return out
+
+
 def ensemble_lines(st: dict | None) -> list[str]:
     """Statistical mode: the ensemble, the test's limit, how many windows the tolerance floor decided, the
     reference's own test and the held-out members' (a measured false-alarm count)."""

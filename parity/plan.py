@@ -145,28 +145,35 @@ def summary(launches: list[Launch], how: str = "suite") -> str:
     trainings = sum(len(launch.trainings) for launch in launches)
     lines = [f"plan ({how}): {jobs} setups, {trainings} trained ({jobs - trainings} reused), {len(launches)} launches"]
     for i, launch in enumerate(launches, 1):
-        ensembles: dict[tuple, list[Training]] = {}  # an ensemble is one entry, not K
-        for t in launch.trainings:
-            if MEMBER_SUFFIX in t.first.setup.name:
-                key = (t.first.case.name, t.first.setup.name.rsplit(MEMBER_SUFFIX, 1)[0])
-                ensembles.setdefault(key, []).append(t)
-        names = []
-        for t in launch.trainings:
-            group = next((g for g in ensembles.values() if t in g), None)
-            if group is None:
-                names.append(t.first.label + (f" (also {', '.join(j.label for j in t.shared_with)})"
-                                              if t.shared_with else ""))
-            elif t is group[0]:
-                also = sorted({j.case.name for m in group for j in m.shared_with})
-                numbers = [m.first.setup.name.rsplit(MEMBER_SUFFIX, 1)[1] for m in group]
-                runs = f"..{numbers[-1]}" if len(numbers) == int(numbers[-1]) - int(numbers[0]) + 1 else \
-                    "".join(f", {n}" for n in numbers[1:])
-                names.append(f"{t.first.label}{runs} ({len(group)} ensemble members"
-                             + (f"; also for {', '.join(also)})" if also else ")"))
+        names = _entries(launch.trainings)
         what = "torchrun" if launch.trainer == "builtin" else launch.trainer
         lane = f", lane {launch.lane + 1} of {launch.lanes} (at once)" if launch.lanes > 1 else ""
         lines.append(f"  launch {i}: {what}, world size {launch.world_size}, {launch.device}{lane}: {'; '.join(names)}")
     return "\n".join(lines)
+
+
+def _entries(trainings: list[Training]) -> list[str]:
+    """One summary entry per training, except an ensemble's members (<reference>.memberNN of one case), which
+    are one entry where the first of them stands."""
+    ensembles: dict[tuple, list[Training]] = {}
+    for t in trainings:
+        if MEMBER_SUFFIX in t.first.setup.name:
+            ensembles.setdefault((t.first.case.name, t.first.setup.name.rsplit(MEMBER_SUFFIX, 1)[0]), []).append(t)
+    firsts = {id(group[0]): group for group in ensembles.values()}
+    entries = []
+    for t in trainings:
+        if id(t) in firsts:
+            group = firsts[id(t)]
+            also = sorted({j.case.name for m in group for j in m.shared_with})
+            numbers = [m.first.setup.name.rsplit(MEMBER_SUFFIX, 1)[1] for m in group]
+            runs = f"..{numbers[-1]}" if len(numbers) == int(numbers[-1]) - int(numbers[0]) + 1 else \
+                "".join(f", {n}" for n in numbers[1:])
+            entries.append(f"{t.first.label}{runs} ({len(group)} ensemble members"
+                           + (f"; also for {', '.join(also)})" if also else ")"))
+        elif MEMBER_SUFFIX not in t.first.setup.name:
+            entries.append(t.first.label + (f" (also {', '.join(j.label for j in t.shared_with)})"
+                                            if t.shared_with else ""))
+    return entries
 
 
 def shares(cases: list[Case], n: int) -> dict[str, int]:
@@ -187,11 +194,10 @@ def shares(cases: list[Case], n: int) -> dict[str, int]:
     owner: dict[str, str] = {}
     cost: dict[str, float] = {}
     for c in cases:
-        members = c.ensemble  # cases with one reference share its ensemble too
-        for s in (*c.setups, *members):
+        for s in (*c.setups, *c.ensemble):  # cases with one reference share its ensemble too
             setup = {k: v for k, v in s.to_dict().items() if k != "name"}
-            probed = [] if s in members else c.probes.steps_for(s.train.steps)  # as the runner's jobs
-            key = json.dumps([setup, str(c.seed_checkpoint), probed, c.determinism], sort_keys=True, default=str)
+            key = json.dumps([setup, str(c.seed_checkpoint), c.probe_steps(s), c.determinism], sort_keys=True,
+                             default=str)
             if key in owner:
                 parent[root(c.name)] = root(owner[key])
             else:

@@ -26,7 +26,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from parity import localize, records  # noqa: E402
-from parity.compare import bitwise_equal, ensemble_lines, ran_on  # noqa: E402
+from parity.compare import bitwise_equal, ensemble_lines, ran_on, statistical_tests  # noqa: E402
 from parity.paths import inside  # noqa: E402
 from parity.spec import MEMBER_SUFFIX  # noqa: E402
 
@@ -750,11 +750,10 @@ def ensemble_text(c: CaseRun) -> list[str]:
     if not v.get("statistical"):
         return []
     lines = [line.strip() for line in ensemble_lines(v["statistical"])]
-    for p in v.get("pairs", []) or []:
-        tests = {m: (p["metrics"].get(m) or {}).get("statistical") for m in PLOTTED}
-        lines.append(f"{p['other']}: " + "; ".join(
+    for name, tests in list(statistical_tests(v).items())[1:]:  # the reference's own test is in ensemble_lines
+        lines.append(f"{name}: " + "; ".join(
             f"{LABEL[m]} max |z| {fmt(t['max_abs_z'])}, {t['failing_windows']} of {len(t['z'])} windows outside"
-            for m, t in tests.items() if t) if any(tests.values()) else f"{p['other']}: not tested")
+            for m, t in tests.items() if t) if any(tests.values()) else f"{name}: not tested")
     return lines
 
 
@@ -799,8 +798,8 @@ def _md_case(c: CaseRun, run_dir, png: Path | None, probes_png: Path | None = No
         out += [f"![{c.name} probes]({rel})", "", f"[SVG]({Path(rel).with_suffix('.svg').as_posix()})", ""]
     if pair_rows(c):
         out += [md_table(PAIR_COLUMNS, pair_rows(c)), ""]
-    if ensemble_text(c):
-        out += ["Ensemble:", ""] + [f"- {line}" for line in ensemble_text(c)] + [""]
+    if ensemble := ensemble_text(c):
+        out += ["Ensemble:", ""] + [f"- {line}" for line in ensemble] + [""]
     if baseline_rows(c):
         out += ["Baselines:", "", md_table(BASELINE_COLUMNS, baseline_rows(c)), ""]
     prov = provenance(c, run_dir)
@@ -847,8 +846,8 @@ def _html_case(c: CaseRun, run_dir, png: Path | None, probes_png: Path | None = 
         parts.append(f'<img alt="{e(c.name)} probes heatmap" src="data:image/png;base64,{data}">')
     if pair_rows(c):
         parts.append(_html_table(PAIR_COLUMNS, pair_rows(c)))
-    if ensemble_text(c):
-        parts.append("<h3>Ensemble</h3><ul>" + "".join(f"<li>{e(line)}</li>" for line in ensemble_text(c)) + "</ul>")
+    if ensemble := ensemble_text(c):
+        parts.append("<h3>Ensemble</h3><ul>" + "".join(f"<li>{e(line)}</li>" for line in ensemble) + "</ul>")
     if baseline_rows(c):
         parts.append("<h3>Baselines</h3>" + _html_table(BASELINE_COLUMNS, baseline_rows(c)))
     prov = provenance(c, run_dir)

@@ -97,11 +97,8 @@ def runs_of(case: Case, repeat: bool) -> list[Setup]:
 
 
 def case_jobs(case: Case, device: str, seed, repeat: bool) -> list[Job]:
-    """runs_of(case) as jobs from `seed` (seed_for's). A member only widens the band: probes would cost it
-    time and show nothing."""
-    members = {m.name for m in case.ensemble}
-    return [Job(case, s, device, str(seed.path), seed.sha256,
-                () if s.name in members else tuple(case.probes.steps_for(s.train.steps))) for s in runs_of(case, repeat)]
+    """runs_of(case) as jobs from `seed` (seed_for's)."""
+    return [Job(case, s, device, str(seed.path), seed.sha256, case.probe_steps(s)) for s in runs_of(case, repeat)]
 
 
 def wants_repeat(case: Case, device: str, requested: bool | None = None) -> bool:

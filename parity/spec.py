@@ -253,6 +253,13 @@ class Case:
     def setup(self, name: str) -> Setup:
         return next(s for s in self.setups if s.name == name)
 
+    def probe_steps(self, setup: Setup) -> tuple[int, ...]:
+        """The steps a run of `setup` records probes at; none for an ensemble member, which only widens the
+        band. The one rule for the runner's jobs and the planner's shares."""
+        if MEMBER_SUFFIX in setup.name:
+            return ()
+        return tuple(self.probes.steps_for(setup.train.steps))
+
     @property
     def ensemble(self) -> tuple[Setup, ...]:
         """Statistical mode's members: the reference again, each perturbed its own way; () in other modes."""

@@ -177,9 +177,9 @@ def perturb_weights(modules: list, member: int) -> None:
         for name, p in m.named_parameters():
             local, part = _held_part(p)
             z = torch.randn(p.shape, generator=_host_generator("perturb", member, name.removeprefix("module.")))
-            factor = 1 + torch.finfo(local.dtype).eps * z.to(local.dtype)
+            factor = 1 + torch.finfo(local.dtype).eps * z[part].to(local.dtype)  # drawn whole, used where held
             with torch.no_grad():
-                local.mul_(factor[part].to(local.device))
+                local.mul_(factor.to(local.device))
 
 
 def fresh_init(modules: list, seed: int) -> None:
