@@ -38,9 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
+from parity import files
 from parity.compare import compare_series, load_runs, not_compared, ulps_text
 from parity.fingerprint import determinism_summary, differing_fields, platform_key
 from parity.paths import check_platform, inside
+from parity.errors import one_line
 from parity.records import RecordError, atomic_write_text, csv_text, read_csv, read_setup_run, rows_of, setup_dir
 from parity.spec import Case, Setup
 
@@ -246,8 +248,12 @@ def check_case_baselines(case: Case, run_dir, root=None, update: str | None = No
     for s in case.setups:
         run = runs[s.name]["info"]
         platform = run.get("platform") or platform_key(str(run.get("device", "")))
-        results.append(check_baseline(case, s, run_dir, root, platform, run.get("torch", "unknown"), update,
-                                      runs[s.name], members))
+        try:
+            results.append(check_baseline(case, s, run_dir, root, platform, run.get("torch", "unknown"), update,
+                                          runs[s.name], members))
+        except OSError as e:  # a read-only or full disk under the baseline root: this setup fails, the rest go on
+            results.append(_result(s.name, baseline_path(root, case.name, s.name, platform), platform, "error",
+                                   "exact", False, f"{one_line(e)}; the baseline could not be written"))
     return results
 
 
@@ -307,7 +313,7 @@ def unused_baselines(root, cases: list[Case]) -> list[Path]:
 
 def _data_lines(path: Path) -> list[int]:
     """Line numbers of the data rows, in the order read_csv returns them."""
-    numbers = [i for i, line in enumerate(path.read_text().splitlines(), 1) if not line.startswith("#")]
+    numbers = [i for i, line in enumerate(files.read_text(path).splitlines(), 1) if not line.startswith("#")]
     return numbers[1:]  # the first non-comment line is the column header
 
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from parity import records
 from parity.errors import InputError
-from parity.runner import case_lock, prepare_out, run_case
+from parity.rundir import case_lock, prepare_out
+from parity.runner import run_case
 from parity.spec import Case
 
 ORACLE = "oracle_float64"

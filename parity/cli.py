@@ -100,6 +100,14 @@ def cmd_run(args) -> int:
     from parity.launch.nodes import check_splits, digest, parse_nodes
     from parity.runner import resolve_device, visible_gpus
 
+    from parity.launch.process import omp_threads
+    from parity.paths import check_writable_dir
+    from parity.rundir import check_apart
+
+    omp_threads()  # the environment, checked before anything runs
+    check_apart(Path(args.out), Path(args.baselines), _source(args, "out"), _source(args, "baselines"))
+    if args.update_baselines:  # found now, not after the training it would have stored
+        check_writable_dir(Path(args.baselines), _source(args, "baselines"))
     if args.launcher == "slurm":
         return _submit_slurm(args)
     if args.submit:
@@ -129,13 +137,21 @@ def cmd_run(args) -> int:
     return code
 
 
+def _source(args, key: str) -> str:
+    """Where `parity run`'s --out or --baselines came from, for a message: the flag, or [tool.parity]."""
+    if f"--{key}" not in args.given and getattr(args.project, key) is not None:
+        return f"[tool.parity] {key}"
+    return f"--{key}"
+
+
 def _run_here(args, cases, devices, leader=None) -> int:
     """Run, judge and report the cases from this process (alone, or as node 0 of several)."""
     from contextlib import ExitStack
 
     from parity import compare
     from parity.progress import Progress
-    from parity.runner import case_lock, check_out, judge, prepare_out, run_suite, seed_or_none
+    from parity.rundir import case_lock, check_out, prepare_out
+    from parity.runner import judge_run, run_suite, seed_or_none
 
     check_out(Path(args.out))
     seeds = {c.name: seed_or_none(c, None, devices[c.name], args.timeout) for c in cases}
@@ -163,7 +179,7 @@ def _run_here(args, cases, devices, leader=None) -> int:
                     print(f"{case.name}/{name}: {r.status}: {r.message}", file=sys.stderr)
             print(f"\n== {case.name} ({out / case.name}) ==")
             print(step_table(case, out))
-            verdict = judge(case, out, Path(args.baselines), args.update_baselines)
+            verdict = judge_run(case, out, Path(args.baselines), args.update_baselines)
             print(compare.format_verdict(verdict))
             failed |= not verdict["passed"]
     ran = {c.name for c in cases}
@@ -182,7 +198,7 @@ def _submit_slurm(args) -> int:
     import subprocess
 
     from parity.launch.slurm import job_script
-    from parity.runner import prepare_out
+    from parity.rundir import claim, prepare_out
 
     if args.node_rank is not None or args.rdzv_endpoint is not None:
         raise UsageError("--launcher slurm: the job script sets --node-rank and --rdzv-endpoint on each node; "
@@ -198,7 +214,7 @@ def _submit_slurm(args) -> int:
         return 0
     if shutil.which("sbatch") is None:
         raise UsageError("--submit: sbatch is not on PATH; allowed: leave out --submit to print the job script")
-    path = inside(prepare_out(Path(args.out)), "slurm-job.sh")
+    path = claim(prepare_out(Path(args.out)), "slurm-job.sh")
     records.atomic_write_text(path, script)
     done = subprocess.run(["sbatch", str(path)], capture_output=True, text=True)
     print(f"{path}\n{done.stdout}{done.stderr}", end="")
@@ -463,11 +479,12 @@ def _terminate(signum, _frame):
 def main(argv=None) -> int:
     argv = bare_flag_default(sys.argv[1:] if argv is None else argv, "--update-baselines", UPDATE_MODES, "failing")
     try:
-        settings = layered(project_settings(Path.cwd()), DEFAULTS)
+        project = project_settings(Path.cwd())
     except InputError as e:
         print(f"parity: error: {e}", file=sys.stderr)
         return 2
-    args = parser(settings).parse_args(argv)
+    args = parser(layered(project, DEFAULTS)).parse_args(argv)
+    args.project, args.given = project, {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.fn(args)

@@ -553,8 +553,7 @@ def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None =
         "platform": info.get("platform", "unknown"),
         "device": info.get("device", "unknown"),
         "backend": info.get("backend", "unknown"),
-        "tolerance": {m: {"rtol": t.rtol, "atol": t.atol, "source": case.expect.tolerance_source.get(m, "case")}
-                      for m, t in case.expect.tolerance.items()},
+        "tolerance": _tolerances(case),
         "repeat": repeat,
         "statistical": statistical and statistical["summary"],
         "pairs": pairs,
@@ -563,6 +562,20 @@ def compare_case(case: Case, run_dir: str | Path, baselines: list[dict] | None =
         "notes": _case_file_notes(case, runs),
     }
     return with_baselines(verdict, baselines or [])
+
+
+def _tolerances(case: Case) -> dict:
+    return {m: {"rtol": t.rtol, "atol": t.atol, "source": case.expect.tolerance_source.get(m, "case")}
+            for m, t in case.expect.tolerance.items()}
+
+
+def unjudged_verdict(case: Case, problem: str) -> dict:
+    """A failing verdict for a case that could not be judged (its records or a baseline could not be read,
+    the disk refused a write): `problem` says why, in one line."""
+    return {"case": case.name, "passed": False, "mode": case.expect.mode, "outcome": case.expect.outcome,
+            "reference": case.reference.name, "platform": "unknown", "device": "unknown", "backend": "unknown",
+            "tolerance": _tolerances(case), "repeat": None, "statistical": None, "pairs": [], "baselines": [],
+            "problems": [problem], "notes": []}
 
 
 def _statistical(case: Case, runs: dict) -> dict | None:

@@ -22,6 +22,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from parity import files
 from parity.errors import InputError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -103,9 +104,8 @@ def _settings(table: dict, prefix: str, base: Path) -> Settings:
 
 def _read_toml(path: Path) -> dict:
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
+        return tomllib.loads(files.read_text(path))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML ({e}); allowed: a TOML file") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from parity import files
+
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -55,6 +57,7 @@ class TokenFileError(ValueError):
 def load_token_file(path: str, seq_len: int, vocab: int) -> np.ndarray:
     """A 1-D integer array of at least seq_len + 1 ids in [0, vocab); checked in full, once, by the validator."""
     try:
+        files.check_regular(path)  # numpy opens it itself: a FIFO would block it
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickle a data file
     except (OSError, ValueError, EOFError) as e:
         raise TokenFileError(f"{path} is not a readable .npy array ({type(e).__name__}: {e}); "

@@ -14,3 +14,11 @@ class InputError(ValueError):
     def __init__(self, message: str):
         # One line, always: a newline from a hostile name must not forge a second message line.
         super().__init__(" ".join(str(message).split("\n")))
+
+
+def one_line(e: Exception) -> str:
+    """An error found after a run began, as one line for a verdict: an OSError as `file: reason`, anything
+    else by the first line of its message."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return (str(e).splitlines() or [type(e).__name__])[0]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parity import compare, report
+from parity import compare, markdown, report
 from parity.report import LABEL, PLOTTED, CaseRun
 
 FORMATS = ("mermaid", "png")
@@ -52,7 +52,7 @@ def divergence_lines(c: CaseRun) -> list[str]:
     abs and rel error); the pair's own words when it did not."""
     out = []
     for p in (c.verdict or {}).get("pairs", []) or []:
-        d, who = p.get("diverged"), f"`{p.get('other')}` vs `{p.get('reference')}`"
+        d, who = p.get("diverged"), f"{markdown.code(p.get('other'))} vs {markdown.code(p.get('reference'))}"
         if not d:
             out.append(f"First divergence, {who}: none" + (" (metrics and weights agree)" if p.get("passed") else ""))
             continue
@@ -60,7 +60,8 @@ def divergence_lines(c: CaseRun) -> list[str]:
         e = {**d, **{k: report.num(d.get(k)) for k in ("value_ref", "value_other", "abs", "rel")}}
         mode = (p.get("modes") or {}).get(d.get("metric"), c.verdict.get("mode"))
         beyond = "beyond tolerance" if mode == "tolerance" else "first bitwise difference"
-        out.append(f"First divergence, {who}: **{d.get('metric')}** at {compare.entry_text(e)} ({beyond})")
+        out.append(f"First divergence, {who}: **{markdown.text(d.get('metric'))}** at "
+                   f"{markdown.text(compare.entry_text(e))} ({beyond})")
     return out
 
 
@@ -75,10 +76,12 @@ def chart_lines(c: CaseRun, metric: str) -> tuple[list[Line], list[str]]:
         if s.name in c.baselines:
             entry, columns = c.baselines[s.name]
             if metric in columns:
-                lines.append(Line(f"`{s.name}` baseline ({entry.get('platform') or '?'}, {entry.get('status', '?')})",
+                origin = markdown.text(f"({entry.get('platform') or '?'}, {entry.get('status', '?')})")
+                lines.append(Line(f"`{s.name}` baseline {origin}",
                                   *report.by_step(columns, metric)))
         if not s.steps:
-            notes.append(f"`{s.name}` recorded no metrics (status {s.run.get('status', 'unknown')}): no line.")
+            notes.append(f"`{s.name}` recorded no metrics (status {markdown.text(s.run.get('status', 'unknown'))}): "
+                         "no line.")
         elif metric not in s.metrics:
             notes.append(f"`{s.name}` recorded no {LABEL[metric]}: no line.")
         else:
@@ -202,10 +205,10 @@ def evidence(run_dir, case: str | None = None, fmt: str = "mermaid") -> str:
     names = [case] if case else report.find_cases(run_dir)
     cases = [report.load_case_run(run_dir, n) for n in names if (run_dir / n).is_dir()]
     if not cases:
-        return f"No cases found in `{run_dir}`" + (f" named `{case}`" if case else "") + ".\n"
+        return f"No cases found in {markdown.code(run_dir)}" + (f" named {markdown.code(case)}" if case else "") + ".\n"
     out = [report.md_table(report.SUMMARY_COLUMNS, [report.summary_row(c) for c in cases]), ""]
     for c in cases:
-        out += [f"**{c.name}**: {report.verdict_words(c.verdict)}", ""]
+        out += [f"**{c.name}**: {markdown.text(report.verdict_words(c.verdict))}", ""]
         out += [line + "  " for line in divergence_lines(c)] + ([""] if c.verdict else [])
         if fmt == "mermaid":
             for metric in PLOTTED:
@@ -218,7 +221,7 @@ def evidence(run_dir, case: str | None = None, fmt: str = "mermaid") -> str:
                 out += [f"![{c.name}]({png.as_posix()})", ""]
         prov = report.provenance(c, run_dir)
         worlds = " / ".join(dict.fromkeys(str(s.run.get("world_size")) for s in c.setups if s.run.get("world_size")))
-        out += [f"torch `{prov['torch']}` · device `{prov['device']}` · platform `{prov['platform']}` · "
-                f"world size {worlds or '—'} · python `{prov['python']}`", "",
-                "Reproduce:", "", "```sh", *prov["command"], "```", ""]
+        out += [f"torch {markdown.code(prov['torch'])} · device {markdown.code(prov['device'])} · platform "
+                f"{markdown.code(prov['platform'])} · world size {markdown.text(worlds or '—')} · python "
+                f"{markdown.code(prov['python'])}", "", "Reproduce:", "", *markdown.fence(prov["command"], "sh"), ""]
     return "\n".join(out)

@@ -8,6 +8,7 @@ writes or deletes is built with `inside()`, which refuses anything that would la
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -62,4 +63,17 @@ def inside(root: str | Path, *parts: str) -> Path:
     base = Path(root).resolve()
     if not path.resolve().is_relative_to(base) or path.resolve() == base:
         raise InputError(f"{path}: refusing to use it: it resolves to {path.resolve()}, outside {base}")
+    return path
+
+
+def check_writable_dir(path: Path, flag: str) -> Path:
+    """That `path` is a directory this process may write in, or a new path under one; judged without writing.
+    (On a read-only mount access(2) says no even to root.)"""
+    path = Path(path)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        what = "exists and is not a directory" if existing == path else f"lies under {existing}, which is not a directory"
+        raise InputError(f"{flag} {path}: {what}; allowed: a directory or a new path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: {existing} is not writable; allowed: a writable directory")
     return path

@@ -134,6 +134,20 @@ def parity_settings(config):
     return settings
 
 
+def setting_source(config, key: str) -> str:
+    """Where this session's `key` (cases, baselines, out) came from, for a message: the option, the ini
+    key, the [tool.parity] table, or the default."""
+    from parity.config import INI_PREFIX, ini_settings, project_settings
+
+    if config.getoption(f"parity_{key}") is not None:
+        return f"--parity-{key}"
+    if getattr(ini_settings(config.getini, config.inipath, config.rootpath), key) is not None:
+        return f"{config.inipath or '-o'}: {INI_PREFIX}{key}"
+    if getattr(project_settings(config.rootpath), key) is not None:
+        return f"[tool.parity] {key}"
+    return f"the default {key}"
+
+
 def parity_paths(config) -> tuple[Path, Path, Path]:
     settings = parity_settings(config)
     return settings.cases, settings.baselines, settings.out
@@ -189,19 +203,21 @@ def pytest_sessionstart(session):
     if not _collects_cases(config):
         return
     load_parity_cases(config)  # a bad case stops the session here, as a usage error (exit 4)
-    import shutil
+    from parity.errors import InputError
+    from parity.launch.process import omp_threads
+    from parity.paths import check_writable_dir
+    from parity.rundir import check_apart, check_out, clear_earlier_outputs
 
-    from parity.paths import CASE_MARKER
-
-    _, _, out = parity_paths(config)
-    if out.is_dir():
-        for child in out.iterdir():  # only folders a parity run made (they carry its mark)
-            if child.is_dir() and not child.is_symlink() and (child / CASE_MARKER).is_file():
-                shutil.rmtree(child)
-        for name in ("report.md", "report.html"):
-            (out / name).unlink(missing_ok=True)
-        for plan_log in out.glob("plan*.json"):  # the plans of an earlier session's processes
-            plan_log.unlink()
+    _, baselines, out = parity_paths(config)
+    try:
+        omp_threads()  # the environment, checked before anything runs
+        check_apart(out, baselines, setting_source(config, "out"), setting_source(config, "baselines"))
+        check_out(out, setting_source(config, "out"))
+        if config.getoption("parity_update_baselines"):  # found now, not after the training it would have stored
+            check_writable_dir(baselines, setting_source(config, "baselines"))  # a folder holding other work is refused before anything is written
+        clear_earlier_outputs(out)  # only what an earlier parity session wrote there
+    except InputError as e:
+        raise pytest.UsageError(f"parity: {e}") from None
 
 
 def pytest_generate_tests(metafunc):
@@ -267,7 +283,8 @@ def _run_share(case, config) -> None:
     """Run the setups of `case` and of every case planned with it (once per process); a case whose
     device cannot run it is left out, to be skipped (or failed, with --parity-strict) by its own item."""
     from parity.commands import pytest_case
-    from parity.runner import DeviceError, case_lock, prepare_out, resolve_device, run_suite, seed_or_none
+    from parity.rundir import case_lock, prepare_out
+    from parity.runner import DeviceError, resolve_device, run_suite, seed_or_none
     from parity.spec import BackendError
 
     done = config.__dict__.setdefault("_parity_done", {})
@@ -311,7 +328,8 @@ def _run_share(case, config) -> None:
 def run_and_judge(case, config) -> tuple[dict, str]:
     """Run the case (with the cases planned alongside it, on its first item) and judge it as the CLI would;
     returns (verdict, failure message)."""
-    from parity.runner import case_lock, judge
+    from parity.rundir import case_lock
+    from parity.runner import judge_run
 
     _run_share(case, config)
     problem = config._parity_done[case.name]
@@ -321,7 +339,7 @@ def run_and_judge(case, config) -> tuple[dict, str]:
         pytest.skip(str(problem))
     _, baseline_root, out = parity_paths(config)
     with case_lock(out, case.name):
-        verdict = judge(case, out, baseline_root, config.getoption("parity_update_baselines"))
+        verdict = judge_run(case, out, baseline_root, config.getoption("parity_update_baselines"))
     message = ""
     if not verdict["passed"]:
         message = _failure_message(case, verdict, out)

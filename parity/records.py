@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from parity import files
 from parity.errors import InputError
 from parity.paths import inside
 
@@ -127,7 +128,7 @@ def read_columns(path: str | Path, required=()) -> tuple[dict[str, str], dict[st
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = files.read_text(path)
     except OSError as e:
         raise RecordError(f"{path}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError:
@@ -259,8 +260,10 @@ def write_json(path, obj) -> None:
 def read_json(path) -> dict:
     """A JSON object; anything else (binary, `[]`, `null`) is a RecordError naming the file."""
     try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # ValueError covers JSONDecodeError and UnicodeDecodeError
+        value = json.loads(files.read_text(path))
+    except OSError as e:
+        raise RecordError(f"{path}: cannot read JSON: {e.strerror}") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise RecordError(f"{path}: cannot read JSON: {e}") from None
     if not isinstance(value, dict):
         raise RecordError(f"{path}: expected a JSON object, found {type(value).__name__}")

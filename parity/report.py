@@ -25,9 +25,10 @@ from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
-from parity import localize, records  # noqa: E402
+from parity import localize, markdown, records  # noqa: E402
 from parity.compare import bitwise_equal, ensemble_lines, ran_on, statistical_tests  # noqa: E402
-from parity.paths import inside  # noqa: E402
+from parity.paths import inside, name_problem  # noqa: E402
+from parity.rundir import claim  # noqa: E402
 from parity.spec import MEMBER_SUFFIX  # noqa: E402
 
 PLOTTED = ("loss", "grad_norm")
@@ -83,7 +84,9 @@ def num(value) -> float | None:
 
 
 def _is_case_dir(d: Path) -> bool:
-    return d.is_dir() and ((d / "verdict.json").is_file() or any(d.glob("*/metrics.csv")))
+    # A folder whose name no case could have is not one of ours (and its name goes into Markdown).
+    return (name_problem(d.name) is None and d.is_dir()
+            and ((d / "verdict.json").is_file() or any(d.glob("*/metrics.csv"))))
 
 
 def find_cases(run_dir) -> list[str]:
@@ -117,6 +120,7 @@ def load_case_run(run_dir, case: str) -> CaseRun:
     verdict = _read_json_or_empty(cdir / "verdict.json") or None
     # Statistical mode's ensemble members are drawn from the verdict's band, not as setups of their own.
     names = sorted(d.name for d in cdir.iterdir() if d.is_dir() and MEMBER_SUFFIX not in d.name
+                   and name_problem(d.name) is None  # a setup's name is checked where its folder is made
                    and ((d / "metrics.csv").is_file() or (d / "run.json").is_file()))
     if verdict:
         # The verdict knows the reference and the case's order; setups it does not name go last.
@@ -630,8 +634,8 @@ def summary_row(c: CaseRun) -> dict:
 SUMMARY_COLUMNS = ("case", "setups", "mode", "verdict", "ran on", "max rel diff loss", "max rel diff grad norm", "first divergence")
 
 
-def _md_cell(text) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+def _md_cell(value) -> str:
+    return markdown.text(value)
 
 
 def md_table(columns, rows) -> str:
@@ -784,10 +788,10 @@ def _probes_or_none(run_dir, c: CaseRun) -> Path | None:
 
 
 def _md_case(c: CaseRun, run_dir, png: Path | None, probes_png: Path | None = None) -> list[str]:
-    out = [f"## {c.name}", "", f"**{verdict_words(c.verdict)}** · setups: {', '.join(s.name for s in c.setups)}", ""]
+    out = [f"## {c.name}", "", f"**{markdown.text(verdict_words(c.verdict))}** · setups: {', '.join(s.name for s in c.setups)}", ""]
     problems = (c.verdict or {}).get("problems") or []
     if problems:
-        out += ["Problems:", ""] + [f"- {p}" for p in problems] + [""]
+        out += ["Problems:", ""] + [f"- {markdown.text(p)}" for p in problems] + [""]
     if png:
         rel = png.relative_to(Path(run_dir)).as_posix()
         out += [f"![{c.name}]({rel})", "", f"[SVG]({Path(rel).with_suffix('.svg').as_posix()})", ""]
@@ -799,13 +803,13 @@ def _md_case(c: CaseRun, run_dir, png: Path | None, probes_png: Path | None = No
     if pair_rows(c):
         out += [md_table(PAIR_COLUMNS, pair_rows(c)), ""]
     if ensemble := ensemble_text(c):
-        out += ["Ensemble:", ""] + [f"- {line}" for line in ensemble] + [""]
+        out += ["Ensemble:", ""] + [f"- {markdown.text(line)}" for line in ensemble] + [""]
     if baseline_rows(c):
         out += ["Baselines:", "", md_table(BASELINE_COLUMNS, baseline_rows(c)), ""]
     prov = provenance(c, run_dir)
     out += ["Provenance:", ""]
-    out += [f"- {k}: `{v}`" for k, v in prov.items() if k != "command"]
-    out += ["", md_table(SETUP_COLUMNS, setup_rows(c)), "", "Reproduce:", "", "```sh", *prov["command"], "```", ""]
+    out += [f"- {k}: {markdown.code(v)}" for k, v in prov.items() if k != "command"]
+    out += ["", md_table(SETUP_COLUMNS, setup_rows(c)), "", "Reproduce:", "", *markdown.fence(prov["command"], "sh"), ""]
     return out
 
 
@@ -870,10 +874,10 @@ def write_report(run_dir) -> tuple[Path, Path]:
     headline = f"{len(cases)} cases · {n_pass} passed · {len(cases) - n_pass - n_none} failed"
     headline += f" · {n_none} without verdict" if n_none else ""
 
-    md = ["# Parity report", "", f"Run directory: `{run_dir}` · {headline}", "", md_table(SUMMARY_COLUMNS, rows), ""]
+    md = ["# Parity report", "", f"Run directory: {markdown.code(run_dir)} · {headline}", "", md_table(SUMMARY_COLUMNS, rows), ""]
     for c in cases:
         md += _md_case(c, run_dir, pngs[c.name], probe_pngs[c.name])
-    md_path = run_dir / "report.md"
+    md_path = claim(run_dir, "report.md")
     records.atomic_write_text(md_path, "\n".join(md))
 
     e = html.escape
@@ -882,7 +886,7 @@ def write_report(run_dir) -> tuple[Path, Path]:
     body += [_html_case(c, run_dir, pngs[c.name], probe_pngs[c.name]) for c in cases]
     page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Parity report</title>'
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
-    html_path = run_dir / "report.html"
+    html_path = claim(run_dir, "report.html")
     records.atomic_write_text(html_path, page)
     return md_path, html_path
 
@@ -942,7 +946,7 @@ def regression_report(new_dir, old_dir) -> tuple[str, list[str]]:
         lines = []
         pv, nv = (old.verdict or {}).get("passed"), (new.verdict or {}).get("passed")
         if pv != nv:
-            lines.append(f"verdict: {verdict_words(old.verdict)} → {verdict_words(new.verdict)}")
+            lines.append(markdown.text(f"verdict: {verdict_words(old.verdict)} → {verdict_words(new.verdict)}"))
         old_setups = {s.name: s for s in old.setups}
         new_setups = {s.name: s for s in new.setups}
         for setup in sorted(set(old_setups) | set(new_setups)):
@@ -951,7 +955,7 @@ def regression_report(new_dir, old_dir) -> tuple[str, list[str]]:
                 continue
             diffs = _compare_setup(new_setups[setup].metrics, old_setups[setup].metrics)
             diffs += _weights_changes(new_dir / name / setup, old_dir / name / setup)
-            lines += [f"`{setup}` {d}" for d in diffs]
+            lines += [f"`{setup}` {markdown.text(d)}" for d in diffs]
         if lines:
             changed.append(name)
             sections += [f"### {name}", ""] + [f"- {ln}" for ln in lines] + [""]
@@ -959,7 +963,7 @@ def regression_report(new_dir, old_dir) -> tuple[str, list[str]]:
             unchanged += 1
     only_new, only_old = sorted(new_cases - old_cases), sorted(old_cases - new_cases)
     changed = sorted(changed + only_new + only_old)
-    md = ["# Parity regression report", "", f"New run: `{new_dir}`  ", f"Old run: `{old_dir}`", "",
+    md = ["# Parity regression report", "", f"New run: {markdown.code(new_dir)}  ", f"Old run: {markdown.code(old_dir)}", "",
           f"{len(changed)} changed · {unchanged} unchanged (bitwise-identical metrics, same verdict)", ""]
     if only_new:
         md += ["Only in the new run: " + ", ".join(f"`{n}`" for n in only_new), ""]
@@ -967,5 +971,5 @@ def regression_report(new_dir, old_dir) -> tuple[str, list[str]]:
         md += ["Only in the old run: " + ", ".join(f"`{n}`" for n in only_old), ""]
     md += sections
     text = "\n".join(md)
-    records.atomic_write_text(new_dir / "regression.md", text)
+    records.atomic_write_text(claim(new_dir, "regression.md"), text)
     return text, changed

@@ -6,29 +6,29 @@ leaves verdicts to parity.compare.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 
 from parity import records
-from parity.errors import InputError
+from parity.errors import InputError, one_line
 from parity.external.torchtitan import SeedBuildError
+from parity.external.command import missing as command_missing
 from parity.external.torchtitan import missing as titan_missing
 from parity.launch.process import DEFAULT_TIMEOUT_S, LaunchResult
 from parity.launch.torchrun import launch as launch_torchrun
-from parity.paths import CASE_MARKER, inside
+from parity.paths import inside
+from parity.rundir import claim, fresh_case_dir, prepare_out, work_dir
 from parity.plan import Job, Launch, Training, plan, summary
 from parity.spec import REPEAT_SUFFIX, Case, Setup, check_attention
 
@@ -67,7 +67,7 @@ def resolve_device(requested: str, case: Case, gpus: int | None = None) -> str:
     `gpus` is how many GPUs this process may use (default: all visible). The device's SDPA
     kernels are checked too, so a case that cannot run there is rejected before anything starts.
     """
-    if (why := titan_missing(case)) is not None:
+    if (why := titan_missing(case) or command_missing(case)) is not None:
         raise DeviceError(f"{case.path}: {why}")
     if requested == "cpu":
         device = "cpu"
@@ -145,59 +145,6 @@ def seed_or_none(case: Case, cache: Path | None, device: str, timeout_s: float):
         return None
 
 
-def check_out(out: Path) -> Path:
-    """Whether --out can become a run directory, judged without writing anything."""
-    out = Path(out)
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        what = "exists and is not a directory" if existing == out else f"lies under {existing}, which is not a directory"
-        raise InputError(f"--out {out}: {what}; allowed: a directory or a new path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: {existing} is not writable; allowed: a writable directory")
-    return out
-
-
-def prepare_out(out: Path) -> Path:
-    """The run directory, created if need be; any reason it cannot hold a run is bad input, found now."""
-    out = check_out(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise InputError(f"--out {out}: cannot write there ({e.strerror}); allowed: a writable directory") from None
-    return out
-
-
-@contextmanager
-def case_lock(out: Path, case_name: str):
-    """One run of a case into one --out at a time: a second one fails at once instead of mixing files."""
-    path = inside(out, f".{case_name}.lock")
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(f"{out / case_name}: another parity run is writing this case now; wait for it "
-                             "or choose another --out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def fresh_case_dir(out: Path, case_name: str) -> Path:
-    """An empty <out>/<case>/, marked as ours. An older folder is deleted only if it carries our mark."""
-    case_dir = inside(out, case_name)
-    if case_dir.is_symlink() or (case_dir.exists() and not (case_dir / CASE_MARKER).is_file()):
-        raise InputError(f"{case_dir}: exists and was not made by parity; refusing to delete it; "
-                         "allowed: move it away or choose another --out")
-    if case_dir.exists():
-        shutil.rmtree(case_dir)  # stale files from an older run must never be compared
-    case_dir.mkdir()
-    (case_dir / CASE_MARKER).write_text(case_name + "\n")
-    return case_dir
-
-
 def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = None,
              timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None, on_progress=None,
              command: list[str] | None = None, repeat: bool | None = None,
@@ -267,8 +214,7 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], steps: int 
     run = _SuiteRun(out, provenance, timeout_s, on_progress, gpus or (lambda _n, _device: nullcontext(None)), cache,
                     results, log, leader)
     try:
-        with tempfile.TemporaryDirectory(prefix=".launch-", dir=out) as workdir:
-            run.workdir = Path(workdir)
+        with work_dir(out, ".launch-") as run.workdir:
             i = 0
             while i < len(launches):
                 group = launches[i:i + launches[i].lanes]  # one launch, or the lanes of a split one
@@ -450,7 +396,7 @@ def _names(progress: dict, job: Job) -> bool:
 def _write_plan_log(out: Path, plan_file: str, how: str, launches: list[Launch], log: list[dict], cases) -> None:
     """OUT/plan_file: the plan and how each launch went; <case>/launches.json: the launches that served the case."""
     log = sorted(log, key=lambda entry: entry["launch"])  # lanes finish in any order; a launch's retries keep theirs
-    records.write_json(inside(out, plan_file), {"plan": how, "planned": [launch.to_dict() for launch in launches],
+    records.write_json(claim(out, plan_file), {"plan": how, "planned": [launch.to_dict() for launch in launches],
                                                 "launches": log})
     for case in cases:
         mine = []
@@ -485,7 +431,30 @@ def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) ->
             b["message"] += (f"; --update-baselines={update} wrote nothing: the case failed, and only a passing "
                              "case makes a baseline")
     verdict = compare.with_baselines(between_setups, checks)
-    compare.write_verdict(run_dir, verdict)
+    return _written(run_dir, verdict)
+
+
+def judge_run(case: Case, out: Path, baseline_root: Path, update: str | None) -> dict:
+    """judge() for a case this process has just run. Once training has begun, a problem found while judging
+    (a record or baseline file that cannot be read, a disk that refuses a write) fails this case with one line
+    in its verdict, and the other cases of the suite are still judged and reported."""
+    from parity import compare
+
+    try:
+        return judge(case, out, baseline_root, update)
+    except (InputError, OSError) as e:
+        return _written(out, compare.unjudged_verdict(case, f"not judged: {one_line(e)}"))
+
+
+def _written(run_dir: Path, verdict: dict) -> dict:
+    """The verdict, written to verdict.json; where the disk refuses, the verdict fails and says so."""
+    from parity import compare
+
+    try:
+        compare.write_verdict(run_dir, verdict)
+    except OSError as e:
+        problem = f"verdict.json not written: {one_line(e)}"
+        return {**verdict, "passed": False, "problems": verdict["problems"] + [problem]}
     return verdict
 
 

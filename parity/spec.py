@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from parity import files
 from parity.errors import InputError
 from parity.external import command, torchtitan
 from parity.external.command import COMMAND_KEYS
@@ -290,7 +291,7 @@ def load_case(path: str | Path) -> Case:
     path = Path(path)
     where = str(path)
     try:
-        raw = path.read_bytes()
+        raw = files.read_bytes(path)
     except OSError as e:
         raise SpecError(f"{where}: cannot read: {e.strerror}") from None
     try:

@@ -12,7 +12,7 @@ import pytest
 from parity import records
 from parity.errors import InputError
 from parity.paths import CASE_MARKER, inside, name_problem
-from parity.runner import case_lock, fresh_case_dir
+from parity.rundir import case_lock, fresh_case_dir, prepare_out
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,16 +93,16 @@ def test_concurrent_cli_run_into_one_out_is_refused_with_one_line(tmp_path, writ
     path = write_case('description = "x"\n[train]\nmodel = "tiny"\nsteps = 1\nglobal_batch = 2\nseq_len = 8\n'
                       '[setups.a]\ndp_api = "none"\n[setups.b]\ndp_api = "none"\n', "busy")
     out = tmp_path / "out"
-    out.mkdir()
-    with open(out / ".busy.lock", "a") as held:  # what a first run holds while it runs
-        fcntl.flock(held, fcntl.LOCK_EX)
+    with case_lock(prepare_out(out), "busy"):  # what a first run holds while it runs
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
         proc = subprocess.run([sys.executable, "-m", "parity.cli", "run", str(path), "--device", "cpu", "--out",
                                str(out), "--no-report"], capture_output=True, text=True, cwd=REPO,
                               env=dict(os.environ, PARITY_CACHE=str(seed_cache)), timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"parity: error: {out / 'busy'}: another parity run is writing this case now; wait for it or choose another --out"]
-    assert sorted(p.name for p in out.iterdir()) == [".busy.lock"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the second run wrote nothing
+    assert sorted(before) == [".busy.lock", ".parity-run"]
 
 
 def test_flipped_byte_in_the_seed_cache_is_rebuilt_and_the_run_matches_the_committed_baselines(tmp_path):

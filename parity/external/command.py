@@ -20,6 +20,7 @@ the setup's output directory, which the harness creates empty for every run.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import string
 import sys
@@ -37,6 +38,8 @@ PLACEHOLDERS = ("python", "seed_checkpoint", "output_dir", "world_size", "device
                 "global_batch", "seq_len", "lr", "warmup_steps", "max_norm", "weight_decay", "model", "dtype")
 # `weights` is a path inside the output directory: no placeholder that expands to a path elsewhere.
 WEIGHTS_PLACEHOLDERS = ("steps", "seed", "world_size")
+# Readers that need a package parity does not depend on.
+READER_PACKAGES = {"tensorboard": "tensorboard"}
 OUTPUT_DIR = "output"  # the command's own folder, inside the setup's record folder
 LOG_NAME = "command.log"  # its stdout and stderr
 
@@ -91,6 +94,20 @@ def setup_problems(body: dict, case_dir: Path) -> list[tuple[str, str]]:
         if problem is not None:
             problems.append(("weights", problem))
     return problems
+
+
+def missing(case) -> str | None:
+    """Why this machine cannot read a command setup's metrics (None if it can), found before anything runs
+    rather than after the training whose records it would read."""
+    for s in case.setups:
+        if s.trainer != "command":
+            continue
+        reader = s.external["metrics"]["reader"]
+        package = READER_PACKAGES.get(reader)
+        if package and importlib.util.find_spec(package) is None:
+            return (f"setups.{s.name}.metrics: the {reader} reader needs the {package} package, which is not "
+                    f"installed; install with: pip install {package}")
+    return None
 
 
 def normalize(body: dict, case_dir: Path) -> dict:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from parity.errors import InputError
 from parity.lifeline import ERROR_MARK, wrapped
 
 DEFAULT_TIMEOUT_S = 900.0
@@ -106,10 +107,18 @@ def first_error(log_dirs: list[Path]) -> str | None:
     return errors[0][1] + more
 
 
+def omp_threads() -> str:
+    """Intra-op threads per rank: PARITY_OMP_THREADS, checked (every rank would fail on a bad one), else 1."""
+    value = os.environ.get("PARITY_OMP_THREADS", "1")
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 1024:
+        raise InputError(f"environment variable PARITY_OMP_THREADS={value[:40]!r}: allowed: a whole number of "
+                         "threads per rank from 1 to 1024 (unset: 1)")
+    return str(int(value))
+
+
 def process_env(gpus: list[str] | None = None, extra: dict | None = None) -> dict:
     """The environment of every launch: one intra-op thread per rank unless PARITY_OMP_THREADS says otherwise."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("PARITY_OMP_THREADS", "1"), PYTHONUNBUFFERED="1",
-               **(extra or {}))
+    env = dict(os.environ, OMP_NUM_THREADS=omp_threads(), PYTHONUNBUFFERED="1", **(extra or {}))
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     return env
