@@ -42,7 +42,6 @@ from parity import files
 from parity.compare import compare_series, load_runs, not_compared, ulps_text
 from parity.fingerprint import determinism_summary, differing_fields, platform_key
 from parity.paths import check_platform, inside
-from parity.errors import one_line
 from parity.records import RecordError, atomic_write_text, csv_text, read_csv, read_setup_run, rows_of, setup_dir
 from parity.spec import Case, Setup
 
@@ -252,8 +251,9 @@ def check_case_baselines(case: Case, run_dir, root=None, update: str | None = No
             results.append(check_baseline(case, s, run_dir, root, platform, run.get("torch", "unknown"), update,
                                           runs[s.name], members))
         except OSError as e:  # a read-only or full disk under the baseline root: this setup fails, the rest go on
-            results.append(_result(s.name, baseline_path(root, case.name, s.name, platform), platform, "error",
-                                   "exact", False, f"{one_line(e)}; the baseline could not be written"))
+            path = baseline_path(root, case.name, s.name, platform)
+            results.append(_result(s.name, path, platform, "error", "exact", False,
+                                   f"{path}: cannot write it ({e.strerror or e})"))
     return results
 
 

@@ -57,7 +57,7 @@ def project_settings(start: Path) -> Settings:
     (pytest likewise skips a pyproject.toml without its own table); empty Settings if none does."""
     for folder in (start, *start.parents):
         path = folder / "pyproject.toml"
-        if not path.is_file():
+        if not path.exists():  # one that exists but is no regular file (a FIFO) is read, and refused, not skipped
             continue
         tool = _read_toml(path).get("tool", {})
         if isinstance(tool, dict) and "parity" in tool:

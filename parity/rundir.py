@@ -54,12 +54,13 @@ def ours(out: Path) -> set[str]:
     path = Path(out) / RUN_MARKER
     if not path.exists() and not path.is_symlink():
         return set()
-    if path.is_symlink() or not path.is_file():
-        raise InputError(f"{path}: not a regular file; allowed: the run marker parity writes (delete it, and "
-                         "the folder's other contents, to reuse the folder)")
+    if path.is_symlink():
+        raise InputError(f"{path}: a symbolic link; allowed: the run marker parity writes, a regular file")
     try:
         doc = json.loads(files.read_text(path, limit=1 << 20))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the run marker ({e.strerror})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise InputError(f"{path}: not a run marker ({e}); allowed: the JSON file parity writes") from None
     entries = doc.get("entries") if isinstance(doc, dict) and doc.get("kind") == MARKER_KIND else None
     if not isinstance(entries, list) or not all(isinstance(e, str) and _plain(e) for e in entries):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -59,6 +60,8 @@ def snapshot(top: Path) -> dict[str, tuple]:
                 state[rel] = ("link", os.readlink(p))
             elif p.is_dir():
                 state[rel] = ("dir",)
+            elif not stat.S_ISREG(st.st_mode):  # a FIFO: reading it would block
+                state[rel] = ("special", st.st_mode)
             else:
                 state[rel] = ("file", p.read_bytes(), st.st_mtime_ns)
     return state
@@ -209,6 +212,21 @@ def npy(array) -> callable:
 
 def mkdir(path: Path):
     path.mkdir(parents=True, exist_ok=True)
+
+
+def fifo(path: Path):
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+def symlink_to(target: str) -> callable:
+    def write(path: Path):
+        path.symlink_to(path.parent / target)
+    return write
+
+
+def marker(*entries: str) -> str:
+    return json.dumps({"kind": "parity run directory", "entries": list(entries)})
 
 
 # ----------------------------------------------------------------------------- the inputs
@@ -511,6 +529,54 @@ INPUTS += [
     Bad("calibrate-torchtitan-reference", ["calibrate", "{W}/cases/t.toml", "--out", "{W}/" + OUT],
         ("setups.tt1.trainer", "built-in reference"),
         {"cases/t.toml": case(train=TITAN_TRAIN, setups=[("tt1", TITAN), ("tt2", TITAN)])}),
+]
+
+
+def run_to(out: str, *args: str, baselines: str = "{W}/" + BL) -> list[str]:
+    return ["run", "{W}/cases/pair.toml", "--device", "cpu", "--out", out, "--baselines", baselines, *args]
+
+
+OTHER = "runs/other"  # an --out that exists and holds something
+INPUTS += [
+    # 10. trust boundaries: a run directory and a baseline root that overlap (a run replaces its case
+    # folders: it would delete the baselines it judges by), an --out holding other work, files that
+    # are not regular files (open() on a FIFO blocks forever), the environment
+    Bad("out-equals-baselines", run_to("{W}/" + BL, "--update-baselines=new"), ("--out", "--baselines", "same folder")),
+    Bad("out-inside-baselines", run_to("{W}/" + BL + "/runs"), ("--out", "--baselines", "inside the baseline root")),
+    Bad("baselines-inside-out", run_to("{W}/runs", baselines="{W}/runs/sub/bl"),
+        ("--out", "--baselines", "inside the run directory")),
+    Bad("out-is-a-link-to-baselines", run_to("{W}/bl/link"), ("--out", "same folder"),
+        {"bl/link": symlink_to("baselines")}),
+    Bad("tool-parity-out-equals-baselines", ["run", "{W}/cases/pair.toml", "--device", "cpu"],
+        ("[tool.parity] out", "[tool.parity] baselines", "same folder"),
+        {"pyproject.toml": '[tool.parity]\nout = "bl/baselines"\nbaselines = "bl/baselines"\n'}),
+    Bad("out-holds-a-users-report", run_to("{W}/" + OTHER), (OTHER, "'report.md'", "did not write"),
+        {OTHER + "/report.md": "my own notes\n"}),
+    Bad("out-holds-plan-and-html", run_to("{W}/" + OTHER), ("'plan.json'", "'report.html'"),
+        {OTHER + "/plan.json": "{}\n", OTHER + "/report.html": "<p>mine</p>\n"}),
+    Bad("out-marker-does-not-list-it", run_to("{W}/" + OTHER), ("'notes.txt'",),
+        {OTHER + "/.parity-run": marker("report.md"), OTHER + "/notes.txt": "x\n"}),
+    Bad("out-folder-without-case-mark", run_to("{W}/" + OTHER), ("'pair'", "did not write"),
+        {OTHER + "/pair/ref/metrics.csv": "step,loss\n"}),
+    Bad("out-marker-not-json", run_to("{W}/" + OTHER), (".parity-run", "run marker"), {OTHER + "/.parity-run": "junk"}),
+    Bad("out-marker-entry-escapes", run_to("{W}/" + OTHER), (".parity-run", "run marker"),
+        {OTHER + "/.parity-run": marker("../../SENTINEL")}),
+    Bad("out-marker-is-a-fifo", run_to("{W}/" + OTHER), (".parity-run", "FIFO"), {OTHER + "/.parity-run": fifo}),
+    Bad("case-file-is-a-fifo", run("{W}/cases/f.toml"), ("f.toml", "FIFO"), {"cases/f.toml": fifo}),
+    Bad("case-dir-holds-a-fifo", run("{W}/fdir"), ("a.toml", "FIFO"), {"fdir/a.toml": fifo}),
+    Bad("list-case-file-is-a-fifo", ["list", "{W}/cases/f.toml"], ("f.toml", "FIFO"), {"cases/f.toml": fifo}),
+    Bad("case-file-is-dev-zero", run("{W}/cases/z.toml"), ("z.toml", "character device"),
+        {"cases/z.toml": symlink_to("/dev/zero")}),
+    Bad("baseline-file-is-a-fifo", run(), ("ref.cpu.csv", "FIFO"), {f"{BL}/pair/ref.cpu.csv": fifo}),
+    Bad("token-file-is-a-fifo", run("{W}/cases/d.toml"), ("train.data", "tok.npy"),
+        {"cases/d.toml": case(train={"data": '"tok.npy"'}), "cases/tok.npy": fifo}),
+    Bad("pyproject-is-a-fifo", ["run", "{W}/cases/pair.toml", "--device", "cpu"], ("pyproject.toml", "FIFO"),
+        {"pyproject.toml": fifo}),
+    Bad("compare-run-json-is-a-fifo", compare(), ("run.json", "FIFO"), {f"{RUN}/pair/ref/run.json": fifo}),
+    Bad("env-omp-threads-not-a-number", run(), ("PARITY_OMP_THREADS", "'abc'", "1 to 1024"),
+        env={"PARITY_OMP_THREADS": "abc"}),
+    Bad("env-omp-threads-zero", run(), ("PARITY_OMP_THREADS", "'0'"), env={"PARITY_OMP_THREADS": "0"}),
+    Bad("env-omp-threads-huge", run(), ("PARITY_OMP_THREADS", "1 to 1024"), env={"PARITY_OMP_THREADS": "99999999"}),
 ]
 
 

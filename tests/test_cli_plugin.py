@@ -208,3 +208,30 @@ def test_a_cases_folder_with_no_cases_is_a_usage_error_not_zero_cases(tmp_path, 
     r = run([sys.executable, "-m", "pytest", "parity", "--collect-only", "-q", "-p", "no:cacheprovider",
              f"--parity-cases={tmp_path / folder}"], REPO)
     assert r.returncode == 4 and message in r.stderr, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("out, baselines, message", [
+    ("same", "same", "--parity-out {t}/same and --parity-baselines {t}/same are the same folder"),
+    ("bl/runs", "bl", "the run directory lies inside the baseline root"),
+    ("runs", "runs/bl", "the baseline root lies inside the run directory"),
+])
+def test_pytest_refuses_an_out_that_overlaps_the_baselines(tmp_path, out, baselines, message):
+    """A run replaces its case folders: a baseline root inside --parity-out would be deleted by the next session."""
+    (tmp_path / baselines).mkdir(parents=True)
+    (tmp_path / baselines / "keep.csv").write_text("a baseline\n")
+    r = run([sys.executable, "-m", "pytest", "parity", "-q", "-p", "no:cacheprovider", "-k", "replicate_vs_hsdp",
+             f"--parity-out={tmp_path / out}", f"--parity-baselines={tmp_path / baselines}",
+             "--parity-update-baselines=new"], REPO)
+    assert r.returncode == 4 and message.format(t=tmp_path) in r.stderr, r.stdout + r.stderr
+    assert (tmp_path / baselines / "keep.csv").read_text() == "a baseline\n"
+
+
+def test_pytest_refuses_an_out_holding_other_work_and_keeps_it(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("my notes\n")
+    r = run([sys.executable, "-m", "pytest", "parity", "-q", "-p", "no:cacheprovider", "-k", "replicate_vs_hsdp",
+             f"--parity-out={out}"], REPO)
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert f"--parity-out {out}: holds 'report.md', which parity did not write" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"] and (out / "report.md").read_text() == "my notes\n"

@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import struct
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -285,3 +286,22 @@ def test_train_small_log_decimals_prints_rounded_text(decimals, tmp_path):
     with pytest.raises(SystemExit):
         module.parse_args(["--seed-checkpoint", "x", "--out", "o", "--steps", "1", "--metrics", "jsonl",
                            "--log-decimals", "3"])
+
+
+DESCRIPTION = 'description = "a command setup against the built-in one"\n'
+
+
+def test_a_reader_whose_package_is_missing_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    """Found when the device is chosen, before any training, not when its records are read afterwards."""
+    from parity.errors import InputError
+    from parity.runner import resolve_device
+
+    case = load_case(write_case(tmp_path, "tb", DESCRIPTION + TRAIN + REFERENCE + command_setup(
+        "cmd", "tensorboard", '{ reader = "tensorboard", path = "tb" }')))
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as the import system sees an absent package
+    with pytest.raises(InputError, match=r"setups.cmd.metrics: the tensorboard reader needs the tensorboard "
+                                         r"package, which is not installed; install with: pip install tensorboard"):
+        resolve_device("cpu", case)
+    jsonl = load_case(write_case(tmp_path, "jl", DESCRIPTION + TRAIN + REFERENCE + command_setup(
+        "cmd", "jsonl", '{ reader = "jsonl", path = "metrics.jsonl" }')))
+    assert resolve_device("cpu", jsonl) == "cpu"  # a reader of parity's own needs nothing more

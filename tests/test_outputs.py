@@ -12,7 +12,8 @@ import pytest
 from parity import records
 from parity.errors import InputError
 from parity.paths import CASE_MARKER, inside, name_problem
-from parity.rundir import case_lock, fresh_case_dir, prepare_out
+from parity.rundir import (case_lock, check_apart, check_out, claim, clear_earlier_outputs, foreign_entries,
+                           fresh_case_dir, ours, prepare_out, work_dir)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -127,3 +128,141 @@ def test_flipped_byte_in_the_seed_cache_is_rebuilt_and_the_run_matches_the_commi
     assert run["seed_checkpoint_sha256"] == built.sha256
     verdict = records.read_json(out / "replicate_vs_hsdp" / "verdict.json")
     assert verdict["passed"] and {b["status"] for b in verdict["baselines"]} == {"match"}
+
+
+def test_a_run_directory_knows_what_parity_wrote_there(tmp_path):
+    """parity recognises its own earlier outputs by the run marker, not by their names."""
+    out = prepare_out(tmp_path / "out")
+    assert foreign_entries(out) == []
+    for name in ("report.md", "plan-gw0.json"):
+        claim(out, name).write_text("ours\n")
+    fresh_case_dir(out, "demo")
+    with case_lock(out, "demo"):
+        pass
+    with work_dir(out, ".launch-") as work:
+        assert work.name in ours(out)
+    assert not work.exists() and work.name not in ours(out)
+    assert check_out(out) == out  # an earlier run's outputs: the next run may go ahead
+
+    (out / "notes.txt").write_text("mine\n")
+    (out / "stranger").mkdir()
+    with pytest.raises(InputError, match=r"holds 'notes.txt', 'stranger', which parity did not write"):
+        check_out(out)
+    with pytest.raises(InputError, match="exists and parity did not write it"):
+        claim(out, "notes.txt")  # never overwritten
+    assert (out / "notes.txt").read_text() == "mine\n"
+
+
+def test_clearing_an_earlier_session_deletes_only_what_parity_wrote(tmp_path):
+    out = prepare_out(tmp_path / "out")
+    claim(out, "report.md").write_text("old report\n")
+    claim(out, "plan-gw1.json").write_text("{}\n")
+    with case_lock(out, "demo"):
+        pass
+    fresh_case_dir(out, "demo")
+    (out / "theirs").mkdir()
+    (out / "theirs" / "thesis.tex").write_text("keep me")
+    clear_earlier_outputs(out)
+    assert sorted(p.name for p in out.iterdir()) == [".demo.lock", ".parity-run", "theirs"]
+    assert (out / "theirs" / "thesis.tex").read_text() == "keep me"
+    assert ours(out) == {".demo.lock"}
+
+
+@pytest.mark.parametrize("out, baselines, message", [
+    ("a", "a", "are the same folder"),
+    ("a/b", "a", "the run directory lies inside the baseline root"),
+    ("a", "a/b", "the baseline root lies inside the run directory"),
+    ("link", "a", "are the same folder"),
+])
+def test_out_and_baselines_may_not_overlap(tmp_path, out, baselines, message):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    with pytest.raises(InputError, match=message):
+        check_apart(tmp_path / out, tmp_path / baselines)
+    check_apart(tmp_path / "a", tmp_path / "ab")  # a shared prefix is no overlap
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A folder on a 1 MiB tmpfs filled to the last byte: writable when checked, full when written."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("mount -t tmpfs is not allowed here")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def _fill(folder: Path) -> None:
+    with open(folder / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    for i in range(10000):  # then the inodes and the last partial blocks
+        try:
+            (folder / f"f{i}").write_bytes(b"\0")
+        except OSError:
+            break
+
+
+def test_a_full_disk_under_the_baselines_fails_that_case_in_its_verdict_and_the_suite_goes_on(
+        tmp_path, write_case, seed_cache, full_disk):
+    """Once training has begun, a baseline that cannot be written fails its setup with one line in the verdict
+    and the report; the other case of the suite is still judged and reported; exit 1, no traceback."""
+    body = ('description = "x"\n[train]\nmodel = "tiny"\nsteps = 2\nglobal_batch = 2\nseq_len = 8\n'
+            '[setups.a]\ndp_api = "none"\n[setups.b]\ndp_api = "none"\n')
+    kept, written = write_case(body, "kept"), write_case(body.replace("steps = 2", "steps = 3"), "written")
+    env = dict(os.environ, PARITY_CACHE=str(seed_cache))
+
+    def parity_run(out, *extra):
+        return subprocess.run([sys.executable, "-m", "parity.cli", "run", str(kept), str(written), "--device", "cpu",
+                               "--out", str(out), "--baselines", str(full_disk), *extra],
+                              capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+    first = subprocess.run([sys.executable, "-m", "parity.cli", "run", str(kept), "--device", "cpu", "--out",
+                            str(tmp_path / "first"), "--baselines", str(full_disk), "--update-baselines=new",
+                            "--no-report"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    _fill(full_disk)
+    proc = parity_run(tmp_path / "out", "--update-baselines=new")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    verdicts = {name: records.read_json(tmp_path / "out" / name / "verdict.json") for name in ("kept", "written")}
+    assert verdicts["kept"]["passed"], verdicts["kept"]["problems"]
+    assert not verdicts["written"]["passed"]
+    for setup in ("a", "b"):
+        line = f"{full_disk}/written/{setup}.cpu.csv: cannot write it (No space left on device)"
+        assert f"baseline {setup}: {line}" in verdicts["written"]["problems"], verdicts["written"]["problems"]
+        assert f"baseline {setup} [cpu, exact]: error FAIL: {line}" in proc.stdout
+    report_md = (tmp_path / "out" / "report.md").read_text()
+    assert "b.cpu.csv: cannot write it (No space left on device)" in report_md and "| kept |" in report_md
+
+
+def test_a_record_that_cannot_be_read_after_the_run_fails_the_case_in_its_verdict(tmp_path):
+    """`parity compare` refuses a malformed run directory (exit 2); for a case this process has just run,
+    the same problem is a failed case with one line in its verdict, and the suite goes on."""
+    from test_report import _metrics, make_case
+
+    from parity.runner import judge, judge_run
+    from parity.spec import Case, Expect, Setup, Tolerance, Train
+
+    out = tmp_path / "run"
+    make_case(out, "damaged", {"a": _metrics(), "b": _metrics()}, verdict=False)
+    (out / "damaged" / "b" / "metrics.csv").write_text("step,loss\n1,not-a-number\n")
+    tol = {m: Tolerance(0.0, 0.0) for m in ("loss", "grad_norm", "weights")}
+    case = Case(name="damaged", path=Path("cases/damaged.toml"), description="d", sha256="cd" * 32,
+                setups=(Setup(name="a", train=Train()), Setup(name="b", train=Train())),
+                expect=Expect(mode="bitwise", tolerance=tol, tolerance_source={m: "case" for m in tol}))
+    with pytest.raises(InputError, match="metrics.csv"):
+        judge(case, out, tmp_path / "baselines", None)
+    verdict = judge_run(case, out, tmp_path / "baselines", None)
+    assert not verdict["passed"] and len(verdict["problems"]) == 1
+    assert verdict["problems"][0].startswith(f"not judged: {out / 'damaged' / 'b' / 'metrics.csv'}")
+    written = records.read_json(out / "damaged" / "verdict.json")  # the report reads it like any verdict
+    assert written["passed"] is False and written["problems"] == verdict["problems"]

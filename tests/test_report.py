@@ -328,3 +328,71 @@ def test_compare_and_report_import_no_torch(tmp_path):
                               timeout=300)
         assert done.returncode == rc, done.stderr[-2000:]
         assert done.stdout.splitlines()[-1] == "False", argv
+
+
+HOSTILE = {
+    "tag": "<img src=x onerror=alert(1)>",
+    "link": "[click](http://evil.example)",
+    "heading": "fine\n# Owned heading",
+    "leading": "# Owned from the start",
+    "cell": "a | b | c",
+    "fence": "```\n[pasted](http://evil.example)\n```",
+}
+
+
+def _plant_hostile_strings(run_dir: Path) -> None:
+    """A run directory is input: what a copied or hand-made one says goes into Markdown and HTML."""
+    path = run_dir / "tol_tp" / "verdict.json"
+    v = records.read_json(path)
+    v["problems"] = [HOSTILE["tag"], HOSTILE["link"], HOSTILE["heading"], HOSTILE["leading"]]
+    v["mode"] = HOSTILE["cell"]
+    v["pairs"][1]["problems"] = [HOSTILE["cell"] + HOSTILE["tag"]]
+    v["pairs"][1]["diverged"]["metric"] = HOSTILE["link"]
+    records.write_json(path, v)
+    run = records.read_json(run_dir / "tol_tp" / "tp" / "run.json")
+    run.update(command=["parity", "run", HOSTILE["fence"]], torch="`2.11` " + HOSTILE["link"])
+    records.write_json(run_dir / "tol_tp" / "tp" / "run.json", run)
+    evil = run_dir / "evil](http:x)"  # a folder no case could be named: not read as a case at all
+    shutil.copytree(run_dir / "tol_tp", evil)
+
+
+def _fences(text: str) -> list[tuple[str, list[str]]]:
+    """Each fenced block as (its fence, its lines), parsed as CommonMark does: closed by a run of at least as many backticks."""
+    blocks, lines, i = [], text.split("\n"), 0
+    while i < len(lines):
+        m = re.match(r"^(`{3,})", lines[i])
+        if not m:
+            i += 1
+            continue
+        fence, body = m.group(1), []
+        i += 1
+        while i < len(lines) and not re.match(rf"^`{{{len(fence)},}}\s*$", lines[i]):
+            body.append(lines[i])
+            i += 1
+        blocks.append((fence, body))
+        i += 1
+    return blocks
+
+
+def test_strings_from_a_run_directory_cannot_inject_markdown_or_html(run_dir):
+    from parity import evidence
+
+    _plant_hostile_strings(run_dir)
+    md_path, html_path = report.write_report(run_dir)
+    for text in (md_path.read_text(), evidence.evidence(run_dir)):
+        assert "evil" not in text.replace("evil.example", "")  # the odd folder is no case
+        outside = text  # what Markdown renders as markup: the text less its code blocks and code spans
+        for _, body in _fences(text):
+            outside = outside.replace("\n".join(body), "")
+        outside = re.sub(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)", "", outside)
+        assert "<img" not in outside
+        assert "](http://evil.example)" not in outside.replace("\\](http://evil.example)", "")
+        assert not any(line.lstrip("- ").startswith("#") and "Owned" in line for line in text.split("\n"))
+        assert "a \\| b \\| c" in text and "| a | b |" not in text
+        # The reproduce command holds a fence of its own: the block around it is longer, so it stays code.
+        blocks = [(f, b) for f, b in _fences(text) if any("evil.example" in line for line in b)]
+        assert blocks and all(len(f) > 3 for f, _ in blocks), blocks
+    assert "&lt;img src=x onerror=alert(1)&gt;" in md_path.read_text()  # the problem is shown, as text
+    page = html_path.read_text()
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "evil](" not in page
