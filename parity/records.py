@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from itertools import repeat
@@ -50,6 +51,15 @@ RUN_STATUSES = ("ok", "failed", "timeout", "interrupted")
 
 class RecordError(InputError):
     """A record file that cannot be read; the message names the file and the line."""
+
+
+def being_written(name: str) -> str | None:
+    """The file name whose atomic write (atomic_open's temporary file) `name` is, or None."""
+    found = _TEMPORARY.fullmatch(name)
+    return found.group(1) if found else None
+
+
+_TEMPORARY = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")  # tempfile.mkstemp's 8 random characters
 
 
 @contextmanager

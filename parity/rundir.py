@@ -74,7 +74,9 @@ def foreign_entries(out: Path) -> list[str]:
     if not out.is_dir():
         return []
     listed = ours(out) | {RUN_MARKER}
-    return sorted(e.name for e in out.iterdir() if e.name not in listed and not _marked_case_dir(e))
+    # An atomic write of a listed file (another process's, now; or one a killed run left) is ours too.
+    return sorted(e.name for e in out.iterdir()
+                  if e.name not in listed and records.being_written(e.name) not in listed and not _marked_case_dir(e))
 
 
 def _marked_case_dir(entry: Path) -> bool:
@@ -88,7 +90,10 @@ def _plain(name: str) -> bool:
 def check_out(out: Path, flag: str = "--out") -> Path:
     """Whether `out` can become a run directory, judged without writing anything."""
     out = check_writable_dir(out, flag)
-    foreign = foreign_entries(out)
+    if not out.is_dir():
+        return out
+    with _locked(out):  # pytest-xdist workers make and replace case folders in it now
+        foreign = foreign_entries(out)
     if foreign:
         shown = ", ".join(repr(n) for n in foreign[:SHOWN]) + (f" and {len(foreign) - SHOWN} more"
                                                                 if len(foreign) > SHOWN else "")
@@ -189,11 +194,12 @@ def case_lock(out: Path, case_name: str):
 def fresh_case_dir(out: Path, case_name: str) -> Path:
     """An empty <out>/<case>/, marked as ours. An older folder is deleted only if it carries our mark."""
     case_dir = inside(out, case_name)
-    if case_dir.is_symlink() or (case_dir.exists() and not (case_dir / CASE_MARKER).is_file()):
-        raise InputError(f"{case_dir}: exists and was not made by parity; refusing to delete it; "
-                         "allowed: move it away or choose another --out")
-    if case_dir.exists():
-        shutil.rmtree(case_dir)  # stale files from an older run must never be compared
-    case_dir.mkdir()
-    (case_dir / CASE_MARKER).write_text(case_name + "\n")
+    with _locked(out):  # so that no other process sees it unmarked, half made or half deleted
+        if case_dir.is_symlink() or (case_dir.exists() and not (case_dir / CASE_MARKER).is_file()):
+            raise InputError(f"{case_dir}: exists and was not made by parity; refusing to delete it; "
+                             "allowed: move it away or choose another --out")
+        if case_dir.exists():
+            shutil.rmtree(case_dir)  # stale files from an older run must never be compared
+        case_dir.mkdir()
+        (case_dir / CASE_MARKER).write_text(case_name + "\n")
     return case_dir

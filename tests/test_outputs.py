@@ -266,3 +266,38 @@ def test_a_record_that_cannot_be_read_after_the_run_fails_the_case_in_its_verdic
     assert verdict["problems"][0].startswith(f"not judged: {out / 'damaged' / 'b' / 'metrics.csv'}")
     written = records.read_json(out / "damaged" / "verdict.json")  # the report reads it like any verdict
     assert written["passed"] is False and written["problems"] == verdict["problems"]
+
+
+def test_a_baseline_damaged_while_the_case_trained_fails_the_case_in_its_verdict(tmp_path):
+    """Baselines are checked before anything runs; one that changes during the run is found when judging."""
+    from test_report import _metrics, make_case
+
+    from parity.runner import judge_run
+    from parity.spec import Case, Expect, Setup, Tolerance, Train
+
+    out, root = tmp_path / "run", tmp_path / "baselines"
+    make_case(out, "pair", {"a": _metrics(), "b": _metrics()}, verdict=False)
+    tol = {m: Tolerance(0.0, 0.0) for m in ("loss", "grad_norm", "weights")}
+    case = Case(name="pair", path=Path("cases/pair.toml"), description="d", sha256="cd" * 32,
+                setups=(Setup(name="a", train=Train()), Setup(name="b", train=Train())),
+                expect=Expect(mode="bitwise", tolerance=tol, tolerance_source={m: "case" for m in tol}))
+    assert judge_run(case, out, root, "new")["passed"]  # writes both baselines
+    damaged = root / "pair" / "b.cpu-gloo.csv"
+    damaged.write_bytes(b"\x00\xff not a csv")
+    verdict = judge_run(case, out, root, None)
+    assert not verdict["passed"]
+    assert verdict["problems"] == [f"not judged: {damaged}: not a text file (binary content); expected CSV; fix or "
+                                   f"recreate it with `parity run cases/pair.toml --update-baselines=failing` (or "
+                                   "`pytest --pyargs 'parity.test_parity::test_case[pair]' "
+                                   "--parity-update-baselines=failing`)"], verdict["problems"]
+
+
+def test_an_atomic_write_in_progress_is_parity_s_own(tmp_path):
+    """Another process's atomic write of a listed file (or one a killed run left) is not someone else's work."""
+    out = prepare_out(tmp_path / "out")
+    claim(out, "plan-gw1.json")
+    (out / ".plan-gw1.json.k2x_9abc.tmp").write_text("{")
+    (out / "..parity-run.zcdgiz7t.tmp").write_text("{")
+    assert foreign_entries(out) == []
+    (out / ".notes.txt.k2x_9abc.tmp").write_text("x")  # the temporary file of a name parity never wrote
+    assert foreign_entries(out) == [".notes.txt.k2x_9abc.tmp"]
