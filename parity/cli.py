@@ -98,11 +98,10 @@ def run_argv(args) -> list[str]:
 
 def cmd_run(args) -> int:
     from parity.launch.nodes import check_splits, digest, parse_nodes
-    from parity.runner import resolve_device, visible_gpus
-
     from parity.launch.process import omp_threads
     from parity.paths import check_writable_dir
     from parity.rundir import check_apart
+    from parity.runner import resolve_device, visible_gpus
 
     omp_threads()  # the environment, checked before anything runs
     check_apart(Path(args.out), Path(args.baselines), _source(args, "out"), _source(args, "baselines"))

@@ -212,9 +212,9 @@ def pytest_sessionstart(session):
     try:
         omp_threads()  # the environment, checked before anything runs
         check_apart(out, baselines, setting_source(config, "out"), setting_source(config, "baselines"))
-        check_out(out, setting_source(config, "out"))
+        check_out(out, setting_source(config, "out"))  # a folder holding other work is refused before anything is written
         if config.getoption("parity_update_baselines"):  # found now, not after the training it would have stored
-            check_writable_dir(baselines, setting_source(config, "baselines"))  # a folder holding other work is refused before anything is written
+            check_writable_dir(baselines, setting_source(config, "baselines"))
         clear_earlier_outputs(out)  # only what an earlier parity session wrote there
     except InputError as e:
         raise pytest.UsageError(f"parity: {e}") from None

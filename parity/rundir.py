@@ -107,9 +107,7 @@ def prepare_out(out: Path, flag: str = "--out") -> Path:
     out = check_out(out, flag)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-        with _locked(out):
+        with _locked(out):  # writing the marker is the proof that the folder is writable
             _write_marker(out, ours(out))
     except OSError as e:
         raise InputError(f"{flag} {out}: cannot write there ({e.strerror}); allowed: a writable directory") from None

@@ -1,7 +1,8 @@
 """Run a suite of cases: seed checkpoints, then the launches parity.plan chose, then provenance for failures.
 
-This is the glue the CLI and the pytest plugin share; it returns how each setup's run ended and
-leaves verdicts to parity.compare.
+This is the glue the CLI and the pytest plugin share: it returns how each setup's run ended, and
+judge()/judge_run() turn a case's records into its verdict (parity.compare, parity.baselines) and
+write verdict.json and, as the update mode allows, baselines.
 """
 
 from __future__ import annotations
