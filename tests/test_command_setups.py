@@ -206,6 +206,10 @@ sys.exit(3)
 """
 SILENT = """print("trained, but forgot to write metrics", flush=True)
 """
+# A long number that the regex setup's pattern below backtracks on for seconds (years at 40 digits).
+BACKTRACK = """print("step 1 loss " + "1" * 26, flush=True)
+"""
+BACKTRACKING = r"step (?P<step>\d+) loss (?P<loss>(\d|\d)+)x grad_norm (?P<grad_norm>\S+)"
 # Writes its pid and a grandchild's (in a session of its own, as torchrun's workers are), then hangs.
 HANG = """import os, subprocess, sys, time
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
@@ -219,15 +223,16 @@ time.sleep(120)
 def test_failing_silent_and_hanging_commands_are_reported(tmp_path, seed_cache):
     cases = tmp_path / "cases"
     cases.mkdir()
-    for name, text in (("good", GOOD), ("crash", CRASH), ("silent", SILENT), ("hang", HANG)):
+    for name, text in (("good", GOOD), ("crash", CRASH), ("silent", SILENT), ("hang", HANG), ("backtrack", BACKTRACK)):
         (cases / f"{name}.py").write_text(text)
 
-    def setup(name: str) -> str:
+    def setup(name: str, metrics: str = '{ reader = "jsonl" }') -> str:
         return (f'\n[setups.{name}]\ntrainer = "command"\nworld_size = 1\n'
-                f'argv = ["{{python}}", "{name}.py", "{{output_dir}}", "{{steps}}"]\nmetrics = {{ reader = "jsonl" }}\n')
+                f'argv = ["{{python}}", "{name}.py", "{{output_dir}}", "{{steps}}"]\nmetrics = {metrics}\n')
 
     body = f'description = "commands that crash, write nothing or hang"\n{TRAIN}' + "".join(
-        setup(n) for n in ("good", "crash", "silent", "hang"))
+        setup(n) for n in ("good", "crash", "silent", "hang")) + setup(
+        "backtrack", f"{{ reader = \"regex\", pattern = '{BACKTRACKING}' }}")
     case = load_case(write_case(cases, "broken", body))
     out = tmp_path / "out"
     pids: list[int] = []
@@ -239,12 +244,12 @@ def test_failing_silent_and_hanging_commands_are_reported(tmp_path, seed_cache):
         assert pid_file.is_file(), "the hanging command never started"
         pids = [int(p) for p in pid_file.read_text().split()]
         assert {n: r.status for n, r in results.items()} == {"good": "ok", "crash": "failed", "silent": "failed",
-                                                             "hang": "timeout"}, results
+                                                             "hang": "timeout", "backtrack": "failed"}, results
         assert took < 60, took
         # Nothing left behind: the command and its grandchild in another session are gone.
         assert [p for p in pids if alive(p)] == []
 
-        runs = {n: records.read_json(out / "broken" / n / "run.json") for n in ("crash", "silent", "hang")}
+        runs = {n: records.read_json(out / "broken" / n / "run.json") for n in ("crash", "silent", "hang", "backtrack")}
         assert runs["crash"]["status"] == "failed" and "exited with code 3" in runs["crash"]["message"]
         assert "out of memory (pretend)" in runs["crash"]["message"]  # the log tail comes with it
         assert runs["silent"]["status"] == "failed"
@@ -252,11 +257,16 @@ def test_failing_silent_and_hanging_commands_are_reported(tmp_path, seed_cache):
         assert "no such file" in runs["silent"]["message"]
         assert runs["hang"]["status"] == "timeout" and "timed out after 5 s" in runs["hang"]["message"]
         assert (out / "broken" / "crash" / "command.log").read_text().startswith("train.py: CUDA out of memory")
+        # A pattern that backtracks catastrophically on the log fails its setup, on its line, within a second.
+        assert runs["backtrack"]["message"] == (
+            f"the command exited 0 but its records cannot be read: {out / 'broken' / 'backtrack' / 'command.log'}:1: "
+            f"the regex reader's pattern {BACKTRACKING!r} took more than 1 s on one line (catastrophic backtracking?); "
+            "allowed: a pattern that matches in linear time, e.g. (?P<loss>\\S+)")
 
         verdict = between_setups(case, out, tmp_path)
         assert not verdict["passed"]
         problems = [x for x in verdict["problems"] if not x.startswith("baseline ")]
-        for name, status in (("crash", "failed"), ("silent", "failed"), ("hang", "timeout")):
+        for name, status in (("crash", "failed"), ("silent", "failed"), ("hang", "timeout"), ("backtrack", "failed")):
             assert not pair(verdict, name)["passed"]
             assert any(line.startswith(f"good vs {name}: {name}: run status is '{status}'") for line in problems), \
                 (name, problems)
