@@ -48,7 +48,8 @@ def _check(mode: int, path: Path) -> None:
 def read_tail(path: Path, max_bytes: int) -> str:
     """The last max_bytes of a regular file as text, '...' in front where it was cut; OSError if unreadable."""
     with open_regular(path) as f:
-        start = max(0, os.fstat(f.fileno()).st_size - max_bytes)
+        size = os.fstat(f.fileno()).st_size
+        start = max(0, size - max_bytes)
         f.seek(start)
-        text = f.read(max_bytes).decode("utf-8", "replace")
+        text = f.read(size - start).decode("utf-8", "replace")
     return "..." + text if start else text

@@ -9,6 +9,7 @@ launcher leaves ranks behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,10 +17,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from parity.files import read_tail
 from parity.lifeline import ERROR_MARK, wrapped
 
 DEFAULT_TIMEOUT_S = 900.0
 LOG_TAIL_LINES = 15
+# A log goes into a failure message by its end only, never read whole: a runaway log of many GB
+# would otherwise fill memory, and a message with progress bars in it would be megabytes long.
+LOG_TAIL_BYTES = 16 << 10
+# A failing rank's ERROR_MARK line is the last it prints (parity.train), so its log's end holds it.
+ERROR_SCAN_BYTES = 1 << 20
 
 
 @dataclass
@@ -81,13 +88,9 @@ def kill_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     proc.wait()
 
 
-def log_tails(log_dirs: list[Path], lines: int = LOG_TAIL_LINES) -> str:
-    parts = []
-    for d in log_dirs:
-        for log in sorted(d.glob("rank*.log"), key=lambda p: int(p.stem[4:])):
-            tail = log.read_text(errors="replace").splitlines()[-lines:]
-            parts.append(f"--- {log} (last {len(tail)} lines) ---\n" + "\n".join(tail))
-    return "\n".join(parts)
+def log_tails(log_dirs: list[Path]) -> str:
+    logs = [log for d in log_dirs for log in sorted(d.glob("rank*.log"), key=lambda p: int(p.stem[4:]))]
+    return "\n".join(_tail(log) for log in logs)
 
 
 def first_error(log_dirs: list[Path]) -> str | None:
@@ -95,10 +98,15 @@ def first_error(log_dirs: list[Path]) -> str | None:
     errors = []
     for d in log_dirs:
         for log in d.glob("rank*.log"):
-            for line in log.read_text(errors="replace").splitlines():
+            try:
+                lines = read_tail(log, ERROR_SCAN_BYTES).splitlines()
+            except OSError:
+                continue  # its tail says why, if it is shown
+            for line in lines:
                 if line.startswith(ERROR_MARK):
                     stamp, _, text = line[len(ERROR_MARK):].strip().partition(" ")
-                    errors.append((float(stamp), text))
+                    if _is_number(stamp):  # a line that only looks like ours must not crash the launcher
+                        errors.append((float(stamp), text))
     if not errors:
         return None
     errors.sort()
@@ -191,6 +199,17 @@ def _setup_of(record: dict) -> tuple:
     return record.get("case"), record.get("setup")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 def _tail(log_path: Path) -> str:
-    lines = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+    """The last LOG_TAIL_LINES lines of a log, from at most its last LOG_TAIL_BYTES, under a header naming it."""
+    try:
+        lines = read_tail(log_path, LOG_TAIL_BYTES).splitlines()[-LOG_TAIL_LINES:]
+    except OSError as e:
+        return f"--- {log_path} (cannot read: {e.strerror or e}) ---"
     return f"--- {log_path} (last {len(lines)} lines) ---\n" + "\n".join(lines)
