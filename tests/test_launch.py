@@ -165,7 +165,35 @@ def test_lifeline_wrapper_refuses_to_start_a_program_once_its_launcher_is_gone(t
     assert not (tmp_path / "started").exists()
     ran = subprocess.run([sys.executable, "-c", "import subprocess, sys; from parity.lifeline import wrapped; "
                           "sys.exit(subprocess.run(wrapped(['sh', '-c', 'exit 7'])).returncode)"])
-    assert ran.returncode == 7  # with its real parent, the wrapper becomes the program (exec), exit code and all
+    assert ran.returncode == 7  # with its real parent, the wrapper runs the program and exits with its code
+
+
+def test_the_supervisor_ends_as_its_program_did_and_passes_signals_on():
+    """Killed by a signal: the supervisor dies of the same one. A program it cannot start: 127 and one line.
+    SIGTERM to the supervisor reaches the program, which may take its time to stop."""
+    import signal
+    import subprocess
+    import time
+
+    from parity.lifeline import wrapped
+
+    assert subprocess.run(wrapped(["sh", "-c", "kill -TERM $$"])).returncode == -signal.SIGTERM
+    missing = subprocess.run(wrapped(["no-such-program-here"]), capture_output=True, text=True)
+    assert missing.returncode == 127
+    assert missing.stderr == "parity.lifeline: cannot start no-such-program-here: No such file or directory\n"
+    proc = subprocess.Popen(wrapped(["sh", "-c", "trap 'exit 42' TERM; while :; do sleep 0.1; done"]))
+    try:
+        deadline = time.monotonic() + 10
+        while not descendants(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the supervisor sets its handlers just after the fork
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 42
+    finally:
+        if proc.poll() is None:
+            from parity.launch.process import kill_tree
+
+            kill_tree(proc, grace_s=1)
 
 
 LANES_CASE = """

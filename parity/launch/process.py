@@ -1,9 +1,11 @@
 """Run one launched process (torchrun, or a setup's own command) with a per-setup timeout and clean teardown.
 
 torchrun starts its workers in new sessions, so killing torchrun's process group does not reach
-them; on a timeout we walk /proc for every descendant and signal each one. torchrun and every rank
-also die with their parent (PR_SET_PDEATHSIG, see parity.lifeline), so not even a SIGKILLed
-launcher leaves ranks behind.
+them; on a timeout we walk /proc for every descendant and signal each one. Every launched program
+runs under parity.lifeline's supervisor, a subreaper that, when the program exits however it
+exits, ends every process the program left behind (a background child, a daemon that forked
+twice). torchrun and every rank also die with their parent (PR_SET_PDEATHSIG), so not even a
+SIGKILLed launcher leaves ranks behind.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from parity.files import read_tail
-from parity.lifeline import ERROR_MARK, wrapped
+from parity.lifeline import ERROR_MARK, end_processes, wrapped
+from parity.lifeline import alive, descendants  # noqa: F401 - the process table, for this module's callers
 
 DEFAULT_TIMEOUT_S = 900.0
 LOG_TAIL_LINES = 15
@@ -38,53 +40,9 @@ class LaunchResult:
     progress: dict | None = None  # the last progress record the launch wrote: which setup it was on
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) from /proc/PID/stat, or None once the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces and ')'
-        return fields[0], int(fields[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def alive(pid: int) -> bool:
-    stat = _stat(pid)
-    return stat is not None and stat[0] != "Z"  # a zombie has exited; only its parent's reap is due
-
-
-def descendants(pid: int) -> list[int]:
-    """All live descendants of pid, found through /proc (they may sit in other sessions)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := _stat(int(entry))) is not None:
-            children.setdefault(stat[1], []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def kill_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """SIGTERM torchrun and all its workers, give them grace_s to exit, then SIGKILL the rest."""
-    pids = descendants(proc.pid) + [proc.pid]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            proc.poll()  # reap torchrun so it does not count as alive
-            if not any(alive(p) for p in pids):
-                break
-            time.sleep(0.1)
-        else:
-            continue
-        break
+    """SIGTERM the launched process (its supervisor) and all its descendants, SIGKILL what is left after grace_s."""
+    end_processes(proc.pid, grace_s, include_root=True, reap=proc.poll)  # poll: reap it so it does not count as alive
     proc.wait()
 
 
