@@ -188,7 +188,8 @@ def _exit_as(status: int) -> None:
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        signal.signal(-code, signal.SIG_DFL)
+        if -code != signal.SIGKILL:  # the one signal that has no handler to reset (and needs none)
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
         code = 128 - code  # only if the signal did not end us
     sys.exit(code)

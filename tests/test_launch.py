@@ -177,7 +177,8 @@ def test_the_supervisor_ends_as_its_program_did_and_passes_signals_on():
 
     from parity.lifeline import wrapped
 
-    assert subprocess.run(wrapped(["sh", "-c", "kill -TERM $$"])).returncode == -signal.SIGTERM
+    for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGSEGV):
+        assert subprocess.run(wrapped(["sh", "-c", f"kill -{sig.name[3:]} $$"])).returncode == -sig
     missing = subprocess.run(wrapped(["no-such-program-here"]), capture_output=True, text=True)
     assert missing.returncode == 127
     assert missing.stderr == "parity.lifeline: cannot start no-such-program-here: No such file or directory\n"
