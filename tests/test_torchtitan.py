@@ -216,6 +216,26 @@ def test_seed_key_of_a_source_tree_that_is_not_a_git_repository(tmp_path):
 
 
 @needs_titan
+def test_an_edit_to_a_source_tree_without_ref_builds_a_fresh_seed(tmp_path, source_tree):
+    """torchtitan itself, twice: the seed of an edited tree comes from the cache until the edit changes
+    (both edits were "<HEAD>-dirty" to the old key)."""
+    case = _case(tmp_path, LIVE_CASE.format(tree=source_tree), "live")
+    cache = tmp_path / "cache"
+    model = source_tree / "torchtitan" / "models" / "llama3" / "__init__.py"
+    text = model.read_text()
+    try:
+        model.write_text(text + "# one uncommitted edit\n")
+        first = torchtitan.seed_checkpoint(case, "cpu", cache, timeout_s=600)
+        assert torchtitan.seed_checkpoint(case, "cpu", cache, timeout_s=600) == first
+        model.write_text(text + "# another uncommitted edit\n")
+        edited = torchtitan.seed_checkpoint(case, "cpu", cache, timeout_s=600)
+    finally:
+        model.write_text(text)  # the module's other tests read this tree
+    assert len(list((cache / "keys").iterdir())) == 2  # built again, under its own key
+    assert edited.sha256 == first.sha256  # a comment changes no weight, and the build is deterministic
+
+
+@needs_titan
 def test_two_refs_of_a_source_tree(tmp_path, source_tree):
     """loss_compare's workflow as a case: a comment-only commit matches main bitwise; a RoPE change is
     caught at step 1 on the loss; doubled gradients at step 1 on the grad norm, by exactly x2."""
