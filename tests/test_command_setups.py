@@ -207,8 +207,27 @@ sys.exit(3)
 """
 SILENT = """print("trained, but forgot to write metrics", flush=True)
 """
-# Writes its pid and a grandchild's (in a session of its own, as torchrun's workers are), then hangs.
-HANG = """import os, subprocess, sys, time
+# A long number that the regex setup's pattern below backtracks on for seconds (years at 40 digits).
+BACKTRACK = """print("step 1 loss " + "1" * 26, flush=True)
+"""
+BACKTRACKING = r"step (?P<step>\d+) loss (?P<loss>(\d|\d)+)x grad_norm (?P<grad_norm>\S+)"
+# A daemon: forks twice and leaves its session, so once the script exits it is neither the script's
+# descendant nor in its process group. Its pid goes to leftover.pid; its argv names the output folder.
+DAEMONIZE = """import os, sys
+if os.fork() == 0:
+    os.setsid()
+    pid = os.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(600)", sys.argv[1] + "/daemon"])
+    with open(os.path.join(sys.argv[1], "leftover.pid"), "w") as f:
+        f.write(str(pid))
+    os._exit(0)
+os.wait()
+"""
+DAEMON = DAEMONIZE + GOOD
+# Writes its pid and a grandchild's (in a session of its own, as torchrun's workers are), starts a
+# daemon, then hangs.
+HANG = DAEMONIZE + """import os, subprocess, sys, time
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
 with open(os.path.join(sys.argv[1], "pids.tmp"), "w") as f:
     f.write(f"{os.getpid()} {child.pid}\\n")
@@ -220,15 +239,21 @@ time.sleep(120)
 def test_failing_silent_and_hanging_commands_are_reported(tmp_path, seed_cache):
     cases = tmp_path / "cases"
     cases.mkdir()
-    for name, text in (("good", GOOD), ("crash", CRASH), ("silent", SILENT), ("hang", HANG)):
+    for name, text in (("good", GOOD), ("crash", CRASH), ("silent", SILENT), ("hang", HANG), ("backtrack", BACKTRACK),
+                       ("daemon", DAEMON)):
         (cases / f"{name}.py").write_text(text)
+    # A background child the shell leaves running when the training it exec'd into exits.
+    background = ('\n[setups.background]\ntrainer = "command"\nworld_size = 1\nargv = ["sh", "-c", "{python} -c '
+                  "'import time; time.sleep(600)' {output_dir}/background & echo $! > {output_dir}/leftover.pid; "
+                  'exec {python} good.py {output_dir} {steps}"]\nmetrics = { reader = "jsonl" }\n')
 
-    def setup(name: str) -> str:
+    def setup(name: str, metrics: str = '{ reader = "jsonl" }') -> str:
         return (f'\n[setups.{name}]\ntrainer = "command"\nworld_size = 1\n'
-                f'argv = ["{{python}}", "{name}.py", "{{output_dir}}", "{{steps}}"]\nmetrics = {{ reader = "jsonl" }}\n')
+                f'argv = ["{{python}}", "{name}.py", "{{output_dir}}", "{{steps}}"]\nmetrics = {metrics}\n')
 
     body = f'description = "commands that crash, write nothing or hang"\n{TRAIN}' + "".join(
-        setup(n) for n in ("good", "crash", "silent", "hang"))
+        setup(n) for n in ("good", "crash", "silent", "hang", "daemon")) + setup(
+        "backtrack", f"{{ reader = \"regex\", pattern = '{BACKTRACKING}' }}") + background
     case = load_case(write_case(cases, "broken", body))
     out = tmp_path / "out"
     pids: list[int] = []
@@ -239,13 +264,17 @@ def test_failing_silent_and_hanging_commands_are_reported(tmp_path, seed_cache):
         pid_file = out / "broken" / "hang" / "output" / "pids"
         assert pid_file.is_file(), "the hanging command never started"
         pids = [int(p) for p in pid_file.read_text().split()]
+        pids += [int((out / "broken" / n / "output" / "leftover.pid").read_text()) for n in ("hang", "daemon", "background")]
         assert {n: r.status for n, r in results.items()} == {"good": "ok", "crash": "failed", "silent": "failed",
-                                                             "hang": "timeout"}, results
+                                                             "hang": "timeout", "daemon": "ok", "backtrack": "failed",
+                                                             "background": "ok"}, results
         assert took < 60, took
-        # Nothing left behind: the command and its grandchild in another session are gone.
+        # Nothing left behind: the command and its grandchild in another session are gone, and so are the
+        # daemons (after an exit 0, and after the timeout) and the shell's background child.
         assert [p for p in pids if alive(p)] == []
+        assert started_under(out) == {}
 
-        runs = {n: records.read_json(out / "broken" / n / "run.json") for n in ("crash", "silent", "hang")}
+        runs = {n: records.read_json(out / "broken" / n / "run.json") for n in ("crash", "silent", "hang", "backtrack")}
         assert runs["crash"]["status"] == "failed" and "exited with code 3" in runs["crash"]["message"]
         assert "out of memory (pretend)" in runs["crash"]["message"]  # the log tail comes with it
         assert runs["silent"]["status"] == "failed"
@@ -253,19 +282,38 @@ def test_failing_silent_and_hanging_commands_are_reported(tmp_path, seed_cache):
         assert "no such file" in runs["silent"]["message"]
         assert runs["hang"]["status"] == "timeout" and "timed out after 5 s" in runs["hang"]["message"]
         assert (out / "broken" / "crash" / "command.log").read_text().startswith("train.py: CUDA out of memory")
+        # A pattern that backtracks catastrophically on the log fails its setup, on its line, within a second.
+        assert runs["backtrack"]["message"] == (
+            f"the command exited 0 but its records cannot be read: {out / 'broken' / 'backtrack' / 'command.log'}:1: "
+            f"the regex reader's pattern {BACKTRACKING!r} took more than 1 s on one line (catastrophic backtracking?); "
+            "allowed: a pattern that matches in linear time, e.g. (?P<loss>\\S+)")
 
         verdict = between_setups(case, out, tmp_path)
         assert not verdict["passed"]
         problems = [x for x in verdict["problems"] if not x.startswith("baseline ")]
-        for name, status in (("crash", "failed"), ("silent", "failed"), ("hang", "timeout")):
+        for name, status in (("crash", "failed"), ("silent", "failed"), ("hang", "timeout"), ("backtrack", "failed")):
             assert not pair(verdict, name)["passed"]
             assert any(line.startswith(f"good vs {name}: {name}: run status is '{status}'") for line in problems), \
                 (name, problems)
         assert any("metrics.jsonl" in line for line in problems if "silent" in line), problems
     finally:
-        for pid in pids:  # only if the harness failed to: never leave our own processes running
+        for pid in [*pids, *started_under(out)]:  # only if the harness failed to: never leave our own processes running
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def started_under(folder: Path) -> dict[int, str]:
+    """Live processes whose command line names `folder`: everything a run under it started (its argv holds
+    {output_dir}), and nothing that tests beside it started."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes() if entry.isdigit() else b""
+        except OSError:
+            continue
+        if str(folder).encode() in cmd and alive(int(entry)):
+            found[int(entry)] = cmd.replace(b"\0", b" ").decode(errors="replace")
+    return found
 
 
 @pytest.mark.parametrize("decimals", [0, 5])

@@ -165,7 +165,36 @@ def test_lifeline_wrapper_refuses_to_start_a_program_once_its_launcher_is_gone(t
     assert not (tmp_path / "started").exists()
     ran = subprocess.run([sys.executable, "-c", "import subprocess, sys; from parity.lifeline import wrapped; "
                           "sys.exit(subprocess.run(wrapped(['sh', '-c', 'exit 7'])).returncode)"])
-    assert ran.returncode == 7  # with its real parent, the wrapper becomes the program (exec), exit code and all
+    assert ran.returncode == 7  # with its real parent, the wrapper runs the program and exits with its code
+
+
+def test_the_supervisor_ends_as_its_program_did_and_passes_signals_on():
+    """Killed by a signal: the supervisor dies of the same one. A program it cannot start: 127 and one line.
+    SIGTERM to the supervisor reaches the program, which may take its time to stop."""
+    import signal
+    import subprocess
+    import time
+
+    from parity.lifeline import wrapped
+
+    for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGSEGV):
+        assert subprocess.run(wrapped(["sh", "-c", f"kill -{sig.name[3:]} $$"])).returncode == -sig
+    missing = subprocess.run(wrapped(["no-such-program-here"]), capture_output=True, text=True)
+    assert missing.returncode == 127
+    assert missing.stderr == "parity.lifeline: cannot start no-such-program-here: No such file or directory\n"
+    proc = subprocess.Popen(wrapped(["sh", "-c", "trap 'exit 42' TERM; while :; do sleep 0.1; done"]))
+    try:
+        deadline = time.monotonic() + 10
+        while not descendants(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the supervisor sets its handlers just after the fork
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 42
+    finally:
+        if proc.poll() is None:
+            from parity.launch.process import kill_tree
+
+            kill_tree(proc, grace_s=1)
 
 
 LANES_CASE = """
@@ -211,3 +240,29 @@ def test_sigterm_while_lanes_run_stops_both_and_leaves_nothing(write_case, tmp_p
         run = records.read_json(out / "case" / name / "run.json")
         assert run["status"] == "interrupted" and "interrupted" in run["message"], name
     assert not list(out.glob(".launch-*"))
+
+
+def test_a_log_goes_into_a_message_by_its_end_only(tmp_path):
+    """A runaway log (megabytes of long progress lines) is never read whole, and its tail stays short."""
+    from parity.launch import process
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    line = "x" * 2000 + "\n"
+    for log in (tmp_path / "command.log", logs / "rank0.log"):
+        log.write_text(line * 2000 + "the last line\n")
+    for shown in (process._tail(tmp_path / "command.log"), process.log_tails([logs])):
+        header, _, body = shown.partition("\n")
+        assert body.endswith("the last line") and body.startswith("...x")  # cut inside a line, and says so
+        assert len(body) <= process.LOG_TAIL_BYTES + 3, len(body)
+
+
+def test_first_error_reads_each_rank_logs_end_and_skips_lines_that_only_look_like_marks(tmp_path):
+    from parity.launch import process
+    from parity.lifeline import ERROR_MARK
+
+    (tmp_path / "rank0.log").write_text(f"{ERROR_MARK} 5.0 early, then a long log\n" + "." * process.ERROR_SCAN_BYTES
+                                        + f"\n{ERROR_MARK} not-a-time printed by someone else\n"
+                                        + f"{ERROR_MARK} 9.5 rank 0: RuntimeError: boom\n")
+    (tmp_path / "rank1.log").write_text(f"{ERROR_MARK} nan lost its peer\n{ERROR_MARK} 9.7 rank 1: lost its peer\n")
+    assert process.first_error([tmp_path]) == "rank 0: RuntimeError: boom (1 other rank(s) failed after it)"

@@ -124,7 +124,9 @@ def test_killing_one_nodes_agent_fails_the_run_on_both_and_leaves_nothing(write_
         if time.monotonic() > deadline:
             pytest.fail(f"rank 1 never reached its planted hang\n{log_of(out, 0)}")
         time.sleep(0.2)
-    agent = [p for p in descendants(follower.pid) if b"torch.distributed.run" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    # torchrun itself (`python -m torch.distributed.run ...`), not the supervisor whose argv holds it
+    agent = [p for p in descendants(follower.pid)
+             if Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[1:3] == [b"-m", b"torch.distributed.run"]]
     assert len(agent) == 1
     everything = descendants(leader.pid) + descendants(follower.pid)
     os.kill(agent[0], signal.SIGKILL)

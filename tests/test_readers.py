@@ -6,10 +6,12 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import re
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -256,6 +258,136 @@ def test_a_step_without_grad_norm_fails(tmp_path):
 def test_nothing_matched_is_an_error_not_an_empty_run(tmp_path):
     with pytest.raises(MetricsReadError, match=r"cmd\.log: no metrics found for any step \(no line matched the pattern\)"):
         regex(tmp_path, "iteration 1 | lm loss: 7.6\n", 1)
+
+
+# --- what a command wrote is hostile: every read ends, and in bounded memory -------------------
+
+# `(\d|\d)+` tries 2^n ways to split n digits before the missing 'x' fails it: on the 26-digit number
+# below, seconds unbounded (a 40-digit one: years); re backtracks on `(\d+\.?)+` the same way.
+BACKTRACKING = r"step (?P<step>\d+) loss (?P<loss>(\d|\d)+)x grad_norm (?P<grad_norm>\S+)"
+LONG_NUMBER_LINE = "step 1 loss " + "1" * 26 + "\n"
+
+
+def test_a_backtracking_pattern_fails_on_its_line_instead_of_hanging(tmp_path, monkeypatch):
+    import parity.external.readers as readers
+
+    monkeypatch.setattr(readers, "LINE_BUDGET_S", 0.2)
+    log = tmp_path / "cmd.log"
+    log.write_text("starting\nstep 1 loss 2.0x grad_norm 1.0\n" + LONG_NUMBER_LINE)
+    start = time.monotonic()
+    with pytest.raises(MetricsReadError) as e:
+        read_metrics({"reader": "regex", "pattern": BACKTRACKING}, tmp_path, log, 1)
+    assert time.monotonic() - start < 3
+    assert str(e.value) == (f"{log}:3: the regex reader's pattern {BACKTRACKING!r} took more than 0.2 s on one line "
+                            "(catastrophic backtracking?); allowed: a pattern that matches in linear time, "
+                            "e.g. (?P<loss>\\S+)")
+
+
+def test_the_whole_file_has_the_setups_timeout(tmp_path, monkeypatch):
+    import parity.external.readers as readers
+
+    monkeypatch.setattr(readers, "LINE_BUDGET_S", 60.0)  # each line alone could take a minute: the file may not
+    log = tmp_path / "cmd.log"
+    log.write_text("step 1 loss 2.0x grad_norm 1.0\n" + LONG_NUMBER_LINE * 3)
+    start = time.monotonic()
+    with pytest.raises(MetricsReadError, match=r"cmd\.log:2: the regex reader's pattern .* took more than the 0\.3 s "
+                                               r"the whole file may take \(the setup's timeout\), by this line"):
+        read_metrics({"reader": "regex", "pattern": BACKTRACKING}, tmp_path, log, 1, budget_s=0.3)
+    assert time.monotonic() - start < 3
+
+
+def test_the_pattern_is_checked_by_the_engine_that_runs_it_and_by_res_syntax():
+    # regex alone takes a group name twice (and would keep one of the two values); re refuses it
+    twice = {"reader": "regex", "pattern": LOG_PATTERN + r" again (?P<loss>\S+)"}
+    assert reader_problems(twice)[0][0] == "metrics.pattern" and "does not compile" in reader_problems(twice)[0][1]
+    assert reader_problems({"reader": "regex", "pattern": BACKTRACKING}) == []  # slow is found only on reading
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    """A FIFO no one writes to: open() for reading would wait for a writer forever."""
+
+    def make(rel: str) -> Path:
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(path)
+        return path
+
+    return make
+
+
+def raised_without_blocking(fifo: Path, fn, *args) -> Exception | None:
+    """What fn(*args) raised; the test fails (instead of hanging) if it blocks on the FIFO."""
+    import threading
+
+    got: list = []
+
+    def call():
+        try:
+            fn(*args)
+            got.append(None)
+        except Exception as e:  # noqa: BLE001 - the caller looks at what it was
+            got.append(e)
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    if worker.is_alive():  # blocked in open(): a writer comes and goes, which releases it
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(timeout=10)
+        pytest.fail(f"blocked on the FIFO {fifo}")
+    return got[0]
+
+
+@pytest.mark.parametrize("table, rel", [
+    ({"reader": "jsonl"}, "metrics.jsonl"),
+    ({"reader": "regex", "path": "train.txt", "pattern": LOG_PATTERN}, "train.txt"),
+    pytest.param({"reader": "tensorboard"}, "tb/run1/events.out.tfevents.1.host", marks=needs_tensorboard),
+])
+def test_every_reader_refuses_a_fifo_without_opening_it(tmp_path, fifo, table, rel):
+    path = fifo(rel)
+    error = raised_without_blocking(path, read_metrics, table, tmp_path, tmp_path / "log", 1)
+    assert isinstance(error, MetricsReadError)
+    assert str(error) == f"{path} is a FIFO, not a regular file; allowed: a regular file written by the command"
+
+
+def test_a_device_is_refused_too(tmp_path):
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/zero")  # endless: read whole, it would fill memory
+    with pytest.raises(MetricsReadError, match=r"metrics\.jsonl is a character device, not a regular file"):
+        read_metrics({"reader": "jsonl"}, tmp_path, tmp_path / "log", 1)
+
+
+def test_a_fifo_swapped_in_after_the_check_neither_blocks_nor_is_read(tmp_path, fifo, monkeypatch):
+    """The race the check alone leaves open: the open itself must not wait for a writer."""
+    from parity import files
+
+    path = fifo("metrics.jsonl")
+    regular = os.stat(REPO / "README.md")
+    monkeypatch.setattr(files.os, "stat", lambda p, **kw: regular if Path(p) == path else os.lstat(p))
+    error = raised_without_blocking(path, files.open_regular, path)
+    assert isinstance(error, files.NotRegular) and str(error) == f"{path} is a FIFO, not a regular file"
+
+
+@pytest.mark.parametrize("table, rel", [({"reader": "jsonl"}, "metrics.jsonl"),
+                                        ({"reader": "regex", "path": "log.txt", "pattern": LOG_PATTERN}, "log.txt")])
+def test_a_file_of_several_gigabytes_fails_with_one_line(tmp_path, table, rel):
+    with open(tmp_path / rel, "wb") as f:
+        f.truncate(3 << 30)  # sparse: 3 GiB long, no disk used
+    with pytest.raises(MetricsReadError, match=rf"{re.escape(rel)}: 3,221,225,472 bytes or more; allowed: at most "
+                                               r"1,073,741,824 bytes"):
+        read_metrics(table, tmp_path, tmp_path / "log", 1)
+
+
+def test_lines_are_numbered_as_before_across_cr_and_crlf(tmp_path):
+    # read a line at a time now; \r and \r\n still end a line, as str.splitlines of the whole text did
+    with pytest.raises(MetricsReadError, match=r"cmd\.log:4: step 1 loss is 3\.0, but .*cmd\.log:2 gave 2\.0"):
+        regex(tmp_path, "a\r\nstep 1 loss 2.0 grad_norm 1.0\rb\nstep 1 loss 3.0 grad_norm 1.0\n", 1)
+
+
+def test_json_nested_past_the_parsers_depth_is_one_line(tmp_path):
+    write_jsonl(tmp_path, ["[" * 100_000])
+    with pytest.raises(MetricsReadError, match=r"metrics\.jsonl:1: not a JSON line"):
+        read_metrics({"reader": "jsonl"}, tmp_path, tmp_path / "log", 1)
 
 
 def test_errors_are_record_errors():  # the CLI maps RecordError (an InputError) to one line and exit code 2

@@ -129,6 +129,112 @@ def test_seed_key_follows_model_and_seed_not_layout(tmp_path):
     assert torchtitan.seed_key(other, "cpu", "assets") != key
 
 
+LIVE_CASE = """description = "a source tree run as its files are, and the same tree at a commit"
+[train]
+steps = 2
+[setups.live]
+trainer = "torchtitan"
+world_size = 1
+source = "{tree}"
+[setups.at_main]
+trainer = "torchtitan"
+world_size = 1
+source = "{tree}"
+ref = "main"
+"""
+
+
+def _titan_tree(path: Path, git: bool) -> Path:
+    """A torchtitan-shaped folder (all the case loader checks for), a git repository or not."""
+    (path / "torchtitan").mkdir(parents=True)
+    (path / "torchtitan" / "__init__.py").write_text("theta = 500000\n")
+    (path / ".gitignore").write_text("*.log\n")
+    if git:
+        _git(path, "init", "-q", "-b", "main")
+        _git(path, "add", "-A")
+        _git(path, "commit", "-q", "-m", "tree")
+    return path
+
+
+def test_seed_key_of_a_source_tree_without_ref_sees_every_edit(tmp_path):
+    """The seed is keyed by the files that run: each edit, an untracked module, a link's target and a deleted
+    file change the key; an ignored file and what a link points at do not; the committed files again give
+    the first key again. With ref, the commit stays the key."""
+    tree = _titan_tree(tmp_path / "titan", git=True)
+    live, at_main = _case(tmp_path, LIVE_CASE.format(tree=tree), "live").setups
+    key = lambda setup=live: torchtitan.seed_key(setup, "cpu", "assets")
+    init, extra, link = tree / "torchtitan" / "__init__.py", tree / "torchtitan" / "extra.py", tree / "torchtitan" / "lnk"
+    outside = tmp_path / "outside.py"
+    outside.write_text("a = 1\n")
+    committed, main = key(), key(at_main)
+    keys = [committed]
+
+    def changed():
+        keys.append(key())
+
+    init.write_text("theta = 10000\n")  # two edits of one tracked file: two keys (both were "<HEAD>-dirty")
+    changed()
+    init.write_text("theta = 20000\n")
+    changed()
+    extra.write_text("y = 1\n")  # an untracked file
+    changed()
+    link.symlink_to(outside)
+    changed()
+    outside.write_text("a = 2\n")  # out of the tree: a link is hashed by its target string, never followed
+    assert key() == keys[-1]
+    link.unlink()
+    link.symlink_to(tmp_path / "elsewhere.py")
+    changed()
+    (tree / "train.log").write_text("ignored by .gitignore\n")
+    assert key() == keys[-1]
+    (tree / ".gitignore").unlink()  # a tracked file deleted (and train.log no longer ignored)
+    changed()
+    assert len(set(keys)) == len(keys), keys
+    assert key(at_main) == main  # with ref, the commit is the key whatever the working tree holds
+
+    _git(tree, "checkout", "-q", "--", ".")
+    extra.unlink()
+    link.unlink()
+    assert key() == committed  # content, not history: the committed files again (train.log ignored again)
+    recorded = torchtitan.identity(live)
+    assert recorded["torchtitan_tree_sha256"] == torchtitan.tree_sha256(tree)
+    assert recorded["torchtitan_commit"] == _git(tree, "rev-parse", "HEAD")
+
+
+def test_seed_key_of_a_source_tree_that_is_not_a_git_repository(tmp_path):
+    tree = _titan_tree(tmp_path / "titan", git=False)
+    live = _case(tmp_path, LIVE_CASE.format(tree=tree).split("[setups.at_main]")[0]
+                 + '[setups.b]\ntrainer = "torchtitan"\nworld_size = 1\n', "plain").setups[0]
+    first = torchtitan.seed_key(live, "cpu", "assets")
+    (tree / "torchtitan" / "__pycache__").mkdir()
+    (tree / "torchtitan" / "__pycache__" / "x.cpython-311.pyc.12345").write_bytes(b"\0half-written bytecode")
+    (tree / "torchtitan" / "old.pyc").write_bytes(b"\0bytecode")
+    assert torchtitan.seed_key(live, "cpu", "assets") == first  # Python's own cache is not code
+    (tree / "torchtitan" / "__init__.py").write_text("theta = 10000\n")
+    assert torchtitan.seed_key(live, "cpu", "assets") != first
+    assert torchtitan.identity(live)["torchtitan_commit"] == "not a git tree"
+
+
+@needs_titan
+def test_an_edit_to_a_source_tree_without_ref_builds_a_fresh_seed(tmp_path, source_tree):
+    """torchtitan itself, twice: the seed of an edited tree comes from the cache until the edit changes
+    (both edits were "<HEAD>-dirty" to the old key)."""
+    case = _case(tmp_path, LIVE_CASE.format(tree=source_tree), "live")
+    cache = tmp_path / "cache"
+    model = source_tree / "torchtitan" / "models" / "llama3" / "__init__.py"
+    text = model.read_text()
+    try:
+        model.write_text(text + "# one uncommitted edit\n")
+        first = torchtitan.seed_checkpoint(case, "cpu", cache, timeout_s=600)
+        assert torchtitan.seed_checkpoint(case, "cpu", cache, timeout_s=600) == first
+        model.write_text(text + "# another uncommitted edit\n")
+        edited = torchtitan.seed_checkpoint(case, "cpu", cache, timeout_s=600)
+    finally:
+        model.write_text(text)  # the module's other tests read this tree
+    assert len(list((cache / "keys").iterdir())) == 2  # built again, under its own key
+    assert edited.sha256 == first.sha256  # a comment changes no weight, and the build is deterministic
+
+
 @needs_titan
 def test_two_refs_of_a_source_tree(tmp_path, source_tree):
     """loss_compare's workflow as a case: a comment-only commit matches main bitwise; a RoPE change is

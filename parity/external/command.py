@@ -151,7 +151,7 @@ def run_setup(command: dict, setup, case_name: str, out: Path, device: str, seed
     from parity.fingerprint import fingerprint
 
     try:
-        read = read_metrics(command["metrics"], output_dir, log, setup.train.steps)
+        read = read_metrics(command["metrics"], output_dir, log, setup.train.steps, budget_s=timeout_s)
         weights = None
         if command.get("weights"):
             weights = digest_weights(inside(output_dir, *Path(command["weights"].format_map(values)).parts))

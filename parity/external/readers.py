@@ -17,16 +17,28 @@ Every reader merges what it saw into {step: {metric: value}}: a value seen twice
 printing the same line, a TensorBoard file per rank) is one value if the two agree, an error if
 they do not. The steps must then be exactly 1..steps, loss and grad_norm present at every step,
 lr and tokens at every step or at none.
+
+What a command wrote is input, read in the host process: a file is opened only if it is a regular
+file (parity.files: a FIFO would block the open forever), at most MAX_FILE_BYTES of it, a line at
+a time; the regex reader's pattern runs on the `regex` engine (re's syntax) with a time budget per
+line and per file, so a pattern that backtracks catastrophically fails its setup instead of hanging
+parity.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+import regex
+
+from parity import files
+from parity.files import NotRegular, open_regular
 from parity.records import RecordError
 
 READERS = ("tensorboard", "jsonl", "regex")
@@ -51,6 +63,14 @@ FLOAT32_EXACT_INT = 2**24
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # A printed decimal number: sign, digits, optional fraction, optional exponent.
 DECIMAL = re.compile(r"[+-]?(\d*)(?:\.(\d*))?(?:[eE]([+-]?\d+))?")
+# What one metrics file, log or event file may hold: 1 KB a step for a million steps fits; a runaway
+# log of many GB fails with one line instead of filling the host's memory.
+MAX_FILE_BYTES = files.MAX_BYTES
+# A pattern that matches in linear time takes micro- to milliseconds on a log line; one that
+# backtracks catastrophically takes years on a 40-digit number. A line may take this long, and the
+# whole file the setup's timeout (read_metrics' budget_s).
+LINE_BUDGET_S = 1.0
+LINEAR_EXAMPLE = r"(?P<loss>\S+)"
 NON_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
 
 
@@ -115,10 +135,17 @@ def _path_problem(path: str) -> str | None:
     return None
 
 
+def compile_pattern(pattern: str) -> regex.Pattern:
+    """The pattern as the regex engine runs it (its matches take a timeout); it must also be valid for
+    Python's re, the syntax a case file is promised (regex alone would accept a group name twice)."""
+    re.compile(pattern)
+    return regex.compile(pattern)
+
+
 def _pattern_problem(pattern: str) -> str | None:
     try:
-        groups = set(re.compile(pattern).groupindex)
-    except re.error as e:
+        groups = set(compile_pattern(pattern).groupindex)
+    except (re.error, regex.error) as e:
         return f"does not compile: {e}"
     missing = [g for g in ("step",) + REQUIRED if g not in groups]
     if missing:
@@ -133,8 +160,12 @@ def _pattern_problem(pattern: str) -> str | None:
 # Reading
 
 
-def read_metrics(table: dict, output_dir: Path, log_path: Path, steps: int) -> ReadMetrics:
-    """The command's metrics for steps 1..steps, exactly as it wrote them; MetricsReadError if they cannot be."""
+def read_metrics(table: dict, output_dir: Path, log_path: Path, steps: int, budget_s: float = math.inf) -> ReadMetrics:
+    """The command's metrics for steps 1..steps, exactly as it wrote them; MetricsReadError if they cannot be.
+
+    `budget_s`: how long the regex reader's pattern may run over the whole file (a run passes its
+    setup's timeout); each line has LINE_BUDGET_S whatever it is.
+    """
     if problems := reader_problems(table):
         key, message = problems[0]
         raise MetricsReadError(f"{key}: {message}")
@@ -156,7 +187,7 @@ def read_metrics(table: dict, output_dir: Path, log_path: Path, steps: int) -> R
         nothing = f"no line with the step key {keys['step']!r} and a metric key"
     else:
         exact = table.get("exact", False)
-        rounded = _read_regex(path, re.compile(table["pattern"]), exact, seen)
+        rounded = _read_regex(path, compile_pattern(table["pattern"]), exact, seen, budget_s)
         where = str(path)
         what = f"pattern {table['pattern']!r}, " + ("exact (every value round-trips)" if exact else "values rounded as printed")
         nothing = "no line matched the pattern"
@@ -233,13 +264,42 @@ def _spans(numbers: list[int]) -> str:
     return ", ".join(out[:10]) + (f", ... ({len(out) - 10} more)" if len(out) > 10 else "")
 
 
-def _open_text(path: Path) -> list[str]:
-    if not path.is_file():
-        raise MetricsReadError(f"{path}: no such file; the command was expected to write its metrics there")
+def _open(path: Path):
+    """A regular file of at most MAX_FILE_BYTES opened for reading, never blocking; else MetricsReadError."""
     try:
-        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+        f = open_regular(path)
+    except FileNotFoundError:
+        raise MetricsReadError(f"{path}: no such file; the command was expected to write its metrics there") from None
+    except NotRegular as e:
+        raise MetricsReadError(f"{e}; allowed: a regular file written by the command") from None
     except OSError as e:
-        raise MetricsReadError(f"{path}: cannot read: {e.strerror}") from None
+        raise MetricsReadError(f"{path}: cannot read: {e.strerror or e}") from None
+    if (size := os.fstat(f.fileno()).st_size) > MAX_FILE_BYTES:
+        f.close()
+        raise MetricsReadError(_too_big(path, size))
+    return f
+
+
+def _too_big(path: Path, size: int) -> str:
+    return (f"{path}: {size:,} bytes or more; allowed: at most {MAX_FILE_BYTES:,} bytes "
+            "(log less, or point the reader at a smaller file)")
+
+
+def _lines(path: Path):
+    """("PATH:LINE", text) for each line of a text file, read a line at a time: memory holds one line, never the file."""
+    with _open(path) as f:
+        lineno = done = 0
+        try:
+            while raw := f.readline(MAX_FILE_BYTES + 1 - done):  # a file still growing stops at the cap too
+                done += len(raw)
+                if done > MAX_FILE_BYTES:
+                    raise MetricsReadError(_too_big(path, done))
+                # str.splitlines also splits at \r: the same lines, and line numbers, as splitting the whole text
+                for line in raw.decode("utf-8", "replace").splitlines():
+                    lineno += 1
+                    yield f"{path}:{lineno}", line
+        except OSError as e:
+            raise MetricsReadError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 def _int(value, where: str, what: str) -> int:
@@ -262,25 +322,44 @@ def _read_tensorboard(path: Path, tags: dict[str, str], seen: _Seen) -> list[Pat
     except ImportError:
         raise MetricsReadError(f"{path}: reading TensorBoard event files needs the tensorboard package; "
                                "pip install tensorboard (or pip install \"parity[torchtitan]\")") from None
-    # A folder is searched recursively (torchtitan writes tb/<timestamp>/, some scripts a folder per rank).
-    files = [path] if path.is_file() else sorted(p for p in path.rglob(TB_GLOB) if p.is_file())
+    files = _event_files(path)
     if not files:
         raise MetricsReadError(f"{path}: no TensorBoard event files ({TB_GLOB}) found there or below; "
                                "the command was expected to write its scalars there")
     by_tag = {tag: m for m, tag in tags.items()}
     for f in files:
+        with _open(f) as handle:
+            # The loader opens a path: /proc/self/fd/N is the very file checked above, so a FIFO swapped in
+            # since cannot be what it opens (elsewhere than Linux, the name itself).
+            by_fd = f"/proc/self/fd/{handle.fileno()}"
+            for event in _events(EventFileLoader(by_fd if os.path.exists(by_fd) else str(f)).Load(), f):
+                for v in event.summary.value:
+                    metric = by_tag.get(v.tag)
+                    if metric is None:
+                        continue
+                    where = f"{f}: tag {v.tag!r} step {event.step}"
+                    seen.add(int(event.step), metric, _tb_scalar(v, tensor_util, where, metric), where)
+    return files
+
+
+def _event_files(path: Path) -> list[Path]:
+    """A folder is searched recursively (torchtitan writes tb/<timestamp>/, some scripts a folder per rank).
+    Whatever bears an event file's name and is not a folder is listed, to be refused if it is no regular file."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob(TB_GLOB) if not p.is_dir())
+    return [path] if os.path.lexists(path) else []
+
+
+def _events(loaded, f: Path):
+    """The loader's events one at a time (never the whole file in memory); its failure as one line naming the file."""
+    while True:
         try:
-            events = list(EventFileLoader(str(f)).Load())
+            event = next(loaded)
+        except StopIteration:
+            return
         except Exception as e:  # noqa: BLE001 - a damaged record raises whatever protobuf or the record layer raises
             raise MetricsReadError(f"{f}: not a readable TensorBoard event file ({type(e).__name__}: {e})") from None
-        for event in events:
-            for v in event.summary.value:
-                metric = by_tag.get(v.tag)
-                if metric is None:
-                    continue
-                where = f"{f}: tag {v.tag!r} step {event.step}"
-                seen.add(int(event.step), metric, _tb_scalar(v, tensor_util, where, metric), where)
-    return files
+        yield event
 
 
 def _tb_scalar(v, tensor_util, where: str, metric: str):
@@ -308,13 +387,12 @@ def _tb_scalar(v, tensor_util, where: str, metric: str):
 
 
 def _read_jsonl(path: Path, keys: dict[str, str], seen: _Seen) -> None:
-    for lineno, line in enumerate(_open_text(path), 1):
+    for where, line in _lines(path):
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
             obj = json.loads(line)  # NaN / Infinity literals parse to float('nan') / inf
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: '[' nested deeper than the parser goes
             raise MetricsReadError(f"{where}: not a JSON line ({e})") from None
         if not isinstance(obj, dict):
             raise MetricsReadError(f"{where}: a JSON {type(obj).__name__}, expected one object per line")
@@ -339,14 +417,15 @@ def _json_value(value, where: str, metric: str, key: str):
 # --- regex over text -------------------------------------------------------------------------
 
 
-def _read_regex(path: Path, pattern: re.Pattern, exact: bool, seen: _Seen) -> dict[str, dict[int, float]]:
+def _read_regex(path: Path, pattern: regex.Pattern, exact: bool, seen: _Seen,
+                budget_s: float) -> dict[str, dict[int, float]]:
     """Fills `seen`; returns {metric: {step: half-unit of the last printed place}} ({} when exact)."""
     rounded: dict[str, dict[int, float]] = {}
-    for lineno, line in enumerate(_open_text(path), 1):
-        match = pattern.search(ANSI.sub("", line))
+    deadline = time.monotonic() + budget_s
+    for where, line in _lines(path):
+        match = _search(pattern, ANSI.sub("", line), where, deadline, budget_s)
         if match is None:
             continue
-        where = f"{path}:{lineno}"
         step = _text_int(match.group("step"), where, "step")
         for m in METRICS:
             text = match.groupdict().get(m)
@@ -371,6 +450,21 @@ def _read_regex(path: Path, pattern: re.Pattern, exact: bool, seen: _Seen) -> di
                 steps[step] = max(steps.get(step, 0.0), half)
             seen.add(step, m, value, where)
     return {} if exact else rounded
+
+
+def _search(pattern: regex.Pattern, line: str, where: str, deadline: float, budget_s: float):
+    """pattern.search(line) within LINE_BUDGET_S and what is left of the file's budget; MetricsReadError past it."""
+    limit = min(LINE_BUDGET_S, deadline - time.monotonic())
+    try:
+        if limit <= 0:
+            raise TimeoutError
+        return pattern.search(line, timeout=limit)
+    except TimeoutError:
+        took = (f"more than {LINE_BUDGET_S:g} s on one line" if limit == LINE_BUDGET_S
+                else f"more than the {budget_s:g} s the whole file may take (the setup's timeout), by this line")
+        raise MetricsReadError(f"{where}: the regex reader's pattern {pattern.pattern!r} took {took} (catastrophic "
+                               f"backtracking?); allowed: a pattern that matches in linear time, e.g. "
+                               f"{LINEAR_EXAMPLE}") from None
 
 
 def _text_int(text: str, where: str, what: str) -> int:

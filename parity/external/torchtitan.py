@@ -10,10 +10,11 @@
     # ref = "GIT-REF"                 # with source: that commit of it (extracted with git archive)
 
 The preset owns what makes setups comparable: one seed checkpoint made by torchtitan itself at
-world size 1 (cached by torchtitan version or commit, module, config, seed and device) and loaded
-by every setup; the same seed, steps and (where [train] gives them) batch and sequence sizes as
-flags; the same locally made tokenizer and dataset; TensorBoard scalars at every step, read back
-as exact float32 values; a final model-only checkpoint, digested like a built-in setup's weights.
+world size 1 (cached by torchtitan version, commit or tree hash, module, config, seed and device)
+and loaded by every setup; the same seed, steps and (where [train] gives them) batch and sequence
+sizes as flags; the same locally made tokenizer and dataset; TensorBoard scalars at every step,
+read back as exact float32 values; a final model-only checkpoint, digested like a built-in setup's
+weights.
 On CPU the ranks start through parity.external.titan_cpu; on CUDA through torchtitan.train itself.
 """
 
@@ -27,12 +28,15 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
 import tempfile
 import warnings
 from pathlib import Path
+
+from parity.files import open_regular
 
 TITAN_KEYS = {"module", "config", "args", "source", "ref"}
 DEFAULT_MODULE, DEFAULT_CONFIG = "llama3", "llama3_debugmodel"
@@ -120,7 +124,8 @@ def missing(case) -> str | None:
 
 
 def identity(setup) -> dict:
-    """Which torchtitan a setup runs: the installed version, or a source tree and its commit."""
+    """Which torchtitan a setup runs: the installed version, a source tree's commit (with ref), or the
+    files of a source tree as they are (without ref: its tree hash, with the commit they started from)."""
     ext = setup.external
     if ext["source"] is None:
         return {"torchtitan": importlib.metadata.version("torchtitan")}
@@ -128,10 +133,66 @@ def identity(setup) -> dict:
         return {"torchtitan_source": ext["source"], "torchtitan_ref": ext["ref"],
                 "torchtitan_commit": resolve_ref(Path(ext["source"]), ext["ref"])}
     head = resolve_ref(Path(ext["source"]), "HEAD")
-    dirty = head and subprocess.run(["git", "-C", ext["source"], "status", "--porcelain", "--untracked-files=no"],
+    dirty = head and subprocess.run(["git", "-C", ext["source"], "status", "--porcelain"],
                                     capture_output=True, text=True, timeout=30).stdout.strip()
     return {"torchtitan_source": ext["source"],
-            "torchtitan_commit": (head + ("-dirty" if dirty else "")) if head else "not a git tree"}
+            "torchtitan_commit": (head + ("-dirty" if dirty else "")) if head else "not a git tree",
+            "torchtitan_tree_sha256": tree_sha256(Path(ext["source"]))}
+
+
+def tree_sha256(tree: Path) -> str:
+    """The code of a source tree as it is now: sha256 over each file's path, kind and content.
+
+    A commit names a tree's files only while nothing is edited; this sees every edit, an untracked
+    file (a new module) included, so a seed built from other code is never reused for it.
+    """
+    h = hashlib.sha256()
+    for rel in _tree_files(tree):
+        if (entry := _file_entry(tree / rel)) is not None:
+            h.update(f"{rel}\0{entry}\0".encode(errors="surrogateescape"))
+    return h.hexdigest()
+
+
+def _tree_files(tree: Path) -> list[str]:
+    """A git tree's tracked and untracked files that .gitignore leaves in; any other tree's files but
+    .git, __pycache__ and *.pyc (as if nothing were ignored: more files, never fewer)."""
+    try:
+        out = subprocess.run(["git", "-C", str(tree), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             capture_output=True, timeout=60)
+        listed = {os.fsdecode(p) for p in out.stdout.split(b"\0") if p} if out.returncode == 0 else set()
+    except (OSError, subprocess.SubprocessError):  # no git: walk
+        listed = set()
+    # Nothing listed: not a git tree, or one whose .gitignore leaves out this whole folder.
+    return sorted(listed or _walk(tree))
+
+
+def _walk(tree: Path):
+    for root, dirs, names in os.walk(tree):  # links to folders are not followed: they are hashed as links
+        dirs[:] = [d for d in dirs if d not in (".git", "__pycache__")]
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        for name in names + links:
+            if not name.endswith(".pyc"):
+                yield os.path.relpath(os.path.join(root, name), tree)
+
+
+def _file_entry(path: Path) -> str | None:
+    """One file's part of a tree hash: its kind and content; a link's target string, never followed
+    (a link may lead out of the tree); a nested repository (a submodule) by its own tree hash."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            return "link\0" + os.readlink(path)
+        if stat.S_ISDIR(st.st_mode):
+            return "tree\0" + tree_sha256(path)
+        if not stat.S_ISREG(st.st_mode):
+            return "special"  # a FIFO or device: never opened, Python cannot import it either
+        with open_regular(path, follow_symlinks=False) as f:
+            kind = "executable" if st.st_mode & 0o111 else "file"  # the one mode bit git keeps
+            return f"{kind}\0" + hashlib.file_digest(f, "sha256").hexdigest()
+    except FileNotFoundError:
+        return None  # a tracked file deleted from the working tree: not part of the code that runs
+    except OSError as e:  # unreadable: the run (the same user) cannot read it either
+        return f"unreadable\0{e.strerror or e}"
 
 
 def source_tree(setup, workdir: Path) -> Path | None:

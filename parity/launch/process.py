@@ -1,26 +1,35 @@
 """Run one launched process (torchrun, or a setup's own command) with a per-setup timeout and clean teardown.
 
 torchrun starts its workers in new sessions, so killing torchrun's process group does not reach
-them; on a timeout we walk /proc for every descendant and signal each one. torchrun and every rank
-also die with their parent (PR_SET_PDEATHSIG, see parity.lifeline), so not even a SIGKILLed
-launcher leaves ranks behind.
+them; on a timeout we walk /proc for every descendant and signal each one. Every launched program
+runs under parity.lifeline's supervisor, a subreaper that, when the program exits however it
+exits, ends every process the program left behind (a background child, a daemon that forked
+twice). torchrun and every rank also die with their parent (PR_SET_PDEATHSIG), so not even a
+SIGKILLed launcher leaves ranks behind.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from parity.errors import InputError
-from parity.lifeline import ERROR_MARK, wrapped
+from parity.files import read_tail
+from parity.lifeline import ERROR_MARK, end_processes, wrapped
+from parity.lifeline import alive, descendants  # noqa: F401 - the process table, for this module's callers
 
 DEFAULT_TIMEOUT_S = 900.0
 LOG_TAIL_LINES = 15
+# A log goes into a failure message by its end only, never read whole: a runaway log of many GB
+# would otherwise fill memory, and a message with progress bars in it would be megabytes long.
+LOG_TAIL_BYTES = 16 << 10
+# A failing rank's ERROR_MARK line is the last it prints (parity.train), so its log's end holds it.
+ERROR_SCAN_BYTES = 1 << 20
 
 
 @dataclass
@@ -32,63 +41,15 @@ class LaunchResult:
     progress: dict | None = None  # the last progress record the launch wrote: which setup it was on
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) from /proc/PID/stat, or None once the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces and ')'
-        return fields[0], int(fields[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def alive(pid: int) -> bool:
-    stat = _stat(pid)
-    return stat is not None and stat[0] != "Z"  # a zombie has exited; only its parent's reap is due
-
-
-def descendants(pid: int) -> list[int]:
-    """All live descendants of pid, found through /proc (they may sit in other sessions)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := _stat(int(entry))) is not None:
-            children.setdefault(stat[1], []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def kill_tree(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """SIGTERM torchrun and all its workers, give them grace_s to exit, then SIGKILL the rest."""
-    pids = descendants(proc.pid) + [proc.pid]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            proc.poll()  # reap torchrun so it does not count as alive
-            if not any(alive(p) for p in pids):
-                break
-            time.sleep(0.1)
-        else:
-            continue
-        break
+    """SIGTERM the launched process (its supervisor) and all its descendants, SIGKILL what is left after grace_s."""
+    end_processes(proc.pid, grace_s, include_root=True, reap=proc.poll)  # poll: reap it so it does not count as alive
     proc.wait()
 
 
-def log_tails(log_dirs: list[Path], lines: int = LOG_TAIL_LINES) -> str:
-    parts = []
-    for d in log_dirs:
-        for log in sorted(d.glob("rank*.log"), key=lambda p: int(p.stem[4:])):
-            tail = log.read_text(errors="replace").splitlines()[-lines:]
-            parts.append(f"--- {log} (last {len(tail)} lines) ---\n" + "\n".join(tail))
-    return "\n".join(parts)
+def log_tails(log_dirs: list[Path]) -> str:
+    logs = [log for d in log_dirs for log in sorted(d.glob("rank*.log"), key=lambda p: int(p.stem[4:]))]
+    return "\n".join(_tail(log) for log in logs)
 
 
 def first_error(log_dirs: list[Path]) -> str | None:
@@ -96,10 +57,15 @@ def first_error(log_dirs: list[Path]) -> str | None:
     errors = []
     for d in log_dirs:
         for log in d.glob("rank*.log"):
-            for line in log.read_text(errors="replace").splitlines():
+            try:
+                lines = read_tail(log, ERROR_SCAN_BYTES).splitlines()
+            except OSError:
+                continue  # its tail says why, if it is shown
+            for line in lines:
                 if line.startswith(ERROR_MARK):
                     stamp, _, text = line[len(ERROR_MARK):].strip().partition(" ")
-                    errors.append((float(stamp), text))
+                    if _is_number(stamp):  # a line that only looks like ours must not crash the launcher
+                        errors.append((float(stamp), text))
     if not errors:
         return None
     errors.sort()
@@ -200,6 +166,17 @@ def _setup_of(record: dict) -> tuple:
     return record.get("case"), record.get("setup")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 def _tail(log_path: Path) -> str:
-    lines = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+    """The last LOG_TAIL_LINES lines of a log, from at most its last LOG_TAIL_BYTES, under a header naming it."""
+    try:
+        lines = read_tail(log_path, LOG_TAIL_BYTES).splitlines()[-LOG_TAIL_LINES:]
+    except OSError as e:
+        return f"--- {log_path} (cannot read: {e.strerror or e}) ---"
     return f"--- {log_path} (last {len(lines)} lines) ---\n" + "\n".join(lines)
