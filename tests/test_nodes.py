@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from parity import records
+from parity.errors import InputError
+from parity.launch import nodes
 from parity.launch.process import alive, descendants
 from test_launch import parity_ranks
 from test_plan import record_bytes
@@ -223,3 +225,36 @@ def test_a_node_given_other_cases_is_refused_on_both(write_case, tmp_path, seed_
     for node in (0, 1):
         assert "node(s) 1 were given other cases, case files or options" in log_of(tmp_path / "out", node)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def listening(port: int) -> list[str]:
+    """The local addresses with a socket listening on `port`, from /proc/net/tcp and tcp6."""
+    found = []
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # 32-bit words, each in the host's byte order
+                if sys.byteorder == "little":
+                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.append(socket.inet_ntop(family, raw))
+    return found
+
+
+def test_the_store_listens_on_the_endpoint_address_only():
+    port = free_port()
+    served = nodes._store(nodes.parse_nodes(2, 0, f"localhost:{port}"), serve=True, timeout_s=10)
+    assert listening(port) == ["127.0.0.1"]
+    with pytest.raises(ConnectionRefusedError):  # 127.0.0.2 is this machine too: a store on every interface answers
+        socket.create_connection(("127.0.0.2", port), timeout=5).close()
+    with pytest.raises(InputError, match=f"--rdzv-endpoint localhost:{port}: node 0 cannot host the rendezvous there "
+                                         r"\(Address already in use\); allowed: a free port"):
+        nodes._store(nodes.parse_nodes(2, 0, f"localhost:{port}"), serve=True, timeout_s=10)
+    del served
+    if socket.has_ipv6 and "::1" in (a[4][0] for a in socket.getaddrinfo("::1", 0)):  # where the host has IPv6
+        six = nodes.parse_nodes(2, 0, f"[::1]:{port}")
+        served = nodes._store(six, serve=True, timeout_s=10)
+        assert listening(port) == ["::1"] and six.rendezvous("l", 9)[2] == f"--rdzv-endpoint=[::1]:{port}"
+    with pytest.raises(InputError, match="node 0 cannot resolve 'no-such-host.invalid'"):
+        nodes._store(nodes.parse_nodes(2, 0, f"no-such-host.invalid:{port}"), serve=True, timeout_s=10)

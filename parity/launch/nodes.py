@@ -1,10 +1,10 @@
 """One run across nodes: `parity run CASES --nnodes N --node-rank R --rdzv-endpoint HOST:PORT` on each node.
 
 Node 0 plans, launches, judges and reports, as on one node. Its `parity` hosts a TCPStore at
-HOST:PORT for the whole run, and every torchrun (on every node) uses it for its c10d rendezvous:
-torchrun finds the port taken and joins as a client, each launch under its own rendezvous id. The
-same store carries parity's own messages, so there is one port to open and nothing stale to
-mistake for this run (the store lives and dies with node 0's process):
+HOST:PORT for the whole run, listening on that address only, and every torchrun (on every node)
+uses it for its c10d rendezvous: torchrun finds the port taken and joins as a client, each launch
+under its own rendezvous id. The same store carries parity's own messages, so there is one port to
+open and nothing stale to mistake for this run (the store lives and dies with node 0's process):
 
     parity/hello/R     node R's digest of its arguments (cases and their files, steps, device, plan)
     parity/go/R        node 0's answer: "" to go on, or why not (the digests differ)
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -50,17 +51,21 @@ class Nodes:
     def leads(self) -> bool:
         return self.rank == 0
 
+    @property
+    def endpoint(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
     def ranks_per_node(self, world_size: int) -> int:
         return world_size // self.count
 
     def rendezvous(self, launch_name: str, join_timeout_s: float) -> list[str]:
         """torchrun's arguments for this node's part of a launch: c10d rendezvous on node 0's store."""
-        return [f"--nnodes={self.count}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.host}:{self.port}",
+        return [f"--nnodes={self.count}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}",
                 f"--rdzv-id=parity-{launch_name}", f"--rdzv-conf=is_host=false,join_timeout={int(join_timeout_s)}",
                 "--max-restarts=0"]
 
     def where(self) -> str:
-        return f"node {self.rank} of {self.count} (rendezvous {self.host}:{self.port})"
+        return f"node {self.rank} of {self.count} (rendezvous {self.endpoint})"
 
 
 def parse_nodes(count: int, rank: int | None, endpoint: str | None) -> Nodes | None:
@@ -98,18 +103,41 @@ def digest(parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _listen(nodes: Nodes) -> int:
+    """A socket listening on the endpoint's own address, as a descriptor for the store: TCPStore left
+    to itself listens on every interface, so anyone reaching any address of node 0 could join."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(nodes.host, nodes.port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:  # socket.gaierror too
+        raise InputError(f"--rdzv-endpoint {nodes.endpoint}: node 0 cannot resolve {nodes.host!r} "
+                         f"({e.strerror or e}); allowed: node 0's own host name or address") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the last run's port may linger in TIME_WAIT
+        sock.bind(address)
+        sock.listen()
+    except OSError as e:
+        sock.close()
+        raise InputError(f"--rdzv-endpoint {nodes.endpoint}: node 0 cannot host the rendezvous there "
+                         f"({e.strerror}); allowed: a free port on node 0's own address") from None
+    # The store adopts the descriptor and closes it when it is destroyed; detached, the socket object
+    # neither closes it under the store nor closes it a second time later (perhaps someone else's by then).
+    return sock.detach()
+
+
 def _store(nodes: Nodes, serve: bool, timeout_s: float):
     from torch.distributed import TCPStore
 
+    fd = _listen(nodes) if serve else None
     try:
-        return TCPStore(nodes.host, nodes.port, is_master=serve, wait_for_workers=False,
+        return TCPStore(nodes.host, nodes.port, is_master=serve, wait_for_workers=False, master_listen_fd=fd,
                         timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError, TimeoutError) as e:  # DistNetworkError and DistStoreError are RuntimeErrors
         first = str(e).splitlines()[0]
         if serve:
-            raise InputError(f"--rdzv-endpoint {nodes.host}:{nodes.port}: node 0 cannot host the rendezvous "
+            raise InputError(f"--rdzv-endpoint {nodes.endpoint}: node 0 cannot host the rendezvous "
                              f"there ({first}); allowed: a free port on node 0's own address") from None
-        raise InputError(f"--rdzv-endpoint {nodes.host}:{nodes.port}: no node 0 answered within "
+        raise InputError(f"--rdzv-endpoint {nodes.endpoint}: no node 0 answered within "
                          f"{timeout_s:.0f} s ({first}); start `parity run ... --node-rank 0` there") from None
 
 
@@ -150,7 +178,7 @@ class Leader(_Group):
                 missing = [r for r in range(1, nodes.count) if not self.store.check([f"parity/hello/{r}"])]
                 raise InputError(f"--nnodes {nodes.count}: node(s) {', '.join(map(str, missing))} did not join "
                                  f"within {timeout_s:.0f} s; start `parity run ... --node-rank R --rdzv-endpoint "
-                                 f"{nodes.host}:{nodes.port}` on every node")
+                                 f"{nodes.endpoint}` on every node")
             time.sleep(POLL_S)
         differ = [r for r in range(1, nodes.count) if self.store.get(f"parity/hello/{r}").decode() != agreed]
         for r in range(1, nodes.count):
