@@ -97,14 +97,16 @@ def run_argv(args) -> list[str]:
 
 
 def cmd_run(args) -> int:
+    from parity.launch.channel import env_secret
     from parity.launch.nodes import check_splits, digest, parse_nodes
-    from parity.runner import resolve_device, visible_gpus
+    from parity.runner import check_out, resolve_device, visible_gpus
 
     if args.launcher == "slurm":
         return _submit_slurm(args)
     if args.submit:
         raise UsageError("--submit: allowed only with --launcher slurm")
     nodes = parse_nodes(args.nnodes, args.node_rank, args.rdzv_endpoint)
+    secret = None if nodes is None else env_secret()  # checked before anything runs or is written
     cases = _load_cases(args.cases, args.baselines, args.update_baselines)
     # Every case's device (GPU count, SDPA kernels), --out and seed checkpoint are checked before the
     # first case runs: bad input writes nothing.
@@ -117,10 +119,11 @@ def cmd_run(args) -> int:
     if not nodes.leads:
         from parity.launch.nodes import follow
 
-        return follow(nodes, agreed, Path(args.out), args.timeout)
+        return follow(nodes, agreed, Path(args.out), args.timeout, secret)
     from parity.launch.nodes import Leader
 
-    leader = Leader(nodes, agreed, args.timeout)
+    check_out(Path(args.out))  # node 0 writes the run's secret there before the others join
+    leader = Leader(nodes, agreed, Path(args.out), args.timeout, secret)
     code = 1
     try:
         code = _run_here(args, cases, devices, leader)
@@ -189,9 +192,11 @@ def _submit_slurm(args) -> int:
                          "allowed: leave them out")
     cases = _load_cases(args.cases, args.baselines, args.update_baselines)
     if args.nnodes > 1:
+        from parity.launch.channel import env_secret
         from parity.launch.nodes import check_splits
 
         check_splits(args.nnodes, cases)
+        env_secret()  # an operator's secret, which the job inherits, checked now rather than on the cluster
     script = job_script(run_argv(args)[2:], args.nnodes, max(c.world_size for c in cases), args.device, Path.cwd())
     if not args.submit:
         print(script, end="")
