@@ -232,6 +232,9 @@ def test_slurm_job_script_runs_one_parity_per_node(write_case, tmp_path, seed_ca
     assert "--gpus-per-node" not in script  # a CPU run asks for no GPUs
     assert f"#SBATCH --chdir={tmp_path}" in script
     assert "--node-rank \"$SLURM_NODEID\"" in script and "--nnodes 2" in script and str(case) in script
+    # One secret per job, made by the batch script unless the submitter set one; srun passes it to every node.
+    assert 'if [ -z "${PARITY_RDZV_SECRET:-}" ]; then PARITY_RDZV_SECRET=$(' in script
+    assert "secrets.token_hex(32)" in script and "export PARITY_RDZV_SECRET" in script
     gpu_script = subprocess.run([*argv[:6], "cuda", *argv[7:]], capture_output=True, text=True, check=True).stdout
     assert "#SBATCH --gpus-per-node=1" in gpu_script  # 2 ranks over 2 nodes
 
@@ -243,6 +246,7 @@ def test_slurm_job_script_runs_one_parity_per_node(write_case, tmp_path, seed_ca
         "srun": '\n'.join([
             'if [ "$1" = "--nodes=1" ]; then shift 4; exec "$@"; fi  # srun --nodes=1 --ntasks=1 -w HOST CMD',
             'shift  # --kill-on-bad-exit=1',
+            '[ "${#PARITY_RDZV_SECRET}" -eq 64 ] && echo yes > "$SRUN_LOGS/secret-passed"  # the job made one',
             'pids=(); for i in 0 1; do SLURM_NODEID=$i "$@" > "$SRUN_LOGS/task$i.log" 2>&1 & pids+=($!); done',
             'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc']),
     }
@@ -256,6 +260,7 @@ def test_slurm_job_script_runs_one_parity_per_node(write_case, tmp_path, seed_ca
     assert job.returncode == 0, logs + job.stderr
     assert "case: PASS" in (tmp_path / "task0.log").read_text()  # node 0 judged
     assert "launch1: ok" in (tmp_path / "task1.log").read_text()  # node 1 followed
+    assert (tmp_path / "secret-passed").read_text() == "yes\n"  # srun handed the job's secret to the nodes
     assert records.read_json(out / "case" / "replicate" / "run.json")["world_size"] == 2
 
 
