@@ -358,6 +358,7 @@ def test_a_signed_message_verifies_only_at_its_key_in_its_run():
             ("parity/launch/1", raw, OLD_RUN, f"wrong run: signed for run '{RUN}'"),  # replayed into another run
             ("parity/launch/1", b'{"done": 0}', RUN, "malformed: not a signed parity message"),
             ("parity/launch/1", b"\xff" * 10, RUN, "malformed"),
+            ("parity/launch/1", b"[" * 60000, RUN, "malformed: not a signed parity message"),  # deeper than Python's stack
             ("parity/launch/1", b" " * (70 * 1024), RUN, "malformed: 71680 bytes")]:
         with pytest.raises(Refused) as refused:
             verify(SECRET, key, value, run)

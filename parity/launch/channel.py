@@ -111,7 +111,7 @@ def verify(secret: bytes, key: str, raw: bytes, run: str) -> dict:
         raise Refused(f"malformed: {len(raw)} bytes, more than {MAX_MESSAGE}")
     try:
         outer = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested brackets, thousands deep
         outer = None
     if not (isinstance(outer, dict) and set(outer) == {"msg", "mac"} and all(isinstance(v, str) for v in outer.values())):
         raise Refused("malformed: not a signed parity message")
@@ -119,7 +119,7 @@ def verify(secret: bytes, key: str, raw: bytes, run: str) -> dict:
         raise Refused("bad signature")
     try:
         inner = json.loads(outer["msg"])
-    except ValueError:
+    except (ValueError, RecursionError):
         inner = None
     if not (isinstance(inner, dict) and set(inner) == {"key", "run", "body"} and isinstance(inner["key"], str)
             and isinstance(inner["run"], str) and isinstance(inner["body"], dict)):
@@ -133,8 +133,9 @@ def verify(secret: bytes, key: str, raw: bytes, run: str) -> dict:
 
 def shown(value) -> str:
     """Content from the wire, escaped to printable ASCII and cut short: safe to print on one line."""
-    text = ascii(value)
-    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
+    cut = isinstance(value, (str, bytes, list)) and len(value) > SHOWN  # a value may be megabytes
+    text = ascii(value[:SHOWN] if cut else value)
+    return text[:SHOWN] + "..." if cut or len(text) > SHOWN else text
 
 
 def peek(store, key: str) -> bytes | None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import secrets
 import socket
@@ -394,7 +395,7 @@ def _file_secret(out: Path) -> bytes:
     """The secret node 0 wrote before opening the store we reached (given a moment to show on a shared filesystem)."""
     path = inside(out, NODE_LOGS, "secret")
     deadline = time.monotonic() + SECRET_WAIT_S
-    while not path.is_file() and not path.is_symlink() and time.monotonic() < deadline:
+    while not os.path.lexists(path) and time.monotonic() < deadline:
         pause(POLL_S)
     return read_secret(path)
 
@@ -445,7 +446,7 @@ def plan_of(doc: dict, out: Path, count: int) -> tuple[Path, int, Path]:
         raise Refused(f"plan {path}: its bytes do not hash to what node 0 announced (changed on the shared filesystem?)")
     try:
         plan = json.loads(data)  # the bytes node 0 wrote, still checked
-    except ValueError:
+    except (ValueError, RecursionError):
         plan = None
     world, progress = (plan.get("world_size"), plan.get("progress")) if isinstance(plan, dict) else (None, None)
     if not (isinstance(world, int) and not isinstance(world, bool) and world > 0 and world % count == 0):
