@@ -113,7 +113,7 @@ class Forger(threading.Thread):
 
     PLANTED = {"parity/launch/1": {"name": "launch1", "plan": "/tmp/evil.json", "nproc": 64, "timeout_s": 1,
                                    "progress": "/tmp/p"},
-               "parity/launch/2": {"done": 0}, "parity/launch/3": {"done": 0},
+               "parity/launch/2": {"done": 3}, "parity/launch/3": {"done": 3},  # a node that obeyed would exit 3
                "parity/result/launch1/0": {"status": "failed", "message": "forged"},
                "parity/result/launch1/1": {"status": "failed", "message": "forged"}}
 
@@ -141,7 +141,7 @@ class Forger(threading.Thread):
                 if "parity/launch/1" in found and b'"mac"' in (value := store.get("parity/launch/1")):
                     genuine = value  # node 0's first launch message, signed
                 for key in sorted(set(found) | set(self.PLANTED)):
-                    store.set(key, json.dumps(self.PLANTED.get(key, {"done": 0})))
+                    store.set(key, json.dumps(self.PLANTED.get(key, {"done": 3})))
                 turn += 1
                 if genuine and turn % 2:
                     store.set("parity/launch/2", genuine)  # replayed where node 1 looks for the next launch
@@ -170,14 +170,15 @@ def test_two_nodes_of_four_ranks_match_one_launch_of_eight_bitwise(write_case, t
     assert forger.listening == ["127.0.0.1"]  # the store's socket: the endpoint's address only
     said = log_of(tmp_path / "two", 0)
     # Node 0 names what it refused and put back, and what node 1 refused: forged results on both sides
-    # (each node polls the other's while its own part runs), the forged launch and "done" node 1 found
-    # planted ahead of node 0's, each only in node 0's output.
+    # (each node polls the other's while its own part runs, and the forger planted them first), and the
+    # forged launch (64 ranks, another plan) it put back; both nodes ran 4 ranks (the rank logs above).
+    # Whether node 1 reads a planted "done" or a forged launch before node 0's genuine one is a matter
+    # of timing here; test_a_forged_done_is_refused_and_named_by_node_0 pins that down.
     for line in ["parity: node 0: refused parity/result/launch1/1 (malformed: not a signed parity message): "
                  """b'{"status": "failed", "message": "forged"}'""",
                  "parity: node 0: put back parity/launch/1, found overwritten with b'{\"name\": \"launch1\", "
                  "\"plan\": \"/tmp/evil.json\", \"nproc\": 64",
-                 "parity: node 0: node 1 refused parity/result/launch1/0 (malformed: not a signed parity message)",
-                 "parity: node 0: node 1 refused parity/launch/2 ("]:
+                 "parity: node 0: node 1 refused parity/result/launch1/0 (malformed: not a signed parity message)"]:
         assert line in said, said
     for setup in ("replicate", "hsdp"):
         assert record_bytes(tmp_path / "two", "case", setup) == record_bytes(tmp_path / "one", "case", setup), setup
@@ -415,6 +416,39 @@ def test_what_a_node_names_is_bounded_and_escaped(store, capsys):
     assert len(report) == MAX_NOTES + 1 and report[-1] == "refused or put back 5 more message(s), not listed"
     assert is_report(report) and all("\x1b" not in line and len(line) < 250 for line in report)
     assert len(capsys.readouterr().err.splitlines()) == MAX_NOTES
+
+
+def test_a_forged_done_is_refused_and_named_by_node_0(tmp_path, capsys):
+    """Node 0 and node 1 (threads here, on a real store, with no launch between them): a "done" forged
+    before node 0 sends its own, in the old format and then with a made-up MAC, is refused by node 1,
+    which exits with node 0's code; node 0 names both."""
+    from torch.distributed import TCPStore
+
+    port, agreed, said = free_port(), "d" * 64, []
+    leader, code = [], []
+    lead = threading.Thread(target=lambda: leader.append(
+        nodes.Leader(nodes.parse_nodes(2, 0, f"localhost:{port}"), agreed, tmp_path, 30, SECRET)))
+    lead.start()
+    follow = threading.Thread(target=lambda: code.append(
+        nodes.follow(nodes.parse_nodes(2, 1, f"localhost:{port}"), agreed, tmp_path, 30, SECRET)))
+    follow.start()
+    lead.join(timeout=60)
+    attacker = TCPStore("localhost", port, is_master=False, timeout=timedelta(seconds=10))
+    forged = [b'{"done": 3}', json.dumps({"msg": json.dumps({"key": "parity/launch/1", "run": leader[0].channel.run,
+                                                             "body": {"done": 3}}), "mac": "0" * 64}).encode()]
+    for value, reason in zip(forged, ["malformed: not a signed parity message", "bad signature"]):
+        attacker.set("parity/launch/1", value)
+        deadline = time.monotonic() + 30
+        while f"refused parity/launch/1 ({reason})" not in "".join(said):
+            assert time.monotonic() < deadline, "".join(said)
+            said.append(capsys.readouterr().err)
+            time.sleep(0.1)
+    leader[0].finish(0)
+    follow.join(timeout=30)
+    said.append(capsys.readouterr().err)
+    assert code == [0]
+    for value, reason in zip(forged, ["malformed: not a signed parity message", "bad signature"]):
+        assert f"parity: node 0: node 1 refused parity/launch/1 ({reason}): {shown(value)}" in "".join(said)
 
 
 def test_launch_messages_are_checked_field_by_field():
