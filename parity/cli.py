@@ -97,10 +97,11 @@ def run_argv(args) -> list[str]:
 
 
 def cmd_run(args) -> int:
+    from parity.launch.channel import env_secret
     from parity.launch.nodes import check_splits, digest, parse_nodes
     from parity.launch.process import omp_threads
     from parity.paths import check_writable_dir
-    from parity.rundir import check_apart
+    from parity.rundir import check_apart, check_out
     from parity.runner import resolve_device, visible_gpus
 
     omp_threads()  # the environment, checked before anything runs
@@ -112,6 +113,7 @@ def cmd_run(args) -> int:
     if args.submit:
         raise UsageError("--submit: allowed only with --launcher slurm")
     nodes = parse_nodes(args.nnodes, args.node_rank, args.rdzv_endpoint)
+    secret = None if nodes is None else env_secret()  # checked before anything runs or is written
     cases = _load_cases(args.cases, args.baselines, args.update_baselines)
     # Every case's device (GPU count, SDPA kernels), --out and seed checkpoint are checked before the
     # first case runs: bad input writes nothing.
@@ -124,10 +126,11 @@ def cmd_run(args) -> int:
     if not nodes.leads:
         from parity.launch.nodes import follow
 
-        return follow(nodes, agreed, Path(args.out), args.timeout)
+        return follow(nodes, agreed, Path(args.out), args.timeout, secret)
     from parity.launch.nodes import Leader
 
-    leader = Leader(nodes, agreed, args.timeout)
+    check_out(Path(args.out))  # node 0 writes the run's secret there before the others join
+    leader = Leader(nodes, agreed, Path(args.out), args.timeout, secret)
     code = 1
     try:
         code = _run_here(args, cases, devices, leader)
@@ -149,12 +152,16 @@ def _run_here(args, cases, devices, leader=None) -> int:
 
     from parity import compare
     from parity.progress import Progress
-    from parity.rundir import case_lock, check_out, prepare_out
+    from parity.rundir import case_lock, check_out, claim, prepare_out
     from parity.runner import judge_run, run_suite, seed_or_none
 
     check_out(Path(args.out))
     seeds = {c.name: seed_or_none(c, None, devices[c.name], args.timeout) for c in cases}
     out = prepare_out(Path(args.out))
+    if leader is not None:
+        from parity.launch.nodes import NODE_LOGS
+
+        claim(out, NODE_LOGS)  # the other nodes write their logs there
     progress = Progress()
     command = run_argv(args)
     if leader is not None:
@@ -204,9 +211,11 @@ def _submit_slurm(args) -> int:
                          "allowed: leave them out")
     cases = _load_cases(args.cases, args.baselines, args.update_baselines)
     if args.nnodes > 1:
+        from parity.launch.channel import env_secret
         from parity.launch.nodes import check_splits
 
         check_splits(args.nnodes, cases)
+        env_secret()  # an operator's secret, which the job inherits, checked now rather than on the cluster
     script = job_script(run_argv(args)[2:], args.nnodes, max(c.world_size for c in cases), args.device, Path.cwd())
     if not args.submit:
         print(script, end="")

@@ -291,6 +291,7 @@ class _SuiteRun:
             name = f"launch{number}" + (f"-retry{attempt - 1}" if attempt > 1 else "")
             first = pending[0].first
             doc = {"out": str(self.out.resolve()), "device": launch.device, "determinism": first.case.determinism,
+                   "world_size": launch.world_size,  # across nodes, each node's rank count comes from here
                    "timeout_s": self.timeout_s, "progress": str(self.workdir / f"{name}.progress"),
                    "launched_at": time.time(),
                    "jobs": [{"case": t.first.case.name, "setup": t.first.setup.to_dict(),
@@ -323,10 +324,10 @@ class _SuiteRun:
             return launch_torchrun(doc, world_size, self.workdir, name, self.timeout_s, self.on_progress, gpus, log_dirs,
                                    abort=self._stopped)
         nodes = self.leader.nodes
-        self.leader.announce(name, self.workdir / f"{name}.json", world_size, self.timeout_s, Path(doc["progress"]))
         result = launch_torchrun(doc, nodes.ranks_per_node(world_size), self.workdir, name, self.timeout_s,
                                  self.on_progress, gpus, log_dirs, nodes.rendezvous(name, self.timeout_s),
-                                 self.leader.failure_elsewhere(name))
+                                 self.leader.failure_elsewhere(name),
+                                 on_written=lambda plan_path: self.leader.announce(name, plan_path, self.timeout_s))
         self.leader.post_result(name, result)
         if result.status == "ok":
             return result

@@ -532,13 +532,29 @@ INPUTS += [
 ]
 
 
+# 10. runs across nodes: the operator's rendezvous secret, and an endpoint node 0 cannot host (node 0
+#     writes the run's secret first, then finds it cannot bind: it removes the secret and --out again)
+INPUTS += [
+    *[Bad(f"node-{rank}-secret-{name}", run("{W}/cases/pair.toml", "--nnodes", "2", "--node-rank", rank,
+                                            "--rdzv-endpoint", "localhost:1"),
+          ("PARITY_RDZV_SECRET", f"{len(value)} characters", "allowed: 32 to 1024 printable ASCII"),
+          env={"PARITY_RDZV_SECRET": value})
+      for rank in ("0", "1") for name, value in [("short", "x" * 31), ("space", "x" * 20 + " " + "x" * 20),
+                                                 ("escape", "x" * 40 + "\x1b[2J"), ("non-ascii", "é" * 40)]],
+    Bad("node-endpoint-not-this-host", run("{W}/cases/two.toml", "--nnodes", "2", "--node-rank", "0",
+                                           "--rdzv-endpoint", "192.0.2.254:29500"),
+        ("--rdzv-endpoint 192.0.2.254:29500", "cannot host the rendezvous there", "Cannot assign requested address"),
+        {"cases/two.toml": case(setups=[(n, 'dp_api = "replicate"\ndp_replicate = 2') for n in ("ref", "other")])}),
+]
+
+
 def run_to(out: str, *args: str, baselines: str = "{W}/" + BL) -> list[str]:
     return ["run", "{W}/cases/pair.toml", "--device", "cpu", "--out", out, "--baselines", baselines, *args]
 
 
 OTHER = "runs/other"  # an --out that exists and holds something
 INPUTS += [
-    # 10. trust boundaries: a run directory and a baseline root that overlap (a run replaces its case
+    # 11. trust boundaries: a run directory and a baseline root that overlap (a run replaces its case
     # folders: it would delete the baselines it judges by), an --out holding other work, files that
     # are not regular files (open() on a FIFO blocks forever), the environment
     Bad("out-equals-baselines", run_to("{W}/" + BL, "--update-baselines=new"), ("--out", "--baselines", "same folder")),

@@ -1,18 +1,29 @@
 """Runs across nodes, proven on one machine: two `parity run --nnodes 2` processes on localhost, each
 starting a torchrun of 4 ranks that meet in a c10d rendezvous hosted by node 0's parity."""
 
+import json
+import math
 import os
+import secrets
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from parity import records
+from parity.rundir import foreign_entries
+from parity.errors import InputError
+from parity.launch import nodes
+from parity.launch.channel import (MAX_NOTES, SECRET_ENV, Channel, Refused, env_secret, is_report, read_secret, shown,
+                                   sign, verify, write_secret)
+from parity.launch.nodes import check_go, check_launch, plan_of
 from parity.launch.process import alive, descendants
 from test_launch import parity_ranks
 from test_plan import record_bytes
@@ -43,17 +54,18 @@ def free_port() -> int:
 
 
 def parity_run(case: Path, out: Path, cache: Path, *extra: str, node: int | None = None,
-               port: int | None = None, log: Path | None = None) -> subprocess.Popen:
+               port: int | None = None, log: Path | None = None, nnodes: int = 2) -> subprocess.Popen:
     argv = [sys.executable, "-m", "parity.cli", "run", str(case), "--device", "cpu", "--out", str(out),
             "--baselines", str(case.parent / "baselines"), "--no-report", *extra]
     if node is not None:
-        argv += ["--nnodes", "2", "--node-rank", str(node), "--rdzv-endpoint", f"localhost:{port}"]
+        argv += ["--nnodes", str(nnodes), "--node-rank", str(node), "--rdzv-endpoint", f"localhost:{port}"]
     with open(log or out.parent / f"{out.name}-node{node}.log", "w") as f:
         return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PARITY_CACHE=str(cache)))
 
 
-def two_nodes(case: Path, out: Path, cache: Path, *extra: str) -> tuple[subprocess.Popen, subprocess.Popen]:
-    port = free_port()
+def two_nodes(case: Path, out: Path, cache: Path, *extra: str, port: int | None = None
+              ) -> tuple[subprocess.Popen, subprocess.Popen]:
+    port = port or free_port()
     follower = parity_run(case, out, cache, *extra, node=1, port=port)  # either may start first
     leader = parity_run(case, out, cache, *extra, node=0, port=port)
     return leader, follower
@@ -92,14 +104,83 @@ def _parity_clis(scope: Path) -> list[int]:
     return pids
 
 
+class Forger(threading.Thread):
+    """Someone on the rendezvous port without the secret: lists the store's keys as any client can and
+    keeps overwriting parity's messages (hellos, answers, launches, results) with forged ones in the
+    old, unsigned format, plants them under keys not yet written, copies a genuine launch message to
+    the next launch's key, and notes where the store listens. It leaves alone only the claims and the
+    byes: a bye, the last message of a run, cannot be put back once its writer has exited (a forged
+    one keeps node 0 waiting BYE_WAIT_S, then it exits as it would have)."""
+
+    PLANTED = {"parity/launch/1": {"name": "launch1", "plan": "/tmp/evil.json", "nproc": 64, "timeout_s": 1,
+                                   "progress": "/tmp/p"},
+               "parity/launch/2": {"done": 3}, "parity/launch/3": {"done": 3},  # a node that obeyed would exit 3
+               "parity/result/launch1/0": {"status": "failed", "message": "forged"},
+               "parity/result/launch1/1": {"status": "failed", "message": "forged"}}
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.port, self.stop, self.listening = port, threading.Event(), None
+
+    def run(self):
+        from torch.distributed import TCPStore
+
+        while not self.stop.is_set():
+            try:
+                store = TCPStore("localhost", self.port, is_master=False, timeout=timedelta(seconds=5))
+                break
+            except RuntimeError:  # node 0 is not up yet
+                time.sleep(0.2)
+        else:
+            return
+        self.listening = listening(self.port)
+        genuine, turn = None, 0
+        try:
+            while not self.stop.is_set():
+                found = [k for k in store.list_keys() if k.startswith("parity/")
+                         and not k.startswith(("parity/claim/", "parity/bye/"))]
+                if "parity/launch/1" in found and b'"mac"' in (value := store.get("parity/launch/1")):
+                    genuine = value  # node 0's first launch message, signed
+                for key in sorted(set(found) | set(self.PLANTED)):
+                    store.set(key, json.dumps(self.PLANTED.get(key, {"done": 3})))
+                turn += 1
+                if genuine and turn % 2:
+                    store.set("parity/launch/2", genuine)  # replayed where node 1 looks for the next launch
+                time.sleep(0.5)
+        except RuntimeError:  # node 0 has gone: the run is over
+            pass
+
+
 def test_two_nodes_of_four_ranks_match_one_launch_of_eight_bitwise(write_case, tmp_path, seed_cache,
                                                                     no_stray_processes):
+    """The 2-node run is bit-identical to one launch of 8 ranks, with a forger on the rendezvous port
+    all along: no forged launch, plan, rank count, result or "done" is acted on, and node 0 names them."""
     case = write_case(CASE.format(steps=3, extra=""))
     one = parity_run(case, tmp_path / "one", seed_cache, "--update-baselines=new", log=tmp_path / "one.log")
     assert one.wait(timeout=300) == 0, (tmp_path / "one.log").read_text()
-    leader, follower = two_nodes(case, tmp_path / "two", seed_cache)
-    assert leader.wait(timeout=300) == 0, log_of(tmp_path / "two", 0)
-    assert follower.wait(timeout=60) == 0, log_of(tmp_path / "two", 1)
+    port = free_port()
+    forger = Forger(port)
+    forger.start()
+    leader, follower = two_nodes(case, tmp_path / "two", seed_cache, port=port)
+    try:
+        assert leader.wait(timeout=300) == 0, log_of(tmp_path / "two", 0)
+        assert follower.wait(timeout=60) == 0, log_of(tmp_path / "two", 1)
+    finally:
+        forger.stop.set()
+        forger.join(timeout=30)
+    assert forger.listening == ["127.0.0.1"]  # the store's socket: the endpoint's address only
+    said = log_of(tmp_path / "two", 0)
+    # Node 0 names what it refused and put back, and what node 1 refused: forged results on both sides
+    # (each node polls the other's while its own part runs, and the forger planted them first), and the
+    # forged launch (64 ranks, another plan) it put back; both nodes ran 4 ranks (the rank logs above).
+    # Whether node 1 reads a planted "done" or a forged launch before node 0's genuine one is a matter
+    # of timing here; test_a_forged_done_is_refused_and_named_by_node_0 pins that down.
+    for line in ["parity: node 0: refused parity/result/launch1/1 (malformed: not a signed parity message): "
+                 """b'{"status": "failed", "message": "forged"}'""",
+                 "parity: node 0: put back parity/launch/1, found overwritten with b'{\"name\": \"launch1\", "
+                 "\"plan\": \"/tmp/evil.json\", \"nproc\": 64",
+                 "parity: node 0: node 1 refused parity/result/launch1/0 (malformed: not a signed parity message)"]:
+        assert line in said, said
     for setup in ("replicate", "hsdp"):
         assert record_bytes(tmp_path / "two", "case", setup) == record_bytes(tmp_path / "one", "case", setup), setup
         run = records.read_json(tmp_path / "two" / "case" / setup / "run.json")
@@ -109,6 +190,8 @@ def test_two_nodes_of_four_ranks_match_one_launch_of_eight_bitwise(write_case, t
     assert "matches" in log_of(tmp_path / "two", 0)  # node 0 judged against the baselines the 8-rank run wrote
     assert "launch1: ok" in log_of(tmp_path / "two", 1)
     assert (tmp_path / "two" / ".nodes" / "node1" / "launch1.log").is_file()  # node 1's torchrun log
+    assert not (tmp_path / "two" / ".nodes" / "secret").exists()  # the run's secret ends with the run
+    assert foreign_entries(tmp_path / "two") == []  # a next run may use the same --out
 
 
 def test_killing_one_nodes_agent_fails_the_run_on_both_and_leaves_nothing(write_case, tmp_path, seed_cache,
@@ -155,6 +238,9 @@ def test_slurm_job_script_runs_one_parity_per_node(write_case, tmp_path, seed_ca
     assert "--gpus-per-node" not in script  # a CPU run asks for no GPUs
     assert f"#SBATCH --chdir={tmp_path}" in script
     assert "--node-rank \"$SLURM_NODEID\"" in script and "--nnodes 2" in script and str(case) in script
+    # One secret per job, made by the batch script unless the submitter set one; srun passes it to every node.
+    assert 'if [ -z "${PARITY_RDZV_SECRET:-}" ]; then PARITY_RDZV_SECRET=$(' in script
+    assert "secrets.token_hex(32)" in script and "export PARITY_RDZV_SECRET" in script
     gpu_script = subprocess.run([*argv[:6], "cuda", *argv[7:]], capture_output=True, text=True, check=True).stdout
     assert "#SBATCH --gpus-per-node=1" in gpu_script  # 2 ranks over 2 nodes
 
@@ -166,6 +252,7 @@ def test_slurm_job_script_runs_one_parity_per_node(write_case, tmp_path, seed_ca
         "srun": '\n'.join([
             'if [ "$1" = "--nodes=1" ]; then shift 4; exec "$@"; fi  # srun --nodes=1 --ntasks=1 -w HOST CMD',
             'shift  # --kill-on-bad-exit=1',
+            '[ "${#PARITY_RDZV_SECRET}" -eq 64 ] && echo yes > "$SRUN_LOGS/secret-passed"  # the job made one',
             'pids=(); for i in 0 1; do SLURM_NODEID=$i "$@" > "$SRUN_LOGS/task$i.log" 2>&1 & pids+=($!); done',
             'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc']),
     }
@@ -179,6 +266,7 @@ def test_slurm_job_script_runs_one_parity_per_node(write_case, tmp_path, seed_ca
     assert job.returncode == 0, logs + job.stderr
     assert "case: PASS" in (tmp_path / "task0.log").read_text()  # node 0 judged
     assert "launch1: ok" in (tmp_path / "task1.log").read_text()  # node 1 followed
+    assert (tmp_path / "secret-passed").read_text() == "yes\n"  # srun handed the job's secret to the nodes
     assert records.read_json(out / "case" / "replicate" / "run.json")["world_size"] == 2
 
 
@@ -215,13 +303,259 @@ def test_bad_node_arguments_are_one_line_and_exit_2(write_case, tmp_path, extra,
     assert not (tmp_path / "out").exists()
 
 
-def test_a_node_given_other_cases_is_refused_on_both(write_case, tmp_path, seed_cache, no_stray_processes):
+def test_a_node_given_other_cases_or_a_taken_rank_is_refused(write_case, tmp_path, seed_cache, no_stray_processes):
+    """Three nodes (world size 6): a second node claiming --node-rank 1 is refused at once, one line and
+    exit 2; then node 1's other case is refused on every node before anything is written."""
+    from torch.distributed import TCPStore
+
     port = free_port()
-    case = write_case(CASE.format(steps=2, extra=""))
-    other = write_case(CASE.format(steps=3, extra=""), name="other")
-    follower = parity_run(other, tmp_path / "out", seed_cache, node=1, port=port)
-    leader = parity_run(case, tmp_path / "out", seed_cache, node=0, port=port)
-    assert leader.wait(timeout=120) == 2 and follower.wait(timeout=60) == 2
-    for node in (0, 1):
-        assert "node(s) 1 were given other cases, case files or options" in log_of(tmp_path / "out", node)
-    assert not (tmp_path / "out").exists()  # refused before anything was written
+    case = write_case(CASE.format(steps=2, extra="").replace("= 8", "= 6"))
+    other = write_case(CASE.format(steps=3, extra="").replace("= 8", "= 6"), name="other")
+    out = tmp_path / "out"
+    follower = parity_run(other, out, seed_cache, node=1, port=port, nnodes=3)
+    leader = parity_run(case, out, seed_cache, node=0, port=port, nnodes=3)
+    watcher = None
+    deadline = time.monotonic() + 120
+    while watcher is None or not watcher.check(["parity/claim/1"]):  # node 1 has joined
+        assert time.monotonic() < deadline, log_of(out, 0)
+        try:
+            watcher = watcher or TCPStore("localhost", port, is_master=False, timeout=timedelta(seconds=5))
+        except RuntimeError:
+            pass
+        time.sleep(0.2)
+    second = parity_run(case, out, seed_cache, node=1, port=port, nnodes=3, log=tmp_path / "second.log")
+    assert second.wait(timeout=60) == 2
+    assert (tmp_path / "second.log").read_text().strip() == ("parity: error: --node-rank 1: another node already "
+                                                             "joined as --node-rank 1; allowed: a rank from 1 to 2 "
+                                                             "that no other node of this run has")
+    third = parity_run(case, out, seed_cache, node=2, port=port, nnodes=3)
+    assert leader.wait(timeout=120) == 2 and follower.wait(timeout=60) == 2 and third.wait(timeout=60) == 2
+    for node in (0, 1, 2):
+        assert "node(s) 1 were given other cases, case files or options" in log_of(out, node)
+    assert "parity: node 0: another node also tried to join as --node-rank 1; it was refused" in log_of(out, 0)
+    assert not out.exists()  # refused before anything was written (node 0's secret file is gone with its folders)
+
+
+# The message layer, fast: real TCPStores in this process, no torchrun.
+
+SECRET = b"s" * 32
+RUN, OLD_RUN = "a" * 32, "b" * 32
+
+
+@pytest.fixture
+def store():
+    """A store, and a second client on it without the secret: anyone who reaches the port."""
+    from torch.distributed import TCPStore
+
+    served = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    attacker = TCPStore("127.0.0.1", served.port, is_master=False, timeout=timedelta(seconds=10))
+    yield served, attacker
+
+
+def test_a_signed_message_verifies_only_at_its_key_in_its_run():
+    raw = sign(SECRET, "parity/launch/1", RUN, {"done": 0})
+    assert verify(SECRET, "parity/launch/1", raw, RUN) == {"done": 0}
+    outer = json.loads(raw)
+    tampered = json.dumps({**outer, "msg": outer["msg"].replace('"done": 0', '"done": 1')}).encode()
+    for key, value, run, reason in [
+            ("parity/launch/1", tampered, RUN, "bad signature"),
+            ("parity/launch/1", sign(b"x" * 32, "parity/launch/1", RUN, {"done": 0}), RUN, "bad signature"),
+            ("parity/launch/2", raw, RUN, "wrong key binding: signed for 'parity/launch/1'"),  # copied to another key
+            ("parity/launch/1", raw, OLD_RUN, f"wrong run: signed for run '{RUN}'"),  # replayed into another run
+            ("parity/launch/1", b'{"done": 0}', RUN, "malformed: not a signed parity message"),
+            ("parity/launch/1", b"\xff" * 10, RUN, "malformed"),
+            ("parity/launch/1", b"[" * 60000, RUN, "malformed: not a signed parity message"),  # deeper than Python's stack
+            ("parity/launch/1", b" " * (70 * 1024), RUN, "malformed: 71680 bytes")]:
+        with pytest.raises(Refused) as refused:
+            verify(SECRET, key, value, run)
+        assert str(refused.value).startswith(reason), (reason, str(refused.value))
+
+
+def test_an_old_runs_go_message_is_refused_by_a_new_hello(store):
+    """The operator's secret is reused, so an old run's signed go verifies; it answers another nonce."""
+    served, attacker = store
+    old_nonce, nonce = secrets.token_hex(16), secrets.token_hex(16)
+    attacker.set("parity/go/1", sign(SECRET, "parity/go/1", "", {"nonce": old_nonce, "run": OLD_RUN, "refusal": ""}))
+    follower = Channel(served, SECRET, 1)
+    assert follower.read("parity/go/1", check_go(nonce), run="") is None
+    assert follower.report() == [f"refused parity/go/1 (wrong run: it answers another hello (replayed from an older "
+                                 f"run?)): {shown(attacker.get('parity/go/1'))}"]
+    Channel(served, SECRET, 0, RUN).post("parity/go/1", {"nonce": nonce, "run": RUN, "refusal": ""}, run="")
+    assert follower.read("parity/go/1", check_go(nonce), run="") == {"nonce": nonce, "run": RUN, "refusal": ""}
+
+
+def test_forged_messages_are_named_skipped_and_overwritten_ones_put_back(store, capsys):
+    served, attacker = store
+    leader, follower = Channel(served, SECRET, 0, RUN), Channel(served, SECRET, 1, RUN)
+    leader.post("parity/launch/1", {"name": "launch1", "plan": "/x/launch1.json", "sha256": "0" * 64, "timeout_s": 9})
+    genuine = attacker.get("parity/launch/1")
+    attacker.set("parity/launch/2", genuine)  # a genuine message copied to the next launch's key
+    assert follower.read("parity/launch/2", check_launch) is None
+    attacker.set("parity/launch/1", json.dumps({"done": 0}))  # a forged "done", in the old format
+    assert follower.read("parity/launch/1", check_launch) is None
+    leader._kept = 0.0  # its next poll checks its own messages now
+    leader.keep_posted()
+    assert follower.read("parity/launch/1", check_launch)["name"] == "launch1"
+    attacker.delete_key("parity/launch/1")
+    leader._kept = 0.0
+    leader.keep_posted()
+    assert attacker.get("parity/launch/1") == genuine
+    assert follower.report() == [
+        "refused parity/launch/2 (wrong key binding: signed for 'parity/launch/1'): " + shown(genuine),
+        "refused parity/launch/1 (malformed: not a signed parity message): " + shown(b'{"done": 0}')]
+    assert leader.report() == ["put back parity/launch/1, found overwritten with " + shown(b'{"done": 0}')]
+    err = capsys.readouterr().err  # each named once, as it happened
+    assert "parity: node 1: refused parity/launch/2 (wrong key binding" in err
+    assert "parity: node 0: put back parity/launch/1" in err
+
+
+def test_what_a_node_names_is_bounded_and_escaped(store, capsys):
+    served, attacker = store
+    follower = Channel(served, SECRET, 1, RUN)
+    for k in range(MAX_NOTES + 5):
+        attacker.set(f"parity/launch/{k}", "\x1b[2J" + "x" * 500)  # a terminal escape, and long
+        attacker.set(f"parity/launch/{k}", "\x1b[2J" + "y" * 500)  # the same key and reason again: named once
+        assert follower.read(f"parity/launch/{k}", check_launch) is None
+        follower.read(f"parity/launch/{k}", check_launch)
+    report = follower.report()
+    assert len(report) == MAX_NOTES + 1 and report[-1] == "refused or put back 5 more message(s), not listed"
+    assert is_report(report) and all("\x1b" not in line and len(line) < 250 for line in report)
+    assert len(capsys.readouterr().err.splitlines()) == MAX_NOTES
+
+
+def test_a_forged_done_is_refused_and_named_by_node_0(tmp_path, capsys):
+    """Node 0 and node 1 (threads here, on a real store, with no launch between them): a "done" forged
+    before node 0 sends its own, in the old format and then with a made-up MAC, is refused by node 1,
+    which exits with node 0's code; node 0 names both."""
+    from torch.distributed import TCPStore
+
+    port, agreed, said = free_port(), "d" * 64, []
+    leader, code = [], []
+    lead = threading.Thread(target=lambda: leader.append(
+        nodes.Leader(nodes.parse_nodes(2, 0, f"localhost:{port}"), agreed, tmp_path, 30, SECRET)))
+    lead.start()
+    follow = threading.Thread(target=lambda: code.append(
+        nodes.follow(nodes.parse_nodes(2, 1, f"localhost:{port}"), agreed, tmp_path, 30, SECRET)))
+    follow.start()
+    lead.join(timeout=60)
+    attacker = TCPStore("localhost", port, is_master=False, timeout=timedelta(seconds=10))
+    forged = [b'{"done": 3}', json.dumps({"msg": json.dumps({"key": "parity/launch/1", "run": leader[0].channel.run,
+                                                             "body": {"done": 3}}), "mac": "0" * 64}).encode()]
+    for value, reason in zip(forged, ["malformed: not a signed parity message", "bad signature"]):
+        attacker.set("parity/launch/1", value)
+        deadline = time.monotonic() + 30
+        while f"refused parity/launch/1 ({reason})" not in "".join(said):
+            assert time.monotonic() < deadline, "".join(said)
+            said.append(capsys.readouterr().err)
+            time.sleep(0.1)
+    leader[0].finish(0)
+    follow.join(timeout=30)
+    said.append(capsys.readouterr().err)
+    assert code == [0]
+    for value, reason in zip(forged, ["malformed: not a signed parity message", "bad signature"]):
+        assert f"parity: node 0: node 1 refused parity/launch/1 ({reason}): {shown(value)}" in "".join(said)
+
+
+def test_launch_messages_are_checked_field_by_field():
+    good = {"name": "launch1", "plan": "/o/launch1.json", "sha256": "0" * 64, "timeout_s": 900.0}
+    check_launch(good)
+    check_launch({"done": 1})
+    for bad in [{**good, "nproc": 64}, {**good, "timeout_s": math.nan}, {**good, "timeout_s": math.inf},
+                {**good, "timeout_s": -1}, {**good, "timeout_s": True}, {**good, "timeout_s": "9"},
+                {**good, "name": "../x"}, {**good, "sha256": "0" * 63}, {**good, "plan": 7},
+                {"done": "0"}, {"done": 300}, {"done": True}, {"done": 0, "name": "launch1"}]:
+        with pytest.raises(Refused, match="malformed"):
+            check_launch(bad)
+
+
+def test_a_follower_runs_only_the_announced_plan_from_its_own_out(tmp_path):
+    out = tmp_path / "out"
+    (out / ".launch-x").mkdir(parents=True)
+    plan = out / ".launch-x" / "launch1.json"
+    plan.write_text(json.dumps({"world_size": 8, "progress": str(out / "p")}))
+    doc = {"name": "launch1", "plan": str(plan), "sha256": nodes.sha256(plan.read_bytes()), "timeout_s": 9}
+    assert plan_of(doc, out, 2) == (plan, 4, out / "p")  # 8 ranks over 2 nodes: 4 here, whatever a message says
+    elsewhere = tmp_path / "evil.json"
+    elsewhere.write_bytes(plan.read_bytes())
+    (out / "link.json").symlink_to(elsewhere)
+    for changed, count, reason in [
+            ({"plan": str(elsewhere)}, 2, "is not inside this node's --out"),
+            ({"plan": str(out / "link.json")}, 2, "is not inside this node's --out"),
+            ({"plan": str(out / ".launch-x" / ".." / ".." / "evil.json")}, 2, "is not inside this node's --out"),
+            ({"plan": "launch1.json"}, 2, "is not inside this node's --out"),  # relative: to what?
+            ({"sha256": "0" * 64}, 2, "do not hash to what node 0 announced"),
+            ({"plan": str(out / "missing.json")}, 2, "cannot read it"),
+            ({}, 3, "world size 8 does not split over 3 nodes")]:
+        with pytest.raises(Refused, match=reason):
+            plan_of({**doc, **changed}, out, count)
+
+
+@pytest.mark.parametrize("value", ["short", "a" * 20 + " " + "a" * 20, "é" * 40, "a" * 40 + "\x1b[2J", "a" * 1025])
+def test_a_bad_secret_in_the_environment_is_named_and_not_echoed(value):
+    with pytest.raises(InputError) as bad:
+        env_secret({SECRET_ENV: value})
+    assert str(bad.value).startswith(f"{SECRET_ENV}: {len(value)} characters, not all allowed; allowed: 32 to 1024")
+    assert value not in str(bad.value)
+    assert env_secret({SECRET_ENV: "k" * 32}) == b"k" * 32 and env_secret({}) is None
+
+
+def test_a_secret_file_is_read_only_if_it_is_ours_private_and_well_formed(tmp_path):
+    path = tmp_path / "secret"
+    secret = write_secret(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and read_secret(path) == secret and len(secret) == 64
+    assert [p.name for p in tmp_path.iterdir()] == ["secret"]  # no temporary file left
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(InputError, match="cannot read the run's secret"):
+        read_secret(link)
+    with pytest.raises(InputError, match="is not a regular file"):
+        read_secret(fifo)
+    with pytest.raises(InputError, match="cannot read the run's secret .No such file"):
+        read_secret(tmp_path / "missing")
+    path.chmod(0o640)
+    with pytest.raises(InputError, match="has mode 0640"):
+        read_secret(path)
+    path.chmod(0o600)
+    if os.getuid() == 0:  # only root can give the file away; elsewhere the other checks stand
+        os.chown(path, 12345, -1)
+        with pytest.raises(InputError, match="is owned by uid 12345, not by you"):
+            read_secret(path)
+        os.chown(path, 0, -1)
+    path.write_text("not hex " * 8)
+    with pytest.raises(InputError, match="does not hold 64 hex digits"):
+        read_secret(path)
+
+
+def listening(port: int) -> list[str]:
+    """The local addresses with a socket listening on `port`, from /proc/net/tcp and tcp6."""
+    found = []
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # 32-bit words, each in the host's byte order
+                if sys.byteorder == "little":
+                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.append(socket.inet_ntop(family, raw))
+    return found
+
+
+def test_the_store_listens_on_the_endpoint_address_only():
+    port = free_port()
+    served = nodes._store(nodes.parse_nodes(2, 0, f"localhost:{port}"), serve=True, timeout_s=10)
+    assert listening(port) == ["127.0.0.1"]
+    with pytest.raises(ConnectionRefusedError):  # 127.0.0.2 is this machine too: a store on every interface answers
+        socket.create_connection(("127.0.0.2", port), timeout=5).close()
+    with pytest.raises(InputError, match=f"--rdzv-endpoint localhost:{port}: node 0 cannot host the rendezvous there "
+                                         r"\(Address already in use\); allowed: a free port"):
+        nodes._store(nodes.parse_nodes(2, 0, f"localhost:{port}"), serve=True, timeout_s=10)
+    del served
+    if socket.has_ipv6 and "::1" in (a[4][0] for a in socket.getaddrinfo("::1", 0)):  # where the host has IPv6
+        six = nodes.parse_nodes(2, 0, f"[::1]:{port}")
+        served = nodes._store(six, serve=True, timeout_s=10)
+        assert listening(port) == ["::1"] and six.rendezvous("l", 9)[2] == f"--rdzv-endpoint=[::1]:{port}"
+    with pytest.raises(InputError, match="node 0 cannot resolve 'no-such-host.invalid'"):
+        nodes._store(nodes.parse_nodes(2, 0, f"no-such-host.invalid:{port}"), serve=True, timeout_s=10)

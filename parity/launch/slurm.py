@@ -5,6 +5,8 @@ for its node (here through `parity run --node-rank R`, which starts one torchrun
 the plan). The job's first node is node 0: its address, asked of that node by `srun hostname`,
 is the rendezvous endpoint, and its `parity` hosts the rendezvous, judges and writes the report.
 The run directory and the seed cache (PARITY_CACHE) must be on a filesystem every node shares.
+The nodes' messages are signed with PARITY_RDZV_SECRET, which the script makes for the job unless
+the submitter set one (parity.launch.channel).
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ def job_script(run_args: list[str], nnodes: int, world_size: int, device: str, w
               "set -euo pipefail"]
     if nnodes == 1:
         return "\n".join(lines + ["exec " + shlex.join(parity)]) + "\n"
-    lines += ['head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+    make_secret = shlex.join([sys.executable, "-c", "import secrets; print(secrets.token_hex(32))"])
+    lines += ["# The nodes sign their messages with one secret per job, made here unless the submitter set",
+              "# PARITY_RDZV_SECRET: srun hands the environment to every node, and it never touches disk.",
+              f'if [ -z "${{PARITY_RDZV_SECRET:-}}" ]; then PARITY_RDZV_SECRET=$({make_secret}); fi',
+              "export PARITY_RDZV_SECRET",
+              'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
               'head_ip=$(srun --nodes=1 --ntasks=1 -w "$head_node" hostname --ip-address | awk \'{print $1}\')',
               f"parity=({shlex.join(parity)} --nnodes {nnodes} --rdzv-endpoint \"$head_ip:${{PARITY_RDZV_PORT:-{RDZV_PORT}}}\")",
               "# --kill-on-bad-exit: a node that fails takes the job down rather than leaving the others waiting.",
