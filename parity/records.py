@@ -63,14 +63,16 @@ _TEMPORARY = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")  # tempfile.mkstemp's 8
 
 
 @contextmanager
-def atomic_open(path: str | Path, mode: str = "w"):
+def atomic_open(path: str | Path, mode: str = "w", permissions: int | None = None):
     """A file object whose contents appear at `path` whole, on success only: a temporary file in the
-    same directory, renamed over `path`. Readers never see half a file."""
+    same directory, renamed over `path`. Readers never see half a file. `permissions`: the file's mode
+    bits, from its creation (default: what the umask allows)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600, O_EXCL
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a team's shared report must stay readable
+        # mkstemp makes 0600; a team's shared report must stay readable
+        os.fchmod(fd, 0o666 & ~current_umask() if permissions is None else permissions)
         with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
             yield f
             f.flush()

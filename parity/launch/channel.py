@@ -23,11 +23,11 @@ import re
 import secrets
 import stat
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from parity.errors import InputError
+from parity.records import atomic_open
 
 SECRET_ENV = "PARITY_RDZV_SECRET"
 SECRET_RULE = "32 to 1024 printable ASCII characters, no spaces (e.g. the output of `openssl rand -hex 32`)"
@@ -60,17 +60,8 @@ def env_secret(env=os.environ) -> bytes | None:
 def write_secret(path: Path) -> bytes:
     """A fresh secret in `path`, mode 0600 from its creation, appearing whole (renamed into place)."""
     secret = secrets.token_hex(32)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600, O_EXCL
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        with os.fdopen(fd, "w") as f:
-            f.write(secret + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, permissions=0o600) as f:  # whatever the umask
+        f.write(secret + "\n")
     return secret.encode()
 
 
