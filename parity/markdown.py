@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
-# Characters that start a link, an image, an HTML tag or entity, emphasis, a code span or a table cell.
-_ACTIVE = re.compile(r"([\\`*\[\]|<>&])")
+# Characters that start a link, an image, an HTML tag or entity, emphasis or a code span.
+_ACTIVE = re.compile(r"([\\`*\[\]<>&])")
 _ENTITY = {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
 _BACKTICKS = re.compile(r"`+")
 
@@ -27,6 +27,11 @@ def text(value) -> str:
     """Plain text: every character that Markdown would act on is escaped (a leading '#' too)."""
     s = _ACTIVE.sub(lambda m: _ENTITY.get(m.group(1), "\\" + m.group(1)), one_line(value))
     return "\\" + s if s.lstrip().startswith("#") else s
+
+
+def cell(value) -> str:
+    """text() for a table cell, where '|' would start the next cell."""
+    return text(value).replace("|", "\\|")
 
 
 def code(value) -> str:

@@ -635,7 +635,7 @@ SUMMARY_COLUMNS = ("case", "setups", "mode", "verdict", "ran on", "max rel diff 
 
 
 def _md_cell(value) -> str:
-    return markdown.text(value)
+    return markdown.cell(value)
 
 
 def md_table(columns, rows) -> str:

@@ -8,6 +8,7 @@ end run the combinations that used to crash or drop their wrapper.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,8 +189,15 @@ def test_replicate_with_one_replica_runs_and_keeps_its_policy(write_case, tmp_pa
     for plain, wrapped, mesh in pairs:
         run = records.read_json(out / case.name / wrapped / "run.json")
         assert (run["mesh_dim_names"], run["mesh_shape"]) == mesh  # the wrapper's dim exists, at size 1
-        # Averaging over one replica changes nothing: bit for bit the unwrapped setup.
-        assert _strip(_metrics(out, case, wrapped)) == _strip(_metrics(out, case, plain)), wrapped
+        # Averaging over one replica changes nothing: the loss bit for bit the unwrapped setup's. The
+        # recorded grad norm is assembled over the wrapped model's 2-D mesh (dp_replicate x tp) rather
+        # than the 1-D tp mesh, so its float32 rounding may differ in the last place: on an Intel Xeon
+        # (AVX512, torch 2.13) step 3 of replicate_1_tp reads 0.5313622951507568 against tp_only's
+        # 0.5313623547554016, one float32 ULP; on an AMD EPYC the two were equal.
+        got, want = _strip(_metrics(out, case, wrapped)), _strip(_metrics(out, case, plain))
+        assert [{**r, "grad_norm": None} for r in got] == [{**r, "grad_norm": None} for r in want], wrapped
+        for g, w in zip(got, want):
+            assert abs(g["grad_norm"] - w["grad_norm"]) <= np.spacing(np.float32(w["grad_norm"])), (wrapped, g, w)
     # The bf16 param_dtype is applied, not dropped: the numbers move, by bf16 rounding only.
     ref, got = _metrics(out, case, half[0]), _metrics(out, case, half[1])
     assert [r["loss"] for r in got] != [r["loss"] for r in ref]
