@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shlex
 
-# The documented way to run every case from any repository (README, examples/github-actions-8gpu.yml).
+# The documented way to run every case from any repository (docs/own-repository.md, examples/github-actions-8gpu.yml).
 PYTEST = ("pytest", "--pyargs", "parity")
 
 

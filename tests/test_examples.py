@@ -1,4 +1,4 @@
-"""The example CI workflow runs the command README documents and keeps the report when cases fail.
+"""The example CI workflow runs the command the docs give and keeps the report when cases fail.
 
 PyYAML is not a dependency, so the workflow is read as text: its steps are the `- ` entries under
 `steps:` (the file keeps one step per entry, keys indented below it).
@@ -15,11 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / "examples" / "github-actions-8gpu.yml"
 
 
-def readme_section(title: str) -> str:
-    text = (REPO / "README.md").read_text()
-    start = text.index(f"## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end != -1 else None]
+def doc_page(name: str) -> str:
+    return (REPO / "docs" / name).read_text()
 
 
 def code_blocks(text: str, lang: str) -> list[str]:
@@ -38,12 +35,12 @@ def step_value(step: str, key: str) -> str | None:
 
 
 def test_workflow_runs_readme_command_uploads_configured_out_always_and_fails_on_a_failed_verdict():
-    section = readme_section("Use it from your own repository")
+    section = doc_page("own-repository.md")
     documented = [line.split("#")[0].strip() for block in code_blocks(section, "sh") for line in block.splitlines()
                   if line.startswith(shlex.join(PYTEST)) and "-m 8gpu" in line]
     assert len(documented) == 1, documented
     out = tomllib.loads(code_blocks(section, "toml")[0])["tool"]["parity"]["out"]
-    assert f"uploads `{out}`" in section  # README says what the example uploads
+    assert f"uploads `{out}`" in section  # the docs say what the example uploads
 
     text = WORKFLOW.read_text()
     assert "continue-on-error" not in text  # a failed verdict must fail the job
