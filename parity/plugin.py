@@ -209,12 +209,13 @@ def pytest_sessionstart(session):
     from parity.rundir import check_apart, check_out, clear_earlier_outputs
 
     _, baselines, out = parity_paths(config)
+    out_from, baselines_from = setting_source(config, "out"), setting_source(config, "baselines")
     try:
         omp_threads()  # the environment, checked before anything runs
-        check_apart(out, baselines, setting_source(config, "out"), setting_source(config, "baselines"))
-        check_out(out, setting_source(config, "out"))  # a folder holding other work is refused before anything is written
+        check_apart(out, baselines, out_from, baselines_from)
+        check_out(out, out_from)  # a folder holding other work is refused before anything is written
         if config.getoption("parity_update_baselines"):  # found now, not after the training it would have stored
-            check_writable_dir(baselines, setting_source(config, "baselines"))
+            check_writable_dir(baselines, baselines_from)
         clear_earlier_outputs(out)  # only what an earlier parity session wrote there
     except InputError as e:
         raise pytest.UsageError(f"parity: {e}") from None

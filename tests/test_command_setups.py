@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from parity import compare, records
-from parity.launch.process import alive
+from parity.lifeline import alive
 from parity.runner import judge, run_case
 from parity.spec import load_case
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from parity import records
-from parity.launch.process import alive, descendants
+from parity.lifeline import alive, descendants
 from parity.runner import run_case
 from parity.spec import load_case
 

@@ -24,7 +24,7 @@ from parity.launch import nodes
 from parity.launch.channel import (MAX_NOTES, SECRET_ENV, Channel, Refused, env_secret, is_report, read_secret, shown,
                                    sign, verify, write_secret)
 from parity.launch.nodes import check_go, check_launch, plan_of
-from parity.launch.process import alive, descendants
+from parity.lifeline import alive, descendants
 from test_launch import parity_ranks
 from test_plan import record_bytes
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from parity.errors import InputError
+from parity.files import NotRegular, open_regular
 from parity.records import atomic_open
 
 SECRET_ENV = "PARITY_RDZV_SECRET"
@@ -69,14 +70,16 @@ def read_secret(path: Path) -> bytes:
     """The secret node 0 wrote, if `path` is a regular file (not a link) of ours, mode 0600, of the right form."""
     allowed = (f"allowed: the regular file node 0 writes there (yours, mode 0600, 64 hex digits), "
                f"or {SECRET_ENV} set alike on every node")
-    try:  # O_NOFOLLOW: a link is refused by the open itself; O_NONBLOCK: a FIFO cannot hang us
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:  # a link is refused (not followed), a FIFO cannot hang us
+        f = open_regular(path, follow_symlinks=False)
+    except NotRegular as e:
+        raise InputError(f"{path}: cannot read the run's secret, which is not a regular file ({e.kind}); "
+                         f"{allowed}") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read the run's secret ({e.strerror}); {allowed}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode) else
-                   f"is owned by uid {st.st_uid}, not by you" if st.st_uid != os.getuid() else
+    with f:
+        st = os.fstat(f.fileno())
+        problem = (f"is owned by uid {st.st_uid}, not by you" if st.st_uid != os.getuid() else
                    f"has mode {stat.S_IMODE(st.st_mode):04o}" if stat.S_IMODE(st.st_mode) != 0o600 else None)
         text = f.read(200) if problem is None else b""
     if problem is None and FILE_SECRET.fullmatch(text.decode("ascii", "replace")) is None:

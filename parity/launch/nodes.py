@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from parity import files
 from parity.errors import InputError
 from parity.launch.channel import Channel, Refused, is_report, pause, read_secret, shown, write_secret
 from parity.launch.process import LaunchResult, process_env, run_process
@@ -444,8 +445,7 @@ def plan_of(doc: dict, out: Path, count: int) -> tuple[Path, int, Path]:
     if not Path(doc["plan"]).is_absolute() or not path.is_relative_to(Path(out).resolve()):
         raise Refused(f"plan {shown(doc['plan'])} is not inside this node's --out {Path(out).resolve()}")
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_PLAN_BYTES + 1)
+        data = files.read_bytes(path, MAX_PLAN_BYTES)  # a FIFO swapped in on the shared filesystem cannot hang us
     except OSError as e:
         raise Refused(f"plan {path}: cannot read it ({e.strerror})") from None
     if sha256(data) != doc["sha256"]:

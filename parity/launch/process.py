@@ -21,7 +21,6 @@ from pathlib import Path
 from parity.errors import InputError
 from parity.files import read_tail
 from parity.lifeline import ERROR_MARK, end_processes, wrapped
-from parity.lifeline import alive, descendants  # noqa: F401 - the process table, for this module's callers
 
 DEFAULT_TIMEOUT_S = 900.0
 LOG_TAIL_LINES = 15
