@@ -40,9 +40,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout without installing
 
-from parity import ensemble, records  # noqa: E402
-from parity.runner import run_suite, seed_for  # noqa: E402
-from parity.spec import Setup, Tolerance, Train, load_case  # noqa: E402
+from parity.verdict import ensemble  # noqa: E402
+
+from parity.core import records
+from parity.run.runner import run_suite, seed_for  # noqa: E402
+from parity.case.spec import Setup, Tolerance, Train, load_case  # noqa: E402
 
 REFERENCE = "ref"
 NULLS = ("ref", "fsdp2")  # candidates a correct change could produce: they must pass
@@ -78,9 +80,9 @@ def perturbed_checkpoints(base: Path, count: int, where: Path) -> list[Path]:
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from parity.model import build_model
-    from parity.presets import PRESETS
-    from parity.seed import deterministic_writer
+    from parity.rank.model import build_model
+    from parity.core.presets import PRESETS
+    from parity.trainers.seed import deterministic_writer
 
     state = build_model(PRESETS["tiny"], 1, 0, torch.float32).state_dict()  # the shapes; values loaded next
     eps = torch.finfo(torch.float32).eps
@@ -99,7 +101,7 @@ def perturbed_checkpoints(base: Path, count: int, where: Path) -> list[Path]:
 
 
 def train_all(args, out: Path) -> dict:
-    """Every run of the study through parity.runner.run_suite, in --jobs threads (each waits on its own
+    """Every run of the study through parity.run.runner.run_suite, in --jobs threads (each waits on its own
     torchrun); returns {run name: {"loss": [...], "grad_norm": [...], "steps_s": float, "world_size": n}}."""
     case_path = out / "ensemble_study.toml"
     case_path.write_text(case_text(args))
@@ -152,14 +154,14 @@ def train_all(args, out: Path) -> dict:
 
 # ---- statistics ---------------------------------------------------------------------------------
 
-# The window rule is parity.ensemble's (mode = "statistical"), with the float32 default tolerances of
-# parity.spec as its floor: below them two runs differ by rounding, which `mode = "tolerance"` judges already.
+# The window rule is parity.verdict.ensemble's (mode = "statistical"), with the float32 default tolerances of
+# parity.case.spec as its floor: below them two runs differ by rounding, which `mode = "tolerance"` judges already.
 FLOOR = {"loss": Tolerance(1e-5, 0.0), "grad_norm": Tolerance(1e-4, 0.0)}
 
 
 def window_z(cand: dict, members: list[dict], metric: str, w: int, alpha: float, n_tests: int,
              after: int = 0) -> tuple[bool, float, int]:
-    """parity.ensemble's test on the steps after `after`: windows of w steps, z against the members' t
+    """parity.verdict.ensemble's test on the steps after `after`: windows of w steps, z against the members' t
     prediction band, alpha split (Bonferroni) over `n_tests` windows x metrics. Returns (failed,
     max |z| / limit, the last step of the first failing window or 0)."""
     def values(run):

@@ -2,7 +2,7 @@
 
 Trains the reference of the given statistical cases M times (their perturbation, members 1..M), and
 every setup of the cases (a layout that must pass, controls that must fail), through parity's runner;
-then draws D ensembles of K of the M members and tests with parity.ensemble.evaluate, exactly as a
+then draws D ensembles of K of the M members and tests with parity.verdict.ensemble.evaluate, exactly as a
 verdict does: every member left out of the draw (the null: the same config with another perturbation)
 and every setup. Prints per candidate the share of draws that fail, the median of max |z| / limit, and
 the median first failing window.
@@ -28,10 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from parity import ensemble  # noqa: E402
-from parity.compare import load_runs  # noqa: E402
-from parity.runner import run_suite  # noqa: E402
-from parity.spec import load_cases  # noqa: E402
+from parity.verdict import ensemble  # noqa: E402
+from parity.verdict.compare import load_runs  # noqa: E402
+from parity.run.runner import run_suite  # noqa: E402
+from parity.case.spec import load_cases  # noqa: E402
 
 
 def widened(cases, members: int):

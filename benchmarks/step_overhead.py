@@ -2,7 +2,7 @@
 
 The same model, batch, optimizer and determinism settings run twice: as a bare PyTorch loop
 (forward, backward, clip, AdamW step; nothing read back), and as parity's own training loop
-(parity.train.train_setup, which also keeps every loss and grad norm and writes the progress
+(parity.rank.train.train_setup, which also keeps every loss and grad norm and writes the progress
 file). Both are timed with the same clock (CUDA events on a GPU), alternating bare and harness
 rounds so that drift hits both; the first steps of every round are left out as warm-up.
 
@@ -28,11 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a c
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from parity import fingerprint, train  # noqa: E402
-from parity.data import Batches  # noqa: E402
-from parity.model import build_model  # noqa: E402
-from parity.seed import resolve_seed  # noqa: E402
-from parity.spec import Setup, Train  # noqa: E402
+from parity.core import fingerprint  # noqa: E402
+
+from parity.rank import train
+from parity.rank.data import Batches  # noqa: E402
+from parity.rank.model import build_model  # noqa: E402
+from parity.trainers.seed import resolve_seed  # noqa: E402
+from parity.case.spec import Setup, Train  # noqa: E402
 
 
 def bare_loop(t: Train, ckpt: str, device: torch.device) -> list[float]:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from parity import records
-from parity.errors import InputError
-from parity.rundir import case_lock, prepare_out
-from parity.runner import run_case
-from parity.spec import Case
+from parity.core import records
+from parity.core.errors import InputError
+from parity.run.rundir import case_lock, prepare_out
+from parity.run.runner import run_case
+from parity.case.spec import Case
 
 ORACLE = "oracle_float64"
 METRICS = ("loss", "grad_norm", "weights")
@@ -42,7 +42,7 @@ def errors_against_oracle(run_dir: Path, case: Case) -> dict[str, dict[str, floa
     """{setup: {metric: max relative error against the oracle}}
 
     For weights, the norms' and the sketches' errors, each relative to the oracle's norm: the
-    weights lane bounds both with one rtol (parity.compare.compare_weights).
+    weights lane bounds both with one rtol (parity.verdict.compare.compare_weights).
     """
     out = {}
     for s in case.setups:

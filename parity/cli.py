@@ -12,15 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-from parity import records
+from parity.core import records
 from parity.config import DEVICES, Settings, layered, project_settings
-from parity.errors import InputError
-from parity.launch.process import DEFAULT_TIMEOUT_S
-from parity.paths import inside, name_problem
-from parity.plan import PLANS
-from parity.spec import MAX_STEPS, load_cases
+from parity.core.errors import InputError
+from parity.core.process import DEFAULT_TIMEOUT_S
+from parity.core.paths import inside, name_problem
+from parity.run.plan import PLANS
+from parity.case.spec import MAX_STEPS, load_cases
 
-# parity.evidence.FORMATS, spelt out: importing that module here would load matplotlib for every command.
+# parity.report.evidence.FORMATS, spelt out: importing that module here would load matplotlib for every command.
 EVIDENCE_FORMATS = ("mermaid", "png")
 
 UPDATE_MODES = ("failing", "new", "all")
@@ -37,7 +37,7 @@ def _load_cases(paths: list[str], baseline_root: str | None = None, update: str 
     """Every case validated (and, with a baseline root, its stored baselines readable) before anything runs."""
     cases = load_cases(paths)
     if baseline_root is not None:
-        from parity.baselines import check_case_files
+        from parity.verdict.baselines import check_case_files
 
         for case in cases:
             check_case_files(case, Path(baseline_root), update)
@@ -49,7 +49,7 @@ TABLE_STEPS, TABLE_HEAD, TABLE_TAIL = 40, 10, 5  # a longer run's table shows it
 
 def step_table(case, run_dir: Path) -> str:
     """Side by side: step, then loss and grad norm of every setup, '=' where bitwise equal to the reference."""
-    from parity.compare import bitwise_equal  # the one equality rule: same 8 bytes, never NaN or Inf
+    from parity.verdict.compare import bitwise_equal  # the one equality rule: same 8 bytes, never NaN or Inf
 
     series = {}
     for s in case.setups:
@@ -97,12 +97,12 @@ def run_argv(args) -> list[str]:
 
 
 def cmd_run(args) -> int:
-    from parity.launch.channel import env_secret
-    from parity.launch.nodes import check_splits, digest, parse_nodes
-    from parity.launch.process import omp_threads
-    from parity.paths import check_writable_dir
-    from parity.rundir import check_apart, check_out
-    from parity.runner import resolve_device, visible_gpus
+    from parity.run.launch.channel import env_secret
+    from parity.run.launch.nodes import check_splits, digest, parse_nodes
+    from parity.core.process import omp_threads
+    from parity.core.paths import check_writable_dir
+    from parity.run.rundir import check_apart, check_out
+    from parity.run.runner import resolve_device, visible_gpus
 
     omp_threads()  # the environment, checked before anything runs
     check_apart(Path(args.out), Path(args.baselines), _source(args, "out"), _source(args, "baselines"))
@@ -124,10 +124,10 @@ def cmd_run(args) -> int:
     check_splits(nodes.count, cases)
     agreed = digest([[c.name, c.sha256] for c in cases] + [devices, args.steps, args.repeat, args.plan, nodes.count])
     if not nodes.leads:
-        from parity.launch.nodes import follow
+        from parity.run.launch.nodes import follow
 
         return follow(nodes, agreed, Path(args.out), args.timeout, secret)
-    from parity.launch.nodes import Leader
+    from parity.run.launch.nodes import Leader
 
     check_out(Path(args.out))  # node 0 writes the run's secret there before the others join
     leader = Leader(nodes, agreed, Path(args.out), args.timeout, secret)
@@ -150,16 +150,16 @@ def _run_here(args, cases, devices, leader=None) -> int:
     """Run, judge and report the cases from this process (alone, or as node 0 of several)."""
     from contextlib import ExitStack
 
-    from parity import compare
-    from parity.progress import Progress
-    from parity.rundir import case_lock, check_out, claim, prepare_out
-    from parity.runner import judge_run, run_suite, seed_or_none
+    from parity.verdict import compare
+    from parity.run.progress import Progress
+    from parity.run.rundir import case_lock, check_out, claim, prepare_out
+    from parity.run.runner import judge_run, run_suite, seed_or_none
 
     check_out(Path(args.out))
     seeds = {c.name: seed_or_none(c, None, devices[c.name], args.timeout) for c in cases}
     out = prepare_out(Path(args.out))
     if leader is not None:
-        from parity.launch.nodes import NODE_LOGS
+        from parity.run.launch.nodes import NODE_LOGS
 
         claim(out, NODE_LOGS)  # the other nodes write their logs there
     progress = Progress()
@@ -191,7 +191,7 @@ def _run_here(args, cases, devices, leader=None) -> int:
     ran = {c.name for c in cases}
     print(f"\ncases per device: {compare.device_counts(out, ran)[1]}")
     if not args.no_report:
-        from parity.report import write_report
+        from parity.report.pages import write_report
 
         md, html = write_report(out)
         print(f"\nreport: {md}  {html}")
@@ -203,16 +203,16 @@ def _submit_slurm(args) -> int:
     import shutil
     import subprocess
 
-    from parity.launch.slurm import job_script
-    from parity.rundir import claim, prepare_out
+    from parity.run.launch.slurm import job_script
+    from parity.run.rundir import claim, prepare_out
 
     if args.node_rank is not None or args.rdzv_endpoint is not None:
         raise UsageError("--launcher slurm: the job script sets --node-rank and --rdzv-endpoint on each node; "
                          "allowed: leave them out")
     cases = _load_cases(args.cases, args.baselines, args.update_baselines)
     if args.nnodes > 1:
-        from parity.launch.channel import env_secret
-        from parity.launch.nodes import check_splits
+        from parity.run.launch.channel import env_secret
+        from parity.run.launch.nodes import check_splits
 
         check_splits(args.nnodes, cases)
         env_secret()  # an operator's secret, which the job inherits, checked now rather than on the cluster
@@ -245,8 +245,8 @@ def cmd_list(args) -> int:
 
 def cmd_compare(args) -> int:
     """Re-judge an existing run directory (e.g. one copied from a GPU cluster) without running anything."""
-    from parity import compare
-    from parity.runner import judge
+    from parity.verdict import compare
+    from parity.run.runner import judge
 
     run_dir = _existing_dir(args.run_dir, "RUN_DIR")
     failed = False
@@ -259,7 +259,7 @@ def cmd_compare(args) -> int:
 
 def cmd_locate(args) -> int:
     """Where each pair's probes first part, for an existing run directory; a viewer: exit 0 (2 on bad input)."""
-    from parity.localize import locate_text
+    from parity.verdict.localize import locate_text
 
     run_dir = _existing_dir(args.run_dir, "RUN_DIR")
     cases = _load_cases(args.cases)
@@ -271,7 +271,7 @@ def cmd_locate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from parity.report import regression_report, write_report
+    from parity.report.pages import regression_report, write_report
 
     run_dir = _run_dir(args.run_dir, "RUN_DIR")
     against = _run_dir(args.against, "--against") if args.against else None
@@ -285,7 +285,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_evidence(args) -> int:
-    from parity.evidence import evidence
+    from parity.report.evidence import evidence
 
     run_dir = _run_dir(args.run_dir, "RUN_DIR")
     if args.case is not None:
@@ -298,7 +298,7 @@ def cmd_evidence(args) -> int:
 
 
 def cmd_baselines(args) -> int:
-    from parity import baselines
+    from parity.verdict import baselines
 
     root = Path(args.baselines)
     if args.action == "lint":
@@ -332,7 +332,7 @@ def _existing_dir(p: str, what: str) -> Path:
 
 def _run_dir(p: str, what: str) -> Path:
     """A directory holding at least one case run (what `parity run` writes), checked before anything is drawn."""
-    from parity.report import find_cases
+    from parity.report.pages import find_cases
 
     path = _existing_dir(p, what)
     if not find_cases(path):

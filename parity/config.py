@@ -22,8 +22,8 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from parity import files
-from parity.errors import InputError
+from parity.core import files
+from parity.core.errors import InputError
 
 DEVICES = ("auto", "cpu", "cuda")
 KEYS = ("cases", "baselines", "out", "device")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from parity.gpupool import GpuPool, pool_dir, visible_gpu_ids
+from parity.run.gpupool import GpuPool, pool_dir, visible_gpu_ids
 
 WORLD_MARKERS = {1: "1gpu", 2: "2gpu", 4: "4gpu", 8: "8gpu"}
 MARKERS = {
@@ -28,7 +28,7 @@ MARKERS = {
     "command": "case runs a setup through its own training command (trainer = \"command\")",
 }
 def markers_for(case) -> list[str]:
-    from parity.spec import attention_problem
+    from parity.case.spec import attention_problem
 
     names = []
     if all(attention_problem(case, s, "cpu") is None for s in case.setups):
@@ -116,7 +116,7 @@ def parity_settings(config):
     if cached is not None:
         return cached
     from parity.config import Settings, ini_settings, layered, project_settings
-    from parity.errors import InputError
+    from parity.core.errors import InputError
 
     def option(name):
         value = config.getoption(name)
@@ -162,9 +162,9 @@ def load_parity_cases(config):
     cached = getattr(config, "_parity_cases", None)
     if cached is not None:
         return cached
-    from parity.baselines import check_case_files
-    from parity.errors import InputError
-    from parity.spec import load_cases
+    from parity.verdict.baselines import check_case_files
+    from parity.core.errors import InputError
+    from parity.case.spec import load_cases
 
     cases_dir, baseline_root, _ = parity_paths(config)
     if not cases_dir.is_dir():
@@ -203,10 +203,10 @@ def pytest_sessionstart(session):
     if not _collects_cases(config):
         return
     load_parity_cases(config)  # a bad case stops the session here, as a usage error (exit 4)
-    from parity.errors import InputError
-    from parity.launch.process import omp_threads
-    from parity.paths import check_writable_dir
-    from parity.rundir import check_apart, check_out, clear_earlier_outputs
+    from parity.core.errors import InputError
+    from parity.core.process import omp_threads
+    from parity.core.paths import check_writable_dir
+    from parity.run.rundir import check_apart, check_out, clear_earlier_outputs
 
     _, baselines, out = parity_paths(config)
     out_from, baselines_from = setting_source(config, "out"), setting_source(config, "baselines")
@@ -245,7 +245,7 @@ def pytest_configure_node(node):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """Under `-n N` with xdist's default distribution, every case item of one share (parity.plan.shares)
+    """Under `-n N` with xdist's default distribution, every case item of one share (parity.run.plan.shares)
     goes to the same worker, which plans that share together; other tests are dealt out one by one."""
     if config.getvalue("dist") != "load":
         return None
@@ -261,7 +261,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def _shares(config, workers: int) -> dict[str, int]:
-    from parity.plan import shares
+    from parity.run.plan import shares
 
     return shares(load_parity_cases(config), workers)
 
@@ -283,10 +283,10 @@ def _share_of(case, config) -> list:
 def _run_share(case, config) -> None:
     """Run the setups of `case` and of every case planned with it (once per process); a case whose
     device cannot run it is left out, to be skipped (or failed, with --parity-strict) by its own item."""
-    from parity.commands import pytest_case
-    from parity.rundir import case_lock, prepare_out
-    from parity.runner import DeviceError, resolve_device, run_suite, seed_or_none
-    from parity.spec import BackendError
+    from parity.core.reproduce import pytest_case
+    from parity.run.rundir import case_lock, prepare_out
+    from parity.run.runner import DeviceError, resolve_device, run_suite, seed_or_none
+    from parity.case.spec import BackendError
 
     done = config.__dict__.setdefault("_parity_done", {})
     if case.name in done:
@@ -329,8 +329,8 @@ def _run_share(case, config) -> None:
 def run_and_judge(case, config) -> tuple[dict, str]:
     """Run the case (with the cases planned alongside it, on its first item) and judge it as the CLI would;
     returns (verdict, failure message)."""
-    from parity.rundir import case_lock
-    from parity.runner import judge_run
+    from parity.run.rundir import case_lock
+    from parity.run.runner import judge_run
 
     _run_share(case, config)
     problem = config._parity_done[case.name]
@@ -348,14 +348,14 @@ def run_and_judge(case, config) -> tuple[dict, str]:
 
 
 def _failure_message(case, verdict, out: Path) -> str:
-    from parity import compare
+    from parity.verdict import compare
 
     # The table already lists every problem line; add only the files a reviewer opens next.
     lines = [f"parity case {case.name} failed on {compare.ran_on(verdict)} ({case.path})",
              compare.divergence_table(verdict)]
     lines += [f"obtained: {b['obtained']}" for b in verdict["baselines"] if not b["passed"] and b.get("obtained")]
     try:
-        from parity.report import load_case_run, plot_case, plot_probes
+        from parity.report.pages import load_case_run, plot_case, plot_probes
 
         records = load_case_run(out, case.name)  # read once, for both figures
         png, _ = plot_case(out, case.name, records)
@@ -391,7 +391,7 @@ def pytest_sessionfinish(session, exitstatus):
     _, _, out = parity_paths(config)
     if not any(out.glob("*/verdict.json")) if out.is_dir() else True:
         return
-    from parity.report import write_report
+    from parity.report.pages import write_report
 
     md, html = write_report(out)
     config._parity_report = (md, html)
@@ -402,14 +402,14 @@ def pytest_terminal_summary(terminalreporter, config):
     if report is None:
         return  # no case ran in this session (or this is an xdist worker)
     terminalreporter.write_line(f"parity report: {report[0]}  {report[1]}")
-    from parity.compare import device_counts
+    from parity.verdict.compare import device_counts
 
     _, _, out = parity_paths(config)
     lines, counts = device_counts(out)
     for line in lines:
         terminalreporter.write_line(f"parity: {line}")
     terminalreporter.write_line(f"parity: cases per device: {counts}")
-    from parity.baselines import unused_baselines
+    from parity.verdict.baselines import unused_baselines
 
     _, baseline_root, _ = parity_paths(config)
     for path in unused_baselines(baseline_root, load_parity_cases(config)):

@@ -98,13 +98,13 @@ def install_guards(monkeypatch, tmp_path: Path) -> list[str]:
 
     monkeypatch.setattr(subprocess, "Popen", NoPopen)
 
-    import parity.model
+    import parity.rank.model
 
     def no_build(*a, **k):
         events.append("built a seed checkpoint")
         raise ReachedLaunch(events[-1])
 
-    monkeypatch.setattr(parity.model, "build_model", no_build)
+    monkeypatch.setattr(parity.rank.model, "build_model", no_build)
 
     real_rmtree = shutil.rmtree
     top = tmp_path.resolve()

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity import records
-from parity.baselines import (
+from parity.core import records
+from parity.verdict.baselines import (
     PROVENANCE, baseline_path, check_baseline, check_case_baselines, check_case_files, lint, unused_baselines,
     write_baseline,
 )
-from parity.compare import compare_case, divergence_table
-from parity.spec import Case, Expect, Setup, Tolerance, Train
+from parity.verdict.compare import compare_case, divergence_table
+from parity.case.spec import Case, Expect, Setup, Tolerance, Train
 
 TOL = {"loss": Tolerance(1e-5, 0.0), "grad_norm": Tolerance(1e-4, 0.0), "weights": Tolerance(1e-4, 0.0)}
 RNG = np.random.default_rng(7)

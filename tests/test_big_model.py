@@ -6,10 +6,12 @@ one-process run's peak measured alongside it."""
 import pytest
 import torch
 
-from parity import memory, records
-from parity.presets import PRESETS
-from parity.runner import run_case
-from parity.spec import load_case
+from parity.rank import memory
+
+from parity.core import records
+from parity.core.presets import PRESETS
+from parity.run.runner import run_case
+from parity.case.spec import load_case
 
 CASE = """
 description = "llama_134m: one process against FSDP over 8 ranks, one step"
@@ -47,7 +49,7 @@ def test_fsdp8_rank_peak_is_far_below_a_full_copy(write_case, tmp_path, seed_cac
         assert p["measure"] == "host_rss" and p["max_bytes"] == max(p["per_rank_bytes"])
     assert len(peak["fsdp8"]["per_rank_bytes"]) == 8
     full_state = 16 * n_params(PRESETS["llama_134m"])  # params, grads and AdamW's two moments, float32: 2.15 GB
-    # Measured (CPU-only torch 2.13, 2 cores, glibc's mmap threshold pinned at 16 MiB, see parity.memory):
+    # Measured (CPU-only torch 2.13, 2 cores, glibc's mmap threshold pinned at 16 MiB, see parity.rank.memory):
     # one process 3.79 GB; every FSDP rank 1.26-1.32 GB, of which ~0.39 GB is the process itself
     # (interpreter, torch, gloo) and most of the rest the step's unsharded root group (embeddings and
     # output, 197 MB, and their grads). A rank holding the whole model and its optimizer state (no

@@ -4,9 +4,9 @@ from dataclasses import replace
 
 import pytest
 
-from parity import records
+from parity.core import records
 from parity.calibrate import ORACLE, errors_against_oracle, oracle_setup, propose
-from parity.spec import load_case
+from parity.case.spec import load_case
 
 CASE = """
 description = "x"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from parity import records
+from parity.core import records
 
 REPO = Path(__file__).resolve().parent.parent
 

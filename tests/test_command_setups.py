@@ -25,10 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from parity import compare, records
-from parity.lifeline import alive
-from parity.runner import judge, run_case
-from parity.spec import load_case
+from parity.verdict import compare
+
+from parity.core import records
+from parity.core.lifeline import alive
+from parity.run.runner import judge, run_case
+from parity.case.spec import load_case
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "train_small.py"
@@ -341,8 +343,8 @@ DESCRIPTION = 'description = "a command setup against the built-in one"\n'
 
 def test_a_reader_whose_package_is_missing_is_refused_before_anything_runs(tmp_path, monkeypatch):
     """Found when the device is chosen, before any training, not when its records are read afterwards."""
-    from parity.errors import InputError
-    from parity.runner import resolve_device
+    from parity.core.errors import InputError
+    from parity.run.runner import resolve_device
 
     case = load_case(write_case(tmp_path, "tb", DESCRIPTION + TRAIN + REFERENCE + command_setup(
         "cmd", "tensorboard", '{ reader = "tensorboard", path = "tb" }')))

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity import records
-from parity.records import RecordError
-from parity.compare import (
+from parity.core import records
+from parity.core.records import RecordError
+from parity.verdict.compare import (
     compare_case, compare_series, compare_weights, divergence_table, format_verdict, ulp_unit, ulps_apart, write_verdict,
 )
-from parity.spec import Case, Expect, Setup, Tolerance, Train
+from parity.case.spec import Case, Expect, Setup, Tolerance, Train
 
 EXACT = Tolerance(rtol=0.0, atol=0.0)
 LOOSE = Tolerance(rtol=1e-5, atol=0.0)

@@ -8,9 +8,9 @@ controls themselves run as `pytest parity` items.
 
 import pytest
 
-from parity import records
-from parity.compare import compare_case
-from parity.spec import SpecError, load_case
+from parity.core import records
+from parity.verdict.compare import compare_case
+from parity.case.spec import SpecError, load_case
 
 CONTROLS = {
     # summed gradients over 8 ranks: exactly 8x the grad norm at step 1; AdamW hides it from the loss
@@ -24,7 +24,7 @@ CONTROLS = {
 }
 
 
-# Where each control's probes must first part (parity.localize): the module or parameter the bug touches.
+# Where each control's probes must first part (parity.verdict.localize): the module or parameter the bug touches.
 LOCALIZED = {
     "control_divide_factor": {"step": 1, "phase": "backward", "name": "output.weight"},
     "control_replicated_data": {"step": 1, "phase": "forward", "name": "tok_embeddings"},

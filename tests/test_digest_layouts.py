@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from parity.launch.process import process_env
-from parity.seed import resolve_seed
+from parity.core.process import process_env
+from parity.trainers.seed import resolve_seed
 
 SCRIPT = Path(__file__).parent / "scripts" / "digest_layouts.py"
 

@@ -7,10 +7,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from parity import ensemble
-from parity.compare import compare_case, divergence_table, format_verdict
-from parity.ensemble import Band, limit, t_cdf, t_quantile, window_ends, window_values
-from parity.spec import Statistical, Tolerance
+from parity.verdict import ensemble
+from parity.verdict.compare import compare_case, divergence_table, format_verdict
+from parity.verdict.ensemble import Band, limit, t_cdf, t_quantile, window_ends, window_values
+from parity.case.spec import Statistical, Tolerance
 from test_compare import make_case, write_run
 
 FLOOR = {"loss": Tolerance(1e-5, 0.0), "grad_norm": Tolerance(1e-4, 0.0)}
@@ -208,7 +208,7 @@ mode = "statistical"
 
 
 def test_statistical_defaults(write_case):
-    from parity.spec import load_case
+    from parity.case.spec import load_case
 
     case = load_case(write_case(CASE))
     assert case.expect.statistical == Statistical(members=8, perturb="weights", window=25, alpha=0.01)
@@ -228,7 +228,7 @@ def test_statistical_defaults(write_case):
      "expect.localized: probes part at the first rounding difference"),
 ])
 def test_bad_statistical_keys(write_case, extra, message):
-    from parity.spec import SpecError, load_case
+    from parity.case.spec import SpecError, load_case
 
     with pytest.raises(SpecError) as e:
         load_case(write_case(CASE + extra))
@@ -236,14 +236,14 @@ def test_bad_statistical_keys(write_case, extra, message):
 
 
 def test_statistical_table_needs_the_mode(write_case):
-    from parity.spec import SpecError, load_case
+    from parity.case.spec import SpecError, load_case
 
     with pytest.raises(SpecError, match="expect.statistical: only for mode = \"statistical\""):
         load_case(write_case(CASE.replace('mode = "statistical"', 'mode = "tolerance"') + "[expect.statistical]\n"))
 
 
 def test_a_case_file_cannot_set_a_member_number(write_case):
-    from parity.spec import SpecError, load_case
+    from parity.case.spec import SpecError, load_case
 
     with pytest.raises(SpecError, match="setups.b.perturb: unknown key"):
         load_case(write_case(CASE.replace("dp_shard = 2", "dp_shard = 2\nperturb = 3")))
@@ -265,9 +265,9 @@ def test_a_long_runs_step_table_shows_its_first_and_last_steps(tmp_path, monkeyp
 def test_cases_with_one_reference_train_one_ensemble_and_stay_in_one_share():
     from types import SimpleNamespace
 
-    from parity.plan import plan, shares, summary
-    from parity.runner import case_jobs
-    from parity.spec import load_cases
+    from parity.run.plan import plan, shares, summary
+    from parity.run.runner import case_jobs
+    from parity.case.spec import load_cases
 
     cases = load_cases(["cases"])
     stat = [c for c in cases if c.expect.mode == "statistical"]
@@ -293,7 +293,7 @@ def test_a_baseline_from_another_instruction_set_is_judged_by_the_ensembles_spre
     tolerance would fail it; the ensemble's spread passes it, and still catches a real shift."""
     import test_baselines as tb
 
-    from parity.baselines import check_case_baselines
+    from parity.verdict.baselines import check_case_baselines
 
     case = statistical_case()
     out, root = tmp_path / "out", tmp_path / "baselines"
@@ -321,8 +321,8 @@ def test_a_baseline_from_another_instruction_set_is_judged_by_the_ensembles_spre
 
 
 def test_the_report_draws_the_band_and_lists_the_ensemble(tmp_path):
-    from parity.compare import write_verdict
-    from parity.report import load_case_run, write_report
+    from parity.verdict.compare import write_verdict
+    from parity.report.pages import load_case_run, write_report
 
     case = statistical_case("diverge")
     write_ensemble(tmp_path, case, {"ref": drifting(1), "other": drifting(2, shift=0.05)})

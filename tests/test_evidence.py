@@ -14,7 +14,11 @@ import numpy as np
 import pytest
 from test_report import STEPS, _metrics, make_case, run_dir  # noqa: F401  (run_dir: the fixture)
 
-from parity import cli, evidence, records
+from parity import cli
+
+from parity.report import evidence
+
+from parity.core import records
 
 
 def _charts(text: str) -> list[dict]:

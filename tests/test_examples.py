@@ -9,7 +9,7 @@ import shlex
 import tomllib
 from pathlib import Path
 
-from parity.commands import PYTEST
+from parity.core.reproduce import PYTEST
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / "examples" / "github-actions-8gpu.yml"

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from parity.fingerprint import (
+from parity.core.fingerprint import (
     BIT_FIELDS, DETERMINISM, determinism_summary, differing_fields, fingerprint, nccl_env,
     platform_key,
 )
@@ -62,7 +62,7 @@ def test_nccl_env_pins_algorithm_protocol_channels_and_disables_nvls_collnet():
 def test_apply_determinism_and_fingerprint_in_a_fresh_process():
     """In a process of its own (the settings are process-global): what run.json records."""
     code = ("import json, os, torch; os.environ['NCCL_DEBUG'] = 'WARN'; os.environ['NCCL_ALGO'] = 'Tree'\n"
-            "from parity.fingerprint import DETERMINISM, apply_determinism, fingerprint\n"
+            "from parity.core.fingerprint import DETERMINISM, apply_determinism, fingerprint\n"
             "r = apply_determinism({**DETERMINISM, 'reduced_precision_reduction': True})\n"
             "print(json.dumps({'r': r, 'fp': fingerprint(torch.device('cpu'))}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -84,7 +84,7 @@ def test_apply_determinism_and_fingerprint_in_a_fresh_process():
 
 
 def test_fingerprint_command_prints_json():
-    out = subprocess.run([sys.executable, "-m", "parity.fingerprint", "--device", "cpu"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "parity.core.fingerprint", "--device", "cpu"], capture_output=True,
                          text=True, check=True)
     import json
 

@@ -1,7 +1,7 @@
 """The float64 oracle is float64 end to end: the harness's model and loss against an independent computation.
 
 The reference below is written from the Llama-3 equations in plain torch, sharing no code with
-parity.model: RoPE as a complex multiply (as torchtitan writes it), attention with an explicit
+parity.rank.model: RoPE as a complex multiply (as torchtitan writes it), attention with an explicit
 causal softmax instead of SDPA, RMSNorm and SwiGLU spelled out, cross entropy from log_softmax.
 Any op of the harness that silently ran in float32 would show up as a ~1e-8 relative error.
 """
@@ -10,10 +10,10 @@ import math
 
 import torch
 
-from parity.data import synthetic_rows
-from parity.model import build_model
-from parity.presets import PRESETS
-from parity.train import loss_fn
+from parity.rank.data import synthetic_rows
+from parity.rank.model import build_model
+from parity.core.presets import PRESETS
+from parity.rank.train import loss_fn
 
 CFG = PRESETS["tiny"]
 SEQ, BATCH = 16, 3

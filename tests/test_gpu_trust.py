@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parity import records
+from parity.core import records
 from parity.plugin import markers_for
-from parity.spec import ATTENTION, ATTENTION_DTYPES, DTYPES, BackendError, SpecError, check_attention, load_case
+from parity.case.spec import ATTENTION, ATTENTION_DTYPES, DTYPES, BackendError, SpecError, check_attention, load_case
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -188,7 +188,7 @@ def test_gpu_check_cases_are_world_size_1_and_run_on_cuda_as_written():
 
 
 def test_device_resolution_never_falls_back_quietly(write_case):
-    from parity.runner import DeviceError, resolve_device, wants_repeat
+    from parity.run.runner import DeviceError, resolve_device, wants_repeat
 
     case = load_case(write_case(HEALTHY.format(attention="math")))
     assert resolve_device("auto", case, gpus=1) == "cpu"  # auto may choose CPU; the verdict then says so

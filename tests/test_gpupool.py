@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from parity.gpupool import GpuPool, pool_dir, visible_gpu_ids
+from parity.run.gpupool import GpuPool, pool_dir, visible_gpu_ids
 
 
 def workers(tmp_path, n=2, ids=("0", "1", "2", "3", "4", "5", "6", "7")):

@@ -14,8 +14,8 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
-from parity import records
-from parity.commands import PYTEST
+from parity.core import records
+from parity.core.reproduce import PYTEST
 from test_cli_plugin import SMALL_CASE
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from parity import records
-from parity.lifeline import alive, descendants
-from parity.runner import run_case
-from parity.spec import load_case
+from parity.core import records
+from parity.core.lifeline import alive, descendants
+from parity.run.runner import run_case
+from parity.case.spec import load_case
 
 CASE = """
 description = "a healthy reference and a setup with a planted fault"
@@ -91,7 +91,7 @@ def test_descendants_finds_grandchildren(tmp_path):
         found = descendants(proc.pid)
         assert len(found) >= 1
     finally:
-        from parity.launch.process import kill_tree
+        from parity.core.process import kill_tree
 
         kill_tree(proc, grace_s=2)
     assert not any(alive(p) for p in found)
@@ -152,18 +152,18 @@ def test_sigterm_on_parity_records_interrupted_and_cleans_scratch(write_case, tm
 
 
 def test_lifeline_wrapper_refuses_to_start_a_program_once_its_launcher_is_gone(tmp_path):
-    """`python parity/lifeline.py PARENT PROGRAM`: a PARENT that is not (or no longer) its parent means the
+    """`python parity/core/lifeline.py PARENT PROGRAM`: a PARENT that is not (or no longer) its parent means the
     launcher died before the guard was armed; the program must not start, orphaned for good."""
     import subprocess
     import sys
 
-    from parity import lifeline
+    from parity.core import lifeline
 
     done = subprocess.run([sys.executable, lifeline.__file__, "1", "touch", "started"], capture_output=True,
                           text=True, cwd=tmp_path)
     assert done.returncode == 1 and "the launcher (pid 1) is gone; not starting touch" in done.stderr
     assert not (tmp_path / "started").exists()
-    ran = subprocess.run([sys.executable, "-c", "import subprocess, sys; from parity.lifeline import wrapped; "
+    ran = subprocess.run([sys.executable, "-c", "import subprocess, sys; from parity.core.lifeline import wrapped; "
                           "sys.exit(subprocess.run(wrapped(['sh', '-c', 'exit 7'])).returncode)"])
     assert ran.returncode == 7  # with its real parent, the wrapper runs the program and exits with its code
 
@@ -175,13 +175,13 @@ def test_the_supervisor_ends_as_its_program_did_and_passes_signals_on():
     import subprocess
     import time
 
-    from parity.lifeline import wrapped
+    from parity.core.lifeline import wrapped
 
     for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGSEGV):
         assert subprocess.run(wrapped(["sh", "-c", f"kill -{sig.name[3:]} $$"])).returncode == -sig
     missing = subprocess.run(wrapped(["no-such-program-here"]), capture_output=True, text=True)
     assert missing.returncode == 127
-    assert missing.stderr == "parity.lifeline: cannot start no-such-program-here: No such file or directory\n"
+    assert missing.stderr == "parity.core.lifeline: cannot start no-such-program-here: No such file or directory\n"
     proc = subprocess.Popen(wrapped(["sh", "-c", "trap 'exit 42' TERM; while :; do sleep 0.1; done"]))
     try:
         deadline = time.monotonic() + 10
@@ -192,7 +192,7 @@ def test_the_supervisor_ends_as_its_program_did_and_passes_signals_on():
         assert proc.wait(timeout=10) == 42
     finally:
         if proc.poll() is None:
-            from parity.launch.process import kill_tree
+            from parity.core.process import kill_tree
 
             kill_tree(proc, grace_s=1)
 
@@ -244,7 +244,7 @@ def test_sigterm_while_lanes_run_stops_both_and_leaves_nothing(write_case, tmp_p
 
 def test_a_log_goes_into_a_message_by_its_end_only(tmp_path):
     """A runaway log (megabytes of long progress lines) is never read whole, and its tail stays short."""
-    from parity.launch import process
+    from parity.run.launch import process
 
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -258,8 +258,8 @@ def test_a_log_goes_into_a_message_by_its_end_only(tmp_path):
 
 
 def test_first_error_reads_each_rank_logs_end_and_skips_lines_that_only_look_like_marks(tmp_path):
-    from parity.launch import process
-    from parity.lifeline import ERROR_MARK
+    from parity.run.launch import process
+    from parity.core.lifeline import ERROR_MARK
 
     (tmp_path / "rank0.log").write_text(f"{ERROR_MARK} 5.0 early, then a long log\n" + "." * process.ERROR_SCAN_BYTES
                                         + f"\n{ERROR_MARK} not-a-time printed by someone else\n"

@@ -4,7 +4,7 @@ the same process does not count, and a later allocation does."""
 import pytest
 import torch
 
-from parity import memory
+from parity.rank import memory
 
 CPU = torch.device("cpu")
 MB = 1 << 20

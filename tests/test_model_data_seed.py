@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from parity import records
-from parity.data import Batches, rank_rows, synthetic_rows
-from parity.model import build_model
-from parity.presets import PRESETS
-from parity.seed import state_dict_sha256
+from parity.core import records
+from parity.rank.data import Batches, rank_rows, synthetic_rows
+from parity.rank.model import build_model
+from parity.core.presets import PRESETS
+from parity.trainers.seed import state_dict_sha256
 
 
 def test_debugmodel_matches_torchtitan_debug_shapes():

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from parity import records
-from parity.rundir import foreign_entries
-from parity.errors import InputError
-from parity.launch import nodes
-from parity.launch.channel import (MAX_NOTES, SECRET_ENV, Channel, Refused, env_secret, is_report, read_secret, shown,
+from parity.core import records
+from parity.run.rundir import foreign_entries
+from parity.core.errors import InputError
+from parity.run.launch import nodes
+from parity.run.launch.channel import (MAX_NOTES, SECRET_ENV, Channel, Refused, env_secret, is_report, read_secret, shown,
                                    sign, verify, write_secret)
-from parity.launch.nodes import check_go, check_launch, plan_of
-from parity.lifeline import alive, descendants
+from parity.run.launch.nodes import check_go, check_launch, plan_of
+from parity.core.lifeline import alive, descendants
 from test_launch import parity_ranks
 from test_plan import record_bytes
 
@@ -112,9 +112,9 @@ class Forger(threading.Thread):
     byes: a bye, the last message of a run, cannot be put back once its writer has exited (a forged
     one keeps node 0 waiting BYE_WAIT_S, then it exits as it would have)."""
 
-    PLANTED = {"parity/launch/1": {"name": "launch1", "plan": "/tmp/evil.json", "nproc": 64, "timeout_s": 1,
+    PLANTED = {"parity/run/launch/1": {"name": "launch1", "plan": "/tmp/evil.json", "nproc": 64, "timeout_s": 1,
                                    "progress": "/tmp/p"},
-               "parity/launch/2": {"done": 3}, "parity/launch/3": {"done": 3},  # a node that obeyed would exit 3
+               "parity/run/launch/2": {"done": 3}, "parity/run/launch/3": {"done": 3},  # a node that obeyed would exit 3
                "parity/result/launch1/0": {"status": "failed", "message": "forged"},
                "parity/result/launch1/1": {"status": "failed", "message": "forged"}}
 
@@ -139,13 +139,13 @@ class Forger(threading.Thread):
             while not self.stop.is_set():
                 found = [k for k in store.list_keys() if k.startswith("parity/")
                          and not k.startswith(("parity/claim/", "parity/bye/"))]
-                if "parity/launch/1" in found and b'"mac"' in (value := store.get("parity/launch/1")):
+                if "parity/run/launch/1" in found and b'"mac"' in (value := store.get("parity/run/launch/1")):
                     genuine = value  # node 0's first launch message, signed
                 for key in sorted(set(found) | set(self.PLANTED)):
                     store.set(key, json.dumps(self.PLANTED.get(key, {"done": 3})))
                 turn += 1
                 if genuine and turn % 2:
-                    store.set("parity/launch/2", genuine)  # replayed where node 1 looks for the next launch
+                    store.set("parity/run/launch/2", genuine)  # replayed where node 1 looks for the next launch
                 time.sleep(0.5)
         except RuntimeError:  # node 0 has gone: the run is over
             pass
@@ -177,7 +177,7 @@ def test_two_nodes_of_four_ranks_match_one_launch_of_eight_bitwise(write_case, t
     # of timing here; test_a_forged_done_is_refused_and_named_by_node_0 pins that down.
     for line in ["parity: node 0: refused parity/result/launch1/1 (malformed: not a signed parity message): "
                  """b'{"status": "failed", "message": "forged"}'""",
-                 "parity: node 0: put back parity/launch/1, found overwritten with b'{\"name\": \"launch1\", "
+                 "parity: node 0: put back parity/run/launch/1, found overwritten with b'{\"name\": \"launch1\", "
                  "\"plan\": \"/tmp/evil.json\", \"nproc\": 64",
                  "parity: node 0: node 1 refused parity/result/launch1/0 (malformed: not a signed parity message)"]:
         assert line in said, said
@@ -353,19 +353,19 @@ def store():
 
 
 def test_a_signed_message_verifies_only_at_its_key_in_its_run():
-    raw = sign(SECRET, "parity/launch/1", RUN, {"done": 0})
-    assert verify(SECRET, "parity/launch/1", raw, RUN) == {"done": 0}
+    raw = sign(SECRET, "parity/run/launch/1", RUN, {"done": 0})
+    assert verify(SECRET, "parity/run/launch/1", raw, RUN) == {"done": 0}
     outer = json.loads(raw)
     tampered = json.dumps({**outer, "msg": outer["msg"].replace('"done": 0', '"done": 1')}).encode()
     for key, value, run, reason in [
-            ("parity/launch/1", tampered, RUN, "bad signature"),
-            ("parity/launch/1", sign(b"x" * 32, "parity/launch/1", RUN, {"done": 0}), RUN, "bad signature"),
-            ("parity/launch/2", raw, RUN, "wrong key binding: signed for 'parity/launch/1'"),  # copied to another key
-            ("parity/launch/1", raw, OLD_RUN, f"wrong run: signed for run '{RUN}'"),  # replayed into another run
-            ("parity/launch/1", b'{"done": 0}', RUN, "malformed: not a signed parity message"),
-            ("parity/launch/1", b"\xff" * 10, RUN, "malformed"),
-            ("parity/launch/1", b"[" * 60000, RUN, "malformed: not a signed parity message"),  # deeper than Python's stack
-            ("parity/launch/1", b" " * (70 * 1024), RUN, "malformed: 71680 bytes")]:
+            ("parity/run/launch/1", tampered, RUN, "bad signature"),
+            ("parity/run/launch/1", sign(b"x" * 32, "parity/run/launch/1", RUN, {"done": 0}), RUN, "bad signature"),
+            ("parity/run/launch/2", raw, RUN, "wrong key binding: signed for 'parity/run/launch/1'"),  # copied to another key
+            ("parity/run/launch/1", raw, OLD_RUN, f"wrong run: signed for run '{RUN}'"),  # replayed into another run
+            ("parity/run/launch/1", b'{"done": 0}', RUN, "malformed: not a signed parity message"),
+            ("parity/run/launch/1", b"\xff" * 10, RUN, "malformed"),
+            ("parity/run/launch/1", b"[" * 60000, RUN, "malformed: not a signed parity message"),  # deeper than Python's stack
+            ("parity/run/launch/1", b" " * (70 * 1024), RUN, "malformed: 71680 bytes")]:
         with pytest.raises(Refused) as refused:
             verify(SECRET, key, value, run)
         assert str(refused.value).startswith(reason), (reason, str(refused.value))
@@ -387,36 +387,36 @@ def test_an_old_runs_go_message_is_refused_by_a_new_hello(store):
 def test_forged_messages_are_named_skipped_and_overwritten_ones_put_back(store, capsys):
     served, attacker = store
     leader, follower = Channel(served, SECRET, 0, RUN), Channel(served, SECRET, 1, RUN)
-    leader.post("parity/launch/1", {"name": "launch1", "plan": "/x/launch1.json", "sha256": "0" * 64, "timeout_s": 9})
-    genuine = attacker.get("parity/launch/1")
-    attacker.set("parity/launch/2", genuine)  # a genuine message copied to the next launch's key
-    assert follower.read("parity/launch/2", check_launch) is None
-    attacker.set("parity/launch/1", json.dumps({"done": 0}))  # a forged "done", in the old format
-    assert follower.read("parity/launch/1", check_launch) is None
+    leader.post("parity/run/launch/1", {"name": "launch1", "plan": "/x/launch1.json", "sha256": "0" * 64, "timeout_s": 9})
+    genuine = attacker.get("parity/run/launch/1")
+    attacker.set("parity/run/launch/2", genuine)  # a genuine message copied to the next launch's key
+    assert follower.read("parity/run/launch/2", check_launch) is None
+    attacker.set("parity/run/launch/1", json.dumps({"done": 0}))  # a forged "done", in the old format
+    assert follower.read("parity/run/launch/1", check_launch) is None
     leader._kept = 0.0  # its next poll checks its own messages now
     leader.keep_posted()
-    assert follower.read("parity/launch/1", check_launch)["name"] == "launch1"
-    attacker.delete_key("parity/launch/1")
+    assert follower.read("parity/run/launch/1", check_launch)["name"] == "launch1"
+    attacker.delete_key("parity/run/launch/1")
     leader._kept = 0.0
     leader.keep_posted()
-    assert attacker.get("parity/launch/1") == genuine
+    assert attacker.get("parity/run/launch/1") == genuine
     assert follower.report() == [
-        "refused parity/launch/2 (wrong key binding: signed for 'parity/launch/1'): " + shown(genuine),
-        "refused parity/launch/1 (malformed: not a signed parity message): " + shown(b'{"done": 0}')]
-    assert leader.report() == ["put back parity/launch/1, found overwritten with " + shown(b'{"done": 0}')]
+        "refused parity/run/launch/2 (wrong key binding: signed for 'parity/run/launch/1'): " + shown(genuine),
+        "refused parity/run/launch/1 (malformed: not a signed parity message): " + shown(b'{"done": 0}')]
+    assert leader.report() == ["put back parity/run/launch/1, found overwritten with " + shown(b'{"done": 0}')]
     err = capsys.readouterr().err  # each named once, as it happened
-    assert "parity: node 1: refused parity/launch/2 (wrong key binding" in err
-    assert "parity: node 0: put back parity/launch/1" in err
+    assert "parity: node 1: refused parity/run/launch/2 (wrong key binding" in err
+    assert "parity: node 0: put back parity/run/launch/1" in err
 
 
 def test_what_a_node_names_is_bounded_and_escaped(store, capsys):
     served, attacker = store
     follower = Channel(served, SECRET, 1, RUN)
     for k in range(MAX_NOTES + 5):
-        attacker.set(f"parity/launch/{k}", "\x1b[2J" + "x" * 500)  # a terminal escape, and long
-        attacker.set(f"parity/launch/{k}", "\x1b[2J" + "y" * 500)  # the same key and reason again: named once
-        assert follower.read(f"parity/launch/{k}", check_launch) is None
-        follower.read(f"parity/launch/{k}", check_launch)
+        attacker.set(f"parity/run/launch/{k}", "\x1b[2J" + "x" * 500)  # a terminal escape, and long
+        attacker.set(f"parity/run/launch/{k}", "\x1b[2J" + "y" * 500)  # the same key and reason again: named once
+        assert follower.read(f"parity/run/launch/{k}", check_launch) is None
+        follower.read(f"parity/run/launch/{k}", check_launch)
     report = follower.report()
     assert len(report) == MAX_NOTES + 1 and report[-1] == "refused or put back 5 more message(s), not listed"
     assert is_report(report) and all("\x1b" not in line and len(line) < 250 for line in report)
@@ -439,12 +439,12 @@ def test_a_forged_done_is_refused_and_named_by_node_0(tmp_path, capsys):
     follow.start()
     lead.join(timeout=60)
     attacker = TCPStore("localhost", port, is_master=False, timeout=timedelta(seconds=10))
-    forged = [b'{"done": 3}', json.dumps({"msg": json.dumps({"key": "parity/launch/1", "run": leader[0].channel.run,
+    forged = [b'{"done": 3}', json.dumps({"msg": json.dumps({"key": "parity/run/launch/1", "run": leader[0].channel.run,
                                                              "body": {"done": 3}}), "mac": "0" * 64}).encode()]
     for value, reason in zip(forged, ["malformed: not a signed parity message", "bad signature"]):
-        attacker.set("parity/launch/1", value)
+        attacker.set("parity/run/launch/1", value)
         deadline = time.monotonic() + 30
-        while f"refused parity/launch/1 ({reason})" not in "".join(said):
+        while f"refused parity/run/launch/1 ({reason})" not in "".join(said):
             assert time.monotonic() < deadline, "".join(said)
             said.append(capsys.readouterr().err)
             time.sleep(0.1)
@@ -453,7 +453,7 @@ def test_a_forged_done_is_refused_and_named_by_node_0(tmp_path, capsys):
     said.append(capsys.readouterr().err)
     assert code == [0]
     for value, reason in zip(forged, ["malformed: not a signed parity message", "bad signature"]):
-        assert f"parity: node 0: node 1 refused parity/launch/1 ({reason}): {shown(value)}" in "".join(said)
+        assert f"parity: node 0: node 1 refused parity/run/launch/1 ({reason}): {shown(value)}" in "".join(said)
 
 
 def test_launch_messages_are_checked_field_by_field():

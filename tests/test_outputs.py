@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from parity import records
-from parity.errors import InputError
-from parity.paths import CASE_MARKER, inside, name_problem
-from parity.rundir import (case_lock, check_apart, check_out, claim, clear_earlier_outputs, foreign_entries,
+from parity.core import records
+from parity.core.errors import InputError
+from parity.core.paths import CASE_MARKER, inside, name_problem
+from parity.run.rundir import (case_lock, check_apart, check_out, claim, clear_earlier_outputs, foreign_entries,
                            fresh_case_dir, ours, prepare_out, work_dir)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def test_concurrent_cli_run_into_one_out_is_refused_with_one_line(tmp_path, writ
 def test_flipped_byte_in_the_seed_cache_is_rebuilt_and_the_run_matches_the_committed_baselines(tmp_path):
     """The committed debugmodel seed, damaged in the cache: found before launch, moved aside, rebuilt; the
     run then matches the stored baselines (bit for bit on the platform that made them)."""
-    from parity.seed import resolve_seed
+    from parity.trainers.seed import resolve_seed
 
     cache = tmp_path / "cache"
     built = resolve_seed("debugmodel", 42, "float32", cache)
@@ -249,8 +249,8 @@ def test_a_record_that_cannot_be_read_after_the_run_fails_the_case_in_its_verdic
     the same problem is a failed case with one line in its verdict, and the suite goes on."""
     from test_report import _metrics, make_case
 
-    from parity.runner import judge, judge_run
-    from parity.spec import Case, Expect, Setup, Tolerance, Train
+    from parity.run.runner import judge, judge_run
+    from parity.case.spec import Case, Expect, Setup, Tolerance, Train
 
     out = tmp_path / "run"
     make_case(out, "damaged", {"a": _metrics(), "b": _metrics()}, verdict=False)
@@ -272,8 +272,8 @@ def test_a_baseline_damaged_while_the_case_trained_fails_the_case_in_its_verdict
     """Baselines are checked before anything runs; one that changes during the run is found when judging."""
     from test_report import _metrics, make_case
 
-    from parity.runner import judge_run
-    from parity.spec import Case, Expect, Setup, Tolerance, Train
+    from parity.run.runner import judge_run
+    from parity.case.spec import Case, Expect, Setup, Tolerance, Train
 
     out, root = tmp_path / "run", tmp_path / "baselines"
     make_case(out, "pair", {"a": _metrics(), "b": _metrics()}, verdict=False)

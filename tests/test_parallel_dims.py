@@ -1,8 +1,8 @@
-"""The parallelism rules (parity.parallel_dims): each combination builds what it says or is rejected with one line.
+"""The parallelism rules (parity.core.parallel_dims): each combination builds what it says or is rejected with one line.
 
 The table below is read through `load_case`, so a rejection is checked as the user sees it
 (`FILE: setups.NAME.KEY: ...; allowed: ...`), and an accepted combination is checked against the
-mesh and wrapper dims that parity.parallelize builds from the same rules. The real launches at the
+mesh and wrapper dims that parity.rank.parallelize builds from the same rules. The real launches at the
 end run the combinations that used to crash or drop their wrapper.
 """
 
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from parity import records
-from parity.parallel_dims import ParallelDims
-from parity.runner import run_case
-from parity.spec import SpecError, load_case
+from parity.core import records
+from parity.core.parallel_dims import ParallelDims
+from parity.run.runner import run_case
+from parity.case.spec import SpecError, load_case
 
 HEAD = """
 description = "one setup against a single process"
@@ -115,8 +115,8 @@ def test_rejected_combination_is_one_line_naming_the_key(write_case, body, key, 
 
 def test_parallelize_reads_the_same_rules():
     """The mesh builder has no rule of its own: its dims are ParallelDims's for every dp_api."""
-    from parity.parallelize import mesh_dims
-    from parity.spec import Setup, Train
+    from parity.rank.parallelize import mesh_dims
+    from parity.case.spec import Setup, Train
 
     for api in ("none", "ddp", "fully_shard", "replicate"):
         for rep, shard, tp, pp in ((1, 1, 1, 1), (2, 1, 2, 1), (1, 1, 1, 2), (2, 2, 1, 1)):
@@ -208,9 +208,9 @@ def test_replicate_with_one_replica_runs_and_keeps_its_policy(write_case, tmp_pa
 def test_fsdp_groups_are_blocks_then_root():
     """Each block, then the root holding token embeddings, norm and output: README states how this differs from
     torchtitan (which also groups the embeddings, and norm with output), and the committed baselines depend on it."""
-    from parity.model import build_model
-    from parity.parallelize import dp_groups, stage_module
-    from parity.presets import PRESETS
+    from parity.rank.model import build_model
+    from parity.rank.parallelize import dp_groups, stage_module
+    from parity.core.presets import PRESETS
 
     model = build_model(PRESETS["tiny"], 32, seed=0)
     assert dp_groups(model) == [*model.layers.values(), model]
@@ -225,9 +225,9 @@ class _NoCopy(torch.nn.Module):
 
 def test_a_stage_copies_only_what_it_keeps():
     """A pipeline stage never copies the layers (or embeddings, norm, output) another stage holds."""
-    from parity.model import build_meta_model
-    from parity.parallelize import stage_module
-    from parity.presets import PRESETS
+    from parity.rank.model import build_meta_model
+    from parity.rank.parallelize import stage_module
+    from parity.core.presets import PRESETS
 
     model = build_meta_model(PRESETS["tiny"], 32)
     model.layers["0"], model.layers["1"] = _NoCopy(), _NoCopy()

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from parity import records
-from parity.plan import Job, plan, shares, summary, training_key
-from parity.runner import repeat_setup, run_suite
-from parity.spec import load_case
+from parity.core import records
+from parity.run.plan import Job, plan, shares, summary, training_key
+from parity.run.runner import repeat_setup, run_suite
+from parity.case.spec import load_case
 
 TINY = """
 description = "{what}"

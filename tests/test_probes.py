@@ -12,11 +12,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from parity import records
-from parity.model import build_model
-from parity.presets import PRESETS, param_names, probe_modules
-from parity.runner import run_case
-from parity.spec import Probes, SpecError, load_case
+from parity.core import records
+from parity.rank.model import build_model
+from parity.core.presets import PRESETS, param_names, probe_modules
+from parity.run.runner import run_case
+from parity.case.spec import Probes, SpecError, load_case
 
 CFG = PRESETS["tiny"]
 
@@ -111,7 +111,7 @@ def test_scale_grad_star_names_every_parameter(write_case):
 
     import torch
 
-    from parity.train import scale_grad
+    from parity.rank.train import scale_grad
 
     case = load_case(write_case(BASE + SETUPS + 'fault = { kind = "scale_grad", param = "*", factor = 512 }\n'))
     b = case.setup("b")

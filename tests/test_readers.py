@@ -1,4 +1,4 @@
-"""parity.external.readers: a training command's metrics read back exactly, or one clear error line."""
+"""parity.trainers.readers: a training command's metrics read back exactly, or one clear error line."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity.external.readers import MetricsReadError, read_metrics, reader_problems
-from parity.records import RecordError
+from parity.trainers.readers import MetricsReadError, read_metrics, reader_problems
+from parity.core.records import RecordError
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "train_small.py"
@@ -269,7 +269,7 @@ LONG_NUMBER_LINE = "step 1 loss " + "1" * 26 + "\n"
 
 
 def test_a_backtracking_pattern_fails_on_its_line_instead_of_hanging(tmp_path, monkeypatch):
-    import parity.external.readers as readers
+    import parity.trainers.readers as readers
 
     monkeypatch.setattr(readers, "LINE_BUDGET_S", 0.2)
     log = tmp_path / "cmd.log"
@@ -284,7 +284,7 @@ def test_a_backtracking_pattern_fails_on_its_line_instead_of_hanging(tmp_path, m
 
 
 def test_the_whole_file_has_the_setups_timeout(tmp_path, monkeypatch):
-    import parity.external.readers as readers
+    import parity.trainers.readers as readers
 
     monkeypatch.setattr(readers, "LINE_BUDGET_S", 60.0)  # each line alone could take a minute: the file may not
     log = tmp_path / "cmd.log"
@@ -359,7 +359,7 @@ def test_a_device_is_refused_too(tmp_path):
 
 def test_a_fifo_swapped_in_after_the_check_neither_blocks_nor_is_read(tmp_path, fifo, monkeypatch):
     """The race the check alone leaves open: the open itself must not wait for a writer."""
-    from parity import files
+    from parity.core import files
 
     path = fifo("metrics.jsonl")
     regular = os.stat(REPO / "README.md")
@@ -441,7 +441,7 @@ def test_read_metrics_refuses_an_unvalidated_table(tmp_path):
 def test_train_small_defaults_are_parity_train_defaults():
     import importlib.util
 
-    from parity.spec import Train
+    from parity.case.spec import Train
 
     spec = importlib.util.spec_from_file_location("train_small", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -452,7 +452,7 @@ def test_train_small_defaults_are_parity_train_defaults():
 
 def test_train_small_routes_agree_and_scale_grad_doubles_the_norm(tmp_path, seed_cache):
     """Two short runs of the tiny model: the jsonl and log routes read back; --scale-grad 2 is visible."""
-    from parity.seed import resolve_seed
+    from parity.trainers.seed import resolve_seed
 
     seed = resolve_seed("tiny", 42, "float32", cache=seed_cache).path
 

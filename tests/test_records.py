@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from parity import records
+from parity.core import records
 
 TRICKY = [
     0.1, 1 / 3, 2 / 3, 1e-7, 123456789.123456789, 9007199254740993.0, 1e22, 1e23,

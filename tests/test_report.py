@@ -13,9 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity import compare, records, report
-from parity.spec import Case, Expect, Setup, Tolerance, Train
-from parity.progress import Progress
+from parity.verdict import compare
+
+from parity.core import records
+
+from parity.report import pages as report
+from parity.case.spec import Case, Expect, Setup, Tolerance, Train
+from parity.run.progress import Progress
 
 STEPS = 12
 
@@ -375,7 +379,7 @@ def _fences(text: str) -> list[tuple[str, list[str]]]:
 
 
 def test_strings_from_a_run_directory_cannot_inject_markdown_or_html(run_dir):
-    from parity import evidence
+    from parity.report import evidence
 
     _plant_hostile_strings(run_dir)
     md_path, html_path = report.write_report(run_dir)

@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from parity.errors import InputError
-from parity.model import build_model
-from parity.presets import PRESETS
-from parity.seed import cache_key, check_readable, files_sha256, resolve_seed, state_dict_sha256, verify
+from parity.core.errors import InputError
+from parity.rank.model import build_model
+from parity.core.presets import PRESETS
+from parity.trainers.seed import cache_key, check_readable, files_sha256, resolve_seed, state_dict_sha256, verify
 
 ARGS = ("tiny", 5, "float32")
-BUILD = ("import sys; from parity.seed import resolve_seed; "
+BUILD = ("import sys; from parity.trainers.seed import resolve_seed; "
          "print(resolve_seed('tiny', 5, 'float32', sys.argv[1]).sha256)")
 
 
@@ -37,7 +37,7 @@ def shard(cache, sha):
 
 
 def loaded_weights(path) -> str:
-    from parity.train import load_seed
+    from parity.rank.train import load_seed
 
     model = build_model(PRESETS["tiny"], 1, 99)  # a different init, so the load must do the work
     with pytest.warns(UserWarning, match="single process"):
@@ -277,8 +277,8 @@ def test_concurrent_builders_agree(tmp_path, pristine):
 
 def test_a_case_may_name_an_existing_dcp_seed(tmp_path, write_case):
     """`seed_checkpoint = PATH` uses that checkpoint; its content hash equals the built seed's."""
-    from parity.runner import seed_for
-    from parity.spec import load_case
+    from parity.run.runner import seed_for
+    from parity.case.spec import load_case
 
     info = resolve_seed("tiny", 42, "float32", tmp_path / "cache")
     case_text = f'description = "x"\nseed_checkpoint = "{info.path}"\n[train]\nmodel = "tiny"\n' \

@@ -5,9 +5,9 @@ from dataclasses import replace
 
 import pytest
 
-from parity import records
-from parity.spec import load_case
-from parity.runner import run_case
+from parity.core import records
+from parity.case.spec import load_case
+from parity.run.runner import run_case
 
 TINY = """
 description = "every setup kind at world size 4 against one process"

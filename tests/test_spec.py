@@ -2,7 +2,7 @@
 
 import pytest
 
-from parity.spec import DEFAULT_TOLERANCES, SpecError, Train, load_case
+from parity.case.spec import DEFAULT_TOLERANCES, SpecError, Train, load_case
 
 GOOD = """
 description = "two setups"
@@ -83,7 +83,7 @@ def test_invalid_toml(write_case):
 
 
 def test_every_committed_case_loads():
-    from parity.spec import find_cases
+    from parity.case.spec import find_cases
 
     paths = find_cases("cases")
     assert paths, "no cases/*.toml found"

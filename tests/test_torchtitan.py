@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from parity.external import torchtitan
-from parity.spec import load_case
+from parity.trainers import torchtitan
+from parity.case.spec import load_case
 
 try:
     import torchtitan as titan
@@ -102,7 +102,7 @@ def test_command_flags_cpu_and_cuda(tmp_path):
     s = case.setups[0]
     cpu = torchtitan.command_for(s, "cpu", tmp_path, None, deterministic=True)
     cuda = torchtitan.command_for(s, "cuda", tmp_path, None, deterministic=True)
-    assert "parity.external.titan_cpu" in cpu["argv"] and "parity.external.titan_cpu" not in cuda["argv"]
+    assert "parity.trainers.titan_cpu" in cpu["argv"] and "parity.trainers.titan_cpu" not in cuda["argv"]
     assert "torchtitan.train" in cuda["argv"]
     assert "--debug.deterministic" in cuda["argv"] and "--debug.deterministic" not in cpu["argv"]
     for argv in (cpu["argv"], cuda["argv"]):
@@ -239,8 +239,8 @@ def test_an_edit_to_a_source_tree_without_ref_builds_a_fresh_seed(tmp_path, sour
 def test_two_refs_of_a_source_tree(tmp_path, source_tree):
     """loss_compare's workflow as a case: a comment-only commit matches main bitwise; a RoPE change is
     caught at step 1 on the loss; doubled gradients at step 1 on the grad norm, by exactly x2."""
-    from parity.compare import compare_case
-    from parity.runner import run_case
+    from parity.verdict.compare import compare_case
+    from parity.run.runner import run_case
 
     case = _case(tmp_path, CASE.format(repo=source_tree))
     results = run_case(case, tmp_path / "out", "cpu", timeout_s=600, cache=tmp_path / "cache")
@@ -258,7 +258,7 @@ def test_two_refs_of_a_source_tree(tmp_path, source_tree):
     assert (d["metric"], d["step"], d["value_other"] / d["value_ref"]) == ("grad_norm", 1, 2.0)
     first_loss = doubled["metrics"]["loss"]["first_divergence"]
     assert first_loss is None or first_loss["step"] > 1  # the loss at step 1 is computed before any gradient
-    from parity.records import read_json
+    from parity.core.records import read_json
 
     runs = {s.name: read_json(tmp_path / "out" / case.name / s.name / "run.json") for s in case.setups}
     commits = {n: r["torchtitan_commit"] for n, r in runs.items()}
@@ -270,7 +270,7 @@ def test_without_the_extra_a_torchtitan_case_cannot_run_and_says_how_to_install(
     """The plugin skips (or with --parity-strict fails) on this DeviceError; the CLI exits 2 with it."""
     import importlib.util
 
-    from parity.runner import DeviceError, resolve_device
+    from parity.run.runner import DeviceError, resolve_device
 
     case = _case(tmp_path, CASE.replace("source = \"{repo}\"\n", "").replace("ref = ", "# ref = "))
     real = importlib.util.find_spec

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from parity import records
-from parity.compare import compare_case, compare_weights
-from parity.data import _splitmix64
-from parity.records import SKETCH_COLUMNS
-from parity.runner import run_case
-from parity.spec import Tolerance, load_case
-from parity.sketch import _name_key, sketch_block
-from parity.train import FAULT_PARAM, _box_index_sum
+from parity.core import records
+from parity.verdict.compare import compare_case, compare_weights
+from parity.rank.data import _splitmix64
+from parity.core.records import SKETCH_COLUMNS
+from parity.run.runner import run_case
+from parity.case.spec import Tolerance, load_case
+from parity.rank.sketch import _name_key, sketch_block
+from parity.rank.train import FAULT_PARAM, _box_index_sum
 
 K = len(SKETCH_COLUMNS)
 
@@ -157,7 +157,7 @@ def test_calibrate_measures_sketch_errors_against_the_norm(tmp_path):
     from dataclasses import replace as _replace
 
     from parity.calibrate import ORACLE, errors_against_oracle, oracle_setup
-    from parity.spec import Setup, Train
+    from parity.case.spec import Setup, Train
 
     case = _replace(load_case("cases/single_vs_fsdp.toml"), name="calib")
     case = _replace(case, setups=(oracle_setup(case), Setup(name="b", train=Train())))

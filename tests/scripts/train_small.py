@@ -1,13 +1,13 @@
 """A small user training script: what a `trainer = "command"` setup runs.
 
 It trains parity's own model, on parity's own data, the way parity's built-in trainer trains a
-world-size-1 setup with dp_api = "none" (parity.train.train_setup), but with its own plain loop,
+world-size-1 setup with dp_api = "none" (parity.rank.train.train_setup), but with its own plain loop,
 the way a user's script would: so the two must agree bitwise, and any difference is a bug in one
 of them or in how parity reads this script's metrics back.
 
     python tests/scripts/train_small.py --seed-checkpoint DIR --out DIR --steps N --metrics jsonl
 
---metrics picks how the numbers leave the script, one route per reader of parity.external.readers:
+--metrics picks how the numbers leave the script, one route per reader of parity.trainers.readers:
   tensorboard  SummaryWriter scalars under OUT/tb (tags loss, grad_norm, lr, tokens)
   jsonl        OUT/metrics.jsonl, one json.dumps object per step (floats written by repr)
   log          a line per step on stdout: `step 3 loss 7.93... grad_norm 0.36... lr 0.005 tokens 2048`
@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from parity.data import Batches
-from parity.model import build_model
-from parity.presets import PRESETS
+from parity.rank.data import Batches
+from parity.rank.model import build_model
+from parity.core.presets import PRESETS
 
-# parity.spec.Train's defaults (tests/test_readers.py checks they still are). Not imported from
-# parity.spec: a user's script knows nothing of the harness's case format.
+# parity.case.spec.Train's defaults (tests/test_readers.py checks they still are). Not imported from
+# parity.case.spec: a user's script knows nothing of the harness's case format.
 DEFAULTS = argparse.Namespace(model="debugmodel", seed=42, global_batch=16, seq_len=128, lr=5e-3, warmup_steps=2,
                               max_norm=0.4, weight_decay=0.1, dtype="float32")
 

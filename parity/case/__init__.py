@@ -1,0 +1,2 @@
+"""The case: its schema, the loader of case files, and the markers a case carries. Imports parity.core only.
+"""

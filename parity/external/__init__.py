@@ -1,1 +1,0 @@
-"""Launchers and assets for running external trainers (torchtitan) under the parity harness."""

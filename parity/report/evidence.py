@@ -1,0 +1,231 @@
+"""PR evidence: a markdown block for a pull request, over a run directory; reads the records, never writes them
+(except the png format, which draws a case's figure where it is missing, as `parity report` would).
+
+Two formats. `mermaid` (the default) renders on GitHub as pasted: the summary table, per case its verdict,
+the first divergence of each pair, the loss and grad-norm curves as Mermaid `xychart-beta` charts, the
+provenance and the commands that reproduce it. `png` links the case figure (`<case>/<case>.png`) instead of
+drawing charts: for a report uploaded with its images, as an artifact.
+
+Only the plain subset of xychart-beta is used (Mermaid 10.6 and later, which GitHub renders): a title, a
+numeric x-axis range (or the steps, for a short run), a y-axis range and `line [...]` rows, with the
+colours set by an init directive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from parity.verdict import compare
+
+from parity.report import markdown
+
+from parity.report import pages as report
+from parity.report.pages import LABEL, PLOTTED, CaseRun
+
+FORMATS = ("mermaid", "png")
+# At most this many points per line: the first step, the last, and a low and a high per bucket between them.
+# Enough for the shape of a curve in a chart about 700 px wide, and small enough that a case's charts stay a
+# few KB (a GitHub comment holds 65536 characters).
+POINTS = 150
+BUCKETS = (POINTS - 2) // 2
+# matplotlib's tab10, the colours of the report's figures, so a setup has one colour everywhere. Named in the
+# text under each chart: an xychart has no legend.
+PALETTE = (("blue", "#1f77b4"), ("orange", "#ff7f0e"), ("green", "#2ca02c"), ("red", "#d62728"),
+           ("purple", "#9467bd"), ("brown", "#8c564b"), ("pink", "#e377c2"), ("grey", "#7f7f7f"),
+           ("olive", "#bcbd22"), ("cyan", "#17becf"))
+SIGNIFICANT = 6  # digits of a value in a chart
+# Up to this many steps the x-axis names each step; a numeric range over 4 steps would tick at 1.2, 1.4, ...
+LABELLED_STEPS = 20
+
+
+@dataclass
+class Line:
+    name: str  # as the text under the chart names it, e.g. "`tp`" or "`tp` baseline (cpu-gloo, ok)"
+    steps: np.ndarray  # increasing, each once
+    values: np.ndarray  # float64, the recorded values (NaN and inf included)
+
+
+# ----------------------------------------------------------------------------- first divergence
+
+
+def divergence_lines(c: CaseRun) -> list[str]:
+    """Per pair, where it first diverged, as the verdict says (compare computed it: its step, both values,
+    abs and rel error); the pair's own words when it did not."""
+    out = []
+    for p in (c.verdict or {}).get("pairs", []) or []:
+        d, who = p.get("diverged"), f"{markdown.code(p.get('other'))} vs {markdown.code(p.get('reference'))}"
+        if not d:
+            out.append(f"First divergence, {who}: none" + (" (metrics and weights agree)" if p.get("passed") else ""))
+            continue
+        # write_json stores NaN and inf as strings; entry_text formats numbers.
+        e = {**d, **{k: report.num(d.get(k)) for k in ("value_ref", "value_other", "abs", "rel")}}
+        mode = (p.get("modes") or {}).get(d.get("metric"), c.verdict.get("mode"))
+        beyond = "beyond tolerance" if mode == "tolerance" else "first bitwise difference"
+        out.append(f"First divergence, {who}: **{markdown.text(d.get('metric'))}** at "
+                   f"{markdown.text(compare.entry_text(e))} ({beyond})")
+    return out
+
+
+# ----------------------------------------------------------------------------- charts
+
+
+def chart_lines(c: CaseRun, metric: str) -> tuple[list[Line], list[str]]:
+    """The lines of one metric's chart, each setup after its stored baseline (as plot_case draws them, the
+    baseline beneath), and a note for each setup that has nothing to draw."""
+    lines, notes = [], []
+    for s in c.setups:
+        if s.name in c.baselines:
+            entry, columns = c.baselines[s.name]
+            if metric in columns:
+                origin = markdown.text(f"({entry.get('platform') or '?'}, {entry.get('status', '?')})")
+                lines.append(Line(f"`{s.name}` baseline {origin}",
+                                  *report.by_step(columns, metric)))
+        if not s.steps:
+            notes.append(f"`{s.name}` recorded no metrics (status {markdown.text(s.run.get('status', 'unknown'))}): "
+                         "no line.")
+        elif metric not in s.metrics:
+            notes.append(f"`{s.name}` recorded no {LABEL[metric]}: no line.")
+        else:
+            lines.append(Line(f"`{s.name}`", *report.by_step(s.metrics, metric)))
+    return lines, notes
+
+
+def shared_grid(lines: list[Line]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every step any line has, and per line its values on them (rows) and whether it recorded each."""
+    grid = np.unique(np.concatenate([ln.steps for ln in lines]))
+    values = np.full((len(lines), len(grid)), np.nan)
+    recorded = np.zeros((len(lines), len(grid)), dtype=bool)
+    for row, ln in enumerate(lines):
+        at = np.searchsorted(grid, ln.steps)
+        values[row, at], recorded[row, at] = ln.values, True
+    return grid, values, recorded
+
+
+def decimate(values: np.ndarray) -> np.ndarray:
+    """Per line (row), the columns to draw: all of them up to POINTS; beyond, the first, the last, and for each
+    of BUCKETS equal runs of steps between them its lowest and its highest finite value, in step order.
+
+    Min/max per bucket rather than a fixed stride: a loss spike or a grad-norm blow-up between two strided
+    steps would vanish from the picture, and a spike is what a reader of a parity chart looks for. The two
+    points of a bucket sit half a bucket apart on the axis although they may be closer: at 1/74 of the
+    width, too little to see. Every line gets the same count, so the columns of all lines line up on the
+    one x-axis (Mermaid spreads a line's points evenly over it)."""
+    n_lines, n = values.shape
+    if n <= POINTS:
+        return np.tile(np.arange(n), (n_lines, 1))
+    bounds = np.linspace(1, n - 1, BUCKETS + 1).astype(np.int64)  # the interior, 1 .. n-2, in BUCKETS runs
+    finite = np.isfinite(values)
+    picked = np.empty((n_lines, POINTS), dtype=np.int64)
+    picked[:, 0], picked[:, -1] = 0, n - 1
+    for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        low = lo + np.where(finite[:, lo:hi], values[:, lo:hi], np.inf).argmin(axis=1)
+        high = lo + np.where(finite[:, lo:hi], values[:, lo:hi], -np.inf).argmax(axis=1)
+        # A bucket with nothing finite yields its first column twice (not finite, held below).
+        picked[:, 1 + 2 * b], picked[:, 2 + 2 * b] = np.minimum(low, high), np.maximum(low, high)
+    return picked
+
+
+def _held(values: np.ndarray) -> np.ndarray:
+    """Non-finite values replaced by the last finite one before them (the first finite one at the start):
+    Mermaid draws numbers only, and a line must keep its length to stay on the shared x-axis."""
+    finite = np.isfinite(values)
+    last = np.maximum.accumulate(np.where(finite, np.arange(len(values)), -1))
+    last[last < 0] = np.flatnonzero(finite)[0]
+    return values[last]
+
+
+def _number(value: float) -> str:
+    # The chart is a picture: six significant digits are more than a pixel can show. (The records keep every
+    # float exactly; this is the only place values are rounded, and only for drawing.) Positional, since
+    # Mermaid's grammar has no exponent: 1e-07 would not parse.
+    return np.format_float_positional(value, precision=SIGNIFICANT, unique=False, fractional=False, trim="-")
+
+
+def _gaps(ln_name: str, metric: str, grid: np.ndarray, values: np.ndarray, recorded: np.ndarray) -> list[str]:
+    """What a line cannot show, said in words: its NaN and inf values and the steps it has no value for."""
+    out = []
+    for what, where in (("**NaN**", recorded & np.isnan(values)), ("**inf**", recorded & np.isinf(values)),
+                        ("no value", ~recorded)):
+        if where.any():
+            out.append(f"{ln_name} {LABEL[metric]} is {what} at {int(where.sum())} of {len(grid)} steps "
+                       f"(first: step {int(grid[np.argmax(where)])})")
+    return out
+
+
+def mermaid_chart(c: CaseRun, metric: str) -> list[str]:
+    """One metric's chart for the case: a fenced mermaid block and the text under it (the legend, the
+    decimation, what could not be drawn); only the text when no setup has anything to draw."""
+    lines, notes = chart_lines(c, metric)
+    title = f"{c.name}: {LABEL[metric]}"
+    if not lines:
+        return [f"_{title}: nothing to draw._ " + " ".join(notes), ""]
+    grid, values, recorded = shared_grid(lines)
+    gaps = [g for row, ln in enumerate(lines) for g in _gaps(ln.name, metric, grid, values[row], recorded[row])]
+    drawn = [row for row in range(len(lines)) if np.isfinite(values[row]).any()]
+    notes += [f"{lines[row].name} has no finite {LABEL[metric]}: no line." for row in range(len(lines))
+              if row not in drawn]
+    if not drawn:
+        return [f"_{title}: nothing finite to draw._ " + " ".join(gaps + notes), ""]
+    columns = decimate(values[drawn])
+    plotted = [_held(values[row])[cols] for row, cols in zip(drawn, columns)]
+    low, high = float(min(p.min() for p in plotted)), float(max(p.max() for p in plotted))
+    pad = (high - low) * 0.05 or abs(high) * 0.05 or 1.0
+    colours = [PALETTE[i % len(PALETTE)] for i in range(len(drawn))]
+    x_axis = (f'x-axis "step" [{", ".join(map(str, grid))}]' if len(grid) <= LABELLED_STEPS
+              else f'x-axis "step" {grid[0]} --> {grid[-1]}')
+    block = ["```mermaid",
+             '%%{init: {"themeVariables": {"xyChart": {"plotColorPalette": "'
+             + ", ".join(hex_ for _, hex_ in colours) + '"}}}}%%',
+             "xychart-beta", f'    title "{title}"', f"    {x_axis}",
+             f'    y-axis "{LABEL[metric]}" {_number(low - pad)} --> {_number(high + pad)}']
+    block += ["    line [" + ", ".join(_number(v) for v in p) + "]" for p in plotted]
+    block.append("```")
+    legend = ", ".join(f"{lines[row].name} {name}" for row, (name, _) in zip(drawn, colours))
+    text = [f"Lines, drawn in this order (a later line hides an equal earlier one): {legend}."]
+    rows = values[drawn]
+    if len(drawn) > 1 and all(np.array_equal(rows[0], r, equal_nan=True) for r in rows[1:]):
+        text.append("Every line is equal to the first at every step: the last drawn covers the others.")
+    if len(grid) > POINTS:
+        text.append(f"{len(grid)} steps drawn as {POINTS} points per line: the first and last step and the lowest "
+                    f"and highest value of each of {BUCKETS} equal runs of steps between them.")
+    if gaps:
+        text.append("; ".join(gaps) + ". Mermaid cannot draw these: the line holds its last finite value across "
+                                      "them.")
+    return block + ["", " ".join(text + notes), ""]
+
+
+# ----------------------------------------------------------------------------- the block
+
+
+def evidence(run_dir, case: str | None = None, fmt: str = "mermaid") -> str:
+    """A markdown block for a pull request: summary, first divergence, curves (`fmt` mermaid) or the figure
+    (`fmt` png), the commands that reproduce each case, torch and hardware."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r}: allowed {', '.join(FORMATS)}")
+    run_dir = Path(run_dir)
+    names = [case] if case else report.find_cases(run_dir)
+    cases = [report.load_case_run(run_dir, n) for n in names if (run_dir / n).is_dir()]
+    if not cases:
+        return f"No cases found in {markdown.code(run_dir)}" + (f" named {markdown.code(case)}" if case else "") + ".\n"
+    out = [report.md_table(report.SUMMARY_COLUMNS, [report.summary_row(c) for c in cases]), ""]
+    for c in cases:
+        out += [f"**{c.name}**: {markdown.text(report.verdict_words(c.verdict))}", ""]
+        out += [line + "  " for line in divergence_lines(c)] + ([""] if c.verdict else [])
+        if fmt == "mermaid":
+            for metric in PLOTTED:
+                out += mermaid_chart(c, metric)
+        else:
+            png = run_dir / c.name / f"{c.name}.png"
+            if not png.is_file() and any(s.steps for s in c.setups):
+                png = report.plot_case(run_dir, c.name, c)[0]
+            if png.is_file():
+                out += [f"![{c.name}]({png.as_posix()})", ""]
+        prov = report.provenance(c, run_dir)
+        worlds = " / ".join(dict.fromkeys(str(s.run.get("world_size")) for s in c.setups if s.run.get("world_size")))
+        out += [f"torch {markdown.code(prov['torch'])} · device {markdown.code(prov['device'])} · platform "
+                f"{markdown.code(prov['platform'])} · world size {markdown.text(worlds or '—')} · python "
+                f"{markdown.code(prov['python'])}", "", "Reproduce:", "", *markdown.fence(prov["command"], "sh"), ""]
+    return "\n".join(out)

@@ -1,0 +1,479 @@
+"""Run a suite of cases: seed checkpoints, then the launches parity.run.plan chose, then provenance for failures.
+
+This is the glue the CLI and the pytest plugin share: it returns how each setup's run ended, and
+judge()/judge_run() turn a case's records into its verdict (parity.verdict.compare, parity.verdict.baselines) and
+write verdict.json and, as the update mode allows, baselines.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import nullcontext
+from dataclasses import replace
+from functools import partial
+from datetime import datetime, timezone
+from pathlib import Path
+
+from parity.core import records
+from parity.core.errors import InputError, one_line
+from parity.trainers.torchtitan import SeedBuildError
+from parity.trainers.command import missing as command_missing
+from parity.trainers.torchtitan import missing as titan_missing
+from parity.core.process import DEFAULT_TIMEOUT_S, LaunchResult
+from parity.run.launch.torchrun import launch as launch_torchrun
+from parity.core.paths import inside
+from parity.run.rundir import claim, fresh_case_dir, prepare_out, work_dir
+from parity.run.plan import Job, Launch, Training, plan, summary
+from parity.case.spec import REPEAT_SUFFIX, Case, Setup, check_attention
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+    """The commit of this checkout; "unknown" for an installed parity. Installed into a virtual
+    environment inside the user's repository, git would otherwise answer with that repository's commit."""
+    if not (REPO / ".git").exists():  # a file in a git worktree, a folder in a clone
+        return "unknown"
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        # Baselines and reports are outputs, not code: rewriting them must not mark the run dirty.
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!baselines", ":!reports"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class DeviceError(InputError):
+    """This machine cannot run the case: too few GPUs for the requested device, or a trainer not installed."""
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_device(requested: str, case: Case, gpus: int | None = None) -> str:
+    """auto: CUDA when enough GPUs are visible for the case, else CPU with gloo ranks; never a quiet fallback.
+
+    `gpus` is how many GPUs this process may use (default: all visible). The device's SDPA
+    kernels are checked too, so a case that cannot run there is rejected before anything starts.
+    """
+    if (why := titan_missing(case) or command_missing(case)) is not None:
+        raise DeviceError(f"{case.path}: {why}")
+    if requested == "cpu":
+        device = "cpu"
+    else:
+        gpus = visible_gpus() if gpus is None else gpus
+        if requested == "cuda" and gpus < case.world_size:
+            raise DeviceError(f"{case.path}: device cuda: case {case.name} needs {case.world_size} GPUs "
+                              f"(one per rank of its largest setup), {gpus} visible")
+        device = "cuda" if gpus >= case.world_size else "cpu"
+    check_attention(case, device)
+    return device
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def repeat_setup(case: Case) -> Setup:
+    """The reference's second run, compared bitwise with the first before anything else."""
+    return replace(case.reference, name=case.reference.name + REPEAT_SUFFIX, repeat=True)
+
+
+def runs_of(case: Case, repeat: bool) -> list[Setup]:
+    """Every run the case's verdict reads: its setups, the reference's repeat (with `repeat`), and statistical
+    mode's ensemble members, which are trained, and shared across cases, like any setup."""
+    return [*case.setups, *([repeat_setup(case)] if repeat else []), *case.ensemble]
+
+
+def case_jobs(case: Case, device: str, seed, repeat: bool) -> list[Job]:
+    """runs_of(case) as jobs from `seed` (seed_for's)."""
+    return [Job(case, s, device, str(seed.path), seed.sha256, case.probe_steps(s)) for s in runs_of(case, repeat)]
+
+
+def wants_repeat(case: Case, device: str, requested: bool | None = None) -> bool:
+    """The command line's choice, else the case's `[expect] repeat`, else on for CUDA and off for CPU."""
+    for choice in (requested, case.expect.repeat):
+        if choice is not None:
+            return choice
+    return device == "cuda"
+
+
+def with_steps(case: Case, steps: int | None) -> Case:
+    if not steps:
+        return case
+    return replace(case, setups=tuple(replace(s, train=replace(s.train, steps=steps)) for s in case.setups))
+
+
+def seed_for(case: Case, cache: Path | None, device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S):
+    """The case's seed checkpoint (its own seed_checkpoint, or the cached build), hashed and checked now.
+
+    Returns parity.trainers.seed.SeedInfo; the notes say what was found damaged and repaired on the way. A
+    case of torchtitan setups gets torchtitan's own seed checkpoint (built on `device` if not cached;
+    parity.trainers.torchtitan.SeedBuildError if torchtitan cannot build it).
+    """
+    from parity.trainers.seed import resolve_seed
+
+    if case.seed_checkpoint is None and any(s.trainer == "torchtitan" for s in case.setups):
+        from parity.trainers import torchtitan
+
+        return torchtitan.seed_checkpoint(case, device, cache, timeout_s)
+
+    keys = {(s.train.model, s.train.seed, s.train.dtype) for s in case.setups}
+    if len(keys) != 1:  # a setup overriding seed or dtype still starts from the reference's weights
+        keys = {(case.reference.train.model, case.reference.train.seed, case.reference.train.dtype)}
+    model, seed, dtype = keys.pop()
+    return resolve_seed(model, seed, dtype, cache, external=case.seed_checkpoint)
+
+
+def seed_or_none(case: Case, cache: Path | None, device: str, timeout_s: float):
+    """seed_for, checked before anything is written, or None where torchtitan failed to build its seed:
+    run_case then records that failure in every setup of the case, and other cases still run."""
+    try:
+        return seed_for(case, cache, device, timeout_s)
+    except SeedBuildError:
+        return None
+
+
+def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = None,
+             timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None, on_progress=None,
+             command: list[str] | None = None, repeat: bool | None = None,
+             gpus: list[str] | None = None, seed=None) -> dict[str, LaunchResult]:
+    """Run every setup of one case (run_suite of that case alone); returns {setup name: how it ended}.
+
+    `gpus`: the GPU ids this run may use (CUDA_VISIBLE_DEVICES of its launches); default all visible.
+    The caller holds case_lock(out, case.name) for the run and its verdict.
+    """
+    device = resolve_device(device, case, None if gpus is None else len(gpus))
+    return run_suite([case], out, {case.name: device}, steps, timeout_s, cache, on_progress, {case.name: command},
+                     repeat, {case.name: seed}, gpus=None if gpus is None else lambda _n, _device: nullcontext(gpus))[case.name]
+
+
+def run_suite(cases: list[Case], out: Path, devices: dict[str, str], steps: int | None = None,
+              timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None, on_progress=None,
+              commands: dict | None = None, repeat: bool | None = None, seeds: dict | None = None,
+              how: str = "suite", gpus=None, plan_file: str = "plan.json", on_plan=None, leader=None,
+              cores: int | None = None) -> dict[str, dict[str, LaunchResult]]:
+    """Run every setup of every case, planned together (parity.run.plan); returns {case: {setup: how it ended}}.
+
+    `devices`: each case's resolved device (resolve_device). `seeds`: seed_for(case) per case name
+    where the caller checked it already, before writing anything. With `repeat` (see wants_repeat),
+    each reference runs a second time, last in its launch. `gpus(world_size, device)`: a context
+    manager giving the GPU ids one launch may use (None: every visible one). The caller holds case_lock for
+    every case. `on_plan(text)` sees the plan (parity.run.plan.summary) before the first launch. The plan,
+    each launch's status and time, and which job reused which training are written to OUT/plan_file
+    and to each case's launches.json. `leader` (parity.run.launch.nodes.Leader): every launch spans the
+    nodes that joined it, this process being node 0. `cores`: how many CPU cores lanes may use (default: this
+    process's; one across nodes).
+    """
+    import torch
+
+    from parity.trainers.seed import verify
+
+    out = prepare_out(out)
+    cases = [with_steps(c, steps) for c in cases]
+    results: dict[str, dict[str, LaunchResult]] = {c.name: {} for c in cases}
+    provenance, seeds, jobs = {}, dict(seeds or {}), []
+    for case in cases:
+        device = devices[case.name]
+        try:
+            seeds[case.name] = seeds.get(case.name) or seed_for(case, cache, device, timeout_s)
+            unbuilt = None
+        except SeedBuildError as e:  # torchtitan could not make its seed checkpoint: every setup fails with why
+            seeds[case.name], unbuilt = None, LaunchResult("failed", None, str(e), 0.0)
+        seed = seeds[case.name]
+        for note in seed.notes if seed else ():
+            print(f"parity: {note}", file=sys.stderr, flush=True)
+        fresh_case_dir(out, case.name)
+        provenance[case.name] = {
+            "torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
+            "seed_checkpoint": seed and str(seed.path), "seed_checkpoint_sha256": seed and seed.sha256,
+            "case_path": str(case.path), "case_sha256": case.sha256, "git_commit": git_commit(),
+            "command": (commands or {}).get(case.name)}
+        if unbuilt:
+            for s in runs_of(case, wants_repeat(case, device, repeat)):
+                _write_failure(out, case.name, s.name, unbuilt, provenance[case.name], device, s.world_size)
+                results[case.name][s.name] = unbuilt
+        else:
+            jobs += case_jobs(case, device, seed, wants_repeat(case, device, repeat))
+    # Lanes (parity.run.plan.lanes) use the cores a launch leaves idle; not across nodes, whose launches go in turn.
+    launches = plan(jobs, how, cores=1 if leader else cores or len(os.sched_getaffinity(0)))
+    if on_plan:
+        on_plan(summary(launches, how))
+    log: list[dict] = []
+    run = _SuiteRun(out, provenance, timeout_s, on_progress, gpus or (lambda _n, _device: nullcontext(None)), cache,
+                    results, log, leader)
+    try:
+        with work_dir(out, ".launch-") as run.workdir:
+            i = 0
+            while i < len(launches):
+                group = launches[i:i + launches[i].lanes]  # one launch, or the lanes of a split one
+                run.at_once([(i + 1 + k, launch) for k, launch in enumerate(group)])
+                i += len(group)
+    except BaseException:  # Ctrl-C, SIGTERM: the setups that did not finish say so
+        interrupted = LaunchResult("interrupted", None, "the run was interrupted before this setup finished", 0.0)
+        for j in jobs:
+            if j.setup.name not in results[j.case.name]:
+                _write_failure(out, j.case.name, j.setup.name, interrupted, provenance[j.case.name], j.device,
+                               j.setup.world_size)
+        raise
+    finally:
+        _write_plan_log(out, plan_file, how, launches, log, cases)
+    for case in cases:
+        seed = seeds[case.name]
+        if seed and not verify(seed.path, seed.sha256):  # no verdict, and no baseline, may rest on a changed seed
+            changed = LaunchResult("failed", None, f"seed checkpoint {seed.path} changed during the run", 0.0)
+            for name in results[case.name]:
+                _write_failure(out, case.name, name, changed, provenance[case.name], devices[case.name],
+                               case.world_size, overwrite=True)
+                results[case.name][name] = changed
+    return results
+
+
+class _SuiteRun:
+    """Runs a plan's launches, one after another (a split launch's lanes at once), and files every job's outcome."""
+
+    def __init__(self, out: Path, provenance: dict, timeout_s: float, on_progress, gpus, cache, results: dict,
+                 log: list[dict], leader=None):
+        self.out, self.provenance, self.timeout_s, self.on_progress = Path(out), provenance, timeout_s, on_progress
+        self.gpus, self.cache, self.results, self.log, self.leader = gpus, cache, results, log, leader
+        self.workdir: Path | None = None
+        self.stopping = threading.Event()  # set when the run is interrupted while lanes are running
+
+    def at_once(self, numbered: list[tuple[int, Launch]]) -> None:
+        """Run these launches (the lanes of one split launch) at once, each in a thread waiting on its own
+        torchrun. On Ctrl-C or SIGTERM every lane kills its ranks (run_process's abort) before this re-raises,
+        and the trainings they cut short are left for run_suite to mark interrupted."""
+        if len(numbered) == 1:
+            self.launch(*numbered[0])
+            return
+        with ThreadPoolExecutor(len(numbered)) as pool:
+            futures = [pool.submit(self.launch, number, launch) for number, launch in numbered]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                self.stopping.set()
+                wait(futures)
+                for _, launch in numbered:
+                    for t in launch.trainings:
+                        for j in t.jobs:
+                            if (r := self.results[j.case.name].get(j.setup.name)) is not None and r.status != "ok":
+                                del self.results[j.case.name][j.setup.name]
+                raise
+
+    def _stopped(self) -> str | None:
+        return "the run was interrupted" if self.stopping.is_set() else None
+
+    def launch(self, number: int, launch: Launch) -> None:
+        if launch.trainer == "builtin":
+            self._torchrun(number, launch)
+        else:
+            self._external(number, launch)
+
+    def _torchrun(self, number: int, launch: Launch) -> None:
+        """Every training of the launch in one torchrun; after a crash or timeout the culprit fails alone
+        and the trainings it kept from running get a launch of their own."""
+        pending, attempt = list(launch.trainings), 0
+        while pending and not self.stopping.is_set():
+            attempt += 1
+            name = f"launch{number}" + (f"-retry{attempt - 1}" if attempt > 1 else "")
+            first = pending[0].first
+            doc = {"out": str(self.out.resolve()), "device": launch.device, "determinism": first.case.determinism,
+                   "world_size": launch.world_size,  # across nodes, each node's rank count comes from here
+                   "timeout_s": self.timeout_s, "progress": str(self.workdir / f"{name}.progress"),
+                   "launched_at": time.time(),
+                   "jobs": [{"case": t.first.case.name, "setup": t.first.setup.to_dict(),
+                             "seed_checkpoint": t.first.seed_checkpoint, "probe_steps": list(t.first.probe_steps),
+                             "provenance": self.provenance[t.first.case.name]} for t in pending]}
+            with self.gpus(launch.world_size, launch.device) as gpus:
+                # The rank logs that explain a failure: those of the setup it stopped in.
+                result = self._launch(doc, name, launch.world_size, gpus, partial(self._unfinished_dirs, pending))
+            left = [t for t in pending if not self._finished(t.first)]
+            self._log(number, name, launch, pending, result)
+            for t in pending:
+                if t not in left:
+                    self._finish(t, LaunchResult("ok", 0, "", result.wall_s))
+            if not left:
+                return
+            culprit = next((t for t in left if result.progress and _names(result.progress, t.first)), left[0])
+            if result.status == "ok":  # torchrun exited 0 but some records are missing: no retry can help
+                culprit = None
+            started = result.progress is not None
+            for t in left if culprit is None or not started else [culprit]:
+                shutil.copy(self.workdir / f"{name}.log", self._dir(t.first).parent / f"torchrun-{name}.log")
+                self._fail(t, result if result.status != "ok" else LaunchResult(
+                    "failed", 0, "torchrun exited 0 but this setup wrote no records", result.wall_s))
+            # A launch that failed before its first setup started (process group, imports) fails them all.
+            pending = [t for t in left if t is not culprit] if culprit is not None and started else []
+
+    def _launch(self, doc: dict, name: str, world_size: int, gpus, log_dirs) -> LaunchResult:
+        """One torchrun: on this node alone, or this node's part of a launch the other nodes join."""
+        if self.leader is None:
+            return launch_torchrun(doc, world_size, self.workdir, name, self.timeout_s, self.on_progress, gpus, log_dirs,
+                                   abort=self._stopped)
+        nodes = self.leader.nodes
+        result = launch_torchrun(doc, nodes.ranks_per_node(world_size), self.workdir, name, self.timeout_s,
+                                 self.on_progress, gpus, log_dirs, nodes.rendezvous(name, self.timeout_s),
+                                 self.leader.failure_elsewhere(name),
+                                 on_written=lambda plan_path: self.leader.announce(name, plan_path, self.timeout_s))
+        self.leader.post_result(name, result)
+        if result.status == "ok":
+            return result
+        return replace(result, message=f"{nodes.where()}: {result.message}\nThe other nodes:\n"
+                                       + self.leader.others_said(name))
+
+    def _external(self, number: int, launch: Launch) -> None:
+        """A command or torchtitan setup: one launch, through parity.trainers.command."""
+        from parity.trainers import command, torchtitan
+
+        t = launch.trainings[0]
+        j = t.first
+        try:
+            spec, ckpt, extra = (torchtitan.prepare(j.case, j.setup, j.device, self.cache, self.timeout_s,
+                                                    self.workdir, j.seed_checkpoint)
+                                 if j.setup.trainer == "torchtitan" else (j.setup.external, j.seed_checkpoint, {}))
+        except SeedBuildError as e:  # this setup's own seed checkpoint could not be built
+            result = LaunchResult("failed", None, str(e), 0.0)
+        else:
+            with self.gpus(launch.world_size, launch.device) as gpus:
+                result = command.run_setup(spec, j.setup, j.case.name, self.out, j.device, ckpt,
+                                           self.provenance[j.case.name], self.timeout_s, gpus, extra)
+            self._log(number, f"launch{number}", launch, [t], result)
+        if self._finished(j):
+            self._finish(t, result)
+        else:
+            self._fail(t, result)
+
+    def _unfinished_dirs(self, trainings: list[Training]) -> list[Path]:
+        return [self._dir(t.first) for t in trainings if not self._finished(t.first)][:1]
+
+    def _dir(self, job: Job) -> Path:
+        return records.setup_dir(self.out, job.case.name, job.setup.name)
+
+    def _finished(self, job: Job) -> bool:
+        """Whether the job's run.json says ok: rank 0 (or the command runner) writes it last."""
+        try:
+            return records.read_json(self._dir(job) / "run.json").get("status") == "ok"
+        except records.RecordError:
+            return False
+
+    def _finish(self, t: Training, result: LaunchResult) -> None:
+        """A finished training: its records copied to every job that shares it."""
+        self.results[t.first.case.name][t.first.setup.name] = result
+        for j in t.shared_with:
+            records.copy_run(self._dir(t.first), self._dir(j), {
+                **self.provenance[j.case.name], "case": j.case.name, "setup": j.setup.name,
+                "trained_as": t.first.label})
+            self.results[j.case.name][j.setup.name] = result
+
+    def _fail(self, t: Training, result: LaunchResult) -> None:
+        for j in t.jobs:
+            _write_failure(self.out, j.case.name, j.setup.name, result, self.provenance[j.case.name], j.device,
+                           j.setup.world_size, overwrite=True)
+            self.results[j.case.name][j.setup.name] = result
+
+    def _log(self, number: int, name: str, launch: Launch, trainings: list[Training], result: LaunchResult) -> None:
+        self.log.append({"launch": number, "name": name, "world_size": launch.world_size, "device": launch.device,
+                         "trainer": launch.trainer, "lane": launch.lane, "lanes": launch.lanes, "status": result.status,
+                         "wall_s": result.wall_s, "ended": time.time(),
+                         "trainings": [t.to_dict() for t in trainings]})
+
+
+def _names(progress: dict, job: Job) -> bool:
+    return progress.get("case") == job.case.name and progress.get("setup") == job.setup.name
+
+
+def _write_plan_log(out: Path, plan_file: str, how: str, launches: list[Launch], log: list[dict], cases) -> None:
+    """OUT/plan_file: the plan and how each launch went; <case>/launches.json: the launches that served the case."""
+    log = sorted(log, key=lambda entry: entry["launch"])  # lanes finish in any order; a launch's retries keep theirs
+    records.write_json(claim(out, plan_file), {"plan": how, "planned": [launch.to_dict() for launch in launches],
+                                                "launches": log})
+    for case in cases:
+        mine = []
+        for entry in log:
+            served = {}
+            for t in entry["trainings"]:
+                for label in [t["trained_as"], *t["shared_with"]]:
+                    if label.split("/", 1)[0] == case.name:
+                        served[label.split("/", 1)[1]] = t["trained_as"]
+            if served:
+                mine.append({**{k: v for k, v in entry.items() if k != "trainings"}, "setups": served})
+        records.write_json(inside(out, case.name) / "launches.json", {"plan": how, "plan_file": plan_file,
+                                                                       "launches": mine})
+
+
+def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) -> dict:
+    """The verdict between setups first, then the baselines, written to verdict.json.
+
+    A baseline is written (as `update` allows) only from a case that passed: a run whose setups
+    disagree, or whose reference is nondeterministic, is no reference for anyone.
+    """
+    from parity.verdict import baselines
+    from parity.verdict import compare
+
+    if not inside(run_dir, case.name).is_dir():
+        raise InputError(f"{run_dir}: no run of case {case.name} here ({Path(run_dir) / case.name} is not a directory)")
+    runs = compare.load_runs(case, run_dir)  # read once, for both checks
+    between_setups = compare.compare_case(case, run_dir, runs=runs)  # judged once; baselines are added to it
+    passed = between_setups["passed"]
+    checks = baselines.check_case_baselines(case, run_dir, baseline_root, update if passed else None, runs)
+    if update and not passed:
+        for b in checks:
+            b["message"] += (f"; --update-baselines={update} wrote nothing: the case failed, and only a passing "
+                             "case makes a baseline")
+    verdict = compare.with_baselines(between_setups, checks)
+    return _written(run_dir, verdict)
+
+
+def judge_run(case: Case, out: Path, baseline_root: Path, update: str | None) -> dict:
+    """judge() for a case this process has just run. Once training has begun, a problem found while judging
+    (a record or baseline file that cannot be read, a disk that refuses a write) fails this case with one line
+    in its verdict, and the other cases of the suite are still judged and reported."""
+    from parity.verdict import compare
+
+    try:
+        return judge(case, out, baseline_root, update)
+    except (InputError, OSError) as e:
+        return _written(out, compare.unjudged_verdict(case, f"not judged: {one_line(e)}"))
+
+
+def _written(run_dir: Path, verdict: dict) -> dict:
+    """The verdict, written to verdict.json; where the disk refuses, the verdict fails and says so."""
+    from parity.verdict import compare
+
+    try:
+        compare.write_verdict(run_dir, verdict)
+    except OSError as e:
+        problem = f"verdict.json not written: {one_line(e)}"
+        return {**verdict, "passed": False, "problems": verdict["problems"] + [problem]}
+    return verdict
+
+
+def _write_failure(out: Path, case_name: str, setup_name: str, result: LaunchResult, provenance: dict, device: str,
+                   world_size: int, overwrite: bool = False) -> None:
+    """A run.json that says why the setup has no records, so no comparison can pass on it (an ok one stays,
+    unless `overwrite`)."""
+    d = records.setup_dir(out, case_name, setup_name)
+    if not overwrite and (d / "run.json").is_file():
+        try:
+            if records.read_json(d / "run.json").get("status") == "ok":
+                return
+        except records.RecordError:
+            pass
+    status = result.status if result.status != "ok" else "failed"
+    records.write_json(d / "run.json", {**provenance, "case": case_name, "setup": setup_name, "status": status,
+                                        "device": device, "backend": backend_for(device),
+                                        "world_size": world_size, "message": result.message,
+                                        "ended": datetime.now(timezone.utc).isoformat()})
