@@ -15,7 +15,7 @@ import numpy as np
 
 from parity.core import records
 from parity.core.errors import InputError
-from parity.run.rundir import case_lock, prepare_out
+from parity.core.rundir import case_lock, prepare_out
 from parity.run.runner import run_case
 from parity.case.spec import Case
 

@@ -101,7 +101,7 @@ def cmd_run(args) -> int:
     from parity.run.launch.nodes import check_splits, digest, parse_nodes
     from parity.core.process import omp_threads
     from parity.core.paths import check_writable_dir
-    from parity.run.rundir import check_apart, check_out
+    from parity.core.rundir import check_apart, check_out
     from parity.run.runner import resolve_device, visible_gpus
 
     omp_threads()  # the environment, checked before anything runs
@@ -152,7 +152,7 @@ def _run_here(args, cases, devices, leader=None) -> int:
 
     from parity.verdict import compare
     from parity.run.progress import Progress
-    from parity.run.rundir import case_lock, check_out, claim, prepare_out
+    from parity.core.rundir import case_lock, check_out, claim, prepare_out
     from parity.run.runner import judge_run, run_suite, seed_or_none
 
     check_out(Path(args.out))
@@ -204,7 +204,7 @@ def _submit_slurm(args) -> int:
     import subprocess
 
     from parity.run.launch.slurm import job_script
-    from parity.run.rundir import claim, prepare_out
+    from parity.core.rundir import claim, prepare_out
 
     if args.node_rank is not None or args.rdzv_endpoint is not None:
         raise UsageError("--launcher slurm: the job script sets --node-rank and --rdzv-endpoint on each node; "

@@ -206,7 +206,7 @@ def pytest_sessionstart(session):
     from parity.core.errors import InputError
     from parity.core.process import omp_threads
     from parity.core.paths import check_writable_dir
-    from parity.run.rundir import check_apart, check_out, clear_earlier_outputs
+    from parity.core.rundir import check_apart, check_out, clear_earlier_outputs
 
     _, baselines, out = parity_paths(config)
     out_from, baselines_from = setting_source(config, "out"), setting_source(config, "baselines")
@@ -284,7 +284,7 @@ def _run_share(case, config) -> None:
     """Run the setups of `case` and of every case planned with it (once per process); a case whose
     device cannot run it is left out, to be skipped (or failed, with --parity-strict) by its own item."""
     from parity.core.reproduce import pytest_case
-    from parity.run.rundir import case_lock, prepare_out
+    from parity.core.rundir import case_lock, prepare_out
     from parity.run.runner import DeviceError, resolve_device, run_suite, seed_or_none
     from parity.case.spec import BackendError
 
@@ -329,7 +329,7 @@ def _run_share(case, config) -> None:
 def run_and_judge(case, config) -> tuple[dict, str]:
     """Run the case (with the cases planned alongside it, on its first item) and judge it as the CLI would;
     returns (verdict, failure message)."""
-    from parity.run.rundir import case_lock
+    from parity.core.rundir import case_lock
     from parity.run.runner import judge_run
 
     _run_share(case, config)

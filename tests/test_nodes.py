@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from parity.core import records
-from parity.run.rundir import foreign_entries
+from parity.core.rundir import foreign_entries
 from parity.core.errors import InputError
 from parity.run.launch import nodes
 from parity.run.launch.channel import (MAX_NOTES, SECRET_ENV, Channel, Refused, env_secret, is_report, read_secret, shown,

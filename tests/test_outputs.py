@@ -12,7 +12,7 @@ import pytest
 from parity.core import records
 from parity.core.errors import InputError
 from parity.core.paths import CASE_MARKER, inside, name_problem
-from parity.run.rundir import (case_lock, check_apart, check_out, claim, clear_earlier_outputs, foreign_entries,
+from parity.core.rundir import (case_lock, check_apart, check_out, claim, clear_earlier_outputs, foreign_entries,
                            fresh_case_dir, ours, prepare_out, work_dir)
 
 REPO = Path(__file__).resolve().parent.parent

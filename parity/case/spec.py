@@ -22,6 +22,7 @@ from parity.core.parallel_dims import MAX_WORLD_SIZE, ParallelDims, problems
 from parity.core.paths import duplicates_ignoring_case, name_problem
 from parity.core.presets import PRESETS, ModelConfig, param_names, probe_modules
 from parity.core.records import PROBE_PHASES
+from parity.core.tokens import TokenFileError, load_token_file
 
 TRAINERS = ("builtin", "torchtitan", "command")
 DP_APIS = ("fully_shard", "replicate", "ddp", "none")
@@ -610,8 +611,6 @@ class _Validator:
 
     def data(self, s: Setup, key: str):
         """A token file is read and checked here, before any rank starts, against the setup's model."""
-        from parity.rank.data import TokenFileError, load_token_file
-
         try:
             load_token_file(s.train.data, s.train.seq_len, s.train.model_config.vocab_size)
         except TokenFileError as e:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from parity.core import files
+from parity.core.tokens import load_token_file
 
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -48,30 +48,6 @@ def file_rows(tokens: np.ndarray, step: int, rows: range, global_batch: int, seq
     n = len(tokens) - (seq_len + 1)
     starts = [(((step - 1) * global_batch + row) * seq_len) % max(n, 1) for row in rows]
     return np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
-
-
-class TokenFileError(ValueError):
-    """A token file that cannot feed the model; the message says what is wrong with it."""
-
-
-def load_token_file(path: str, seq_len: int, vocab: int) -> np.ndarray:
-    """A 1-D integer array of at least seq_len + 1 ids in [0, vocab); checked in full, once, by the validator."""
-    try:
-        files.check_regular(path)  # numpy opens it itself: a FIFO would block it
-        tokens = np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickle a data file
-    except (OSError, ValueError, EOFError) as e:
-        raise TokenFileError(f"{path} is not a readable .npy array ({type(e).__name__}: {e}); "
-                             "allowed: a 1-D integer .npy array of token ids") from None
-    if not isinstance(tokens, np.ndarray) or tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-        shape = getattr(tokens, "shape", "?")
-        raise TokenFileError(f"{path} holds {getattr(tokens, 'dtype', type(tokens).__name__)} {shape}; "
-                             "allowed: a 1-D integer array of token ids")
-    if len(tokens) < seq_len + 1:
-        raise TokenFileError(f"{path} has {len(tokens)} tokens; allowed: at least seq_len + 1 = {seq_len + 1}")
-    low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= vocab:
-        raise TokenFileError(f"{path} has token ids from {low} to {high}; allowed: ids in [0, {vocab}) for this model")
-    return np.asarray(tokens)
 
 
 def rank_rows(global_batch: int, dp_degree: int, dp_rank: int) -> range:

@@ -32,7 +32,7 @@ from parity.report import markdown
 from parity.core import records
 from parity.verdict.compare import bitwise_equal, ensemble_lines, ran_on, statistical_tests  # noqa: E402
 from parity.core.paths import inside, name_problem  # noqa: E402
-from parity.run.rundir import claim  # noqa: E402
+from parity.core.rundir import claim  # noqa: E402
 from parity.case.spec import MEMBER_SUFFIX  # noqa: E402
 
 PLOTTED = ("loss", "grad_norm")

@@ -29,7 +29,7 @@ from parity.trainers.torchtitan import missing as titan_missing
 from parity.core.process import DEFAULT_TIMEOUT_S, LaunchResult
 from parity.run.launch.torchrun import launch as launch_torchrun
 from parity.core.paths import inside
-from parity.run.rundir import claim, fresh_case_dir, prepare_out, work_dir
+from parity.core.rundir import claim, fresh_case_dir, prepare_out, work_dir
 from parity.run.plan import Job, Launch, Training, plan, summary
 from parity.case.spec import REPEAT_SUFFIX, Case, Setup, check_attention
 

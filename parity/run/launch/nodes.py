@@ -51,7 +51,7 @@ from parity.run.launch.channel import Channel, Refused, is_report, pause, read_s
 from parity.core.process import LaunchResult, process_env, run_process
 from parity.run.launch.torchrun import torchrun_argv
 from parity.core.paths import inside, name_problem
-from parity.run.rundir import RUN_MARKER, claim
+from parity.core.rundir import RUN_MARKER, claim
 
 POLL_S = 0.5
 BYE_WAIT_S = 60.0  # how long node 0 keeps the store open for the others to read "done"
