@@ -15,7 +15,7 @@ from parity.verdict.compare import (
     compare_case, compare_series, compare_weights, divergence_table, format_verdict, ulp_unit, ulps_apart, write_verdict,
 )
 from parity.case.spec import Case, Expect, Setup, Tolerance, Train
-from parity.verdict.model import BaselineCheck
+from parity.verdict.model import BaselineCheck, MetricResult, Verdict
 
 EXACT = Tolerance(rtol=0.0, atol=0.0)
 LOOSE = Tolerance(rtol=1e-5, atol=0.0)
@@ -331,6 +331,22 @@ def test_write_verdict_and_summaries(tmp_path):
     assert "loss rtol=1e-05 atol=0.0 (default for float32)" in text
     assert "grad_norm  exact 0/4 steps" in text and "nan" in text
     assert "ref vs other: FAIL; first diverged: grad_norm at step 1" in text
+
+
+def test_a_written_verdict_reads_back_as_the_same_record(tmp_path):
+    """verdict.json is Verdict.to_json(); Verdict.from_json gives back the record, and its JSON the same bytes."""
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "ref.repeat", loss=[up(x) for x in LOSS])
+    write_run(tmp_path, "other", gnorm=[up(g) for g in GNORM])
+    v = compare_case(make_case(), tmp_path)
+    path = write_verdict(tmp_path, v)
+    back = Verdict.from_json(records.read_json(path))
+    assert back == v and back.repeat.cause.startswith("nondeterministic reference")
+    assert isinstance(back.pairs[0].metrics["loss"], MetricResult)
+    assert back.pairs[0].localization == v.pairs[0].localization
+    text = path.read_bytes()
+    write_verdict(tmp_path, back)
+    assert path.read_bytes() == text
 
 
 def test_verdict_schema(tmp_path):

@@ -108,7 +108,8 @@ def ensemble_lines(st: dict | None) -> list[str]:
     ref = st.get("reference")
     if ref:
         lines.append("  reference in its own band: " + ", ".join(
-            f"{m} max |z| {_three_digits(t['max_abs_z'])}" + ("" if t["passed"] else " (OUTSIDE)") for m, t in ref.items()))
+            f"{m} max |z| {_three_digits(t['max_abs_z'])}" + ("" if t["passed"] else " (OUTSIDE)")
+            for m, t in ref.items()))
     held = st.get("held_out") or []
     if held:
         out = [h["member"] for h in held if not h["passed"]]

@@ -24,7 +24,6 @@ and whose runs both recorded probes, a probe divergence or problem is a pair pro
 from __future__ import annotations
 
 import math
-
 from dataclasses import replace
 
 from parity.case.spec import Case
