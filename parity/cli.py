@@ -187,7 +187,7 @@ def _run_here(args, cases, devices, leader=None) -> int:
             print(step_table(case, out))
             verdict = judge_run(case, out, Path(args.baselines), args.update_baselines)
             print(compare.format_verdict(verdict))
-            failed |= not verdict["passed"]
+            failed |= not verdict.passed
     ran = {c.name for c in cases}
     print(f"\ncases per device: {compare.device_counts(out, ran)[1]}")
     if not args.no_report:
@@ -253,7 +253,7 @@ def cmd_compare(args) -> int:
     for case in _load_cases(args.cases, args.baselines, args.update_baselines):
         verdict = judge(case, run_dir, Path(args.baselines), args.update_baselines)
         print(compare.format_verdict(verdict))
-        failed |= not verdict["passed"]
+        failed |= not verdict.passed
     return 1 if failed else 0
 
 

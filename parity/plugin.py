@@ -342,7 +342,7 @@ def run_and_judge(case, config) -> tuple[dict, str]:
     with case_lock(out, case.name):
         verdict = judge_run(case, out, baseline_root, config.getoption("parity_update_baselines"))
     message = ""
-    if not verdict["passed"]:
+    if not verdict.passed:
         message = _failure_message(case, verdict, out)
     return verdict, message
 
@@ -353,7 +353,7 @@ def _failure_message(case, verdict, out: Path) -> str:
     # The table already lists every problem line; add only the files a reviewer opens next.
     lines = [f"parity case {case.name} failed on {compare.ran_on(verdict)} ({case.path})",
              compare.divergence_table(verdict)]
-    lines += [f"obtained: {b['obtained']}" for b in verdict["baselines"] if not b["passed"] and b.get("obtained")]
+    lines += [f"obtained: {b.obtained}" for b in verdict.baselines if not b.passed and b.obtained]
     try:
         from parity.report.pages import load_case_run, plot_case, plot_probes
 

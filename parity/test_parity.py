@@ -7,5 +7,5 @@ from parity.plugin import run_and_judge
 
 def test_case(parity_case, request):
     verdict, message = run_and_judge(parity_case, request.config)
-    if not verdict["passed"]:
+    if not verdict.passed:
         pytest.fail(message, pytrace=False)

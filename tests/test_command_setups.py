@@ -150,10 +150,10 @@ def test_every_reader_matches_the_builtin_setup(tmp_path, seed_cache):
         for m in ("loss", "grad_norm"):  # what the script printed: the reference's value, to 5 decimals
             assert b[m] == float(f"{a[m]:.5f}") and bits(b[m]) != bits(a[m]), (m, a, b)
     # The same pair judged bitwise (the case's own mode, had the values carried every bit) fails.
-    raw = {**compare._load_run(out / "readers" / "log_rounded", "log_rounded")}
+    raw = {**compare.load_run(out / "readers" / "log_rounded", "log_rounded")}
     assert (raw["metrics"]["loss_rounding"] == 5e-6).all() and (raw["metrics"]["grad_norm_rounding"] == 5e-6).all()
     raw["metrics"] = {k: v for k, v in raw["metrics"].items() if not k.endswith("_rounding")}  # columns
-    ref = compare._load_run(out / "readers" / "builtin", "builtin")
+    ref = compare.load_run(out / "readers" / "builtin", "builtin")
     strict = compare.compare_pair("builtin", ref, "log_rounded", raw, case)
     assert not strict["passed"] and strict["diverged"]["metric"] == "loss" and strict["diverged"]["step"] == 1
 

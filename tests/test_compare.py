@@ -15,6 +15,7 @@ from parity.verdict.compare import (
     compare_case, compare_series, compare_weights, divergence_table, format_verdict, ulp_unit, ulps_apart, write_verdict,
 )
 from parity.case.spec import Case, Expect, Setup, Tolerance, Train
+from parity.verdict.model import BaselineCheck, MetricResult, Verdict
 
 EXACT = Tolerance(rtol=0.0, atol=0.0)
 LOOSE = Tolerance(rtol=1e-5, atol=0.0)
@@ -309,8 +310,8 @@ def test_nan_in_run_fails_diverge_mode_too(tmp_path):
 def test_baseline_results_gate_the_case(tmp_path):
     write_run(tmp_path, "ref")
     write_run(tmp_path, "other")
-    ok = {"setup": "ref", "passed": True, "message": "matches"}
-    bad = {"setup": "other", "passed": False, "message": "no baseline"}
+    ok = BaselineCheck("ref", None, "cpu", "match", "exact", True, {}, "matches", None)
+    bad = BaselineCheck("other", None, "cpu", "missing", "exact", False, {}, "no baseline", None)
     assert compare_case(make_case(), tmp_path, [ok])["passed"]
     v = compare_case(make_case(), tmp_path, [ok, bad])
     assert not v["passed"] and v["problems"] == ["baseline other: no baseline"]
@@ -330,6 +331,22 @@ def test_write_verdict_and_summaries(tmp_path):
     assert "loss rtol=1e-05 atol=0.0 (default for float32)" in text
     assert "grad_norm  exact 0/4 steps" in text and "nan" in text
     assert "ref vs other: FAIL; first diverged: grad_norm at step 1" in text
+
+
+def test_a_written_verdict_reads_back_as_the_same_record(tmp_path):
+    """verdict.json is Verdict.to_json(); Verdict.from_json gives back the record, and its JSON the same bytes."""
+    write_run(tmp_path, "ref")
+    write_run(tmp_path, "ref.repeat", loss=[up(x) for x in LOSS])
+    write_run(tmp_path, "other", gnorm=[up(g) for g in GNORM])
+    v = compare_case(make_case(), tmp_path)
+    path = write_verdict(tmp_path, v)
+    back = Verdict.from_json(records.read_json(path))
+    assert back == v and back.repeat.cause.startswith("nondeterministic reference")
+    assert isinstance(back.pairs[0].metrics["loss"], MetricResult)
+    assert back.pairs[0].localization == v.pairs[0].localization
+    text = path.read_bytes()
+    write_verdict(tmp_path, back)
+    assert path.read_bytes() == text
 
 
 def test_verdict_schema(tmp_path):
@@ -454,7 +471,7 @@ def test_a_long_series_gets_the_short_examples_verdict():
     for key in ("failing_steps", "max_abs", "max_rel", "passed", "bitwise", "within_tolerance", "problems"):
         assert m[key] == short[key], key
     assert all(type(m[k]) in (int, float, bool) for k in ("n", "exact_equal_steps", "max_abs", "failing_steps"))
-    json.dumps(m, allow_nan=False)  # plain Python numbers, as verdict.json needs them
+    json.dumps(m.to_json(), allow_nan=False)  # plain Python numbers, as verdict.json needs them
 
 
 def test_a_long_series_with_nan_gaps_and_rounding():

@@ -427,11 +427,11 @@ def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) ->
         raise InputError(f"{run_dir}: no run of case {case.name} here ({Path(run_dir) / case.name} is not a directory)")
     runs = compare.load_runs(case, run_dir)  # read once, for both checks
     between_setups = compare.compare_case(case, run_dir, runs=runs)  # judged once; baselines are added to it
-    passed = between_setups["passed"]
+    passed = between_setups.passed
     checks = baselines.check_case_baselines(case, run_dir, baseline_root, update if passed else None, runs)
     if update and not passed:
         for b in checks:
-            b["message"] += (f"; --update-baselines={update} wrote nothing: the case failed, and only a passing "
+            b.message += (f"; --update-baselines={update} wrote nothing: the case failed, and only a passing "
                              "case makes a baseline")
     verdict = compare.with_baselines(between_setups, checks)
     return _written(run_dir, verdict)
@@ -457,7 +457,7 @@ def _written(run_dir: Path, verdict: dict) -> dict:
         compare.write_verdict(run_dir, verdict)
     except OSError as e:
         problem = f"verdict.json not written: {one_line(e)}"
-        return {**verdict, "passed": False, "problems": verdict["problems"] + [problem]}
+        return replace(verdict, passed=False, problems=verdict.problems + [problem])
     return verdict
 
 

@@ -32,6 +32,7 @@ the same file and no lock is needed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -39,11 +40,16 @@ from pathlib import Path
 import numpy as np
 
 from parity.core import files
-from parity.verdict.compare import compare_series, load_runs, not_compared, ulps_text
 from parity.core.fingerprint import determinism_summary, differing_fields, platform_key
 from parity.core.paths import check_platform, inside
 from parity.core.records import RecordError, atomic_write_text, csv_text, read_csv, read_setup_run, rows_of, setup_dir
+from parity.core.reproduce import pytest_case, shell
 from parity.case.spec import Case, Setup
+from parity.verdict import ensemble
+from parity.verdict.case_verdict import load_runs
+from parity.verdict.model import BaselineCheck, MetricResult
+from parity.verdict.numbers import ulps_text
+from parity.verdict.series import compare_series, not_compared
 
 DEFAULT_ROOT = Path("baselines")
 COLUMNS = ("step", "loss", "grad_norm", "lr", "tokens")
@@ -112,103 +118,140 @@ def provenance(run: dict, case: Case, setup_name: str, platform: str) -> dict:
 
 
 def create_commands(case: Case, mode: str = "new") -> str:
-    from parity.core.reproduce import pytest_case, shell
-
     return (f"`parity run {case.path} --update-baselines={mode}` "
             f"(or `{shell(pytest_case(case.name, f'--parity-update-baselines={mode}'))}`)")
 
 
-def _result(setup, path, platform, status, how, passed, message, metrics=None, obtained=None) -> dict:
-    return {"setup": setup, "path": str(path) if path else None, "platform": platform, "status": status, "how": how,
-            "passed": passed, "metrics": metrics or {m: not_compared(message) for m in COMPARED},
-            "message": message, "obtained": str(obtained) if obtained else None}
+@dataclass
+class BaselineComparison:
+    """One setup's run against its stored baseline, before anything is written: what the write policy
+    (`write_policy`) rules on. `state`: "unjudged" (the run failed or has NaN/Inf: `reason` says which),
+    "missing", "unreadable" (`reason`: the read error) or "compared"."""
+    setup: str
+    path: Path
+    platform: str
+    state: str
+    reason: str = ""
+    provenance: dict = field(default_factory=dict)  # the run's, for a baseline written from it
+    basis: str = "exact"  # compared "exact", within "tolerance", or "statistical" (BaselineCheck.basis)
+    metrics: dict[str, MetricResult] = field(default_factory=dict)
+    shortened: str = ""  # " (its first n of m steps)" where the run made fewer steps than the baseline
+    not_exact_because: str = ""  # where not exact, the fields in which baseline and run differ
+
+    @property
+    def passed(self) -> bool:
+        return all(m.passed for m in self.metrics.values())
+
+    def difference(self) -> str:
+        """The failing metrics' first differences, in one line."""
+        text = "; ".join(_difference(self.setup, m, metric, self.basis)
+                         for metric, m in self.metrics.items() if not m.passed)
+        if self.basis == "exact" and all(m.within_tolerance for m in self.metrics.values()):
+            text += " (every step is within the case tolerance: bit-level drift, not a large change)"
+        return text
 
 
-def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str, torch_version: str,
-                   update: str | None = None, records: dict | None = None, members: list[dict] | None = None) -> dict:
-    """Compare one setup's run with its baseline, writing files as `update` allows; returns B. `records`:
-    the run's records as read_setup_run returns them, where the caller has read them already. `members`:
-    a statistical case's ensemble runs, whose spread judges a baseline made where the bits differ."""
-    if update not in UPDATE_MODES:
-        raise ValueError(f"update mode {update!r}; allowed: new, failing, all (or none)")
-    name = setup if isinstance(setup, str) else setup.name
+def compare_baseline(case: Case, name: str, records: dict, root, platform: str, torch_version: str,
+                     members: list[dict]) -> BaselineComparison:
+    """One setup's run (its records, as read_setup_run returns them) against its baseline; writes nothing.
+    `members`: a statistical case's ensemble runs, whose spread judges a baseline made where the bits differ."""
     path = baseline_path(root, case.name, name, platform)
-    result = partial(_result, name, path, platform)
-    records = records if records is not None else read_setup_run(setup_dir(run_dir, case.name, name))
+    found = partial(BaselineComparison, name, path, platform)
     run, columns = records["info"], records["metrics"]
     if run["status"] != "ok":
-        return result("error", "exact", False, f"run status is {run['status']!r}; not compared, nothing written")
+        return found("unjudged", f"run status is {run['status']!r}")
     bad = columns["step"][~np.logical_and.reduce([np.isfinite(columns[m]) for m in COMPARED])].tolist()
     if bad:
-        return result("error", "exact", False, f"the run has NaN/Inf at steps {bad}; not compared, nothing written")
+        return found("unjudged", f"the run has NaN/Inf at steps {bad}")
     prov = provenance(run, case, name, platform)
-
-    def write(to: Path) -> None:
-        write_baseline(to, rows_of(columns), prov)
-
     if not path.exists():
-        if update is None:
-            return result("missing", "exact", False,
-                          f"no baseline {path} for platform {platform}; create it with {create_commands(case)}")
-        write(path)
-        return result("updated", "exact", True, f"wrote new baseline {path}")
+        return found("missing", provenance=prov)
     try:
         header, base = read_baseline(path)
     except RecordError as e:
-        if update in ("failing", "all"):
-            write(path)
-            return result("updated", "exact", True, f"rewrote unreadable baseline {path} ({e})")
-        raise RecordError(f"{e}; fix or recreate it with {create_commands(case, 'failing')}") from None
-
+        return found("unreadable", str(e), prov)
     mine = {**prov, "torch": torch_version}
     differ = differing_fields(platform, header, mine)
     exact = header.get("platform") == platform and not differ
-    how = "exact" if exact else "tolerance"
     # A run may be shorter than its baseline (pytest --parity-steps): compare the steps it made.
     # It must not be longer: steps the baseline lacks are unverified.
     last = int(columns["step"][-1]) if len(columns["step"]) else 0
     stored = len(base)
     base = [r for r in base if r["step"] <= last]
-    part = f" (its first {len(base)} of {stored} steps)" if len(base) < stored else ""
-    labels = ("baseline", "run")
     metrics = {m: compare_series([r["step"] for r in base], [r[m] for r in base], columns["step"], columns[m],
-                                 case.expect.tolerance[m],
-                                 "bitwise" if exact else "tolerance", labels) for m in COMPARED}
+                                 case.expect.tolerance[m], "bitwise" if exact else "tolerance", ("baseline", "run"))
+               for m in COMPARED}
+    basis = "exact" if exact else "tolerance"
     if case.expect.statistical and not exact:
-        how = "statistical"
-        metrics = _drift(case, base, columns, members or [], metrics)
-    judged = {"tolerance": "within tolerance", "statistical": "as two draws of the ensemble"}.get(how)
-    why = "" if exact else (" (baseline and run differ in " + ", ".join(
+        basis, metrics = "statistical", _drift(case, base, columns, members, metrics)
+    judged = {"tolerance": "within tolerance", "statistical": "as two draws of the ensemble"}.get(basis)
+    because = "" if exact else (" (baseline and run differ in " + ", ".join(
         f"{k}: {header.get(k, 'not recorded')} vs {mine.get(k, 'not recorded')}"
         for k in (differ or ["platform"])) + f": compared {judged})")
-    if all(m["passed"] for m in metrics.values()):
-        if update == "all" and not part:
-            write(path)
-            return result("updated", how, True, f"matches; rewrote {path} (update mode all)", metrics)
-        return result("match", how, True, f"matches {path}{part}{why}", metrics)
+    return found("compared", provenance=prov, basis=basis, metrics=metrics, not_exact_because=because,
+                 shortened=f" (its first {len(base)} of {stored} steps)" if len(base) < stored else "")
 
-    diff = "; ".join(_difference(name, m, metric, how) for metric, m in metrics.items() if not m["passed"])
-    if exact and all(m["within_tolerance"] for m in metrics.values()):
-        diff += " (every step is within the case tolerance: bit-level drift, not a large change)"
-    # A shortened run (--parity-steps) never replaces a longer baseline, whatever the mode.
-    if update in ("failing", "all") and not part:
-        write(path)
-        return result("updated", how, True, f"rewrote {path}; it differed: {diff}", metrics)
-    obtained = obtained_path(run_dir, case.name, name)
-    write(obtained)
+
+REWRITING = ("failing", "all")  # the update modes that replace a mismatching or unreadable baseline
+
+
+def write_policy(c: BaselineComparison, update: str | None, case: Case, run_dir) -> tuple[str, bool, Path | None, str]:
+    """The write policy: (status, passed, the file to write from the run or None, message) for a comparison
+    under an update mode. A matching baseline is rewritten only under "all"; a shortened run never replaces
+    a longer baseline. An unreadable baseline no mode may rewrite is bad input (RecordError)."""
+    if c.state == "unjudged":
+        return "error", False, None, f"{c.reason}; not compared, nothing written"
+    if c.state == "missing":
+        if update is None:
+            return ("missing", False, None,
+                    f"no baseline {c.path} for platform {c.platform}; create it with {create_commands(case)}")
+        return "updated", True, c.path, f"wrote new baseline {c.path}"
+    if c.state == "unreadable":
+        if update in REWRITING:
+            return "updated", True, c.path, f"rewrote unreadable baseline {c.path} ({c.reason})"
+        raise RecordError(f"{c.reason}; fix or recreate it with {create_commands(case, 'failing')}")
+    if c.passed:
+        if update == "all" and not c.shortened:
+            return "updated", True, c.path, f"matches; rewrote {c.path} (update mode all)"
+        return "match", True, None, f"matches {c.path}{c.shortened}{c.not_exact_because}"
+    if update in REWRITING and not c.shortened:
+        return "updated", True, c.path, f"rewrote {c.path}; it differed: {c.difference()}"
+    obtained = obtained_path(run_dir, case.name, c.setup)
     accept = ("not rewritten: the run made fewer steps than the baseline; rerun all steps to update it"
-              if part and update else f"accept them with {create_commands(case, 'failing')}")
-    return result("mismatch", how, False,
-                  f"differs from {path}{part}{why}: {diff}; obtained values in {obtained}; {accept}",
-                  metrics, obtained)
+              if c.shortened and update else f"accept them with {create_commands(case, 'failing')}")
+    return ("mismatch", False, obtained, f"differs from {c.path}{c.shortened}{c.not_exact_because}: "
+            f"{c.difference()}; obtained values in {obtained}; {accept}")
+
+
+def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str, torch_version: str,
+                   update: str | None = None, records: dict | None = None,
+                   members: list[dict] | None = None) -> BaselineCheck:
+    """Compare one setup's run with its baseline (compare_baseline), then write what the update mode allows
+    (write_policy): the baseline, or an obtained file beside the run. `records`: the run's records as read_setup_run
+    returns them, where the caller has read them already."""
+    if update not in UPDATE_MODES:
+        raise ValueError(f"update mode {update!r}; allowed: new, failing, all (or none)")
+    name = setup if isinstance(setup, str) else setup.name
+    records = records if records is not None else read_setup_run(setup_dir(run_dir, case.name, name))
+    comparison = compare_baseline(case, name, records, root, platform, torch_version, members or [])
+    status, passed, target, message = write_policy(comparison, update, case, run_dir)
+    if target is not None:
+        write_baseline(target, rows_of(records["metrics"]), comparison.provenance)
+    obtained = target if status == "mismatch" else None
+    return _check(name, comparison.path, platform, status, comparison.basis, passed, message, comparison.metrics,
+                  obtained)
+
+
+def _check(setup, path, platform, status, basis, passed, message, metrics=None, obtained=None) -> BaselineCheck:
+    return BaselineCheck(setup=setup, path=str(path) if path else None, platform=platform, status=status, basis=basis,
+                         passed=passed, metrics=metrics or {m: not_compared(message) for m in COMPARED},
+                         message=message, obtained=str(obtained) if obtained else None)
 
 
 def _drift(case: Case, base: list[dict], columns: dict, members: list[dict], metrics: dict) -> dict:
     """Statistical mode, where the bits differ (another CPU instruction set): over hundreds of steps a run
     drifts from its baseline as far as the ensemble's members drift from each other, so each window's
     difference is judged by the ensemble's spread (parity.verdict.ensemble.drift), not by a per-step tolerance."""
-    from parity.verdict import ensemble
-
     steps = columns["step"]
     healthy = [r for r in members if not r["problems"]]
     out = {}
@@ -216,31 +259,31 @@ def _drift(case: Case, base: list[dict], columns: dict, members: list[dict], met
         base_values = ensemble.series_at({"metrics": {"step": np.array([r["step"] for r in base]),
                                                       m: np.array([r[m] for r in base], dtype=np.float64)}}, m, steps)
         if not healthy or len(healthy) < len(members):
-            out[m] = {**metrics[m], "passed": False, "statistical": None,
-                      "problems": metrics[m]["problems"] + ["the ensemble did not finish: no spread to judge by"]}
+            out[m] = replace(metrics[m], passed=False, statistical=None,
+                             problems=metrics[m].problems + ["the ensemble did not finish: no spread to judge by"])
             continue
         t = ensemble.drift(base_values, columns[m], [ensemble.series_at(r, m, steps) for r in members], m,
                            case.expect.statistical, case.expect.tolerance[m])
-        out[m] = {**metrics[m], "passed": t["passed"], "statistical": t}
+        out[m] = replace(metrics[m], passed=t.passed, statistical=t)
     return out
 
 
-def _difference(setup: str, m: dict, metric: str, how: str) -> str:
-    if m["problems"]:
-        return f"{setup} {metric}: " + "; ".join(m["problems"])
-    if how == "statistical":
-        e = m["statistical"]["first_failure"]
+def _difference(setup: str, m: MetricResult, metric: str, basis: str) -> str:
+    if m.problems:
+        return f"{setup} {metric}: " + "; ".join(m.problems)
+    if basis == "statistical":
+        e = m.statistical.first_failure
         return (f"{setup} {metric} steps {e['window'][0]}-{e['window'][1]}: baseline median {e['value_ref']!r}, run "
                 f"{e['value_other']!r} (rel {e['rel']:.3g}, z {e['z']:.3g}, limit {e['limit']:.3g})")
-    e = m["first_divergence"] if how == "exact" else m["first_tolerance_failure"]
+    e = m.first_divergence if basis == "exact" else m.first_tolerance_failure
     return (f"{setup} {metric} step {e['step']}: baseline {e['value_ref']!r}, run {e['value_other']!r} "
             f"(abs {e['abs']:.3g}, rel {e['rel']:.3g}, {ulps_text(e)})")
 
 
 def check_case_baselines(case: Case, run_dir, root=None, update: str | None = None,
-                         runs: dict[str, dict] | None = None) -> list[dict]:
+                         runs: dict[str, dict] | None = None) -> list[BaselineCheck]:
     """check_baseline for every setup, with platform and torch version from its run.json; `runs`: every
-    setup's records (compare.load_runs), where the caller has read them already."""
+    setup's records (case_verdict.load_runs), where the caller has read them already."""
     runs = runs if runs is not None else load_runs(case, run_dir)
     members = [runs[m.name] for m in case.ensemble]
     results = []
@@ -252,8 +295,8 @@ def check_case_baselines(case: Case, run_dir, root=None, update: str | None = No
                                           runs[s.name], members))
         except OSError as e:  # a read-only or full disk under the baseline root: this setup fails, the rest go on
             path = baseline_path(root, case.name, s.name, platform)
-            results.append(_result(s.name, path, platform, "error", "exact", False,
-                                   f"{path}: cannot write it ({e.strerror or e})"))
+            results.append(_check(s.name, path, platform, "error", "exact", False,
+                                  f"{path}: cannot write it ({e.strerror or e})"))
     return results
 
 

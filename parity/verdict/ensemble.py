@@ -9,8 +9,8 @@ the members spread is how far a correct setup may drift.
 
 The test, per setup, on windows of `window` steps: each run's median loss, and median log grad norm
 (so that a grad norm is judged by its ratio), per window. A median, because chaotic runs have
-single-step grad-norm spikes at random times: with window means, one member whose window lacked the
-spikes the others had sat 6.4 sd from 19 others (benchmarks/statistical_power.py measures this).
+single-step grad-norm spikes at random times, and one spike must not move its window (docs/measured.md
+has the measurement behind this).
 Over the K members a window has mean m and standard deviation s; a setup's window value x gives
 
     z = (x - m) / (s * sqrt(1 + 1/K))
@@ -35,6 +35,7 @@ from functools import lru_cache
 import numpy as np
 
 from parity.case.spec import Statistical, Tolerance
+from parity.verdict.model import StatisticalTest
 
 METRICS = ("loss", "grad_norm")
 LOG_METRICS = ("grad_norm",)  # tested as logarithms: a grad norm's natural error is a ratio
@@ -123,7 +124,7 @@ class Band:
             return np.where(diff == 0, 0.0, diff / self.scale)
 
 
-def test(values: np.ndarray, band: Band, ends: np.ndarray, lim: float) -> dict:
+def test(values: np.ndarray, band: Band, ends: np.ndarray, lim: float) -> StatisticalTest:
     """One setup's windows against the band: z per window, and the first window where |z| passes `lim`
     (NaN never passes: a window with a non-finite value fails)."""
     z = band.z(values)
@@ -136,9 +137,9 @@ def test(values: np.ndarray, band: Band, ends: np.ndarray, lim: float) -> dict:
                  "value_ref": ref, "value_other": other, "abs": abs(other - ref),
                  "rel": abs(other - ref) / abs(ref) if ref else math.inf, "z": float(z[i]), "limit": lim}
     finite = z[np.isfinite(z)]
-    return {"passed": first is None, "values": shown(values, band.metric).tolist(), "z": z.tolist(),
-            "max_abs_z": float(np.abs(finite).max()) if finite.size else math.nan,
-            "failing_windows": int(failing.size), "first_failure": first}
+    return StatisticalTest(passed=first is None, values=shown(values, band.metric).tolist(), z=z.tolist(),
+                           max_abs_z=float(np.abs(finite).max()) if finite.size else math.nan,
+                           failing_windows=int(failing.size), first_failure=first)
 
 
 def series_at(run: dict, metric: str, steps: np.ndarray) -> np.ndarray:
@@ -160,7 +161,7 @@ def member_problems(name: str, run: dict, steps: np.ndarray) -> list[str]:
 
 def evaluate(st: Statistical, tolerance: dict[str, Tolerance], steps: np.ndarray, members: dict[str, dict],
              setups: dict[str, dict]) -> dict:
-    """The ensemble and each setup's test. `members` and `setups`: runs (compare._load_run) by name;
+    """The ensemble and each setup's test. `members` and `setups`: runs (parity.verdict.case_verdict.load_run) by name;
     `steps`: the reference's. Returns {summary, tests: {setup: {metric: test}}, problems}; with problems
     (a member that did not finish, say) there is no band and no test."""
     problems = [p for name, run in members.items() for p in member_problems(name, run, steps)]
@@ -198,13 +199,13 @@ def held_out(st: Statistical, tolerance: dict[str, Tolerance], windows: dict, en
         for m in METRICS:
             rest = np.stack([v for other, v in windows[m].items() if other != name])
             t = test(windows[m][name], Band(rest, m, tolerance[m]), ends, lim)
-            worst, passed = max(worst, t["max_abs_z"] / lim), passed and t["passed"]
+            worst, passed = max(worst, t.max_abs_z / lim), passed and t.passed
         out.append({"member": name, "passed": passed, "max_abs_z_over_limit": worst})
     return out
 
 
 def drift(base: np.ndarray, run: np.ndarray, members: list[np.ndarray], metric: str, st: Statistical,
-          tol: Tolerance) -> dict:
+          tol: Tolerance) -> StatisticalTest:
     """A stored baseline against this run of the same setup, on a machine whose bits differ (another CPU
     instruction set, say): two draws of one config, so per window z = (run - baseline) / (s sqrt 2), s the
     ensemble's floored sd, against the limit of a setup's test. All series are aligned on the run's steps."""

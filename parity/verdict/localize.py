@@ -7,12 +7,12 @@ layouts of one model record the same entries, and the first entry that differs i
 numerics part: everything before it still agrees.
 
 The causal order is the reference file's order. "Differs" follows the case's mode: bitwise, any
-bit of the float64 (compare.bitwise_equal); tolerance, |other - ref| > atol + rtol * |ref| with
+bit of the float64 (parity.verdict.numbers.bitwise_equal); tolerance, |other - ref| > atol + rtol * |ref| with
 the tolerance of the entry's phase ([expect.tolerance] forward/backward/update). NaN and Inf
 never agree. An entry one run has and the other lacks, a duplicated entry, or different probed
 steps, is a problem line, never a silent skip.
 
-The result (verdict.json `pairs[i].localization`, see parity.verdict.compare):
+The result (verdict.json `pairs[i].localization`, parity.verdict.model.Localization):
 
     {probed, mode, first: null | E, before: [E] (up to BEFORE entries just before `first`, all agreeing),
      agree_until: str, steps: [probed steps], problems: [str], line: str}
@@ -27,11 +27,19 @@ import math
 
 import numpy as np
 
-from parity.verdict.compare import _entry, _span, bitwise_equal
-from parity.case.spec import Tolerance
+from parity.core.records import PROBE_PHASES, read_setup_run, setup_dir
+from parity.case.spec import Case, Tolerance, default_tolerances
+from parity.verdict.model import Localization
+from parity.verdict.numbers import bitwise_equal, entry, span
 
 BEFORE = 3  # how many agreeing entries a localization shows before the first that differs
 TOP = 10  # how many entries `parity locate` lists by size at the first diverging step
+
+
+def probe_tolerances(case: Case) -> dict[str, Tolerance]:
+    """Each probe phase's tolerance: the case's, else the default for its dtype (a hand-built Expect may lack them)."""
+    defaults = default_tolerances(case.setups)[1]
+    return {phase: case.expect.tolerance.get(phase, defaults[phase]) for phase in PROBE_PHASES}
 
 
 def _key(row: dict) -> tuple:
@@ -50,7 +58,7 @@ def _index(rows: list[dict], label: str, problems: list[str]) -> dict:
         else:
             out[k] = float(r["value"])
     if twice:
-        problems.append(f"{label} has probes twice: {_span(twice)}")
+        problems.append(f"{label} has probes twice: {span(twice)}")
     return out
 
 
@@ -77,19 +85,19 @@ def align(ref_rows: list[dict], other_rows: list[dict], labels=("reference", "ot
     other = _index(other_rows, labels[1], problems)
     ref_steps, other_steps = _steps(ref), _steps(other)
     if ref_steps != other_steps:
-        problems.append(f"{labels[1]} probed steps {_span(other_steps)}, {labels[0]} probed steps {_span(ref_steps)}")
+        problems.append(f"{labels[1]} probed steps {span(other_steps)}, {labels[0]} probed steps {span(ref_steps)}")
     if missing := [_where(k) for k in ref if k not in other and k[0] in other_steps]:
-        problems.append(f"{labels[1]} lacks probes {_span(missing)} that {labels[0]} has")
+        problems.append(f"{labels[1]} lacks probes {span(missing)} that {labels[0]} has")
     if extra := [_where(k) for k in other if k not in ref and k[0] in ref_steps]:
-        problems.append(f"{labels[1]} has probes {_span(extra)} that {labels[0]} lacks")
+        problems.append(f"{labels[1]} has probes {span(extra)} that {labels[0]} lacks")
     bad = [f"{_where(k)} in {label}" for label, values in zip(labels, (ref, other))
            for k, v in values.items() if not math.isfinite(v)]
     if bad:
-        problems.append(f"non-finite probes: {_span(bad)}")
+        problems.append(f"non-finite probes: {span(bad)}")
     entries = []
     for k in ref:
         if k in other:
-            e = _entry("step", k[0], ref[k], other[k])
+            e = entry("step", k[0], ref[k], other[k])
             entries.append({**e, "phase": k[1], "name": k[2], "stat": k[3],
                             "exact": bitwise_equal(ref[k], other[k])})
     return entries, problems
@@ -110,12 +118,12 @@ def rel_text(rel: float) -> str:
 
 
 def localize(ref_probes: list[dict] | None, other_probes: list[dict] | None, mode: str,
-             tolerances: dict[str, Tolerance], labels=("reference", "other")) -> dict:
+             tolerances: dict[str, Tolerance], labels=("reference", "other")) -> Localization:
     """The localization of a pair (see the module docstring); probes None: a run recorded none."""
     lacking = [name for name, rows in zip(labels, (ref_probes, other_probes)) if rows is None]
     if lacking:
-        return {"probed": False, "mode": mode, "first": None, "before": [], "agree_until": None, "steps": [],
-                "problems": [], "line": f"no probes recorded by {' and '.join(lacking)}"}
+        return Localization(probed=False, mode=mode, first=None, before=[], agree_until=None, steps=[], problems=[],
+                            line=f"no probes recorded by {' and '.join(lacking)}")
     entries, problems = align(ref_probes, other_probes, labels)
     if not entries and not problems:
         problems.append("no probes to compare")
@@ -133,8 +141,8 @@ def localize(ref_probes: list[dict] | None, other_probes: list[dict] | None, mod
         line = "no probes compared"
     # Problems (missing, duplicated, non-finite entries) are listed beside the line, never folded into it.
     steps = list(dict.fromkeys(r["step"] for r in ref_probes))
-    return {"probed": True, "mode": mode, "first": first, "before": before, "agree_until": agree_until,
-            "steps": steps, "problems": problems, "line": line}
+    return Localization(probed=True, mode=mode, first=first, before=before, agree_until=agree_until, steps=steps,
+                        problems=problems, line=line)
 
 
 def matrix(ref_probes: list[dict], other_probes: list[dict], mode: str = "bitwise",
@@ -190,30 +198,27 @@ def locate_text(case, run_dir, top: int = TOP) -> tuple[str, bool]:
     """`parity locate`: per pair of the case's run under run_dir, where the probes first part, the entries
     just before it, and the `top` largest relative differences at that step. Returns (text, whether any
     pair's probes diverged). Records that cannot be read raise RecordError (bad input)."""
-    from parity.verdict.compare import probe_tolerances
-    from parity.core.records import read_setup_run, setup_dir
-
     runs = {s.name: read_setup_run(setup_dir(run_dir, case.name, s.name)) for s in case.setups}
     ref = case.reference.name
     lines, diverged = [], False
     for s in case.setups[1:]:
         a, b = runs[ref], runs[s.name]
         loc = localize(a["probes"], b["probes"], case.expect.mode, probe_tolerances(case), (ref, s.name))
-        steps = ", ".join(map(str, loc["steps"])) or "none"
+        steps = ", ".join(map(str, loc.steps)) or "none"
         lines.append(f"{case.name}: {ref} vs {s.name} (mode {case.expect.mode}; probed steps {steps})")
         for name, run in ((ref, a), (s.name, b)):
             if run["info"].get("status") != "ok":  # a failed run records no probes: say why there are none
                 lines.append(f"  {name}: run status is {run['info'].get('status')!r}")
-        lines.append(f"  {loc['line']}")
-        first = loc["first"]
+        lines.append(f"  {loc.line}")
+        first = loc.first
         if first is not None:
             diverged = True
             header = ("step", "phase", "name", "reference", "other", "rel", "")
-            lines += _table([header] + [_row(e) for e in loc["before"]] + [_row(first, "<- first")], "    ")
+            lines += _table([header] + [_row(e) for e in loc.before] + [_row(first, "<- first")], "    ")
             tol = probe_tolerances(case)
             worst = largest(a["probes"], b["probes"], first["step"], top, case.expect.mode, tol)
             lines.append(f"  largest relative differences at step {first['step']}:")
             beyond = "beyond tolerance" if case.expect.mode == "tolerance" else ""
             lines += _table([header] + [_row(e, "" if e["agrees"] else beyond) for e in worst], "    ")
-        lines += [f"  - {q}" for q in loc["problems"]]
+        lines += [f"  - {q}" for q in loc.problems]
     return "\n".join(lines), diverged

@@ -1,0 +1,195 @@
+"""What a person reads of a verdict: the summary (format_verdict), the failing rows (divergence_table), an
+entry's or band window's one line, where a case ran, and a statistical verdict's ensemble lines.
+
+statistical_tests, ensemble_lines, ran_on and device_counts also read verdict.json as a dict (the report
+does); the rest take a Verdict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from parity.core.records import RecordError, read_json
+from parity.verdict.model import STEP_METRICS, MetricResult, Pair, Verdict
+from parity.verdict.numbers import ulps_text
+
+
+def entry_text(e: dict) -> str:
+    """Where an entry is and both values: "step 4: 1.25 vs 1.2500001 (abs 1e-07, rel 8e-08, 3 f32 ulps)"."""
+    return f"{_where(e)}: {e['value_ref']!r} vs {e['value_other']!r} (abs {e['abs']:.3g}, rel {e['rel']:.3g}, " \
+           f"{ulps_text(e)})"
+
+
+def _where(e: dict) -> str:
+    if e.get("param") is not None:  # a pair's `diverged` at a step carries "param": None
+        return f"param {e['param']}" + (f" sketch{e['sketch']}" if "sketch" in e else "")
+    return f"step {e['step']}"
+
+
+def band_text(e: dict) -> str:
+    """Where a window leaves the band: "steps 26-50: 3.2154 vs ensemble mean 3.1002 (rel 0.0372, z 41.3, limit 7.02)"."""
+    return (f"steps {e['window'][0]}-{e['window'][1]}: {e['value_other']!r} vs ensemble mean {e['value_ref']!r} "
+            f"(rel {e['rel']:.3g}, z {e['z']:.3g}, limit {e['limit']:.3g})")
+
+
+def _three_digits(x) -> str:
+    """A float to 3 significant digits; anything else as it is."""
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def _metric_line(name: str, m: MetricResult) -> str:
+    if m.not_recorded:
+        return f"{name:<10} not compared: {m.not_recorded}"
+    unit = "params" if name == "weights" else "steps"
+    line = f"{name:<10} exact {m.exact_equal_steps}/{m.n} {unit}, max abs {_three_digits(m.max_abs)}, " \
+           f"max rel {_three_digits(m.max_rel)}, outside tolerance {m.failing_steps}"
+    e = m.first_divergence
+    # Problems are listed once, under the pair.
+    line += f", first divergence {_where(e)} ({ulps_text(e)})" if e else ", no divergence"
+    t = m.statistical
+    if t:
+        line += (f"; ensemble: max |z| {_three_digits(t.max_abs_z)}, {t.failing_windows} of {len(t.z)} windows "
+                 "outside the band")
+    return line
+
+
+def format_verdict(verdict: Verdict) -> str:
+    """A short human summary: per pair and metric both lanes, the tolerances used, the baselines."""
+    v = verdict
+    lines = [f"{v.case}: {'PASS' if v.passed else 'FAIL'} on {ran_on(v)} (mode {v.mode}, "
+             f"outcome {v.outcome}, reference {v.reference}, platform {v.platform})"]
+    lines.append("  tolerance: " + "; ".join(f"{m} rtol={t['rtol']!r} atol={t['atol']!r} ({t['source']})"
+                                            for m, t in v.tolerance.items()))
+    lines += [f"  note: {n}" for n in v.notes]
+    lines += ensemble_lines(v.statistical)
+    r = v.repeat
+    if r is not None:
+        lines.append(f"  repeat check ({r.reference} twice, bitwise): " + ("PASS" if r.passed else "FAIL: " + r.cause))
+        if not r.passed:
+            lines += _localization_lines(r, "    ")  # which module is nondeterministic, where probes say
+    for p in v.pairs:
+        lines += _pair_lines(p)
+    for b in v.baselines:
+        lines.append(f"  baseline {b.setup} [{b.platform}, {b.basis}]: {b.status}{'' if b.passed else ' FAIL'}: "
+                     f"{b.message}")
+    return "\n".join(lines)
+
+
+def _pair_lines(p: Pair) -> list[str]:
+    d = p.diverged
+    where = "" if d is None else f"; first diverged: {d['metric']} at " + (
+        f"step {d['step']}" if d["step"] is not None else f"param {d['param']}")
+    lines = [f"  {p.reference} vs {p.other}: {'PASS' if p.passed else 'FAIL'}{where}"]
+    lines += [f"    {_metric_line(name, m)}" for name, m in p.metrics.items()]
+    lines += _localization_lines(p, "    ")
+    lines += [f"    note: {line}" for line in p.notes]
+    return lines + [f"    - {line}" for line in p.problems]
+
+
+def statistical_tests(verdict: dict) -> dict[str, dict]:
+    """A statistical verdict's tests by setup, {setup: {metric: T or None}}: the reference's own first, then
+    each pair's other setup."""
+    out = {verdict["reference"]: verdict["statistical"].get("reference") or {}}
+    for p in verdict.get("pairs", []):
+        out[p["other"]] = {m: (p["metrics"].get(m) or {}).get("statistical") for m in STEP_METRICS}
+    return out
+
+
+def ensemble_lines(st: dict | None) -> list[str]:
+    """Statistical mode: the ensemble, the test's limit, how many windows the tolerance floor decided, the
+    reference's own test and the held-out members' (a measured false-alarm count)."""
+    if not st:
+        return []
+    windows = len(st["window_ends"])
+    floor = ", ".join(f"{m} {n}/{windows}" for m, n in st["windows_at_floor"].items()) or "—"
+    lines = [f"  ensemble: {st['k']} members ({st['perturb']} perturbed), windows of {st['window']} steps, "
+             f"alpha {st['alpha']!r} over {st['tests']} tests: |z| limit {st['limit']:.3g}; windows where the "
+             f"tolerance floors the spread: {floor}"]
+    ref = st.get("reference")
+    if ref:
+        lines.append("  reference in its own band: " + ", ".join(
+            f"{m} max |z| {_three_digits(t['max_abs_z'])}" + ("" if t["passed"] else " (OUTSIDE)")
+            for m, t in ref.items()))
+    held = st.get("held_out") or []
+    if held:
+        out = [h["member"] for h in held if not h["passed"]]
+        lines.append(f"  held-out members (each against the other {st['k'] - 1}): {len(out)} of {len(held)} outside"
+                     + (f" ({', '.join(out)})" if out else "") + f"; largest |z| / limit {max(h['max_abs_z_over_limit'] for h in held):.3g}")
+    return lines
+
+
+def _localization_lines(pair: Pair, indent: str) -> list[str]:
+    """`probes: <where the probes first part>`, and the probe problems unless the pair lists them already."""
+    loc = pair.localization  # verdicts written before probes have none
+    if not loc:
+        return []
+    listed = set(pair.problems)  # rule (b) made them pair problems, listed under the pair already
+    lines = [] if f"probes: {loc.line}" in listed else [f"{indent}probes: {loc.line}"]
+    return lines + [f"{indent}  probe problem: {q}" for q in loc.problems if f"probes: {q}" not in listed]
+
+
+def ran_on(verdict: dict) -> str:
+    """Where the case actually ran, e.g. "cuda/nccl (NVIDIA H100 80GB HBM3)" or "cpu/gloo"."""
+    device, backend = verdict.get("device", "unknown"), verdict.get("backend", "unknown")
+    kind = {"nccl": "cuda", "gloo": "cpu"}.get(backend, "unknown")
+    return f"{kind}/{backend}" + (f" ({device})" if kind == "cuda" and device not in ("cuda", "unknown") else "")
+
+
+def device_counts(run_dir, cases=None) -> tuple[list[str], str]:
+    """One line per judged case in run_dir (or those named) naming where it ran, and the count per device."""
+    lines, counts = [], {}
+    for path in sorted(Path(run_dir).glob("*/verdict.json")):
+        if cases is not None and path.parent.name not in cases:
+            continue
+        try:
+            v = read_json(path)
+        except RecordError:
+            continue
+        where = ran_on(v)
+        counts[where] = counts.get(where, 0) + 1
+        lines.append(f"{v.get('case')} {'PASS' if v.get('passed') else 'FAIL'} on {where}")
+    return lines, ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
+
+
+def _row_where(e: dict) -> str:
+    """A table row's step, parameter, or (statistical mode) window of steps."""
+    return f"steps {e['window'][0]}-{e['window'][1]}" if "window" in e else str(e.get("step", e.get("param")))
+
+
+def _failing_rows(verdict: Verdict) -> list[tuple[str, str, dict]]:
+    """(who, metric, first failing entry) for each failing pair/baseline and metric."""
+    rows = []
+    for p in verdict.pairs:
+        if p.passed:
+            continue
+        for name, m in p.metrics.items():
+            e = m.first_failing(verdict.mode)
+            if not m.passed and e is not None and verdict.outcome == "match":
+                rows.append((f"{p.reference} vs {p.other}", name, e))
+    for b in verdict.baselines:
+        if b.passed:
+            continue
+        for name, m in b.metrics.items():
+            e = m.first_failing({"exact": "bitwise"}.get(b.basis, b.basis))
+            if e is not None and not m.passed:
+                rows.append((f"baseline {b.setup} vs run", name, e))
+    return rows
+
+
+def divergence_table(verdict: Verdict) -> str:
+    """The failing rows only: for each failing pair/baseline and metric, its first failing entry."""
+    rows = _failing_rows(verdict)
+    header = ("pair", "metric", "step|param", "reference", "other", "abs", "rel", "ulps")
+    table = [header] + [(who, name, _row_where(e), repr(e["value_ref"]), repr(e["value_other"]), repr(e["abs"]),
+                         repr(e["rel"]), ulps_text(e) if "ulps" in e else f"z {e['z']:.3g} (limit {e['limit']:.3g})")
+                        for who, name, e in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table) if rows else ""
+    # Where the probes first part says which module to look at; a problem line that says it already is enough.
+    said = " ".join(verdict.problems)
+    where = [f"{p.reference} vs {p.other} probes: {p.localization.line}" for p in verdict.pairs
+             if not p.passed and p.localization and p.localization.line not in said]
+    text = "\n".join(filter(None, [text, *where]))
+    # The problem lines carry what a table row cannot: crashed runs, missing steps, NaN, a negative
+    # control that did not diverge, a missing baseline and the command that creates it.
+    return "\n".join(filter(None, [text, *("- " + line for line in verdict.problems)]))
