@@ -13,11 +13,11 @@ import torch
 
 from parity.core import records
 from parity.verdict.compare import compare_case, compare_weights
-from parity.rank.data import _splitmix64
 from parity.core.records import SKETCH_COLUMNS
 from parity.run.runner import run_case
 from parity.case.spec import Tolerance, load_case
-from parity.rank.sketch import _name_key, sketch_block
+from parity.rank.hashing import key64, splitmix64
+from parity.rank.sketch import sketch_block
 from parity.rank.train import FAULT_PARAM, _box_index_sum
 
 K = len(SKETCH_COLUMNS)
@@ -41,7 +41,7 @@ def sketch_of_split(name: str, w: torch.Tensor, splits: tuple[int, ...]) -> np.n
 def sketch_by_definition(name: str, w: torch.Tensor) -> np.ndarray:
     """s_k = sum_i w_i * r_k(i), r_k(i) = -1 where bit k (from the top) of splitmix64(i ^ key) is set."""
     with np.errstate(over="ignore"):
-        h = _splitmix64(np.arange(w.numel(), dtype=np.uint64) ^ _name_key(name))
+        h = splitmix64(np.arange(w.numel(), dtype=np.uint64) ^ np.uint64(key64(name)))
     r = np.stack([1.0 - 2.0 * ((h >> np.uint64(63 - k)) & np.uint64(1)).astype(np.float64) for k in range(K)], axis=1)
     return w.reshape(-1).double().numpy() @ r
 
