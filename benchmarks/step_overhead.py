@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a c
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from parity.core import fingerprint  # noqa: E402
+from parity.core import determinism, fingerprint  # noqa: E402
 
 from parity.rank import train
 from parity.rank.data import Batches  # noqa: E402
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # as every parity rank does
-    fingerprint.apply_determinism(fingerprint.DETERMINISM)
+    determinism.apply_determinism(determinism.DETERMINISM)
     if args.device == "cuda":
         torch.cuda.set_device(0)
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parity.core import fingerprint
+from parity.core import determinism, fingerprint
 
 from parity.rank import memory
 
@@ -588,7 +588,7 @@ def main(plan_path: str, rank_started: float | None = None) -> int:
 
     log_to(jobs[0], setups[0])
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    determinism = fingerprint.apply_determinism(plan["determinism"])  # before CUDA and NCCL start
+    determinism_record = determinism.apply_determinism(plan["determinism"])  # before CUDA and NCCL start
     timeout = timedelta(seconds=plan["timeout_s"] + PG_TIMEOUT_MARGIN_S)
     if plan["device"] == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -620,7 +620,7 @@ def main(plan_path: str, rank_started: float | None = None) -> int:
             result = train_setup(setup, job, device)
             if rank == 0:
                 timings = {**launch_timings, **result["timings"], "setup_s": time.perf_counter() - began}
-                write_outputs(setup, job, result, started, device, determinism, timings)
+                write_outputs(setup, job, result, started, device, determinism_record, timings)
             del result
             dist.barrier()
     except BaseException as e:  # noqa: BLE001 - report any failure in a form the launcher can find

@@ -40,7 +40,8 @@ import numpy as np
 
 from parity.core import files
 from parity.verdict.compare import compare_series, load_runs, not_compared, ulps_text
-from parity.core.fingerprint import determinism_summary, differing_fields, platform_key
+from parity.core.determinism import determinism_summary
+from parity.core.fingerprint import differing_fields, platform_key
 from parity.core.paths import check_platform, inside
 from parity.core.records import RecordError, atomic_write_text, csv_text, read_csv, read_setup_run, rows_of, setup_dir
 from parity.case.spec import Case, Setup
