@@ -18,7 +18,8 @@ from parity.run.runner import run_case
 from parity.case.spec import Tolerance, load_case
 from parity.rank.hashing import key64, splitmix64
 from parity.rank.sketch import sketch_block
-from parity.rank.train import FAULT_PARAM, _box_index_sum
+from parity.rank.digest import box_index_sum
+from parity.rank.faults import FAULT_PARAM
 
 K = len(SKETCH_COLUMNS)
 
@@ -91,8 +92,8 @@ def test_box_index_sum_is_the_sum_of_flat_indices():
     shape = (6, 5, 4)
     flat = np.arange(math.prod(shape)).reshape(shape)
     for box, offset in [((6, 5, 4), (0, 0, 0)), ((3, 5, 4), (3, 0, 0)), ((2, 2, 3), (1, 3, 1)), ((0, 5, 4), (6, 0, 0))]:
-        assert _box_index_sum(box, offset, shape) == flat[tuple(slice(o, o + b) for o, b in zip(offset, box))].sum()
-    assert _box_index_sum((), (), ()) == 0
+        assert box_index_sum(box, offset, shape) == flat[tuple(slice(o, o + b) for o, b in zip(offset, box))].sum()
+    assert box_index_sum((), (), ()) == 0
 
 
 # ---- the weights lane ----------------------------------------------------------------------
