@@ -9,7 +9,7 @@ import time
 import torch
 
 from parity.case.spec import Setup
-from parity.rank.faults import Faults
+from parity.rank.faults import PlantedFault
 from parity.rank.hashing import host_generator
 from parity.rank.model import build_meta_model
 from parity.rank.parallelize import parallelize
@@ -46,7 +46,7 @@ def allocate_and_load(modules: list, ckpt: str, setup: Setup, device: torch.devi
     for m in modules:
         m.to_empty(device=device)
         m.init_buffers()
-    if not Faults(setup).replace_seed_load(modules):
+    if not PlantedFault(setup).replace_seed_load(modules):
         load_seed(modules, ckpt)
     if setup.perturb is not None:
         perturb_weights(modules, setup.perturb)

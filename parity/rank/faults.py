@@ -1,8 +1,9 @@
 """Planted faults: the bugs the negative-control cases plant in one setup, so that a case can show
 that parity catches them (parity.case.spec: FAULTS, and FAULT_TABLES for the ones that say where).
 
-A setup's fault is a `Faults` value, whose hooks the train loop calls at fixed points; for a setup
-without a fault every hook does nothing and the loop computes exactly what it would without them.
+A setup's fault is a `PlantedFault` value, whose hooks the rank calls at fixed points (the seed load
+in parity.rank.build, the rest in the train loop); for a setup without a fault every hook does
+nothing, and the rank computes exactly what it would without them.
 
     replace_seed_load   while loading       skip_seed_load: a fresh init instead of the seed checkpoint
     after_build         after parallelize   scale_output: a forward hook (registered before the probes')
@@ -33,7 +34,7 @@ FAULT_PARAM = "layers.0.feed_forward.w1.weight"
 HANG_S = 10**6  # a hang outlasts any setup's timeout
 
 
-class Faults:
+class PlantedFault:
     """The hooks of one setup's planted fault (setup.fault; None plants nothing)."""
 
     def __init__(self, setup: Setup):

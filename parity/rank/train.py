@@ -32,7 +32,7 @@ from parity.rank import memory
 from parity.rank.build import build_parallel
 from parity.rank.data import Batches
 from parity.rank.digest import weight_digest
-from parity.rank.faults import Faults
+from parity.rank.faults import PlantedFault
 from parity.rank.parallelize import Parallel
 from parity.rank.probes import ProbeRecorder
 from parity.rank.step import clip_grads, forward_backward, grad_norm, sdpa_context, to_device
@@ -101,9 +101,9 @@ class Training:
     def __init__(self, setup: Setup, job: dict, device: torch.device, timings: dict):
         t = self.train = setup.train
         self.setup, self.job, self.device = setup, job, device
-        self.faults = Faults(setup)
+        self.fault = PlantedFault(setup)
         self.model, self.par = build_parallel(setup, job["seed_checkpoint"], device, timings)
-        self.faults.after_build(self.par)  # before the probes' hooks, which must see a scaled output
+        self.fault.after_build(self.par)  # before the probes' hooks, which must see a scaled output
         # No recorder, no hooks: a run without probes computes exactly what it always did.
         self.probes = (ProbeRecorder(self.model, self.par, t.model_config, t.global_batch, t.seq_len,
                                      job["probe_steps"], device) if job["probe_steps"] else None)
@@ -111,7 +111,7 @@ class Training:
         self.opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=t.weight_decay,
                                      foreach=False)
         self.batches = Batches(t.seed, t.global_batch, t.seq_len, t.model_config.vocab_size, t.data)
-        self.dp_rank = self.faults.data_rank(self.par)
+        self.dp_rank = self.fault.data_rank(self.par)
         self.clock = StepClock(device)
         self.micro_losses, self.norms, self.lrs = [], [], []
 
@@ -125,18 +125,18 @@ class Training:
     def train_step(self, step: int) -> None:
         """Forward and backward, grad norm, clip, optimizer step; the loss and norm recorded on the device."""
         setup, par, probes = self.setup, self.par, self.probes
-        self.faults.before_step(step)
+        self.fault.before_step(step)
         self.clock.mark()
         probing = probes is not None and probes.start(step)
         lr = self.set_lr(step)
         inputs, labels = (to_device(a, self.device) for a in self.batches.local(step, setup.dp_degree, self.dp_rank))
         with sdpa_context(self.train.attention):
             losses = forward_backward(par, setup, inputs, labels)
-        self.faults.after_backward(par, step)
+        self.fault.after_backward(par, step)
         if probing:
             probes.record_grads()
         total, stage = grad_norm(par, self.device)
-        clip_grads(par, self.train.max_norm, self.faults.clip_norm(total, stage))
+        clip_grads(par, self.train.max_norm, self.fault.clip_norm(total, stage))
         if probing:
             probes.before_update()
         self.opt.step()
@@ -153,7 +153,8 @@ class Training:
         for step in range(1, steps + 1):
             self.train_step(step)
             if dist.get_rank() == 0 and (step == steps or time.monotonic() - last_progress >= PROGRESS_EVERY_S):
-                write_progress(self.job, self.setup, step, steps)  # steps queued; the device may still be working on them
+                # Steps queued: the device may still be working on them.
+                write_progress(self.job, self.setup, step, steps)
                 last_progress = time.monotonic()
         self.clock.mark()
         return self.clock.seconds()
@@ -186,7 +187,7 @@ def train_setup(setup: Setup, job: dict, device: torch.device) -> dict:
         for r in rows:
             print(f"step {r['step']}: loss {r['loss']!r} grad_norm {r['grad_norm']!r} lr {r['lr']!r} "
                   f"time {r['step_time_s']:.4f}s", flush=True)
-    training.faults.after_training(training.par)
+    training.fault.after_training(training.par)
     began = time.perf_counter()
     digest = weight_digest(training.par)
     timings["digest_s"] = time.perf_counter() - began
