@@ -28,9 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a c
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from parity.core import fingerprint  # noqa: E402
+from parity.core import determinism, fingerprint  # noqa: E402
 
-from parity.rank import train
+from parity.rank import train  # noqa: E402
+from parity.rank.build import load_seed  # noqa: E402
+from parity.rank.step import loss_fn, sdpa_context, to_device  # noqa: E402
 from parity.rank.data import Batches  # noqa: E402
 from parity.rank.model import build_model  # noqa: E402
 from parity.trainers.seed import resolve_seed  # noqa: E402
@@ -40,7 +42,7 @@ from parity.case.spec import Setup, Train  # noqa: E402
 def bare_loop(t: Train, ckpt: str, device: torch.device) -> list[float]:
     """What a user would write: no metrics kept, no host reads."""
     model = build_model(t.model_config, t.seq_len, t.seed, getattr(torch, t.dtype)).to(device)
-    train.load_seed_plain(model, ckpt)
+    load_seed([model], ckpt)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=t.weight_decay,
                             foreach=False)
     batches = Batches(t.seed, t.global_batch, t.seq_len, t.model_config.vocab_size, t.data)
@@ -49,9 +51,9 @@ def bare_loop(t: Train, ckpt: str, device: torch.device) -> list[float]:
         clock.mark()
         for group in opt.param_groups:
             group["lr"] = t.lr * min(1.0, step / max(t.warmup_steps, 1))
-        inputs, labels = (train.to_device(a, device) for a in batches.local(step, 1, 0))  # as the harness does
-        with train.sdpa_context(t.attention):
-            train.loss_fn(model(inputs), labels).backward()
+        inputs, labels = (to_device(a, device) for a in batches.local(step, 1, 0))  # as the harness does
+        with sdpa_context(t.attention):
+            loss_fn(model(inputs), labels).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # as every parity rank does
-    fingerprint.apply_determinism(fingerprint.DETERMINISM)
+    determinism.apply_determinism(determinism.DETERMINISM)
     if args.device == "cuda":
         torch.cuda.set_device(0)
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")

@@ -7,10 +7,8 @@ import sys
 import pytest
 import torch
 
-from parity.core.fingerprint import (
-    BIT_FIELDS, DETERMINISM, determinism_summary, differing_fields, fingerprint, nccl_env,
-    platform_key,
-)
+from parity.core.determinism import DETERMINISM, determinism_summary, nccl_env
+from parity.core.fingerprint import BIT_FIELDS, differing_fields, fingerprint, platform_key
 
 
 @pytest.mark.parametrize("name,sms,key", [
@@ -62,7 +60,8 @@ def test_nccl_env_pins_algorithm_protocol_channels_and_disables_nvls_collnet():
 def test_apply_determinism_and_fingerprint_in_a_fresh_process():
     """In a process of its own (the settings are process-global): what run.json records."""
     code = ("import json, os, torch; os.environ['NCCL_DEBUG'] = 'WARN'; os.environ['NCCL_ALGO'] = 'Tree'\n"
-            "from parity.core.fingerprint import DETERMINISM, apply_determinism, fingerprint\n"
+            "from parity.core.determinism import DETERMINISM, apply_determinism\n"
+            "from parity.core.fingerprint import fingerprint\n"
             "r = apply_determinism({**DETERMINISM, 'reduced_precision_reduction': True})\n"
             "print(json.dumps({'r': r, 'fp': fingerprint(torch.device('cpu'))}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -13,7 +13,7 @@ import torch
 from parity.rank.data import synthetic_rows
 from parity.rank.model import build_model
 from parity.core.presets import PRESETS
-from parity.rank.train import loss_fn
+from parity.rank.step import loss_fn
 
 CFG = PRESETS["tiny"]
 SEQ, BATCH = 16, 3

@@ -111,7 +111,7 @@ def test_scale_grad_star_names_every_parameter(write_case):
 
     import torch
 
-    from parity.rank.train import scale_grad
+    from parity.rank.faults import scale_grad
 
     case = load_case(write_case(BASE + SETUPS + 'fault = { kind = "scale_grad", param = "*", factor = 512 }\n'))
     b = case.setup("b")

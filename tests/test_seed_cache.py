@@ -37,7 +37,7 @@ def shard(cache, sha):
 
 
 def loaded_weights(path) -> str:
-    from parity.rank.train import load_seed
+    from parity.rank.build import load_seed
 
     model = build_model(PRESETS["tiny"], 1, 99)  # a different init, so the load must do the work
     with pytest.warns(UserWarning, match="single process"):

@@ -13,12 +13,13 @@ import torch
 
 from parity.core import records
 from parity.verdict.compare import compare_case, compare_weights
-from parity.rank.data import _splitmix64
 from parity.core.records import SKETCH_COLUMNS
 from parity.run.runner import run_case
 from parity.case.spec import Tolerance, load_case
-from parity.rank.sketch import _name_key, sketch_block
-from parity.rank.train import FAULT_PARAM, _box_index_sum
+from parity.rank.hashing import key64, splitmix64
+from parity.rank.sketch import sketch_block
+from parity.rank.digest import box_index_sum
+from parity.rank.faults import FAULT_PARAM
 
 K = len(SKETCH_COLUMNS)
 
@@ -41,7 +42,7 @@ def sketch_of_split(name: str, w: torch.Tensor, splits: tuple[int, ...]) -> np.n
 def sketch_by_definition(name: str, w: torch.Tensor) -> np.ndarray:
     """s_k = sum_i w_i * r_k(i), r_k(i) = -1 where bit k (from the top) of splitmix64(i ^ key) is set."""
     with np.errstate(over="ignore"):
-        h = _splitmix64(np.arange(w.numel(), dtype=np.uint64) ^ _name_key(name))
+        h = splitmix64(np.arange(w.numel(), dtype=np.uint64) ^ np.uint64(key64(name)))
     r = np.stack([1.0 - 2.0 * ((h >> np.uint64(63 - k)) & np.uint64(1)).astype(np.float64) for k in range(K)], axis=1)
     return w.reshape(-1).double().numpy() @ r
 
@@ -91,8 +92,8 @@ def test_box_index_sum_is_the_sum_of_flat_indices():
     shape = (6, 5, 4)
     flat = np.arange(math.prod(shape)).reshape(shape)
     for box, offset in [((6, 5, 4), (0, 0, 0)), ((3, 5, 4), (3, 0, 0)), ((2, 2, 3), (1, 3, 1)), ((0, 5, 4), (6, 0, 0))]:
-        assert _box_index_sum(box, offset, shape) == flat[tuple(slice(o, o + b) for o, b in zip(offset, box))].sum()
-    assert _box_index_sum((), (), ()) == 0
+        assert box_index_sum(box, offset, shape) == flat[tuple(slice(o, o + b) for o, b in zip(offset, box))].sum()
+    assert box_index_sum((), (), ()) == 0
 
 
 # ---- the weights lane ----------------------------------------------------------------------

@@ -17,7 +17,7 @@ from parity.core.errors import InputError
 from parity.trainers import command, torchtitan
 from parity.trainers.command import COMMAND_KEYS
 from parity.trainers.torchtitan import ALWAYS_PASSED, TITAN_KEYS, TITAN_TRAIN_FLAGS, flag_name
-from parity.core.fingerprint import DETERMINISM, NCCL_CHOICES
+from parity.core.determinism import DETERMINISM, NCCL_CHOICES
 from parity.core.parallel_dims import MAX_WORLD_SIZE, ParallelDims, problems
 from parity.core.paths import duplicates_ignoring_case, name_problem
 from parity.core.presets import PRESETS, ModelConfig, param_names, probe_modules
@@ -241,7 +241,7 @@ class Case:
     expect: Expect
     sha256: str
     seed_checkpoint: Path | None = None
-    determinism: dict = field(default_factory=lambda: dict(DETERMINISM))  # parity.core.fingerprint.DETERMINISM + relaxations
+    determinism: dict = field(default_factory=lambda: dict(DETERMINISM))  # parity.core.determinism.DETERMINISM + relaxations
     probes: Probes = Probes()
 
     @property
@@ -726,7 +726,7 @@ class _Validator:
         return {"step": step, "phase": phase, "name": name}
 
     def determinism(self, table: dict) -> dict:
-        """The defaults of parity.core.fingerprint.DETERMINISM, with what the case relaxes by naming it."""
+        """The defaults of parity.core.determinism.DETERMINISM, with what the case relaxes by naming it."""
         self.keys(table, set(DETERMINISM), "determinism.")
         settings = dict(DETERMINISM)
         for key, value in table.items():

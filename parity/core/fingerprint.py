@@ -1,9 +1,9 @@
-"""What both sides need to know about the machine: platform key, fingerprint, determinism settings.
+"""What makes two machines' bits comparable: the platform key, the fingerprint, the fields that differ.
 
-The rank side (parity.rank.train) applies the determinism settings and records the fingerprint into
-run.json; the host side (spec, baselines) validates the settings and decides whether a baseline
-was made on a machine whose bits are comparable. torch is imported inside the functions that
-need it, so spec and the pytest plugin can import this module cheaply.
+A rank records its fingerprint into run.json (parity.rank.train; an external trainer's run records
+the host's); the host side (baselines) names a baseline file by platform key and decides whether a
+baseline was made on a machine whose bits are comparable. torch is imported inside the functions
+that need it, so this module imports cheaply. The determinism settings live in parity.core.determinism.
 
     python -m parity.core.fingerprint [--device cpu|cuda]    prints this machine's fingerprint as JSON
 """
@@ -15,90 +15,7 @@ import os
 import re
 import subprocess
 
-# ---- determinism ----------------------------------------------------------------------------
-#
-# Every rank applies these before CUDA initialises and before the process group exists. A case
-# may relax one only by naming it in its `[determinism]` table; run.json records what was in effect.
-#
-# NCCL: NVLS is nondeterministic between calls and CollNet depends on the fabric, so both are off.
-# The algorithm is pinned to Ring: its reduction order is fixed by the topology (Megatron's
-# deterministic mode chooses it for that reason and excludes Tree, whose intra-node chain order
-# cannot be controlled), and Ring exists for every collective FSDP uses (reduce-scatter has no
-# Tree). The protocol is pinned to Simple and the channel count to 1 (as torchtitan's
-# batch-invariant mode does), since NCCL otherwise picks channels by message size and each
-# channel reduces its slice along another path. What a Ring still does not pin is which physical
-# ring an allocation receives, so exactness across machines stays a baseline (fingerprint) matter.
-DETERMINISM = {
-    "deterministic_algorithms": True,  # strict: warn_only keeps flash/efficient attention backward nondeterministic
-    "cudnn_benchmark": False,
-    "tf32": False,  # matmul and cuDNN
-    "reduced_precision_reduction": False,  # fp16/bf16 GEMMs accumulate without reduced-precision split-K
-    "nccl_algo": "Ring",
-    "nccl_proto": "Simple",
-    "nccl_channels": 1,  # 0: NCCL chooses
-    "nccl_nvls": False,
-    "nccl_collnet": False,
-}
-# "auto" leaves the variable unset, so NCCL chooses (a relaxation, recorded as such).
-NCCL_CHOICES = {"nccl_algo": ("Ring", "Tree", "auto"), "nccl_proto": ("Simple", "LL", "LL128", "auto")}
-CUBLAS_WORKSPACE_CONFIG = ":4096:8"  # cuBLAS is only deterministic with a fixed workspace (set before CUDA starts)
-
-
-def nccl_env(settings: dict) -> dict[str, str | None]:
-    """The NCCL variables the settings pin; None means unset (NCCL chooses)."""
-    auto = lambda v: None if v == "auto" else v  # noqa: E731
-    channels = str(settings["nccl_channels"]) if settings["nccl_channels"] else None
-    return {"NCCL_ALGO": auto(settings["nccl_algo"]), "NCCL_PROTO": auto(settings["nccl_proto"]),
-            "NCCL_MIN_NCHANNELS": channels, "NCCL_MAX_NCHANNELS": channels,
-            "NCCL_NVLS_ENABLE": "1" if settings["nccl_nvls"] else "0",
-            "NCCL_COLLNET_ENABLE": "1" if settings["nccl_collnet"] else "0"}
-
-
-def apply_determinism(settings: dict) -> dict:
-    """Set everything in the process (call before CUDA initialises and before init_process_group).
-
-    Returns the record for run.json: the settings, the ones the case relaxed, and what torch and
-    the environment report as in effect afterwards.
-    """
-    import torch
-
-    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIG
-    for key, value in nccl_env(settings).items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    torch.use_deterministic_algorithms(settings["deterministic_algorithms"], warn_only=False)
-    torch.backends.cudnn.deterministic = settings["deterministic_algorithms"]
-    torch.backends.cudnn.benchmark = settings["cudnn_benchmark"]
-    torch.backends.cuda.matmul.allow_tf32 = settings["tf32"]
-    torch.backends.cudnn.allow_tf32 = settings["tf32"]
-    matmul = torch.backends.cuda.matmul
-    matmul.allow_fp16_reduced_precision_reduction = settings["reduced_precision_reduction"]
-    matmul.allow_bf16_reduced_precision_reduction = settings["reduced_precision_reduction"]
-    return {
-        "settings": dict(settings),
-        "relaxed": sorted(k for k, v in settings.items() if v != DETERMINISM[k]),
-        "in_effect": {
-            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
-            "cudnn_deterministic": torch.backends.cudnn.deterministic,
-            "cudnn_benchmark": torch.backends.cudnn.benchmark,
-            "matmul_allow_tf32": matmul.allow_tf32,
-            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-            "allow_fp16_reduced_precision_reduction": matmul.allow_fp16_reduced_precision_reduction,
-            "allow_bf16_reduced_precision_reduction": matmul.allow_bf16_reduced_precision_reduction,
-        },
-        # Every NCCL variable in effect, including ones the user set that we do not pin.
-        "env": {k: v for k, v in sorted(os.environ.items())
-                if k.startswith("NCCL_") or k in ("CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS")},
-    }
-
-
-def determinism_summary(settings: dict) -> str:
-    """One line for a baseline's provenance: every setting, in a fixed order."""
-    return " ".join(f"{k}={settings.get(k, DETERMINISM[k])}" for k in DETERMINISM)
-
+from parity.core.determinism import DETERMINISM, apply_determinism
 
 # ---- platform key ----------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 metrics.csv  step,loss,grad_norm,lr,tokens,step_time_s   one row per optimizer step (1-based); a run made
              by another training command has the columns it recorded (step, loss, grad_norm at least)
 weights.csv  param,norm,sha256,sketch0..sketch3          one row per parameter (full tensor); the
-             sketches are random projections of the logical tensor (parity.rank.train.weight_sketches)
+             sketches are random projections of the logical tensor (parity.rank.digest.weight_sketches)
 probes.csv   step,phase,name,stat,value                    logical probes (parity.rank.probes), in causal order:
              per probed step, forward modules in execution order, then gradients in backward
              order, then updates; absent for runs made without them (other trainers, older runs)

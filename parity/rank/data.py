@@ -12,22 +12,14 @@ from __future__ import annotations
 import numpy as np
 
 from parity.core.tokens import load_token_file
-
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    z = x + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+from parity.rank.hashing import splitmix64
 
 
 def _hash(seed: int, step: int, rows: np.ndarray, cols: np.ndarray, salt: int) -> np.ndarray:
     key = np.uint64((seed * 1_000_003 + step * 7_919 + salt) & 0xFFFFFFFFFFFFFFFF)
     with np.errstate(over="ignore"):
-        h = _splitmix64(np.uint64(key) ^ _splitmix64(rows.astype(np.uint64) * np.uint64(0x100000001B3)))
-        return _splitmix64(h ^ cols.astype(np.uint64))
+        h = splitmix64(np.uint64(key) ^ splitmix64(rows.astype(np.uint64) * np.uint64(0x100000001B3)))
+        return splitmix64(h ^ cols.astype(np.uint64))
 
 
 def synthetic_rows(seed: int, step: int, rows: range, seq_len: int, vocab: int) -> np.ndarray:

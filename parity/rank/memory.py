@@ -10,10 +10,9 @@ and torch's libraries, communication buffers and whatever the setup allocates.
 
 glibc's mmap threshold is also pinned here, at 16 MiB: by default glibc raises it (up to 32 MiB)
 each time a large block is freed, after which freed tensors of up to 32 MiB stay in the heap,
-resident, and the peak measures the allocator's caching more than the setup (FSDP over 8 ranks of
-llama_134m peaked at 2.1 GiB per rank that way, 1.23 GiB pinned at 16 MiB). Pinning lower measures
-less caching (1.06 GiB at glibc's starting 128 KiB) but maps and faults in every tensor above it
-anew: the debugmodel's steps on 8 CPU ranks took 55% longer at 128 KiB, and no longer at 16 MiB.
+resident, and the peak measures the allocator's caching more than the setup. Pinning lower
+measures less caching but maps and faults in every tensor above it anew, which slows the steps
+(the measurements behind 16 MiB: docs/measured.md, "Choices in the rank code").
 """
 
 from __future__ import annotations

@@ -134,10 +134,9 @@ def dp_groups(model: nn.Module) -> list:
     This differs from torchtitan, which also gives the token embeddings a group of their own and
     norm with output one group, before the root. Each group's gradients are reduced in one
     collective, so the grouping decides where each value sits in the reduce buffer, and with it
-    the rounding of the sum: measured on CPU/gloo at 8 ranks, torchtitan's grouping moves the grad
-    norm at step 1 by 1 ulp and most final weights in the last bits (both sides of a replicate vs
-    HSDP pair move together and still agree bitwise; at 2 ranks nothing moves). Kept as is so that
-    the committed bitwise baselines stay valid.
+    the rounding of the sum, so torchtitan's grouping would move the grad norm and the final
+    weights in their last bits (measured: docs/measured.md, "Choices in the rank code"). Kept as
+    is so that the committed bitwise baselines stay valid.
     """
     return list(model.layers.values()) + [model]
 

@@ -1,6 +1,6 @@
 """Which rank counts which elements of a parameter, so that a sum over ranks sees each element once.
 
-Weight sketches (parity.rank.train) and logical probes (parity.rank.probes) both add up per-rank pieces of
+Weight sketches (parity.rank.digest) and logical probes (parity.rank.probes) both add up per-rank pieces of
 a logical tensor with one all_reduce(SUM); this is the one rule for which pieces each rank adds.
 """
 
@@ -29,6 +29,12 @@ def held_box(p):
         raise RuntimeError(f"shard of a parameter: local shard {tuple(local.shape)} is not the {tuple(shape)} "
                            f"that {p.placements} gives for {tuple(p.shape)}")
     return local, offset
+
+
+def held_part(p) -> tuple:
+    """(this rank's local tensor of p, the index of that part in p's full tensor): a shard, a stage's or all of it."""
+    local, offset = held_box(p)
+    return local, tuple(slice(o, o + n) for o, n in zip(offset, local.shape))
 
 
 def local_box(p, par: Parallel):

@@ -13,8 +13,8 @@ import math
 import numpy as np
 import torch
 
-from parity.rank.data import _splitmix64
 from parity.core.records import SKETCH_COLUMNS
+from parity.rank.hashing import key64, splitmix64
 
 # Weight sketches: s_k = sum_i w_i * r_k(i) over the logical (global) tensor, where i is the
 # row-major flat index into the global shape and r_k(i) = +-1 is bit k of splitmix64(i XOR a
@@ -34,12 +34,6 @@ _SIGNS = np.array([[-1.0 if pattern >> (SKETCHES - 1 - k) & 1 else 1.0 for k in 
 _SKETCH_CHUNK = 1 << 20  # elements hashed at a time: bounds the index temporaries on big shards
 
 
-
-def _name_key(name: str) -> np.uint64:
-    # Not Python's hash(): that is salted per process, and every rank and every run must agree.
-    return np.uint64(int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little"))
-
-
 def sketch_block(name: str, block: torch.Tensor, offset, global_shape) -> np.ndarray:
     """SKETCHES float64 sums over one box of a parameter: `block` holds the global elements
     [offset[d], offset[d] + block.shape[d]) of every dim d of a tensor of shape `global_shape`."""
@@ -55,7 +49,7 @@ def sketch_block(name: str, block: torch.Tensor, offset, global_shape) -> np.nda
     for d in range(1, len(box)):
         tail = tail[..., None] + (np.arange(box[d], dtype=np.uint64) + np.uint64(offset[d])) * np.uint64(strides[d])
     tail = tail.reshape(-1)
-    key = _name_key(name)
+    key = np.uint64(key64(name))
     # Elements are summed in 2^SKETCHES buckets by their sign pattern (the top SKETCHES bits of the
     # hash), then each sketch adds or subtracts the bucket sums: the same s_k, at one float64 sum
     # per element instead of SKETCHES.
@@ -65,7 +59,7 @@ def sketch_block(name: str, block: torch.Tensor, offset, global_shape) -> np.nda
         for start in range(0, box[0], step):
             rows = np.arange(start, min(start + step, box[0]), dtype=np.uint64) + np.uint64(offset[0])
             index = (rows * np.uint64(strides[0]))[:, None] + tail[None, :]
-            pattern = (_splitmix64(index.reshape(-1) ^ key) >> np.uint64(64 - SKETCHES)).astype(np.intp)
+            pattern = (splitmix64(index.reshape(-1) ^ key) >> np.uint64(64 - SKETCHES)).astype(np.intp)
             buckets += np.bincount(pattern, weights=values[start:start + len(rows)].reshape(-1), minlength=len(buckets))
     return buckets @ _SIGNS
 

@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from parity.core import files
-from parity.core.fingerprint import determinism_summary, differing_fields, platform_key
+from parity.core.determinism import determinism_summary
+from parity.core.fingerprint import differing_fields, platform_key
 from parity.core.paths import check_platform, inside
 from parity.core.records import RecordError, atomic_write_text, csv_text, read_csv, read_setup_run, rows_of, setup_dir
 from parity.core.reproduce import pytest_case, shell

@@ -111,7 +111,7 @@ def compare_series(ref_steps, ref_values, other_steps, other_values, tol: Tolera
 def compare_weights(ref_rows, other_rows, tol: Tolerance, mode: str = "tolerance",
                     labels=("reference", "other")) -> MetricResult:
     """Final weights, keyed by parameter name: exact = sha256 equal; tolerance = the L2 norms and
-    the sketches (random projections, see parity.rank.train.weight_sketches) within tolerance.
+    the sketches (random projections, see parity.rank.digest.weight_sketches) within tolerance.
 
     A sketch's natural scale is the parameter's norm (a sketch value itself can be near zero), so
     each sketch must satisfy |other - ref| <= atol + rtol * norm(ref). A parameter whose sketch

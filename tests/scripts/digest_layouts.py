@@ -1,7 +1,7 @@
 """Rank-side check of the weight digest, launched by tests/test_digest_layouts.py under torchrun (4 gloo ranks).
 
-For each layout: build the setup's model the way training does (parity.rank.train.build_parallel: meta
-device, parallelize, allocate, load) and take parity.rank.train.weight_digest of it, untrained. Rank 0
+For each layout: build the setup's model the way training does (parity.rank.build.build_parallel: meta
+device, parallelize, allocate, load) and take parity.rank.digest.weight_digest of it, untrained. Rank 0
 compares it with the digest of the same weights as one plain full model on the host
 (parity.rank.sketch.state_dict_digest): norm and sha256 must be bit for bit the same, sketches the
 same to float64 rounding. The same for the `skip_seed_load` fault's init, which must not depend on
@@ -24,7 +24,8 @@ from parity.rank.model import build_meta_model
 from parity.core.records import SKETCH_COLUMNS
 from parity.rank.sketch import state_dict_digest
 from parity.case.spec import Setup, Train
-from parity.rank.train import allocate_and_load, build_parallel, weight_digest
+from parity.rank.build import allocate_and_load, build_parallel
+from parity.rank.digest import weight_digest
 
 TRAIN = Train(model="tiny", seq_len=32, global_batch=8)
 # Every way a rank holds a parameter: a DDP copy, FSDP row shards, HSDP and replicate replicas,
