@@ -1,4 +1,5 @@
-"""The `parity` command line. Each subcommand parses, calls the library, prints; no logic of its own.
+"""The `parity` command line: each subcommand parses its arguments, checks what only the command line knows
+(flags that go together, where --out and --baselines came from), calls the library and prints.
 
 Exit codes: 0 every expectation held, 1 one failed (or a run crashed), 2 bad input.
 """
@@ -6,7 +7,6 @@ Exit codes: 0 every expectation held, 1 one failed (or a run crashed), 2 bad inp
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import sys
 import time
@@ -17,13 +17,13 @@ from parity.config import DEVICES, Settings, layered, project_settings
 from parity.core.errors import InputError
 from parity.core.process import DEFAULT_TIMEOUT_S
 from parity.core.paths import inside, name_problem
+from parity.options import STEPS, TIMEOUT, UPDATE_MODES, names_a_path, positive
 from parity.run.plan import PLANS
-from parity.case.spec import MAX_STEPS, load_cases
+from parity.case.spec import load_cases
 
 # parity.report.evidence.FORMATS, spelt out: importing that module here would load matplotlib for every command.
 EVIDENCE_FORMATS = ("mermaid", "png")
 
-UPDATE_MODES = ("failing", "new", "all")
 # Used where neither the command line nor [tool.parity] (parity.config) says otherwise; relative
 # to the current directory.
 DEFAULTS = Settings(cases=Path("cases"), baselines=Path("baselines"), out=Path("reports/runs/latest"), device="auto")
@@ -148,54 +148,56 @@ def _source(args, key: str) -> str:
 
 def _run_here(args, cases, devices, leader=None) -> int:
     """Run, judge and report the cases from this process (alone, or as node 0 of several)."""
-    from contextlib import ExitStack
-
-    from parity.verdict import compare
     from parity.run.progress import Progress
-    from parity.core.rundir import case_lock, check_out, claim, prepare_out
-    from parity.run.runner import judge_run, run_suite, seed_or_none
+    from parity.run.runner import RunOptions
+    from parity.session import RunSession
+    from parity.verdict import compare
 
-    check_out(Path(args.out))
-    seeds = {c.name: seed_or_none(c, None, devices[c.name], args.timeout) for c in cases}
-    out = prepare_out(Path(args.out))
-    if leader is not None:
-        from parity.run.launch.nodes import NODE_LOGS
-
-        claim(out, NODE_LOGS)  # the other nodes write their logs there
     progress = Progress()
     command = run_argv(args)
     if leader is not None:
         command += ["--nnodes", str(args.nnodes), "--node-rank", "0", "--rdzv-endpoint", args.rdzv_endpoint]
     started = time.monotonic()
 
+    def on_plan(text):
+        nonlocal started
+        started = time.monotonic()  # the progress line counts from the first launch
+        print(text, flush=True)
+
     def on_progress(p, _setup_elapsed):
         progress.update(p["case"], p["setup"], p["step"], p["steps"], time.monotonic() - started)
 
+    options = RunOptions(steps=args.steps, timeout_s=args.timeout, repeat=args.repeat, plan=args.plan,
+                         on_progress=on_progress, on_plan=on_plan, leader=leader)
+    session = RunSession(Path(args.out), options, Path(args.baselines), args.update_baselines)
     failed = False
-    with ExitStack() as locks:
-        for case in cases:
-            locks.enter_context(case_lock(out, case.name))
-        results = run_suite(cases, out, devices, args.steps, args.timeout, None, on_progress,
-                            {c.name: command for c in cases}, args.repeat, seeds, args.plan,
-                            on_plan=lambda text: print(text, flush=True), leader=leader)
+    with session.running(cases, devices, {c.name: command for c in cases}) as results:
         progress.done()
         for case in cases:
-            for name, r in results[case.name].items():
-                if r.status != "ok":
-                    print(f"{case.name}/{name}: {r.status}: {r.message}", file=sys.stderr)
-            print(f"\n== {case.name} ({out / case.name}) ==")
-            print(step_table(case, out))
-            verdict = judge_run(case, out, Path(args.baselines), args.update_baselines)
-            print(compare.format_verdict(verdict))
-            failed |= not verdict["passed"]
-    ran = {c.name for c in cases}
-    print(f"\ncases per device: {compare.device_counts(out, ran)[1]}")
+            failed |= not _show_case(session, case, results[case.name])
+    out = session.out
+    print(f"\ncases per device: {compare.device_counts(out, {c.name for c in cases})[1]}")
     if not args.no_report:
         from parity.report.pages import write_report
 
         md, html = write_report(out)
         print(f"\nreport: {md}  {html}")
     return 1 if failed else 0
+
+
+def _show_case(session, case, results) -> bool:
+    """Print how the case's setups ended, its step table and its verdict; returns whether it passed."""
+    from parity.session import verdict_passed
+    from parity.verdict import compare
+
+    for name, r in results.items():
+        if r.status != "ok":
+            print(f"{case.name}/{name}: {r.status}: {r.message}", file=sys.stderr)
+    print(f"\n== {case.name} ({session.out / case.name}) ==")
+    print(step_table(case, session.out))
+    verdict = session.judge(case)
+    print(compare.format_verdict(verdict))
+    return verdict_passed(verdict)
 
 
 def _submit_slurm(args) -> int:
@@ -245,15 +247,15 @@ def cmd_list(args) -> int:
 
 def cmd_compare(args) -> int:
     """Re-judge an existing run directory (e.g. one copied from a GPU cluster) without running anything."""
+    from parity.session import judge, verdict_passed
     from parity.verdict import compare
-    from parity.run.runner import judge
 
     run_dir = _existing_dir(args.run_dir, "RUN_DIR")
     failed = False
     for case in _load_cases(args.cases, args.baselines, args.update_baselines):
         verdict = judge(case, run_dir, Path(args.baselines), args.update_baselines)
         print(compare.format_verdict(verdict))
-        failed |= not verdict["passed"]
+        failed |= not verdict_passed(verdict)
     return 1 if failed else 0
 
 
@@ -340,11 +342,6 @@ def _run_dir(p: str, what: str) -> Path:
     return path
 
 
-def names_a_path(word: str, base: Path = Path(".")) -> bool:
-    """Whether a word after a bare `--update-baselines` is a path (a pytest node id's file part too), not a mode."""
-    return not word.startswith("-") and (base / word.split("::")[0]).exists()
-
-
 def bare_flag_default(argv: list[str], flag: str, choices, default: str) -> list[str]:
     """`FLAG` followed by an option, an existing path or nothing means `FLAG=default`.
 
@@ -365,23 +362,6 @@ def _update_mode(value: str) -> str:
     if value not in UPDATE_MODES:
         raise argparse.ArgumentTypeError(f"allowed: {', '.join(UPDATE_MODES)}")
     return value
-
-
-def _positive(kind, maximum=None):
-    def parse(value):
-        try:
-            v = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-        if not math.isfinite(v) or v <= 0 or (maximum is not None and v > maximum):
-            bound = f" and at most {maximum}" if maximum is not None else ""
-            raise argparse.ArgumentTypeError(f"{value!r} is not allowed; allowed: a finite number > 0{bound}")
-        return v
-    return parse
-
-
-STEPS = _positive(int, MAX_STEPS)
-TIMEOUT = _positive(float, 7 * 24 * 3600.0)  # a week: beyond it, a typo (and nan, inf would never fire)
 
 
 def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
@@ -417,7 +397,7 @@ def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
                         "(default: the case's [expect] repeat, else on for CUDA, off for CPU)")
     nodes = r.add_argument_group("across nodes", "run the same command on every node; node 0 plans, judges and "
                                  "reports, and hosts torchrun's c10d rendezvous at --rdzv-endpoint")
-    nodes.add_argument("--nnodes", type=_positive(int, 4096), default=1, help="how many nodes (default 1)")
+    nodes.add_argument("--nnodes", type=positive(int, 4096), default=1, help="how many nodes (default 1)")
     nodes.add_argument("--node-rank", type=int, help="this node's rank, 0 to NNODES-1")
     nodes.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="node 0's address and a free port on it")
     nodes.add_argument("--launcher", choices=("local", "slurm"), default="local",
@@ -443,7 +423,7 @@ def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
                     "gives the verdict), and 2 on bad input.")
     loc.add_argument("run_dir", help="a run directory (written by `parity run` or pytest, or copied from elsewhere)")
     loc.add_argument("cases", nargs="+", help="case files or directories of them")
-    loc.add_argument("--top", type=_positive(int, 10_000), default=10,
+    loc.add_argument("--top", type=positive(int, 10_000), default=10,
                      help="how many of the largest differences to list (default %(default)s)")
     loc.set_defaults(fn=cmd_locate)
 
@@ -472,8 +452,8 @@ def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="measure each setup's error against a float64 CPU oracle; propose tolerances")
     cal.add_argument("cases", nargs="+")
     common_run(cal)
-    cal.add_argument("--multiple", type=_positive(float), default=3.0, help="proposed rtol = multiple x the largest error against the oracle (default 3: two setups may err in opposite directions, plus headroom)")
-    cal.add_argument("--floor", type=_positive(float), default=1e-7, help="smallest rtol proposed")
+    cal.add_argument("--multiple", type=positive(float), default=3.0, help="proposed rtol = multiple x the largest error against the oracle (default 3: two setups may err in opposite directions, plus headroom)")
+    cal.add_argument("--floor", type=positive(float), default=1e-7, help="smallest rtol proposed")
     cal.set_defaults(fn=cmd_calibrate)
     return p
 

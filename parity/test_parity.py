@@ -3,9 +3,10 @@
 import pytest
 
 from parity.plugin import run_and_judge
+from parity.session import verdict_passed
 
 
 def test_case(parity_case, request):
     verdict, message = run_and_judge(parity_case, request.config)
-    if not verdict["passed"]:
+    if not verdict_passed(verdict):
         pytest.fail(message, pytrace=False)
