@@ -76,7 +76,7 @@ def step_table(case, run_dir: Path) -> str:
                 row.append(cell)
         lines.append(row)
     widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
-    text = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in lines)
+    text = "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in lines)
     if len(shown) < len(steps):
         text += (f"\n({len(shown)} of {len(steps)} steps shown; every step is in "
                  f"{records.setup_dir(run_dir, case.name, ref) / 'metrics.csv'} and each setup's own)")
@@ -240,8 +240,8 @@ def cmd_list(args) -> int:
         rows.append((c.name, str(c.world_size), ", ".join(s.name for s in c.setups), c.expect.mode, c.expect.outcome,
                      " ".join(markers_for(c))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0
 
 
@@ -367,36 +367,36 @@ def _update_mode(value: str) -> str:
 def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
     """The command line; its defaults for cases, --baselines, --out and --device come from `settings`
     (the [tool.parity] table found from the current directory, over DEFAULTS)."""
-    p = argparse.ArgumentParser(prog="parity", description="Numerics parity tests for PyTorch distributed training setups.",
-                                epilog="Defaults for the cases, --baselines, --out and --device come from the "
-                                       "[tool.parity] table of the nearest pyproject.toml at or above the current "
-                                       "directory, where there is one.")
-    sub = p.add_subparsers(dest="command", required=True)
-    cases, baselines = [str(settings.cases)], str(settings.baselines)
+    top = argparse.ArgumentParser(prog="parity", description="Numerics parity tests for PyTorch distributed training setups.",
+                                  epilog="Defaults for the cases, --baselines, --out and --device come from the "
+                                         "[tool.parity] table of the nearest pyproject.toml at or above the current "
+                                         "directory, where there is one.")
+    sub = top.add_subparsers(dest="command", required=True)
+    cases, baseline_root = [str(settings.cases)], str(settings.baselines)
 
-    def common_run(sp):
-        sp.add_argument("--device", choices=DEVICES, default=settings.device,
-                        help="auto: CUDA when enough GPUs are visible, else CPU with gloo ranks (default %(default)s)")
-        sp.add_argument("--out", default=str(settings.out), help="run directory (default %(default)s)")
-        sp.add_argument("--steps", type=STEPS, help="override every setup's step count")
-        sp.add_argument("--timeout", type=TIMEOUT, default=DEFAULT_TIMEOUT_S,
-                        help="seconds per setup before its launch's ranks are killed (default %(default)s)")
+    def add_run_options(command):
+        command.add_argument("--device", choices=DEVICES, default=settings.device,
+                             help="auto: CUDA when enough GPUs are visible, else CPU with gloo ranks (default %(default)s)")
+        command.add_argument("--out", default=str(settings.out), help="run directory (default %(default)s)")
+        command.add_argument("--steps", type=STEPS, help="override every setup's step count")
+        command.add_argument("--timeout", type=TIMEOUT, default=DEFAULT_TIMEOUT_S,
+                             help="seconds per setup before its launch's ranks are killed (default %(default)s)")
 
-    r = sub.add_parser("run", help="run cases and judge them")
-    r.add_argument("cases", nargs="*", default=cases, help="case files or directories of them (default %(default)s)")
-    common_run(r)
-    r.add_argument("--baselines", default=baselines, help="baseline root (default %(default)s)")
-    r.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None,
-                   metavar="{failing,new,all}", help="write baselines: failing (default), new, all")
-    r.add_argument("--no-report", action="store_true", help="skip report.md/report.html")
-    r.add_argument("--plan", choices=PLANS, default="suite",
-                   help="suite (default): all cases together, each distinct setup trained once, one launch per "
-                        "world size; case: each case planned alone; setup: one launch per setup, nothing shared")
-    r.add_argument("--repeat", action=argparse.BooleanOptionalAction, default=None,
-                   help="run each reference twice and compare bitwise before anything else "
-                        "(default: the case's [expect] repeat, else on for CUDA, off for CPU)")
-    nodes = r.add_argument_group("across nodes", "run the same command on every node; node 0 plans, judges and "
-                                 "reports, and hosts torchrun's c10d rendezvous at --rdzv-endpoint")
+    run = sub.add_parser("run", help="run cases and judge them")
+    run.add_argument("cases", nargs="*", default=cases, help="case files or directories of them (default %(default)s)")
+    add_run_options(run)
+    run.add_argument("--baselines", default=baseline_root, help="baseline root (default %(default)s)")
+    run.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None,
+                     metavar="{failing,new,all}", help="write baselines: failing (default), new, all")
+    run.add_argument("--no-report", action="store_true", help="skip report.md/report.html")
+    run.add_argument("--plan", choices=PLANS, default="suite",
+                     help="suite (default): all cases together, each distinct setup trained once, one launch per "
+                          "world size; case: each case planned alone; setup: one launch per setup, nothing shared")
+    run.add_argument("--repeat", action=argparse.BooleanOptionalAction, default=None,
+                     help="run each reference twice and compare bitwise before anything else "
+                          "(default: the case's [expect] repeat, else on for CUDA, off for CPU)")
+    nodes = run.add_argument_group("across nodes", "run the same command on every node; node 0 plans, judges and "
+                                   "reports, and hosts torchrun's c10d rendezvous at --rdzv-endpoint")
     nodes.add_argument("--nnodes", type=positive(int, 4096), default=1, help="how many nodes (default 1)")
     nodes.add_argument("--node-rank", type=int, help="this node's rank, 0 to NNODES-1")
     nodes.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="node 0's address and a free port on it")
@@ -405,57 +405,57 @@ def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
                             "--nnodes nodes (one `parity run` per node, each starting torchrun)")
     nodes.add_argument("--submit", action="store_true", help="with --launcher slurm: write the script into --out "
                                                              "and submit it with sbatch")
-    r.set_defaults(fn=cmd_run)
+    run.set_defaults(fn=cmd_run)
 
-    c = sub.add_parser("compare", help="judge an existing run directory without running")
-    c.add_argument("run_dir")
-    c.add_argument("cases", nargs="+")
-    c.add_argument("--baselines", default=baselines, help="baseline root (default %(default)s)")
-    c.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None)
-    c.set_defaults(fn=cmd_compare)
+    compare = sub.add_parser("compare", help="judge an existing run directory without running")
+    compare.add_argument("run_dir")
+    compare.add_argument("cases", nargs="+")
+    compare.add_argument("--baselines", default=baseline_root, help="baseline root (default %(default)s)")
+    compare.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None)
+    compare.set_defaults(fn=cmd_compare)
 
-    loc = sub.add_parser(
+    locate = sub.add_parser(
         "locate", help="where each pair's probes first part (a viewer: exit 0, 2 on bad input)",
         description="For each case, per pair of setups: the first probe (probes.csv, in causal order: forward "
                     "modules, then gradients, then updates, step by step) that differs under the case's mode, the "
                     "entries just before it, and the largest relative differences at that step. A viewer: it "
                     "exits 0 whether or not the probes diverge (a negative control is meant to; `parity compare` "
                     "gives the verdict), and 2 on bad input.")
-    loc.add_argument("run_dir", help="a run directory (written by `parity run` or pytest, or copied from elsewhere)")
-    loc.add_argument("cases", nargs="+", help="case files or directories of them")
-    loc.add_argument("--top", type=positive(int, 10_000), default=10,
-                     help="how many of the largest differences to list (default %(default)s)")
-    loc.set_defaults(fn=cmd_locate)
+    locate.add_argument("run_dir", help="a run directory (written by `parity run` or pytest, or copied from elsewhere)")
+    locate.add_argument("cases", nargs="+", help="case files or directories of them")
+    locate.add_argument("--top", type=positive(int, 10_000), default=10,
+                        help="how many of the largest differences to list (default %(default)s)")
+    locate.set_defaults(fn=cmd_locate)
 
-    rep = sub.add_parser("report", help="write report.md and report.html for a run directory")
-    rep.add_argument("run_dir")
-    rep.add_argument("--against", help="an older run directory: list the cases whose verdict or numbers changed")
-    rep.set_defaults(fn=cmd_report)
+    report = sub.add_parser("report", help="write report.md and report.html for a run directory")
+    report.add_argument("run_dir")
+    report.add_argument("--against", help="an older run directory: list the cases whose verdict or numbers changed")
+    report.set_defaults(fn=cmd_report)
 
-    ev = sub.add_parser("evidence", help="print a markdown block for a pull request")
-    ev.add_argument("run_dir")
-    ev.add_argument("--case", help="only this case (default: every case in RUN_DIR)")
-    ev.add_argument("--format", choices=EVIDENCE_FORMATS, default="mermaid",
-                    help="mermaid: curves as Mermaid charts, which GitHub renders in a PR comment as pasted; "
-                         "png: links to each case's figure, for a report uploaded with its images (default %(default)s)")
-    ev.set_defaults(fn=cmd_evidence)
+    evidence = sub.add_parser("evidence", help="print a markdown block for a pull request")
+    evidence.add_argument("run_dir")
+    evidence.add_argument("--case", help="only this case (default: every case in RUN_DIR)")
+    evidence.add_argument("--format", choices=EVIDENCE_FORMATS, default="mermaid",
+                          help="mermaid: curves as Mermaid charts, which GitHub renders in a PR comment as pasted; "
+                               "png: links to each case's figure, for a report uploaded with its images (default %(default)s)")
+    evidence.set_defaults(fn=cmd_evidence)
 
-    ls = sub.add_parser("list", help="list cases with world size, mode, outcome and markers")
-    ls.add_argument("cases", nargs="*", default=cases, help="case files or directories of them (default %(default)s)")
-    ls.set_defaults(fn=cmd_list)
+    listing = sub.add_parser("list", help="list cases with world size, mode, outcome and markers")
+    listing.add_argument("cases", nargs="*", default=cases, help="case files or directories of them (default %(default)s)")
+    listing.set_defaults(fn=cmd_list)
 
-    b = sub.add_parser("baselines", help="check the stored baselines")
-    b.add_argument("action", choices=("lint",))
-    b.add_argument("--baselines", default=baselines, help="baseline root (default %(default)s)")
-    b.set_defaults(fn=cmd_baselines)
+    baselines = sub.add_parser("baselines", help="check the stored baselines")
+    baselines.add_argument("action", choices=("lint",))
+    baselines.add_argument("--baselines", default=baseline_root, help="baseline root (default %(default)s)")
+    baselines.set_defaults(fn=cmd_baselines)
 
-    cal = sub.add_parser("calibrate", help="measure each setup's error against a float64 CPU oracle; propose tolerances")
-    cal.add_argument("cases", nargs="+")
-    common_run(cal)
-    cal.add_argument("--multiple", type=positive(float), default=3.0, help="proposed rtol = multiple x the largest error against the oracle (default 3: two setups may err in opposite directions, plus headroom)")
-    cal.add_argument("--floor", type=positive(float), default=1e-7, help="smallest rtol proposed")
-    cal.set_defaults(fn=cmd_calibrate)
-    return p
+    calibrate = sub.add_parser("calibrate", help="measure each setup's error against a float64 CPU oracle; propose tolerances")
+    calibrate.add_argument("cases", nargs="+")
+    add_run_options(calibrate)
+    calibrate.add_argument("--multiple", type=positive(float), default=3.0, help="proposed rtol = multiple x the largest error against the oracle (default 3: two setups may err in opposite directions, plus headroom)")
+    calibrate.add_argument("--floor", type=positive(float), default=1e-7, help="smallest rtol proposed")
+    calibrate.set_defaults(fn=cmd_calibrate)
+    return top
 
 
 def _terminate(signum, _frame):

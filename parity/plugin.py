@@ -45,28 +45,28 @@ def markers_for(case) -> list[str]:
 
 
 def pytest_addoption(parser):
-    g = parser.getgroup("parity", "numerics parity cases")
-    g.addoption("--parity-device", choices=DEVICES, default=None,
-                help="auto: CUDA when enough GPUs are visible for a case, else CPU with gloo ranks "
-                     "(default: parity_device or [tool.parity] device, else auto)")
-    g.addoption("--parity-out", default=None,
-                help="run directory for case outputs and the report (default: parity_out or [tool.parity] out, "
-                     "else <rootdir>/reports/runs/pytest)")
-    g.addoption("--parity-update-baselines", nargs="?", const="failing", default=None, type=_mode_or_path,
-                metavar="{failing,new,all}", help="write baselines: failing (default when given), new, all")
-    g.addoption("--parity-steps", type=STEPS, default=None, help="override every case's step count")
-    g.addoption("--parity-timeout", type=TIMEOUT, default=900.0, help="seconds per torchrun launch before its ranks are killed")
-    g.addoption("--parity-strict", action="store_true",
-                help="fail instead of skip when --parity-device cuda has too few GPUs or a case cannot run on the device")
-    g.addoption("--parity-repeat", action="store_const", const=True, dest="parity_repeat", default=None,
-                help="run each case's reference twice and compare bitwise first (default: on for CUDA, off for CPU, "
-                     "unless the case says [expect] repeat)")
-    g.addoption("--parity-no-repeat", action="store_const", const=False, dest="parity_repeat",
-                help="never run the repeat check")
-    g.addoption("--parity-cases", default=None,
-                help="directory of case files (default: parity_cases or [tool.parity] cases, else <rootdir>/cases)")
-    g.addoption("--parity-baselines", default=None,
-                help="baseline root (default: parity_baselines or [tool.parity] baselines, else <rootdir>/baselines)")
+    group = parser.getgroup("parity", "numerics parity cases")
+    group.addoption("--parity-device", choices=DEVICES, default=None,
+                    help="auto: CUDA when enough GPUs are visible for a case, else CPU with gloo ranks "
+                         "(default: parity_device or [tool.parity] device, else auto)")
+    group.addoption("--parity-out", default=None,
+                    help="run directory for case outputs and the report (default: parity_out or [tool.parity] out, "
+                         "else <rootdir>/reports/runs/pytest)")
+    group.addoption("--parity-update-baselines", nargs="?", const="failing", default=None, type=_mode_or_path,
+                    metavar="{failing,new,all}", help="write baselines: failing (default when given), new, all")
+    group.addoption("--parity-steps", type=STEPS, default=None, help="override every case's step count")
+    group.addoption("--parity-timeout", type=TIMEOUT, default=900.0, help="seconds per torchrun launch before its ranks are killed")
+    group.addoption("--parity-strict", action="store_true",
+                    help="fail instead of skip when --parity-device cuda has too few GPUs or a case cannot run on the device")
+    group.addoption("--parity-repeat", action="store_const", const=True, dest="parity_repeat", default=None,
+                    help="run each case's reference twice and compare bitwise first (default: on for CUDA, off for CPU, "
+                         "unless the case says [expect] repeat)")
+    group.addoption("--parity-no-repeat", action="store_const", const=False, dest="parity_repeat",
+                    help="never run the repeat check")
+    group.addoption("--parity-cases", default=None,
+                    help="directory of case files (default: parity_cases or [tool.parity] cases, else <rootdir>/cases)")
+    group.addoption("--parity-baselines", default=None,
+                    help="baseline root (default: parity_baselines or [tool.parity] baselines, else <rootdir>/baselines)")
     for key, what in (("cases", "directory of case files"), ("baselines", "baseline root"),
                       ("out", "run directory"), ("device", "auto, cpu or cuda")):
         parser.addini(INI_PREFIX + key, f"parity: {what} (paths relative to this ini file)", default=None)

@@ -140,7 +140,7 @@ def seed_for(case: Case, cache: Path | None, device: str = "cpu", timeout_s: flo
 
 def seed_or_none(case: Case, cache: Path | None, device: str, timeout_s: float):
     """seed_for, checked before anything is written, or None where torchtitan failed to build its seed:
-    run_case then records that failure in every setup of the case, and other cases still run."""
+    run_suite then records that failure in every setup of the case, and other cases still run."""
     try:
         return seed_for(case, cache, device, timeout_s)
     except SeedBuildError:
@@ -177,7 +177,8 @@ def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = No
              timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None) -> dict[str, LaunchResult]:
     """Run every setup of one case (run_suite of that case alone); returns {setup name: how it ended}."""
     device = resolve_device(device, case)
-    return run_suite([case], out, {case.name: device}, RunOptions(steps=steps, timeout_s=timeout_s, cache=cache))[case.name]
+    options = RunOptions(steps=steps, timeout_s=timeout_s, cache=cache)
+    return run_suite([case], out, {case.name: device}, options)[case.name]
 
 
 def run_suite(cases: list[Case], out: Path, devices: dict[str, str], options: RunOptions = RunOptions(),
@@ -196,10 +197,10 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], options: Ru
     results: dict[str, dict[str, LaunchResult]] = {c.name: {} for c in cases}
     seeds, provenance, jobs = dict(seeds or {}), {}, []
     for case in cases:
-        seeds[case.name], provenance[case.name], case_jobs_ = _start_case(
+        seeds[case.name], provenance[case.name], new_jobs = _start_case(
             case, out, devices[case.name], options, seeds.get(case.name), (commands or {}).get(case.name),
             results[case.name])
-        jobs += case_jobs_
+        jobs += new_jobs
     # Lanes (parity.run.plan.lanes) use the cores a launch leaves idle; not across nodes, whose launches go in turn.
     launches = plan(jobs, options.plan,
                     cores=1 if options.leader else options.cores or len(os.sched_getaffinity(0)))
@@ -285,9 +286,10 @@ class _SuiteRun:
     """Runs a plan's launches, one after another (a split launch's lanes at once), and files every job's outcome."""
 
     def __init__(self, out: Path, options: RunOptions, provenance: dict, results: dict, log: list[dict]):
-        self.out, self.provenance, self.timeout_s, self.on_progress = Path(out), provenance, options.timeout_s, options.on_progress
+        self.out, self.provenance, self.results, self.log = Path(out), provenance, results, log
+        self.timeout_s, self.on_progress, self.cache, self.leader = (options.timeout_s, options.on_progress,
+                                                                     options.cache, options.leader)
         self.gpus = options.gpus or (lambda _n, _device: nullcontext(None))
-        self.cache, self.results, self.log, self.leader = options.cache, results, log, options.leader
         self.workdir: Path | None = None
         self.stopping = threading.Event()  # set when the run is interrupted while lanes are running
 
