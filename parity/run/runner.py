@@ -437,10 +437,10 @@ def _names(progress: dict, job: Job) -> bool:
     return progress.get("case") == job.case.name and progress.get("setup") == job.setup.name
 
 
-def _write_plan_log(out: Path, plan_file: str, how: str, launches: list[Launch], log: list[dict], cases) -> None:
+def _write_plan_log(out: Path, plan_file: str, kind: str, launches: list[Launch], log: list[dict], cases) -> None:
     """OUT/plan_file: the plan and how each launch went; <case>/launches.json: the launches that served the case."""
     log = sorted(log, key=lambda entry: entry["launch"])  # lanes finish in any order; a launch's retries keep theirs
-    records.write_json(claim(out, plan_file), {"plan": how, "planned": [launch.to_dict() for launch in launches],
+    records.write_json(claim(out, plan_file), {"plan": kind, "planned": [launch.to_dict() for launch in launches],
                                                 "launches": log})
     for case in cases:
         mine = []
@@ -452,7 +452,7 @@ def _write_plan_log(out: Path, plan_file: str, how: str, launches: list[Launch],
                         served[label.split("/", 1)[1]] = t["trained_as"]
             if served:
                 mine.append({**{k: v for k, v in entry.items() if k != "trainings"}, "setups": served})
-        records.write_json(inside(out, case.name) / "launches.json", {"plan": how, "plan_file": plan_file,
+        records.write_json(inside(out, case.name) / "launches.json", {"plan": kind, "plan_file": plan_file,
                                                                        "launches": mine})
 
 
