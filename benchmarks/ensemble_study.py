@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a c
 from parity.verdict import ensemble  # noqa: E402
 
 from parity.core import records
-from parity.run.runner import run_suite, seed_for  # noqa: E402
+from parity.run.runner import RunOptions, run_suite, seed_for  # noqa: E402
 from parity.case.spec import Setup, Tolerance, Train, load_case  # noqa: E402
 
 REFERENCE = "ref"
@@ -126,7 +126,7 @@ def train_all(args, out: Path) -> dict:
         setups, cases = parts[i]
         chosen = ([replace(case, setups=tuple(setups))] if setups else []) + cases
         part_out = out / f"part{i}"
-        results = run_suite(chosen, part_out, {c.name: "cpu" for c in chosen}, repeat=False,
+        results = run_suite(chosen, part_out, {c.name: "cpu" for c in chosen}, RunOptions(repeat=False),
                             seeds={case.name: seed, **seeds})
         bad = {f"{c}/{s}": r.message for c, rs in results.items() for s, r in rs.items() if r.status != "ok"}
         if bad:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from parity.verdict import ensemble  # noqa: E402
 from parity.verdict.compare import load_runs  # noqa: E402
-from parity.run.runner import run_suite  # noqa: E402
+from parity.run.runner import RunOptions, run_suite  # noqa: E402
 from parity.case.spec import load_cases  # noqa: E402
 
 
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     cases = widened(cases, args.members)
     if not args.reuse:
         began = time.perf_counter()
-        results = run_suite(cases, args.out, {c.name: "cpu" for c in cases}, repeat=False)
+        results = run_suite(cases, args.out, {c.name: "cpu" for c in cases}, RunOptions(repeat=False))
         bad = {f"{c}/{s}": r.message for c, rs in results.items() for s, r in rs.items() if r.status != "ok"}
         if bad:
             raise SystemExit(f"runs failed: {bad}")

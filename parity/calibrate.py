@@ -15,9 +15,9 @@ import numpy as np
 
 from parity.core import records
 from parity.core.errors import InputError
-from parity.core.rundir import case_lock, prepare_out
-from parity.run.runner import run_case
+from parity.run.runner import RunOptions, resolve_device
 from parity.case.spec import Case
+from parity.session import RunSession
 
 ORACLE = "oracle_float64"
 METRICS = ("loss", "grad_norm", "weights")
@@ -66,16 +66,23 @@ def propose(errors: dict[str, dict[str, float]], multiple: float, floor: float) 
 
 
 def calibrate(case: Case, out: Path, steps: int | None, timeout_s: float, multiple: float, floor: float) -> str:
+    """Run the case with its float64 oracle on CPU (a run session, not judged) and say what each setup's
+    largest error against the oracle was and which tolerances that proposes."""
     if case.reference.trainer != "builtin":  # the oracle is parity's own model, recast to float64
         raise InputError(f"{case.path}: setups.{case.reference.name}.trainer: calibrate needs a built-in reference "
                          f"setup (its float64 oracle is parity's own model); allowed: cases whose first setup is built-in")
     calib = replace(case, setups=(oracle_setup(case),) + case.setups)
-    out = prepare_out(out)
-    with case_lock(out, case.name):
-        results = run_case(calib, out, "cpu", steps, timeout_s)
+    session = RunSession(out, RunOptions(steps=steps, timeout_s=timeout_s))
+    results = session.run([calib], {calib.name: resolve_device("cpu", calib)})[calib.name]
     failed = [f"{name}: {r.status}: {r.message.splitlines()[0]}" for name, r in results.items() if r.status != "ok"]
     if failed:
         return f"{case.name}: calibration run failed\n" + "\n".join(failed)
+    return proposal_text(case, calib, session.out, multiple, floor)
+
+
+def proposal_text(case: Case, calib: Case, out: Path, multiple: float, floor: float) -> str:
+    """Each setup's largest error against the oracle in the run of `calib` under `out`, and the proposed
+    [expect.tolerance] table."""
     errors = errors_against_oracle(out, calib)
     proposal = propose(errors, multiple, floor)
     lines = [f"{case.name}: max relative error against the float64 oracle ({out / case.name})",

@@ -1,4 +1,5 @@
-"""The `parity` command line. Each subcommand parses, calls the library, prints; no logic of its own.
+"""The `parity` command line: each subcommand parses its arguments, checks what only the command line knows
+(flags that go together, where --out and --baselines came from), calls the library and prints.
 
 Exit codes: 0 every expectation held, 1 one failed (or a run crashed), 2 bad input.
 """
@@ -6,7 +7,6 @@ Exit codes: 0 every expectation held, 1 one failed (or a run crashed), 2 bad inp
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import sys
 import time
@@ -17,13 +17,13 @@ from parity.config import DEVICES, Settings, layered, project_settings
 from parity.core.errors import InputError
 from parity.core.process import DEFAULT_TIMEOUT_S
 from parity.core.paths import inside, name_problem
+from parity.options import STEPS, TIMEOUT, UPDATE_MODES, names_a_path, positive
 from parity.run.plan import PLANS
-from parity.case.spec import MAX_STEPS, load_cases
+from parity.case.spec import load_cases
 
 # parity.report.evidence.FORMATS, spelt out: importing that module here would load matplotlib for every command.
 EVIDENCE_FORMATS = ("mermaid", "png")
 
-UPDATE_MODES = ("failing", "new", "all")
 # Used where neither the command line nor [tool.parity] (parity.config) says otherwise; relative
 # to the current directory.
 DEFAULTS = Settings(cases=Path("cases"), baselines=Path("baselines"), out=Path("reports/runs/latest"), device="auto")
@@ -76,7 +76,7 @@ def step_table(case, run_dir: Path) -> str:
                 row.append(cell)
         lines.append(row)
     widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
-    text = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in lines)
+    text = "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in lines)
     if len(shown) < len(steps):
         text += (f"\n({len(shown)} of {len(steps)} steps shown; every step is in "
                  f"{records.setup_dir(run_dir, case.name, ref) / 'metrics.csv'} and each setup's own)")
@@ -148,54 +148,55 @@ def _source(args, key: str) -> str:
 
 def _run_here(args, cases, devices, leader=None) -> int:
     """Run, judge and report the cases from this process (alone, or as node 0 of several)."""
-    from contextlib import ExitStack
-
-    from parity.verdict import compare
     from parity.run.progress import Progress
-    from parity.core.rundir import case_lock, check_out, claim, prepare_out
-    from parity.run.runner import judge_run, run_suite, seed_or_none
+    from parity.run.runner import RunOptions
+    from parity.session import RunSession
+    from parity.verdict import compare
 
-    check_out(Path(args.out))
-    seeds = {c.name: seed_or_none(c, None, devices[c.name], args.timeout) for c in cases}
-    out = prepare_out(Path(args.out))
-    if leader is not None:
-        from parity.run.launch.nodes import NODE_LOGS
-
-        claim(out, NODE_LOGS)  # the other nodes write their logs there
     progress = Progress()
     command = run_argv(args)
     if leader is not None:
         command += ["--nnodes", str(args.nnodes), "--node-rank", "0", "--rdzv-endpoint", args.rdzv_endpoint]
     started = time.monotonic()
 
+    def on_plan(text):
+        nonlocal started
+        started = time.monotonic()  # the progress line counts from the first launch
+        print(text, flush=True)
+
     def on_progress(p, _setup_elapsed):
         progress.update(p["case"], p["setup"], p["step"], p["steps"], time.monotonic() - started)
 
+    options = RunOptions(steps=args.steps, timeout_s=args.timeout, repeat=args.repeat, plan=args.plan,
+                         on_progress=on_progress, on_plan=on_plan, leader=leader)
+    session = RunSession(Path(args.out), options, Path(args.baselines), args.update_baselines)
     failed = False
-    with ExitStack() as locks:
-        for case in cases:
-            locks.enter_context(case_lock(out, case.name))
-        results = run_suite(cases, out, devices, args.steps, args.timeout, None, on_progress,
-                            {c.name: command for c in cases}, args.repeat, seeds, args.plan,
-                            on_plan=lambda text: print(text, flush=True), leader=leader)
+    with session.running(cases, devices, {c.name: command for c in cases}) as results:
         progress.done()
         for case in cases:
-            for name, r in results[case.name].items():
-                if r.status != "ok":
-                    print(f"{case.name}/{name}: {r.status}: {r.message}", file=sys.stderr)
-            print(f"\n== {case.name} ({out / case.name}) ==")
-            print(step_table(case, out))
-            verdict = judge_run(case, out, Path(args.baselines), args.update_baselines)
-            print(compare.format_verdict(verdict))
-            failed |= not verdict.passed
-    ran = {c.name for c in cases}
-    print(f"\ncases per device: {compare.device_counts(out, ran)[1]}")
+            failed |= not _show_case(session, case, results[case.name])
+    out = session.out
+    print(f"\ncases per device: {compare.device_counts(out, {c.name for c in cases})[1]}")
     if not args.no_report:
         from parity.report.pages import write_report
 
         md, html = write_report(out)
         print(f"\nreport: {md}  {html}")
     return 1 if failed else 0
+
+
+def _show_case(session, case, results) -> bool:
+    """Print how the case's setups ended, its step table and its verdict; returns whether it passed."""
+    from parity.verdict import compare
+
+    for name, r in results.items():
+        if r.status != "ok":
+            print(f"{case.name}/{name}: {r.status}: {r.message}", file=sys.stderr)
+    print(f"\n== {case.name} ({session.out / case.name}) ==")
+    print(step_table(case, session.out))
+    verdict = session.judge(case)
+    print(compare.format_verdict(verdict))
+    return verdict.passed
 
 
 def _submit_slurm(args) -> int:
@@ -238,15 +239,15 @@ def cmd_list(args) -> int:
         rows.append((c.name, str(c.world_size), ", ".join(s.name for s in c.setups), c.expect.mode, c.expect.outcome,
                      " ".join(markers_for(c))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0
 
 
 def cmd_compare(args) -> int:
     """Re-judge an existing run directory (e.g. one copied from a GPU cluster) without running anything."""
+    from parity.session import judge
     from parity.verdict import compare
-    from parity.run.runner import judge
 
     run_dir = _existing_dir(args.run_dir, "RUN_DIR")
     failed = False
@@ -340,11 +341,6 @@ def _run_dir(p: str, what: str) -> Path:
     return path
 
 
-def names_a_path(word: str, base: Path = Path(".")) -> bool:
-    """Whether a word after a bare `--update-baselines` is a path (a pytest node id's file part too), not a mode."""
-    return not word.startswith("-") and (base / word.split("::")[0]).exists()
-
-
 def bare_flag_default(argv: list[str], flag: str, choices, default: str) -> list[str]:
     """`FLAG` followed by an option, an existing path or nothing means `FLAG=default`.
 
@@ -367,57 +363,40 @@ def _update_mode(value: str) -> str:
     return value
 
 
-def _positive(kind, maximum=None):
-    def parse(value):
-        try:
-            v = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-        if not math.isfinite(v) or v <= 0 or (maximum is not None and v > maximum):
-            bound = f" and at most {maximum}" if maximum is not None else ""
-            raise argparse.ArgumentTypeError(f"{value!r} is not allowed; allowed: a finite number > 0{bound}")
-        return v
-    return parse
-
-
-STEPS = _positive(int, MAX_STEPS)
-TIMEOUT = _positive(float, 7 * 24 * 3600.0)  # a week: beyond it, a typo (and nan, inf would never fire)
-
-
 def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
     """The command line; its defaults for cases, --baselines, --out and --device come from `settings`
     (the [tool.parity] table found from the current directory, over DEFAULTS)."""
-    p = argparse.ArgumentParser(prog="parity", description="Numerics parity tests for PyTorch distributed training setups.",
-                                epilog="Defaults for the cases, --baselines, --out and --device come from the "
-                                       "[tool.parity] table of the nearest pyproject.toml at or above the current "
-                                       "directory, where there is one.")
-    sub = p.add_subparsers(dest="command", required=True)
-    cases, baselines = [str(settings.cases)], str(settings.baselines)
+    top = argparse.ArgumentParser(prog="parity", description="Numerics parity tests for PyTorch distributed training setups.",
+                                  epilog="Defaults for the cases, --baselines, --out and --device come from the "
+                                         "[tool.parity] table of the nearest pyproject.toml at or above the current "
+                                         "directory, where there is one.")
+    sub = top.add_subparsers(dest="command", required=True)
+    cases, baseline_root = [str(settings.cases)], str(settings.baselines)
 
-    def common_run(sp):
-        sp.add_argument("--device", choices=DEVICES, default=settings.device,
-                        help="auto: CUDA when enough GPUs are visible, else CPU with gloo ranks (default %(default)s)")
-        sp.add_argument("--out", default=str(settings.out), help="run directory (default %(default)s)")
-        sp.add_argument("--steps", type=STEPS, help="override every setup's step count")
-        sp.add_argument("--timeout", type=TIMEOUT, default=DEFAULT_TIMEOUT_S,
-                        help="seconds per setup before its launch's ranks are killed (default %(default)s)")
+    def add_run_options(command):
+        command.add_argument("--device", choices=DEVICES, default=settings.device,
+                             help="auto: CUDA when enough GPUs are visible, else CPU with gloo ranks (default %(default)s)")
+        command.add_argument("--out", default=str(settings.out), help="run directory (default %(default)s)")
+        command.add_argument("--steps", type=STEPS, help="override every setup's step count")
+        command.add_argument("--timeout", type=TIMEOUT, default=DEFAULT_TIMEOUT_S,
+                             help="seconds per setup before its launch's ranks are killed (default %(default)s)")
 
-    r = sub.add_parser("run", help="run cases and judge them")
-    r.add_argument("cases", nargs="*", default=cases, help="case files or directories of them (default %(default)s)")
-    common_run(r)
-    r.add_argument("--baselines", default=baselines, help="baseline root (default %(default)s)")
-    r.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None,
-                   metavar="{failing,new,all}", help="write baselines: failing (default), new, all")
-    r.add_argument("--no-report", action="store_true", help="skip report.md/report.html")
-    r.add_argument("--plan", choices=PLANS, default="suite",
-                   help="suite (default): all cases together, each distinct setup trained once, one launch per "
-                        "world size; case: each case planned alone; setup: one launch per setup, nothing shared")
-    r.add_argument("--repeat", action=argparse.BooleanOptionalAction, default=None,
-                   help="run each reference twice and compare bitwise before anything else "
-                        "(default: the case's [expect] repeat, else on for CUDA, off for CPU)")
-    nodes = r.add_argument_group("across nodes", "run the same command on every node; node 0 plans, judges and "
-                                 "reports, and hosts torchrun's c10d rendezvous at --rdzv-endpoint")
-    nodes.add_argument("--nnodes", type=_positive(int, 4096), default=1, help="how many nodes (default 1)")
+    run = sub.add_parser("run", help="run cases and judge them")
+    run.add_argument("cases", nargs="*", default=cases, help="case files or directories of them (default %(default)s)")
+    add_run_options(run)
+    run.add_argument("--baselines", default=baseline_root, help="baseline root (default %(default)s)")
+    run.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None,
+                     metavar="{failing,new,all}", help="write baselines: failing (default), new, all")
+    run.add_argument("--no-report", action="store_true", help="skip report.md/report.html")
+    run.add_argument("--plan", choices=PLANS, default="suite",
+                     help="suite (default): all cases together, each distinct setup trained once, one launch per "
+                          "world size; case: each case planned alone; setup: one launch per setup, nothing shared")
+    run.add_argument("--repeat", action=argparse.BooleanOptionalAction, default=None,
+                     help="run each reference twice and compare bitwise before anything else "
+                          "(default: the case's [expect] repeat, else on for CUDA, off for CPU)")
+    nodes = run.add_argument_group("across nodes", "run the same command on every node; node 0 plans, judges and "
+                                   "reports, and hosts torchrun's c10d rendezvous at --rdzv-endpoint")
+    nodes.add_argument("--nnodes", type=positive(int, 4096), default=1, help="how many nodes (default 1)")
     nodes.add_argument("--node-rank", type=int, help="this node's rank, 0 to NNODES-1")
     nodes.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="node 0's address and a free port on it")
     nodes.add_argument("--launcher", choices=("local", "slurm"), default="local",
@@ -425,57 +404,57 @@ def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
                             "--nnodes nodes (one `parity run` per node, each starting torchrun)")
     nodes.add_argument("--submit", action="store_true", help="with --launcher slurm: write the script into --out "
                                                              "and submit it with sbatch")
-    r.set_defaults(fn=cmd_run)
+    run.set_defaults(fn=cmd_run)
 
-    c = sub.add_parser("compare", help="judge an existing run directory without running")
-    c.add_argument("run_dir")
-    c.add_argument("cases", nargs="+")
-    c.add_argument("--baselines", default=baselines, help="baseline root (default %(default)s)")
-    c.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None)
-    c.set_defaults(fn=cmd_compare)
+    compare = sub.add_parser("compare", help="judge an existing run directory without running")
+    compare.add_argument("run_dir")
+    compare.add_argument("cases", nargs="+")
+    compare.add_argument("--baselines", default=baseline_root, help="baseline root (default %(default)s)")
+    compare.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None)
+    compare.set_defaults(fn=cmd_compare)
 
-    loc = sub.add_parser(
+    locate = sub.add_parser(
         "locate", help="where each pair's probes first part (a viewer: exit 0, 2 on bad input)",
         description="For each case, per pair of setups: the first probe (probes.csv, in causal order: forward "
                     "modules, then gradients, then updates, step by step) that differs under the case's mode, the "
                     "entries just before it, and the largest relative differences at that step. A viewer: it "
                     "exits 0 whether or not the probes diverge (a negative control is meant to; `parity compare` "
                     "gives the verdict), and 2 on bad input.")
-    loc.add_argument("run_dir", help="a run directory (written by `parity run` or pytest, or copied from elsewhere)")
-    loc.add_argument("cases", nargs="+", help="case files or directories of them")
-    loc.add_argument("--top", type=_positive(int, 10_000), default=10,
-                     help="how many of the largest differences to list (default %(default)s)")
-    loc.set_defaults(fn=cmd_locate)
+    locate.add_argument("run_dir", help="a run directory (written by `parity run` or pytest, or copied from elsewhere)")
+    locate.add_argument("cases", nargs="+", help="case files or directories of them")
+    locate.add_argument("--top", type=positive(int, 10_000), default=10,
+                        help="how many of the largest differences to list (default %(default)s)")
+    locate.set_defaults(fn=cmd_locate)
 
-    rep = sub.add_parser("report", help="write report.md and report.html for a run directory")
-    rep.add_argument("run_dir")
-    rep.add_argument("--against", help="an older run directory: list the cases whose verdict or numbers changed")
-    rep.set_defaults(fn=cmd_report)
+    report = sub.add_parser("report", help="write report.md and report.html for a run directory")
+    report.add_argument("run_dir")
+    report.add_argument("--against", help="an older run directory: list the cases whose verdict or numbers changed")
+    report.set_defaults(fn=cmd_report)
 
-    ev = sub.add_parser("evidence", help="print a markdown block for a pull request")
-    ev.add_argument("run_dir")
-    ev.add_argument("--case", help="only this case (default: every case in RUN_DIR)")
-    ev.add_argument("--format", choices=EVIDENCE_FORMATS, default="mermaid",
-                    help="mermaid: curves as Mermaid charts, which GitHub renders in a PR comment as pasted; "
-                         "png: links to each case's figure, for a report uploaded with its images (default %(default)s)")
-    ev.set_defaults(fn=cmd_evidence)
+    evidence = sub.add_parser("evidence", help="print a markdown block for a pull request")
+    evidence.add_argument("run_dir")
+    evidence.add_argument("--case", help="only this case (default: every case in RUN_DIR)")
+    evidence.add_argument("--format", choices=EVIDENCE_FORMATS, default="mermaid",
+                          help="mermaid: curves as Mermaid charts, which GitHub renders in a PR comment as pasted; "
+                               "png: links to each case's figure, for a report uploaded with its images (default %(default)s)")
+    evidence.set_defaults(fn=cmd_evidence)
 
-    ls = sub.add_parser("list", help="list cases with world size, mode, outcome and markers")
-    ls.add_argument("cases", nargs="*", default=cases, help="case files or directories of them (default %(default)s)")
-    ls.set_defaults(fn=cmd_list)
+    listing = sub.add_parser("list", help="list cases with world size, mode, outcome and markers")
+    listing.add_argument("cases", nargs="*", default=cases, help="case files or directories of them (default %(default)s)")
+    listing.set_defaults(fn=cmd_list)
 
-    b = sub.add_parser("baselines", help="check the stored baselines")
-    b.add_argument("action", choices=("lint",))
-    b.add_argument("--baselines", default=baselines, help="baseline root (default %(default)s)")
-    b.set_defaults(fn=cmd_baselines)
+    baselines = sub.add_parser("baselines", help="check the stored baselines")
+    baselines.add_argument("action", choices=("lint",))
+    baselines.add_argument("--baselines", default=baseline_root, help="baseline root (default %(default)s)")
+    baselines.set_defaults(fn=cmd_baselines)
 
-    cal = sub.add_parser("calibrate", help="measure each setup's error against a float64 CPU oracle; propose tolerances")
-    cal.add_argument("cases", nargs="+")
-    common_run(cal)
-    cal.add_argument("--multiple", type=_positive(float), default=3.0, help="proposed rtol = multiple x the largest error against the oracle (default 3: two setups may err in opposite directions, plus headroom)")
-    cal.add_argument("--floor", type=_positive(float), default=1e-7, help="smallest rtol proposed")
-    cal.set_defaults(fn=cmd_calibrate)
-    return p
+    calibrate = sub.add_parser("calibrate", help="measure each setup's error against a float64 CPU oracle; propose tolerances")
+    calibrate.add_argument("cases", nargs="+")
+    add_run_options(calibrate)
+    calibrate.add_argument("--multiple", type=positive(float), default=3.0, help="proposed rtol = multiple x the largest error against the oracle (default 3: two setups may err in opposite directions, plus headroom)")
+    calibrate.add_argument("--floor", type=positive(float), default=1e-7, help="smallest rtol proposed")
+    calibrate.set_defaults(fn=cmd_calibrate)
+    return top
 
 
 def _terminate(signum, _frame):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from parity.cli import UPDATE_MODES, bare_flag_default, parser
+from parity.cli import bare_flag_default, parser
+from parity.options import UPDATE_MODES
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -29,7 +29,8 @@ from parity.verdict import compare
 
 from parity.core import records
 from parity.core.lifeline import alive
-from parity.run.runner import judge, run_case
+from parity.run.runner import run_case
+from parity.session import judge
 from parity.case.spec import load_case
 
 REPO = Path(__file__).resolve().parents[1]

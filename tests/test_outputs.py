@@ -249,7 +249,7 @@ def test_a_record_that_cannot_be_read_after_the_run_fails_the_case_in_its_verdic
     the same problem is a failed case with one line in its verdict, and the suite goes on."""
     from test_report import _metrics, make_case
 
-    from parity.run.runner import judge, judge_run
+    from parity.session import judge, judge_run
     from parity.case.spec import Case, Expect, Setup, Tolerance, Train
 
     out = tmp_path / "run"
@@ -272,7 +272,7 @@ def test_a_baseline_damaged_while_the_case_trained_fails_the_case_in_its_verdict
     """Baselines are checked before anything runs; one that changes during the run is found when judging."""
     from test_report import _metrics, make_case
 
-    from parity.run.runner import judge_run
+    from parity.session import judge_run
     from parity.case.spec import Case, Expect, Setup, Tolerance, Train
 
     out, root = tmp_path / "run", tmp_path / "baselines"

@@ -8,7 +8,7 @@ import pytest
 
 from parity.core import records
 from parity.run.plan import Job, plan, shares, summary, training_key
-from parity.run.runner import repeat_setup, run_suite
+from parity.run.runner import RunOptions, repeat_setup, run_suite
 from parity.case.spec import load_case
 
 TINY = """
@@ -151,8 +151,8 @@ def test_suite_plan_is_bit_identical_to_each_case_alone(three, tmp_path, seed_ca
     lanes that run at once) against each case planned alone (no sharing, no lanes)."""
     cases = list(three)
     devices = dict.fromkeys((c.name for c in cases), "cpu")
-    suite = run_suite(cases, tmp_path / "suite", devices, cache=seed_cache, timeout_s=300, cores=2)
-    alone = run_suite(cases, tmp_path / "alone", devices, cache=seed_cache, timeout_s=300, how="case")
+    suite = run_suite(cases, tmp_path / "suite", devices, RunOptions(cache=seed_cache, timeout_s=300, cores=2))
+    alone = run_suite(cases, tmp_path / "alone", devices, RunOptions(cache=seed_cache, timeout_s=300, plan="case"))
     for c in cases:
         for s in c.setups:
             assert suite[c.name][s.name].status == "ok" and alone[c.name][s.name].status == "ok"
@@ -178,7 +178,7 @@ def test_a_crash_fails_only_the_cases_that_use_that_setup(write_case, tmp_path, 
     broken = tiny_case(write_case, "broken", setups(("fsdp", FSDP2), ("crash", FSDP2 + 'fault = "crash"\n')))
     healthy = tiny_case(write_case, "healthy", setups(("replicate", REPLICATE2), ("fsdp_2", FSDP2)))
     devices = {"broken": "cpu", "healthy": "cpu"}
-    results = run_suite([broken, healthy], tmp_path / "out", devices, cache=seed_cache, timeout_s=300)
+    results = run_suite([broken, healthy], tmp_path / "out", devices, RunOptions(cache=seed_cache, timeout_s=300))
     assert results["broken"]["crash"].status == "failed"
     assert "setup broken/crash rank 1: RuntimeError: planted fault" in results["broken"]["crash"].message
     assert results["broken"]["fsdp"].status == "ok"

@@ -82,19 +82,20 @@ def training_key(job: Job) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def plan(jobs: list[Job], how: str = "suite", cores: int = 1) -> list[Launch]:
-    """The launches that produce every job's records, in the order to run them. `cores`: the CPU cores this
-    run may use; a merged CPU launch of world size w splits into up to cores // w lanes (see lanes)."""
-    if how not in PLANS:
-        raise ValueError(f"plan {how!r}; allowed: {', '.join(PLANS)}")
-    if how == "case":
+def plan(jobs: list[Job], kind: str = "suite", cores: int = 1) -> list[Launch]:
+    """The launches that produce every job's records under plan `kind` (one of PLANS), in the order to run
+    them. `cores`: the CPU cores this run may use; a merged CPU launch of world size w splits into up to
+    cores // w lanes (see lanes)."""
+    if kind not in PLANS:
+        raise ValueError(f"plan {kind!r}; allowed: {', '.join(PLANS)}")
+    if kind == "case":
         by_case: dict[str, list[Job]] = {}
         for j in jobs:
             by_case.setdefault(j.case.name, []).append(j)
         return [lane for case_jobs in by_case.values() for launch in _plan(case_jobs, share=True, merge=True)
                 for lane in lanes(launch, cores)]
-    launches = _plan(jobs, share=how == "suite", merge=how == "suite")
-    return [lane for launch in launches for lane in lanes(launch, cores)] if how == "suite" else launches
+    launches = _plan(jobs, share=kind == "suite", merge=kind == "suite")
+    return [lane for launch in launches for lane in lanes(launch, cores)] if kind == "suite" else launches
 
 
 def lanes(launch: Launch, cores: int) -> list[Launch]:
@@ -139,11 +140,11 @@ def _plan(jobs: list[Job], share: bool, merge: bool) -> list[Launch]:
     return sorted(builtin.values(), key=lambda launch: launch.world_size) + launches if merge else launches
 
 
-def summary(launches: list[Launch], how: str = "suite") -> str:
+def summary(launches: list[Launch], kind: str = "suite") -> str:
     """The plan as text: a headline, then one line per launch naming each training once and the jobs that reuse it."""
     jobs = sum(len(t.jobs) for launch in launches for t in launch.trainings)
     trainings = sum(len(launch.trainings) for launch in launches)
-    lines = [f"plan ({how}): {jobs} setups, {trainings} trained ({jobs - trainings} reused), {len(launches)} launches"]
+    lines = [f"plan ({kind}): {jobs} setups, {trainings} trained ({jobs - trainings} reused), {len(launches)} launches"]
     for i, launch in enumerate(launches, 1):
         names = _entries(launch.trainings)
         what = "torchrun" if launch.trainer == "builtin" else launch.trainer

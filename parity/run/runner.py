@@ -1,8 +1,8 @@
 """Run a suite of cases: seed checkpoints, then the launches parity.run.plan chose, then provenance for failures.
 
-This is the glue the CLI and the pytest plugin share: it returns how each setup's run ended, and
-judge()/judge_run() turn a case's records into its verdict (parity.verdict.compare, parity.verdict.baselines) and
-write verdict.json and, as the update mode allows, baselines.
+It returns how each setup's run ended, and leaves in the run directory every setup's records (or a
+run.json saying why there are none), the plan file and each case's launches.json. Judging those
+records is parity.session's.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import nullcontext
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 
 from parity.core import records
-from parity.core.errors import InputError, one_line
+from parity.core.errors import InputError
 from parity.trainers.torchtitan import SeedBuildError
 from parity.trainers.command import missing as command_missing
 from parity.trainers.torchtitan import missing as titan_missing
@@ -139,81 +140,118 @@ def seed_for(case: Case, cache: Path | None, device: str = "cpu", timeout_s: flo
 
 def seed_or_none(case: Case, cache: Path | None, device: str, timeout_s: float):
     """seed_for, checked before anything is written, or None where torchtitan failed to build its seed:
-    run_case then records that failure in every setup of the case, and other cases still run."""
+    run_suite then records that failure in every setup of the case, and other cases still run."""
     try:
         return seed_for(case, cache, device, timeout_s)
     except SeedBuildError:
         return None
 
 
-def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = None,
-             timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None, on_progress=None,
-             command: list[str] | None = None, repeat: bool | None = None,
-             gpus: list[str] | None = None, seed=None) -> dict[str, LaunchResult]:
-    """Run every setup of one case (run_suite of that case alone); returns {setup name: how it ended}.
+@dataclass(frozen=True)
+class RunOptions:
+    """How run_suite runs a suite, the same for every case of it.
 
-    `gpus`: the GPU ids this run may use (CUDA_VISIBLE_DEVICES of its launches); default all visible.
-    The caller holds case_lock(out, case.name) for the run and its verdict.
+    `steps` overrides every setup's step count; `timeout_s` bounds each launch; `cache` is the seed cache
+    (None: the default one). `repeat`: see wants_repeat. `plan`: one of parity.run.plan.PLANS, written to
+    OUT/`plan_file`. `cores`: how many CPU cores lanes may use (default: this process's; one across nodes).
+    `gpus(world_size, device)`: a context manager giving the GPU ids one launch may use (None: every
+    visible one). `on_progress(progress, setup_elapsed)` sees each launch's progress, `on_plan(text)` the
+    plan (parity.run.plan.summary) before the first launch. `leader` (parity.run.launch.nodes.Leader):
+    every launch spans the nodes that joined it, this process being node 0.
     """
-    device = resolve_device(device, case, None if gpus is None else len(gpus))
-    return run_suite([case], out, {case.name: device}, steps, timeout_s, cache, on_progress, {case.name: command},
-                     repeat, {case.name: seed}, gpus=None if gpus is None else lambda _n, _device: nullcontext(gpus))[case.name]
+
+    steps: int | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    cache: Path | None = None
+    repeat: bool | None = None
+    plan: str = "suite"
+    plan_file: str = "plan.json"
+    cores: int | None = None
+    gpus: Callable | None = None
+    on_progress: Callable | None = None
+    on_plan: Callable | None = None
+    leader: object = None
 
 
-def run_suite(cases: list[Case], out: Path, devices: dict[str, str], steps: int | None = None,
-              timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None, on_progress=None,
-              commands: dict | None = None, repeat: bool | None = None, seeds: dict | None = None,
-              how: str = "suite", gpus=None, plan_file: str = "plan.json", on_plan=None, leader=None,
-              cores: int | None = None) -> dict[str, dict[str, LaunchResult]]:
+def run_case(case: Case, out: Path, device: str = "auto", steps: int | None = None,
+             timeout_s: float = DEFAULT_TIMEOUT_S, cache: Path | None = None) -> dict[str, LaunchResult]:
+    """Run every setup of one case (run_suite of that case alone); returns {setup name: how it ended}."""
+    device = resolve_device(device, case)
+    options = RunOptions(steps=steps, timeout_s=timeout_s, cache=cache)
+    return run_suite([case], out, {case.name: device}, options)[case.name]
+
+
+def run_suite(cases: list[Case], out: Path, devices: dict[str, str], options: RunOptions = RunOptions(),
+              seeds: dict | None = None, commands: dict | None = None) -> dict[str, dict[str, LaunchResult]]:
     """Run every setup of every case, planned together (parity.run.plan); returns {case: {setup: how it ended}}.
 
     `devices`: each case's resolved device (resolve_device). `seeds`: seed_for(case) per case name
-    where the caller checked it already, before writing anything. With `repeat` (see wants_repeat),
-    each reference runs a second time, last in its launch. `gpus(world_size, device)`: a context
-    manager giving the GPU ids one launch may use (None: every visible one). The caller holds case_lock for
-    every case. `on_plan(text)` sees the plan (parity.run.plan.summary) before the first launch. The plan,
-    each launch's status and time, and which job reused which training are written to OUT/plan_file
-    and to each case's launches.json. `leader` (parity.run.launch.nodes.Leader): every launch spans the
-    nodes that joined it, this process being node 0. `cores`: how many CPU cores lanes may use (default: this
-    process's; one across nodes).
+    where the caller checked it already, before writing anything. `commands`: per case name, the command
+    that reproduces the run, recorded in each run.json. With `options.repeat` (see wants_repeat), each
+    reference runs a second time, last in its launch. The caller holds case_lock for every case. The plan,
+    each launch's status and time, and which job reused which training are written to OUT/options.plan_file
+    and to each case's launches.json.
     """
+    out = prepare_out(out)
+    cases = [with_steps(c, options.steps) for c in cases]
+    results: dict[str, dict[str, LaunchResult]] = {c.name: {} for c in cases}
+    seeds, provenance, jobs = dict(seeds or {}), {}, []
+    for case in cases:
+        seeds[case.name], provenance[case.name], new_jobs = _start_case(
+            case, out, devices[case.name], options, seeds.get(case.name), (commands or {}).get(case.name),
+            results[case.name])
+        jobs += new_jobs
+    # Lanes (parity.run.plan.lanes) use the cores a launch leaves idle; not across nodes, whose launches go in turn.
+    launches = plan(jobs, options.plan,
+                    cores=1 if options.leader else options.cores or len(os.sched_getaffinity(0)))
+    if options.on_plan:
+        options.on_plan(summary(launches, options.plan))
+    _run_launches(launches, jobs, out, options, provenance, results, cases)
+    for case in cases:
+        _fail_on_changed_seed(case, out, seeds[case.name], provenance[case.name], devices[case.name],
+                              results[case.name])
+    return results
+
+
+def _start_case(case: Case, out: Path, device: str, options: RunOptions, seed, command: list[str] | None,
+                results: dict[str, LaunchResult]) -> tuple:
+    """A case's seed checkpoint, its fresh folder and provenance, and its jobs; returns (seed, provenance,
+    jobs). Where torchtitan could not make its seed checkpoint, every run of the case fails with why
+    (into `results`) and it has no jobs."""
+    try:
+        seed = seed or seed_for(case, options.cache, device, options.timeout_s)
+        unbuilt = None
+    except SeedBuildError as e:
+        seed, unbuilt = None, LaunchResult("failed", None, str(e), 0.0)
+    for note in seed.notes if seed else ():
+        print(f"parity: {note}", file=sys.stderr, flush=True)
+    fresh_case_dir(out, case.name)
+    provenance = _provenance(case, seed, command)
+    repeat = wants_repeat(case, device, options.repeat)
+    if not unbuilt:
+        return seed, provenance, case_jobs(case, device, seed, repeat)
+    for s in runs_of(case, repeat):
+        _write_failure(out, case.name, s.name, unbuilt, provenance, device, s.world_size)
+        results[s.name] = unbuilt
+    return seed, provenance, []
+
+
+def _provenance(case: Case, seed, command: list[str] | None) -> dict:
+    """What every run.json of the case records about where its numbers came from."""
     import torch
 
-    from parity.trainers.seed import verify
-
-    out = prepare_out(out)
-    cases = [with_steps(c, steps) for c in cases]
-    results: dict[str, dict[str, LaunchResult]] = {c.name: {} for c in cases}
-    provenance, seeds, jobs = {}, dict(seeds or {}), []
-    for case in cases:
-        device = devices[case.name]
-        try:
-            seeds[case.name] = seeds.get(case.name) or seed_for(case, cache, device, timeout_s)
-            unbuilt = None
-        except SeedBuildError as e:  # torchtitan could not make its seed checkpoint: every setup fails with why
-            seeds[case.name], unbuilt = None, LaunchResult("failed", None, str(e), 0.0)
-        seed = seeds[case.name]
-        for note in seed.notes if seed else ():
-            print(f"parity: {note}", file=sys.stderr, flush=True)
-        fresh_case_dir(out, case.name)
-        provenance[case.name] = {
-            "torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
+    return {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
             "seed_checkpoint": seed and str(seed.path), "seed_checkpoint_sha256": seed and seed.sha256,
             "case_path": str(case.path), "case_sha256": case.sha256, "git_commit": git_commit(),
-            "command": (commands or {}).get(case.name)}
-        if unbuilt:
-            for s in runs_of(case, wants_repeat(case, device, repeat)):
-                _write_failure(out, case.name, s.name, unbuilt, provenance[case.name], device, s.world_size)
-                results[case.name][s.name] = unbuilt
-        else:
-            jobs += case_jobs(case, device, seed, wants_repeat(case, device, repeat))
-    # Lanes (parity.run.plan.lanes) use the cores a launch leaves idle; not across nodes, whose launches go in turn.
-    launches = plan(jobs, how, cores=1 if leader else cores or len(os.sched_getaffinity(0)))
-    if on_plan:
-        on_plan(summary(launches, how))
+            "command": command}
+
+
+def _run_launches(launches: list[Launch], jobs: list[Job], out: Path, options: RunOptions, provenance: dict,
+                  results: dict, cases: list[Case]) -> None:
+    """Every launch in turn (a split launch's lanes at once); on Ctrl-C or SIGTERM the setups that did not
+    finish say so. The plan log is written however the launches end."""
     log: list[dict] = []
-    run = _SuiteRun(out, provenance, timeout_s, on_progress, gpus or (lambda _n, _device: nullcontext(None)), cache,
-                    results, log, leader)
+    run = _SuiteRun(out, options, provenance, results, log)
     try:
         with work_dir(out, ".launch-") as run.workdir:
             i = 0
@@ -221,7 +259,7 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], steps: int 
                 group = launches[i:i + launches[i].lanes]  # one launch, or the lanes of a split one
                 run.at_once([(i + 1 + k, launch) for k, launch in enumerate(group)])
                 i += len(group)
-    except BaseException:  # Ctrl-C, SIGTERM: the setups that did not finish say so
+    except BaseException:
         interrupted = LaunchResult("interrupted", None, "the run was interrupted before this setup finished", 0.0)
         for j in jobs:
             if j.setup.name not in results[j.case.name]:
@@ -229,25 +267,29 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], steps: int 
                                j.setup.world_size)
         raise
     finally:
-        _write_plan_log(out, plan_file, how, launches, log, cases)
-    for case in cases:
-        seed = seeds[case.name]
-        if seed and not verify(seed.path, seed.sha256):  # no verdict, and no baseline, may rest on a changed seed
-            changed = LaunchResult("failed", None, f"seed checkpoint {seed.path} changed during the run", 0.0)
-            for name in results[case.name]:
-                _write_failure(out, case.name, name, changed, provenance[case.name], devices[case.name],
-                               case.world_size, overwrite=True)
-                results[case.name][name] = changed
-    return results
+        _write_plan_log(out, options.plan_file, options.plan, launches, log, cases)
+
+
+def _fail_on_changed_seed(case: Case, out: Path, seed, provenance: dict, device: str,
+                          results: dict[str, LaunchResult]) -> None:
+    """No verdict, and no baseline, may rest on a seed checkpoint that changed during the run."""
+    from parity.trainers.seed import verify
+
+    if seed and not verify(seed.path, seed.sha256):
+        changed = LaunchResult("failed", None, f"seed checkpoint {seed.path} changed during the run", 0.0)
+        for name in results:
+            _write_failure(out, case.name, name, changed, provenance, device, case.world_size, overwrite=True)
+            results[name] = changed
 
 
 class _SuiteRun:
     """Runs a plan's launches, one after another (a split launch's lanes at once), and files every job's outcome."""
 
-    def __init__(self, out: Path, provenance: dict, timeout_s: float, on_progress, gpus, cache, results: dict,
-                 log: list[dict], leader=None):
-        self.out, self.provenance, self.timeout_s, self.on_progress = Path(out), provenance, timeout_s, on_progress
-        self.gpus, self.cache, self.results, self.log, self.leader = gpus, cache, results, log, leader
+    def __init__(self, out: Path, options: RunOptions, provenance: dict, results: dict, log: list[dict]):
+        self.out, self.provenance, self.results, self.log = Path(out), provenance, results, log
+        self.timeout_s, self.on_progress, self.cache, self.leader = (options.timeout_s, options.on_progress,
+                                                                     options.cache, options.leader)
+        self.gpus = options.gpus or (lambda _n, _device: nullcontext(None))
         self.workdir: Path | None = None
         self.stopping = threading.Event()  # set when the run is interrupted while lanes are running
 
@@ -395,10 +437,10 @@ def _names(progress: dict, job: Job) -> bool:
     return progress.get("case") == job.case.name and progress.get("setup") == job.setup.name
 
 
-def _write_plan_log(out: Path, plan_file: str, how: str, launches: list[Launch], log: list[dict], cases) -> None:
+def _write_plan_log(out: Path, plan_file: str, kind: str, launches: list[Launch], log: list[dict], cases) -> None:
     """OUT/plan_file: the plan and how each launch went; <case>/launches.json: the launches that served the case."""
     log = sorted(log, key=lambda entry: entry["launch"])  # lanes finish in any order; a launch's retries keep theirs
-    records.write_json(claim(out, plan_file), {"plan": how, "planned": [launch.to_dict() for launch in launches],
+    records.write_json(claim(out, plan_file), {"plan": kind, "planned": [launch.to_dict() for launch in launches],
                                                 "launches": log})
     for case in cases:
         mine = []
@@ -410,55 +452,8 @@ def _write_plan_log(out: Path, plan_file: str, how: str, launches: list[Launch],
                         served[label.split("/", 1)[1]] = t["trained_as"]
             if served:
                 mine.append({**{k: v for k, v in entry.items() if k != "trainings"}, "setups": served})
-        records.write_json(inside(out, case.name) / "launches.json", {"plan": how, "plan_file": plan_file,
+        records.write_json(inside(out, case.name) / "launches.json", {"plan": kind, "plan_file": plan_file,
                                                                        "launches": mine})
-
-
-def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) -> dict:
-    """The verdict between setups first, then the baselines, written to verdict.json.
-
-    A baseline is written (as `update` allows) only from a case that passed: a run whose setups
-    disagree, or whose reference is nondeterministic, is no reference for anyone.
-    """
-    from parity.verdict import baselines
-    from parity.verdict import compare
-
-    if not inside(run_dir, case.name).is_dir():
-        raise InputError(f"{run_dir}: no run of case {case.name} here ({Path(run_dir) / case.name} is not a directory)")
-    runs = compare.load_runs(case, run_dir)  # read once, for both checks
-    between_setups = compare.compare_case(case, run_dir, runs=runs)  # judged once; baselines are added to it
-    passed = between_setups.passed
-    checks = baselines.check_case_baselines(case, run_dir, baseline_root, update if passed else None, runs)
-    if update and not passed:
-        for b in checks:
-            b.message += (f"; --update-baselines={update} wrote nothing: the case failed, and only a passing "
-                             "case makes a baseline")
-    verdict = compare.with_baselines(between_setups, checks)
-    return _written(run_dir, verdict)
-
-
-def judge_run(case: Case, out: Path, baseline_root: Path, update: str | None) -> dict:
-    """judge() for a case this process has just run. Once training has begun, a problem found while judging
-    (a record or baseline file that cannot be read, a disk that refuses a write) fails this case with one line
-    in its verdict, and the other cases of the suite are still judged and reported."""
-    from parity.verdict import compare
-
-    try:
-        return judge(case, out, baseline_root, update)
-    except (InputError, OSError) as e:
-        return _written(out, compare.unjudged_verdict(case, f"not judged: {one_line(e)}"))
-
-
-def _written(run_dir: Path, verdict: dict) -> dict:
-    """The verdict, written to verdict.json; where the disk refuses, the verdict fails and says so."""
-    from parity.verdict import compare
-
-    try:
-        compare.write_verdict(run_dir, verdict)
-    except OSError as e:
-        problem = f"verdict.json not written: {one_line(e)}"
-        return replace(verdict, passed=False, problems=verdict.problems + [problem])
-    return verdict
 
 
 def _write_failure(out: Path, case_name: str, setup_name: str, result: LaunchResult, provenance: dict, device: str,
