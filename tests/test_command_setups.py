@@ -30,7 +30,7 @@ from parity.verdict import compare
 from parity.core import records
 from parity.core.lifeline import alive
 from parity.run.runner import judge, run_case
-from parity.case.spec import load_case
+from parity.trainers import load_case
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "train_small.py"

@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import math
 import tomllib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from parity.core import files
 from parity.core.errors import InputError
-from parity.trainers import command, torchtitan
-from parity.trainers.command import COMMAND_KEYS
-from parity.trainers.torchtitan import ALWAYS_PASSED, TITAN_KEYS, TITAN_TRAIN_FLAGS, flag_name
+from parity.case.trainer import BUILTIN, PARITY_ONLY, SetupRules
 from parity.core.fingerprint import DETERMINISM, NCCL_CHOICES
 from parity.core.parallel_dims import MAX_WORLD_SIZE, ParallelDims, problems
 from parity.core.paths import duplicates_ignoring_case, name_problem
@@ -24,7 +23,6 @@ from parity.core.presets import PRESETS, ModelConfig, param_names, probe_modules
 from parity.core.records import PROBE_PHASES
 from parity.core.tokens import TokenFileError, load_token_file
 
-TRAINERS = ("builtin", "torchtitan", "command")
 DP_APIS = ("fully_shard", "replicate", "ddp", "none")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 DTYPES = ("float32", "bfloat16", "float64")
@@ -143,8 +141,9 @@ class Setup:
     fault_factor: float | None = None
     repeat: bool = False  # set by the runner on the reference's second run, never by a case file
     perturb: int | None = None  # a weights-ensemble member's number (seeds its perturbation); never from a case file
-    trainer: str = "builtin"
-    # A torchtitan or command setup's own keys, validated (see parity.trainers), and its world_size.
+    trainer: str = BUILTIN
+    # Another trainer's setup: its own keys, validated and normalised (parity.case.trainer.SetupRules), its
+    # world_size, and the run.json fields that name the trainer's build (record_fields).
     external: dict | None = None
 
     @property
@@ -276,9 +275,6 @@ class Case:
 
 
 TRAIN_KEYS = {f.name for f in fields(Train)}
-EXTERNAL_KEYS = COMMAND_KEYS | TITAN_KEYS | {"trainer"}
-TITAN_CASE_TRAIN_KEYS = tuple(TITAN_TRAIN_FLAGS)  # the [train] keys a torchtitan setup passes as its own flags
-TITAN_SETUP_TRAIN_KEYS = {"seed"}  # the one a torchtitan setup may override (a planted bug, say)
 # What a comparison holds fixed: a setup that trained another model, on other data, for another
 # number of steps or on other batch shapes would differ for a reason no verdict names. A setup may
 # still change the seed and the optimizer keys (negative controls do).
@@ -288,7 +284,8 @@ SETUP_KEYS = ({f.name for f in fields(Setup)} - {"name", "train", "repeat", "per
 TOP_KEYS = {"description", "seed_checkpoint", "train", "setups", "expect", "determinism", "probes"}
 
 
-def load_case(path: str | Path) -> Case:
+def load_case(path: str | Path, trainers: Mapping[str, SetupRules] = PARITY_ONLY) -> Case:
+    """One case file, validated; `trainers`: the rules of each trainer a setup may name (parity.trainers)."""
     path = Path(path)
     where = str(path)
     try:
@@ -299,7 +296,7 @@ def load_case(path: str | Path) -> Case:
         doc = tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"{where}: not valid TOML: {e}") from None
-    v = _Validator(where)
+    v = _Validator(where, trainers)
     if (problem := name_problem(path.stem)) is not None:
         v.fail("case name", f"{problem} (the case name is the file name without .toml)")
     v.keys(doc, TOP_KEYS, "")
@@ -316,7 +313,7 @@ def load_case(path: str | Path) -> Case:
     if clashes := duplicates_ignoring_case(setups_doc):
         v.fail("setups", f"names must differ in more than letter case: {', '.join(clashes)}")
     setups = tuple(v.setup(name, body, train) for name, body in setups_doc.items())
-    setups = v.trainers(setups, set(doc.get("train", {}) if isinstance(doc.get("train", {}), dict) else ()))
+    setups = v.across_trainers(setups, set(doc.get("train", {}) if isinstance(doc.get("train", {}), dict) else ()))
     for s in setups[1:]:
         if s.fault == "noise":
             v.fail(f"setups.{s.name}.fault", "\"noise\" perturbs the reference's repeat run; allowed only on the "
@@ -352,7 +349,7 @@ def load_case(path: str | Path) -> Case:
 
 def attention_problem(case: Case, setup: Setup, device: str) -> str | None:
     """Why the setup's SDPA backend cannot run on the device (None if it can)."""
-    if setup.trainer != "builtin":
+    if setup.trainer != BUILTIN:
         return None  # another training stack chooses its own kernels
     kernels = ATTENTION_DTYPES[device]
     backend, dtype = setup.train.attention, setup.compute_dtype
@@ -385,8 +382,8 @@ def default_tolerances(setups) -> tuple[str, dict[str, Tolerance]]:
 
 
 class _Validator:
-    def __init__(self, where: str):
-        self.where = where
+    def __init__(self, where: str, trainers: Mapping[str, SetupRules]):
+        self.where, self.trainers = where, trainers
 
     def fail(self, key: str, message: str):
         raise SpecError(f"{self.where}: {key}: {message}")
@@ -450,12 +447,13 @@ class _Validator:
 
     def setup(self, name: str, body: dict, train: Train) -> Setup:
         prefix = f"setups.{name}"
-        trainer = self.choice(f"{prefix}.trainer", body.get("trainer", "builtin"), TRAINERS) \
-            if isinstance(body, dict) else "builtin"
-        if trainer != "builtin":
-            return self.external_setup(name, body, train, trainer)
-        if isinstance(body, dict) and (theirs := [k for k in body if k in EXTERNAL_KEYS and k != "trainer"]):
-            owner = "command" if theirs[0] in COMMAND_KEYS else "torchtitan"
+        trainer = self.choice(f"{prefix}.trainer", body.get("trainer", BUILTIN), tuple(self.trainers)) \
+            if isinstance(body, dict) else BUILTIN
+        if trainer != BUILTIN:
+            return self.external_setup(name, body, train, self.trainers[trainer])
+        owners = {key: rules.name for rules in self.trainers.values() for key in rules.keys}
+        if isinstance(body, dict) and (theirs := [k for k in body if k in owners]):
+            owner = owners[theirs[0]]
             self.fail(f"{prefix}.{theirs[0]}", f"belongs to trainer = \"{owner}\" setups; this setup is built-in "
                       f"(no trainer key); allowed: trainer = \"{owner}\" and its keys, or the built-in keys")
         self.keys(body, SETUP_KEYS | TRAIN_KEYS, prefix + ".")
@@ -543,18 +541,16 @@ class _Validator:
             self.fail("probes.steps", f"{chosen!r} names a step twice; allowed: {allowed}")
         return Probes(enabled, tuple(sorted(chosen)))
 
-    def external_setup(self, name: str, body: dict, train: Train, trainer: str) -> Setup:
-        """A setup run by another training stack: its own keys (parity.trainers), world_size, train overrides."""
-        prefix = f"setups.{name}"
-        own = TITAN_KEYS if trainer == "torchtitan" else COMMAND_KEYS
-        takes = TITAN_SETUP_TRAIN_KEYS if trainer == "torchtitan" else set(TRAIN_KEYS) - set(SHARED_TRAIN_KEYS)
-        allowed = own | takes | {"trainer", "world_size"}
+    def external_setup(self, name: str, body: dict, train: Train, rules: SetupRules) -> Setup:
+        """A setup run by another training stack: its own keys (rules), world_size, train overrides."""
+        prefix, trainer = f"setups.{name}", rules.name
+        allowed = rules.keys | rules.train_keys | {"trainer", "world_size"}
         for key in body:
             if key in allowed:
                 continue
-            if key in TRAIN_KEYS and trainer == "torchtitan":
-                self.fail(f"{prefix}.{key}", "a built-in trainer key; a torchtitan setup takes it from its config or "
-                          f"args (e.g. --optimizer.lr); allowed here: {', '.join(sorted(allowed))}")
+            if key in TRAIN_KEYS and rules.train_keys_from is not None:
+                self.fail(f"{prefix}.{key}", f"a built-in trainer key; a {trainer} setup takes it from "
+                          f"{rules.train_keys_from}; allowed here: {', '.join(sorted(allowed))}")
             if key in SHARED_TRAIN_KEYS:
                 self.fail(f"{prefix}.{key}", f"a setup may not override {key}; allowed: set it in [train] for every setup")
             self.fail(f"{prefix}.{key}", f"not a key of a trainer = \"{trainer}\" setup; allowed: {', '.join(sorted(allowed))}")
@@ -563,45 +559,21 @@ class _Validator:
                       "command starts); allowed: an integer from 1 to " + str(MAX_WORLD_SIZE))
         world = self.integer(f"{prefix}.world_size", body["world_size"], 1, MAX_WORLD_SIZE)
         setup_train = self.train({k: v for k, v in body.items() if k in TRAIN_KEYS}, prefix, train)
-        check = torchtitan.setup_problems if trainer == "torchtitan" else command.setup_problems
-        for key, message in check({k: v for k, v in body.items() if k in own}, Path(self.where).parent):
+        own = {k: v for k, v in body.items() if k in rules.keys}
+        for key, message in rules.setup_problems(own, Path(self.where).parent):
             self.fail(f"{prefix}.{key}", message)
-        fields_ = (torchtitan.normalize if trainer == "torchtitan" else command.normalize)(
-            {k: v for k, v in body.items() if k in own}, Path(self.where).parent)
-        return Setup(name=name, train=setup_train, trainer=trainer, external={**fields_, "world_size": world})
+        external = {**rules.normalize(own, Path(self.where).parent), "world_size": world}
+        if rules.record_fields:
+            external["record_fields"] = rules.record_fields
+        return Setup(name=name, train=setup_train, trainer=trainer, external=external)
 
-    def trainers(self, setups, train_given: set[str]) -> tuple[Setup, ...]:
-        """What a case may mix: torchtitan trains its own model on its own data, so it is compared only with
-        torchtitan (or a command that says it trains the same); every torchtitan setup loads one seed checkpoint.
-        Returns the setups with each torchtitan setup's [train] flags: steps and seed, and the sizes given."""
-        titan = [s for s in setups if s.trainer == "torchtitan"]
-        builtin = [s for s in setups if s.trainer == "builtin"]
-        if titan and builtin:
-            self.fail(f"setups.{titan[0].name}.trainer", f"a torchtitan setup (torchtitan's model and data) cannot be "
-                      f"compared with built-in setup {builtin[0].name} (parity's model and data); allowed: "
-                      "torchtitan and command setups together, or built-in and command setups together")
-        if titan:
-            first = titan[0]
-            for s in titan[1:]:
-                for key in ("module", "config"):
-                    if s.external[key] != first.external[key]:
-                        self.fail(f"setups.{s.name}.{key}", f"{s.external[key]!r} differs from {first.name}'s "
-                                  f"{first.external[key]!r}: every setup of a case loads one seed checkpoint, made "
-                                  "from the first torchtitan setup's model")
-            if len(titan) == len(setups):
-                unused = sorted(train_given - set(TITAN_CASE_TRAIN_KEYS))
-                if unused:
-                    self.fail(f"train.{unused[0]}", "no setup of this case uses it: torchtitan setups take "
-                              f"{', '.join(TITAN_CASE_TRAIN_KEYS)} from [train] and the rest from their config or args")
-            flags = [k for k in TITAN_CASE_TRAIN_KEYS if k in ALWAYS_PASSED or k in train_given]
-            for s in titan:
-                for i, arg in enumerate(s.external["args"]):
-                    key = next((k for k in flags if flag_name(arg) == TITAN_TRAIN_FLAGS[k]), None)
-                    if key is not None:
-                        self.fail(f"setups.{s.name}.args[{i}]", f"{arg!r} sets what [train] {key} sets for every "
-                                  f"setup; allowed: drop it, or drop {key} from [train]")
-            setups = tuple(replace(s, external={**s.external, "train_flags": flags}) if s.trainer == "torchtitan"
-                           else s for s in setups)
+    def across_trainers(self, setups, train_given: set[str]) -> tuple[Setup, ...]:
+        """Each trainer's case-level checks (the first problem fails), then what its setups take from the case."""
+        for rules in self.trainers.values():
+            for key, message in rules.case_problems(setups, train_given):
+                self.fail(key, message)
+        for rules in self.trainers.values():
+            setups = rules.finish(setups, train_given)
         return setups
 
     def consistent(self, s: Setup, prefix: str, given=frozenset()):
@@ -683,7 +655,7 @@ class _Validator:
         table = {} if table is None else table
         self.keys(table, {f.name for f in fields(Statistical)}, key + ".")
         ref, base = setups[0], Statistical()
-        if ref.trainer != "builtin":
+        if ref.trainer != BUILTIN:
             self.fail(f"setups.{ref.name}.trainer", "statistical mode runs the reference again as an ensemble, "
                       "perturbing it from inside the built-in trainer; allowed: a built-in reference (the first setup)")
         steps = min(s.train.steps for s in setups)
@@ -706,7 +678,7 @@ class _Validator:
         key = "expect.localized"
         if outcome != "diverge":
             self.fail(key, "only for outcome = \"diverge\" (a negative control)")
-        if other := next((s for s in setups if s.trainer != "builtin"), None):
+        if other := next((s for s in setups if s.trainer != BUILTIN), None):
             self.fail(key, f"needs probes, which only built-in setups record; setup {other.name} is trainer = "
                       f"\"{other.trainer}\"")
         steps = min(s.train.steps for s in setups)
@@ -746,17 +718,17 @@ def find_cases(directory: str | Path = "cases") -> list[Path]:
     return sorted(Path(directory).glob("*.toml"))
 
 
-def load_cases(paths) -> list[Case]:
-    """Case files and directories of them, validated, with names unique ignoring letter case."""
+def load_cases(paths, trainers: Mapping[str, SetupRules] = PARITY_ONLY) -> list[Case]:
+    """Case files and directories of them, validated (load_case), with names unique ignoring letter case."""
     cases = []
     for p in map(Path, paths):
         if p.is_dir():
             found = find_cases(p)
             if not found:
                 raise SpecError(f"{p}: no case files (*.toml) in this directory")
-            cases.extend(load_case(c) for c in found)
+            cases.extend(load_case(c, trainers) for c in found)
         else:
-            cases.append(load_case(p))
+            cases.append(load_case(p, trainers))
     if clashes := duplicates_ignoring_case([c.name for c in cases]):
         raise SpecError(f"case names must be unique in one run, ignoring letter case: {', '.join(clashes)}")
     return cases
