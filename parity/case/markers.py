@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from parity.case.spec import BUILTIN, Case, attention_problem
+from parity.case.attention import attention_problem
+from parity.case.schema import Case
+from parity.case.trainer import BUILTIN
 
 WORLD_MARKERS = {1: "1gpu", 2: "2gpu", 4: "4gpu", 8: "8gpu"}
 MARKERS = {

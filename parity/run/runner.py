@@ -30,7 +30,8 @@ from parity.run.launch.torchrun import launch as launch_torchrun
 from parity.core.paths import inside
 from parity.core.rundir import claim, fresh_case_dir, prepare_out, work_dir
 from parity.run.plan import Job, Launch, Training, plan, summary
-from parity.case.spec import REPEAT_SUFFIX, Case, Setup, check_attention
+from parity.case.attention import check_attention
+from parity.case.schema import REPEAT_SUFFIX, Case, Setup
 
 REPO = Path(__file__).resolve().parent.parent
 

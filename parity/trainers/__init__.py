@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from parity.case.spec import BUILTIN, Case, load_case as load_case_with, load_cases as load_cases_with
+from parity.case import loader
+from parity.case.schema import Case
+from parity.case.trainer import BUILTIN
 from parity.trainers import builtin, command, torchtitan
 from parity.trainers.base import Trainer
 
@@ -20,13 +22,13 @@ TRAINERS: dict[str, Trainer] = {t.name: t for t in (builtin.TRAINER, torchtitan.
 
 
 def load_case(path: str | Path) -> Case:
-    """A case file, validated with every registered trainer's rules (parity.case.spec.load_case)."""
-    return load_case_with(path, TRAINERS)
+    """A case file, validated with every registered trainer's rules (parity.case.loader.load_case)."""
+    return loader.load_case(path, TRAINERS)
 
 
 def load_cases(paths) -> list[Case]:
     """Case files and directories of them, validated with every registered trainer's rules."""
-    return load_cases_with(paths, TRAINERS)
+    return loader.load_cases(paths, TRAINERS)
 
 
 def missing(case: Case) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from parity.case.spec import BUILTIN
+from parity.case.trainer import BUILTIN
 from parity.trainers.base import Trainer
 from parity.trainers.seed import resolve_seed
 

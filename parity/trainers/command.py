@@ -28,7 +28,7 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-from parity.case.spec import SHARED_TRAIN_KEYS, TRAIN_KEYS
+from parity.case.schema import SHARED_TRAIN_KEYS, TRAIN_KEYS
 from parity.core import records
 from parity.core.paths import inside
 from parity.trainers.base import Trainer

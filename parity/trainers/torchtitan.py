@@ -37,7 +37,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from parity.case.spec import BUILTIN
+from parity.case.trainer import BUILTIN
 from parity.core.files import open_regular
 from parity.trainers.command import CommandTrainer, load_dcp_full
 from parity.trainers.seed_cache import SeedBuildError, cached_build, deterministic_writer
