@@ -30,7 +30,7 @@ def read_setup(r: Reader, name: str, body: dict, train: Train) -> Setup:
         if isinstance(body, dict) else BUILTIN
     if trainer != BUILTIN:
         return read_external_setup(r, name, body, train, r.trainers[trainer])
-    owners = {key: rules_.name for rules_ in r.trainers.values() for key in rules_.keys}
+    owners = {key: t.name for t in r.trainers.values() for key in t.keys}
     if isinstance(body, dict) and (theirs := [k for k in body if k in owners]):
         owner = owners[theirs[0]]
         r.fail(f"{prefix}.{theirs[0]}", f"belongs to trainer = \"{owner}\" setups; this setup is built-in "

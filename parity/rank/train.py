@@ -38,7 +38,7 @@ from parity.rank.parallelize import Parallel, parallelize
 from parity.rank.probes import ProbeRecorder
 from parity.rank.shards import held_box, local_box
 from parity.rank.sketch import SKETCHES, norm_and_sha, param_order, sketch_block
-from parity.case.spec import ALL_PARAMS, Setup, Train
+from parity.case.schema import ALL_PARAMS, Setup, Train
 
 FAULT_RANK = 1  # the rank that hangs or crashes in the `hang` / `crash` fault setups
 FAULT_STEP = 2  # the step of every planted fault

@@ -30,7 +30,6 @@ import re
 import shutil
 import stat
 import tempfile
-import warnings
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
