@@ -82,7 +82,7 @@ def perturbed_checkpoints(base: Path, count: int, where: Path) -> list[Path]:
 
     from parity.rank.model import build_model
     from parity.core.presets import PRESETS
-    from parity.trainers.seed import deterministic_writer
+    from parity.trainers.seed_cache import deterministic_writer
 
     state = build_model(PRESETS["tiny"], 1, 0, torch.float32).state_dict()  # the shapes; values loaded next
     eps = torch.finfo(torch.float32).eps

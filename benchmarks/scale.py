@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runs from a checkout without installing
 
 from parity.core import records  # noqa: E402
-from parity.case.spec import load_cases  # noqa: E402
+from parity.trainers import load_cases  # noqa: E402
 
 LONG_STEPS = 100_000
 LONG_GOAL_S, LONG_GOAL_MB = 3.0, 300

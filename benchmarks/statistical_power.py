@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from parity.verdict import ensemble  # noqa: E402
 from parity.verdict.compare import load_runs  # noqa: E402
 from parity.run.runner import RunOptions, run_suite  # noqa: E402
-from parity.case.spec import load_cases  # noqa: E402
+from parity.trainers import load_cases  # noqa: E402
 
 
 def widened(cases, members: int):

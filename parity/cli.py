@@ -19,7 +19,8 @@ from parity.core.process import DEFAULT_TIMEOUT_S
 from parity.core.paths import inside, name_problem
 from parity.options import STEPS, TIMEOUT, UPDATE_MODES, names_a_path, positive
 from parity.run.plan import PLANS
-from parity.case.spec import load_cases
+from parity.case.markers import markers_for
+from parity.trainers import load_cases
 
 # parity.report.evidence.FORMATS, spelt out: importing that module here would load matplotlib for every command.
 EVIDENCE_FORMATS = ("mermaid", "png")
@@ -231,8 +232,6 @@ def _submit_slurm(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from parity.plugin import markers_for
-
     cases = _load_cases(args.cases)
     rows = [("case", "world size", "setups", "mode", "outcome", "markers")]
     for c in cases:

@@ -18,30 +18,10 @@ import pytest
 
 from parity.config import DEVICES, INI_PREFIX, Settings, ini_settings, layered, project_settings
 from parity.core.errors import InputError
+from parity.case.markers import marker_docs, markers_for
 from parity.options import STEPS, TIMEOUT, UPDATE_MODES, names_a_path
 from parity.run.gpupool import GpuPool, pool_dir, visible_gpu_ids
-
-WORLD_MARKERS = {1: "1gpu", 2: "2gpu", 4: "4gpu", 8: "8gpu"}
-MARKERS = {
-    "cpu": "case runs on CPU with gloo ranks (SDPA math or flash; the CPU build has no efficient or cudnn kernel)",
-    "1gpu": "largest setup needs 1 rank",
-    "2gpu": "largest setup needs 2 ranks",
-    "4gpu": "largest setup needs 3-4 ranks",
-    "8gpu": "largest setup needs 5-8 ranks",
-    "multinode": "largest setup needs more than 8 ranks",
-    "parity_case": "a parity case (one item per cases/*.toml)",
-    "torchtitan": "case runs torchtitan's own trainer (needs the torchtitan extra: pip install \"parity[torchtitan]\")",
-    "command": "case runs a setup through its own training command (trainer = \"command\")",
-}
-def markers_for(case) -> list[str]:
-    from parity.case.spec import attention_problem
-
-    names = []
-    if all(attention_problem(case, s, "cpu") is None for s in case.setups):
-        names.append("cpu")
-    names.append(next((m for n, m in WORLD_MARKERS.items() if case.world_size <= n), "multinode"))
-    names += sorted({s.trainer for s in case.setups} - {"builtin"})
-    return names
+from parity.trainers import TRAINERS, load_cases
 
 
 def pytest_addoption(parser):
@@ -98,7 +78,7 @@ def pytest_configure(config):
     plugin = CasePlugin(config)  # a bad [tool.parity] or parity ini key stops the session now (exit 4)
     config.stash[PLUGIN] = plugin
     config.pluginmanager.register(plugin, CasePlugin.name)
-    for name, doc in MARKERS.items():
+    for name, doc in marker_docs(TRAINERS).items():
         config.addinivalue_line("markers", f"{name}: {doc}")
 
 
@@ -328,7 +308,6 @@ def setting_source(config, key: str) -> str:
 
 def load_parity_cases(config, settings: Settings) -> list:
     """The session's cases, validated with their stored baselines; bad input is a pytest usage error."""
-    from parity.case.spec import load_cases
     from parity.verdict.baselines import check_case_files
 
     if not settings.cases.is_dir():

@@ -31,7 +31,7 @@ from parity.core import records
 from parity.core.lifeline import alive
 from parity.run.runner import run_case
 from parity.session import judge
-from parity.case.spec import load_case
+from parity.trainers import load_case
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "train_small.py"

@@ -267,7 +267,7 @@ def test_cases_with_one_reference_train_one_ensemble_and_stay_in_one_share():
 
     from parity.run.plan import plan, shares, summary
     from parity.run.runner import case_jobs
-    from parity.case.spec import load_cases
+    from parity.trainers import load_cases
 
     cases = load_cases(["cases"])
     stat = [c for c in cases if c.expect.mode == "statistical"]

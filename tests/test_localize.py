@@ -15,7 +15,8 @@ from parity.core import records
 from parity.report import pages as report
 from parity.verdict.compare import compare_case, divergence_table, format_verdict
 from parity.verdict.localize import largest, localize, matrix
-from parity.case.spec import DEFAULT_TOLERANCES, SpecError, Tolerance, load_case
+from parity.case.spec import DEFAULT_TOLERANCES, SpecError, Tolerance
+from parity.trainers import load_case
 
 LAYERS = 2
 STEPS = (1, 2, 3)

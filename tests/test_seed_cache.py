@@ -10,7 +10,8 @@ import pytest
 from parity.core.errors import InputError
 from parity.rank.model import build_model
 from parity.core.presets import PRESETS
-from parity.trainers.seed import cache_key, check_readable, files_sha256, resolve_seed, state_dict_sha256, verify
+from parity.trainers.seed import cache_key, resolve_seed, state_dict_sha256
+from parity.trainers.seed_cache import check_readable, files_sha256, verify
 
 ARGS = ("tiny", 5, "float32")
 BUILD = ("import sys; from parity.trainers.seed import resolve_seed; "
@@ -278,7 +279,7 @@ def test_concurrent_builders_agree(tmp_path, pristine):
 def test_a_case_may_name_an_existing_dcp_seed(tmp_path, write_case):
     """`seed_checkpoint = PATH` uses that checkpoint; its content hash equals the built seed's."""
     from parity.run.runner import seed_for
-    from parity.case.spec import load_case
+    from parity.trainers import load_case
 
     info = resolve_seed("tiny", 42, "float32", tmp_path / "cache")
     case_text = f'description = "x"\nseed_checkpoint = "{info.path}"\n[train]\nmodel = "tiny"\n' \

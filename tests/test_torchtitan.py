@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from parity.trainers import torchtitan
-from parity.case.spec import load_case
+from parity.trainers import load_case
 
 try:
     import torchtitan as titan

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from parity.case.spec import Setup
+from parity.case.schema import Setup
 
 
 

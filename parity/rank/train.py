@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from parity.case.spec import Setup, Train
+from parity.case.schema import Setup, Train
 from parity.core import fingerprint, records
 from parity.core.determinism import apply_determinism
 from parity.core.lifeline import ERROR_MARK

@@ -24,15 +24,15 @@ from pathlib import Path
 
 from parity.core import records
 from parity.core.errors import InputError
-from parity.trainers.torchtitan import SeedBuildError
-from parity.trainers.command import missing as command_missing
-from parity.trainers.torchtitan import missing as titan_missing
+from parity.trainers import TRAINERS, missing, seed_trainer
+from parity.trainers.seed_cache import SeedBuildError, verify
 from parity.core.process import DEFAULT_TIMEOUT_S, LaunchResult
 from parity.run.launch.torchrun import launch as launch_torchrun
 from parity.core.paths import inside
 from parity.core.rundir import claim, fresh_case_dir, prepare_out, work_dir
 from parity.run.plan import Job, Launch, Training, plan, summary
-from parity.case.spec import REPEAT_SUFFIX, Case, Setup, check_attention
+from parity.case.attention import check_attention
+from parity.case.schema import REPEAT_SUFFIX, Case, Setup
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ def resolve_device(requested: str, case: Case, gpus: int | None = None) -> str:
     `gpus` is how many GPUs this process may use (default: all visible). The device's SDPA
     kernels are checked too, so a case that cannot run there is rejected before anything starts.
     """
-    if (why := titan_missing(case) or command_missing(case)) is not None:
+    if (why := missing(case)) is not None:
         raise DeviceError(f"{case.path}: {why}")
     if requested == "cpu":
         device = "cpu"
@@ -120,26 +120,15 @@ def with_steps(case: Case, steps: int | None) -> Case:
 def seed_for(case: Case, cache: Path | None, device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S):
     """The case's seed checkpoint (its own seed_checkpoint, or the cached build), hashed and checked now.
 
-    Returns parity.trainers.seed.SeedInfo; the notes say what was found damaged and repaired on the way. A
-    case of torchtitan setups gets torchtitan's own seed checkpoint (built on `device` if not cached;
-    parity.trainers.torchtitan.SeedBuildError if torchtitan cannot build it).
+    Returns parity.trainers.seed_cache.SeedInfo; the notes say what was found damaged and repaired on the way.
+    A case whose setups train a trainer's own model gets that trainer's seed checkpoint (parity.trainers.seed_trainer;
+    built on `device` if not cached; parity.trainers.seed_cache.SeedBuildError if the trainer cannot build it).
     """
-    from parity.trainers.seed import resolve_seed
-
-    if case.seed_checkpoint is None and any(s.trainer == "torchtitan" for s in case.setups):
-        from parity.trainers import torchtitan
-
-        return torchtitan.seed_checkpoint(case, device, cache, timeout_s)
-
-    keys = {(s.train.model, s.train.seed, s.train.dtype) for s in case.setups}
-    if len(keys) != 1:  # a setup overriding seed or dtype still starts from the reference's weights
-        keys = {(case.reference.train.model, case.reference.train.seed, case.reference.train.dtype)}
-    model, seed, dtype = keys.pop()
-    return resolve_seed(model, seed, dtype, cache, external=case.seed_checkpoint)
+    return seed_trainer(case).seed_checkpoint(case, device, cache, timeout_s)
 
 
 def seed_or_none(case: Case, cache: Path | None, device: str, timeout_s: float):
-    """seed_for, checked before anything is written, or None where torchtitan failed to build its seed:
+    """seed_for, checked before anything is written, or None where a trainer failed to build its seed:
     run_suite then records that failure in every setup of the case, and other cases still run."""
     try:
         return seed_for(case, cache, device, timeout_s)
@@ -216,7 +205,7 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], options: Ru
 def _start_case(case: Case, out: Path, device: str, options: RunOptions, seed, command: list[str] | None,
                 results: dict[str, LaunchResult]) -> tuple:
     """A case's seed checkpoint, its fresh folder and provenance, and its jobs; returns (seed, provenance,
-    jobs). Where torchtitan could not make its seed checkpoint, every run of the case fails with why
+    jobs). Where a trainer could not make its seed checkpoint, every run of the case fails with why
     (into `results`) and it has no jobs."""
     try:
         seed = seed or seed_for(case, options.cache, device, options.timeout_s)
@@ -273,8 +262,6 @@ def _run_launches(launches: list[Launch], jobs: list[Job], out: Path, options: R
 def _fail_on_changed_seed(case: Case, out: Path, seed, provenance: dict, device: str,
                           results: dict[str, LaunchResult]) -> None:
     """No verdict, and no baseline, may rest on a seed checkpoint that changed during the run."""
-    from parity.trainers.seed import verify
-
     if seed and not verify(seed.path, seed.sha256):
         changed = LaunchResult("failed", None, f"seed checkpoint {seed.path} changed during the run", 0.0)
         for name in results:
@@ -319,7 +306,7 @@ class _SuiteRun:
         return "the run was interrupted" if self.stopping.is_set() else None
 
     def launch(self, number: int, launch: Launch) -> None:
-        if launch.trainer == "builtin":
+        if TRAINERS[launch.trainer].own_ranks:
             self._torchrun(number, launch)
         else:
             self._external(number, launch)
@@ -377,20 +364,18 @@ class _SuiteRun:
                                        + self.leader.others_said(name))
 
     def _external(self, number: int, launch: Launch) -> None:
-        """A command or torchtitan setup: one launch, through parity.trainers.command."""
-        from parity.trainers import command, torchtitan
-
+        """A setup of a trainer that runs outside parity's ranks: one launch, prepared and run by its trainer."""
         t = launch.trainings[0]
         j = t.first
+        trainer = TRAINERS[j.setup.trainer]
         try:
-            spec, ckpt, extra = (torchtitan.prepare(j.case, j.setup, j.device, self.cache, self.timeout_s,
-                                                    self.workdir, j.seed_checkpoint)
-                                 if j.setup.trainer == "torchtitan" else (j.setup.external, j.seed_checkpoint, {}))
+            spec, ckpt, extra = trainer.prepare(j.case, j.setup, j.device, self.cache, self.timeout_s, self.workdir,
+                                                j.seed_checkpoint)
         except SeedBuildError as e:  # this setup's own seed checkpoint could not be built
             result = LaunchResult("failed", None, str(e), 0.0)
         else:
             with self.gpus(launch.world_size, launch.device) as gpus:
-                result = command.run_setup(spec, j.setup, j.case.name, self.out, j.device, ckpt,
+                result = trainer.run_setup(spec, j.setup, j.case.name, self.out, j.device, ckpt,
                                            self.provenance[j.case.name], self.timeout_s, gpus, extra)
             self._log(number, f"launch{number}", launch, [t], result)
         if self._finished(j):

@@ -28,8 +28,10 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
+from parity.case.schema import SHARED_TRAIN_KEYS, TRAIN_KEYS
 from parity.core import records
 from parity.core.paths import inside
+from parity.trainers.base import Trainer
 
 COMMAND_KEYS = {"argv", "metrics", "weights"}
 # What an argv template (or weights path) may name. The train values are the setup's, after [train]
@@ -96,20 +98,6 @@ def setup_problems(body: dict, case_dir: Path) -> list[tuple[str, str]]:
     return problems
 
 
-def missing(case) -> str | None:
-    """Why this machine cannot read a command setup's metrics (None if it can), found before anything runs
-    rather than after the training whose records it would read."""
-    for s in case.setups:
-        if s.trainer != "command":
-            continue
-        reader = s.external["metrics"]["reader"]
-        package = READER_PACKAGES.get(reader)
-        if package and importlib.util.find_spec(package) is None:
-            return (f"setups.{s.name}.metrics: the {reader} reader needs the {package} package, which is not "
-                    f"installed; install with: pip install {package}")
-    return None
-
-
 def normalize(body: dict, case_dir: Path) -> dict:
     """The validated keys as the runner uses them: the command runs in the case file's directory."""
     return {"argv": list(body["argv"]), "metrics": dict(body["metrics"]), "weights": body.get("weights"),
@@ -134,7 +122,7 @@ def run_setup(command: dict, setup, case_name: str, out: Path, device: str, seed
     that exits 0 but leaves metrics that cannot be read is a failed run, with the reason.
     Returns a parity.core.process.LaunchResult.
     """
-    from parity.core.process import LaunchResult, process_env, run_process  # host side only: the case schema imports us
+    from parity.core.process import LaunchResult, process_env, run_process
 
     setup_dir = records.setup_dir(out, case_name, setup.name)
     output_dir = setup_dir / OUTPUT_DIR
@@ -217,3 +205,44 @@ def load_dcp_full(path: Path) -> dict:
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, storage_reader=reader, no_dist=True)
     return state
+
+
+class CommandTrainer(Trainer):
+    """`trainer = "command"`: each setup runs its own argv template; its metrics are read back (parity.trainers.readers)."""
+
+    name = "command"
+    keys = frozenset(COMMAND_KEYS)
+    train_keys = frozenset(TRAIN_KEYS - set(SHARED_TRAIN_KEYS))
+    marker = "case runs a setup through its own training command (trainer = \"command\")"
+
+    def setup_problems(self, body: dict, case_dir: Path) -> list[tuple[str, str]]:
+        return setup_problems(body, case_dir)
+
+    def normalize(self, body: dict, case_dir: Path) -> dict:
+        return normalize(body, case_dir)
+
+    def missing(self, case) -> str | None:
+        """Why this machine cannot read the metrics of the case's setups of this trainer (None if it can), found
+        before anything runs rather than after the training whose records it would read."""
+        for s in case.setups:
+            if s.trainer != self.name:
+                continue
+            reader = s.external["metrics"]["reader"]
+            package = READER_PACKAGES.get(reader)
+            if package and importlib.util.find_spec(package) is None:
+                return (f"setups.{s.name}.metrics: the {reader} reader needs the {package} package, which is not "
+                        f"installed; install with: pip install {package}")
+        return None
+
+    def prepare(self, case, setup, device: str, cache: Path | None, timeout_s: float, workdir: Path,
+                seed_checkpoint: str) -> tuple[dict, str, dict]:
+        """The setup's own validated keys are its command; it loads the case's seed checkpoint."""
+        return setup.external, seed_checkpoint, {}
+
+    def run_setup(self, command: dict, setup, case_name: str, out: Path, device: str, seed_checkpoint: str,
+                  provenance: dict, timeout_s: float, gpus: list[str] | None = None, extra_info: dict | None = None):
+        return run_setup(command, setup, case_name, out, device, seed_checkpoint, provenance, timeout_s, gpus,
+                         extra_info)
+
+
+TRAINER = CommandTrainer()

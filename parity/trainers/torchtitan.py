@@ -34,9 +34,13 @@ import sys
 import tarfile
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
+from parity.case.trainer import BUILTIN
 from parity.core.files import open_regular
+from parity.trainers.command import CommandTrainer, load_dcp_full
+from parity.trainers.seed_cache import SeedBuildError, cached_build, deterministic_writer
 
 TITAN_KEYS = {"module", "config", "args", "source", "ref"}
 DEFAULT_MODULE, DEFAULT_CONFIG = "llama3", "llama3_debugmodel"
@@ -300,9 +304,7 @@ def write_seed(setup, device: str, assets: Path, tree: Path | None, dest: Path, 
     """
     import torch.distributed.checkpoint as dcp
 
-    from parity.trainers.command import load_dcp_full
     from parity.core.process import process_env, run_process
-    from parity.trainers.seed import deterministic_writer
 
     scratch = Path(tempfile.mkdtemp(prefix="parity-titan-seed-"))
     try:
@@ -322,21 +324,14 @@ def write_seed(setup, device: str, assets: Path, tree: Path | None, dest: Path, 
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-class SeedBuildError(Exception):
-    """torchtitan failed to build the case's seed checkpoint: every setup of the case fails with this."""
-
-
 def seed_checkpoint(case, device: str, cache: Path | None, timeout_s: float, seed: int | None = None):
-    """The case's torchtitan seed checkpoint (parity.trainers.seed.SeedInfo), from the cache or built now by the
+    """The case's torchtitan seed checkpoint (parity.trainers.seed_cache.SeedInfo), from the cache or built now by the
     first torchtitan setup's torchtitan at world size 1. Raises SeedBuildError if torchtitan fails.
 
     `seed`: for a setup that overrides the case's seed. torchtitan's seed only draws the initial
     weights (its data order is fixed), so such a setup starts from that seed's checkpoint instead.
     """
-    from dataclasses import replace
-
     from parity.trainers.titan_assets import write_assets
-    from parity.trainers.seed import cached_build
 
     ref = next(s for s in case.setups if s.trainer == "torchtitan")
     if seed is not None:
@@ -369,3 +364,93 @@ def prepare(case, setup, device: str, cache: Path | None, timeout_s: float, work
         extra.update(seed_checkpoint=ckpt, seed_checkpoint_sha256=own.sha256)
     command = command_for(setup, device, assets, source_tree(setup, workdir), case.determinism["deterministic_algorithms"])
     return command, ckpt, extra
+
+
+CASE_TRAIN_KEYS = tuple(TITAN_TRAIN_FLAGS)  # the [train] keys a torchtitan setup passes as its own flags
+
+
+def case_problems(setups, train_given: set[str]) -> list[tuple[str, str]]:
+    """What a case may mix: torchtitan trains its own model on its own data, so it is compared only with
+    torchtitan (or a command that says it trains the same); every torchtitan setup loads one seed checkpoint;
+    [train] keys no setup uses, and args that set what [train] sets, are mistakes."""
+    titan = [s for s in setups if s.trainer == TRAINER.name]
+    if not titan:
+        return []
+    builtin = [s for s in setups if s.trainer == BUILTIN]
+    if builtin:
+        return [(f"setups.{titan[0].name}.trainer", f"a torchtitan setup (torchtitan's model and data) cannot be "
+                 f"compared with built-in setup {builtin[0].name} (parity's model and data); allowed: "
+                 "torchtitan and command setups together, or built-in and command setups together")]
+    return _one_model(titan) + _unused_train_keys(titan, setups, train_given) + _args_owned_by_train(titan, train_given)
+
+
+def _one_model(titan) -> list[tuple[str, str]]:
+    first = titan[0]
+    return [(f"setups.{s.name}.{key}", f"{s.external[key]!r} differs from {first.name}'s {first.external[key]!r}: "
+             "every setup of a case loads one seed checkpoint, made from the first torchtitan setup's model")
+            for s in titan[1:] for key in ("module", "config") if s.external[key] != first.external[key]]
+
+
+def _unused_train_keys(titan, setups, train_given: set[str]) -> list[tuple[str, str]]:
+    unused = sorted(train_given - set(CASE_TRAIN_KEYS))
+    if len(titan) != len(setups) or not unused:
+        return []
+    return [(f"train.{unused[0]}", "no setup of this case uses it: torchtitan setups take "
+             f"{', '.join(CASE_TRAIN_KEYS)} from [train] and the rest from their config or args")]
+
+
+def case_train_flags(train_given: set[str]) -> list[str]:
+    """The [train] keys every torchtitan setup of the case passes as flags: steps and seed, and the sizes given."""
+    return [k for k in CASE_TRAIN_KEYS if k in ALWAYS_PASSED or k in train_given]
+
+
+def _args_owned_by_train(titan, train_given: set[str]) -> list[tuple[str, str]]:
+    flags = case_train_flags(train_given)
+    problems = []
+    for s in titan:
+        for i, arg in enumerate(s.external["args"]):
+            key = next((k for k in flags if flag_name(arg) == TITAN_TRAIN_FLAGS[k]), None)
+            if key is not None:
+                problems.append((f"setups.{s.name}.args[{i}]", f"{arg!r} sets what [train] {key} sets for every "
+                                 f"setup; allowed: drop it, or drop {key} from [train]"))
+    return problems
+
+
+class TorchtitanTrainer(CommandTrainer):
+    """`trainer = "torchtitan"`: a preset of the command trainer that runs torchtitan's own trainer."""
+
+    name = "torchtitan"
+    keys = frozenset(TITAN_KEYS)
+    train_keys = frozenset({"seed"})  # the one a torchtitan setup may override (a planted bug, say)
+    train_keys_from = "its config or args (e.g. --optimizer.lr)"
+    record_fields = ("torchtitan", "torchtitan_commit", "module", "config")
+    marker = "case runs torchtitan's own trainer (needs the torchtitan extra: pip install \"parity[torchtitan]\")"
+    own_model = True
+
+    def setup_problems(self, body: dict, case_dir: Path) -> list[tuple[str, str]]:
+        return setup_problems(body, case_dir)
+
+    def normalize(self, body: dict, case_dir: Path) -> dict:
+        return normalize(body, case_dir)
+
+    def case_problems(self, setups, train_given: set[str]) -> list[tuple[str, str]]:
+        return case_problems(setups, train_given)
+
+    def finish(self, setups, train_given: set[str]):
+        """Each torchtitan setup with the [train] keys it passes as flags."""
+        flags = case_train_flags(train_given)
+        return tuple(replace(s, external={**s.external, "train_flags": flags}) if s.trainer == self.name else s
+                     for s in setups)
+
+    def missing(self, case) -> str | None:
+        return missing(case)
+
+    def seed_checkpoint(self, case, device: str, cache: Path | None, timeout_s: float):
+        return seed_checkpoint(case, device, cache, timeout_s)
+
+    def prepare(self, case, setup, device: str, cache: Path | None, timeout_s: float, workdir: Path,
+                seed_checkpoint: str) -> tuple[dict, str, dict]:
+        return prepare(case, setup, device, cache, timeout_s, workdir, seed_checkpoint)
+
+
+TRAINER = TorchtitanTrainer()

@@ -61,8 +61,6 @@ PROVENANCE = ("torch", "device", "platform", "cpu_capability", "world_size", "me
 # Fingerprint fields recorded when the run has them (the GPU ones only on a GPU).
 FINGERPRINT = ("cpu_model", "threads", "gpu", "gpu_count", "sm_count", "compute_capability", "cuda", "cudnn", "nccl", "driver")
 UPDATE_MODES = (None, "new", "failing", "all")
-# Which training stack made a run (setups run by another trainer record these in run.json).
-TRAINER_FIELDS = ("trainer", "torchtitan", "torchtitan_commit", "module", "config")
 # A double written with repr needs ~15-17 significant digits unless it is a short dyadic number
 # (0.5, 2.25). A loss or grad-norm column where *every* value has at most this many digits was
 # almost surely rounded on the way in (Megatron's 5-decimal goldens have 6-7, "%.9g" float32
@@ -112,10 +110,18 @@ def provenance(run: dict, case: Case, setup_name: str, platform: str) -> dict:
         "git_commit": run.get("git_commit") or "unknown",
         **{k: fp[k] for k in FINGERPRINT if fp.get(k) is not None},
         **({"determinism": determinism_summary(settings)} if settings else {}),
-        **{k: run[k] for k in TRAINER_FIELDS if run.get(k)},
+        **{k: run[k] for k in trainer_fields(case, setup_name) if run.get(k)},
         "case": case.name,
         "setup": setup_name,
     }
+
+
+def trainer_fields(case: Case, setup_name: str) -> tuple[str, ...]:
+    """The run.json fields that say which training stack made a setup's run: `trainer`, which a setup run by
+    another trainer records, and the fields that trainer names (Setup.external's record_fields)."""
+    setup = next((s for s in case.setups if s.name == setup_name), None)
+    external = setup.external if setup is not None and setup.external else {}
+    return ("trainer", *external.get("record_fields", ()))
 
 
 def create_commands(case: Case, mode: str = "new") -> str:
