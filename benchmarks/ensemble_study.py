@@ -44,7 +44,8 @@ from parity.verdict import ensemble  # noqa: E402
 
 from parity.core import records
 from parity.run.runner import RunOptions, run_suite, seed_for  # noqa: E402
-from parity.case.spec import Setup, Tolerance, Train, load_case  # noqa: E402
+from parity.case.loader import load_case  # noqa: E402
+from parity.case.schema import Setup, Tolerance, Train
 
 REFERENCE = "ref"
 NULLS = ("ref", "fsdp2")  # candidates a correct change could produce: they must pass

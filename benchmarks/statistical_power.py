@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from parity.verdict import ensemble  # noqa: E402
-from parity.verdict.compare import load_runs  # noqa: E402
+from parity.verdict.case_verdict import load_runs  # noqa: E402
 from parity.run.runner import RunOptions, run_suite  # noqa: E402
 from parity.trainers import load_cases  # noqa: E402
 

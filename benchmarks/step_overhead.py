@@ -36,7 +36,7 @@ from parity.rank.step import loss_fn, sdpa_context, to_device  # noqa: E402
 from parity.rank.data import Batches  # noqa: E402
 from parity.rank.model import build_model  # noqa: E402
 from parity.trainers.seed import resolve_seed  # noqa: E402
-from parity.case.spec import Setup, Train  # noqa: E402
+from parity.case.schema import Setup, Train  # noqa: E402
 
 
 def bare_loop(t: Train, ckpt: str, device: torch.device) -> list[float]:

@@ -16,7 +16,7 @@ import numpy as np
 from parity.core import records
 from parity.core.errors import InputError
 from parity.run.runner import RunOptions, resolve_device
-from parity.case.spec import Case
+from parity.case.schema import Case
 from parity.session import RunSession
 
 ORACLE = "oracle_float64"

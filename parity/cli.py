@@ -50,7 +50,7 @@ TABLE_STEPS, TABLE_HEAD, TABLE_TAIL = 40, 10, 5  # a longer run's table shows it
 
 def step_table(case, run_dir: Path) -> str:
     """Side by side: step, then loss and grad norm of every setup, '=' where bitwise equal to the reference."""
-    from parity.verdict.compare import bitwise_equal  # the one equality rule: same 8 bytes, never NaN or Inf
+    from parity.verdict.numbers import bitwise_equal  # the one equality rule: same 8 bytes, never NaN or Inf
 
     series = {}
     for s in case.setups:
@@ -152,7 +152,7 @@ def _run_here(args, cases, devices, leader=None) -> int:
     from parity.run.progress import Progress
     from parity.run.runner import RunOptions
     from parity.session import RunSession
-    from parity.verdict import compare
+    from parity.verdict.formatting import device_counts
 
     progress = Progress()
     command = run_argv(args)
@@ -177,7 +177,7 @@ def _run_here(args, cases, devices, leader=None) -> int:
         for case in cases:
             failed |= not _show_case(session, case, results[case.name])
     out = session.out
-    print(f"\ncases per device: {compare.device_counts(out, {c.name for c in cases})[1]}")
+    print(f"\ncases per device: {device_counts(out, {c.name for c in cases})[1]}")
     if not args.no_report:
         from parity.report.pages import write_report
 
@@ -188,7 +188,7 @@ def _run_here(args, cases, devices, leader=None) -> int:
 
 def _show_case(session, case, results) -> bool:
     """Print how the case's setups ended, its step table and its verdict; returns whether it passed."""
-    from parity.verdict import compare
+    from parity.verdict.formatting import format_verdict
 
     for name, r in results.items():
         if r.status != "ok":
@@ -196,7 +196,7 @@ def _show_case(session, case, results) -> bool:
     print(f"\n== {case.name} ({session.out / case.name}) ==")
     print(step_table(case, session.out))
     verdict = session.judge(case)
-    print(compare.format_verdict(verdict))
+    print(format_verdict(verdict))
     return verdict.passed
 
 
@@ -246,13 +246,13 @@ def cmd_list(args) -> int:
 def cmd_compare(args) -> int:
     """Re-judge an existing run directory (e.g. one copied from a GPU cluster) without running anything."""
     from parity.session import judge
-    from parity.verdict import compare
+    from parity.verdict.formatting import format_verdict
 
     run_dir = _existing_dir(args.run_dir, "RUN_DIR")
     failed = False
     for case in _load_cases(args.cases, args.baselines, args.update_baselines):
         verdict = judge(case, run_dir, Path(args.baselines), args.update_baselines)
-        print(compare.format_verdict(verdict))
+        print(format_verdict(verdict))
         failed |= not verdict.passed
     return 1 if failed else 0
 

@@ -7,7 +7,7 @@ import argparse
 import math
 from pathlib import Path
 
-from parity.case.spec import MAX_STEPS
+from parity.case.schema import MAX_STEPS
 
 UPDATE_MODES = ("failing", "new", "all")
 

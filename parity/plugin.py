@@ -186,7 +186,7 @@ class CasePlugin:
     def run_share(self, case) -> None:
         """Run the setups of `case` and of every case planned with it (once per process); a case whose
         device cannot run it is left out, to be skipped (or failed, with --parity-strict) by its own item."""
-        from parity.case.spec import BackendError
+        from parity.case.schema import BackendError
         from parity.core.reproduce import pytest_case
         from parity.run.runner import DeviceError, resolve_device
 
@@ -263,7 +263,7 @@ class CasePlugin:
         if self.report is None:
             return  # no case ran in this session (or this is an xdist worker)
         from parity.verdict.baselines import unused_baselines
-        from parity.verdict.compare import device_counts
+        from parity.verdict.formatting import device_counts
 
         terminalreporter.write_line(f"parity report: {self.report[0]}  {self.report[1]}")
         lines, counts = device_counts(self.settings.out)
@@ -354,11 +354,11 @@ def _collects_cases(config) -> bool:
 
 
 def _failure_message(case, verdict, out: Path) -> str:
-    from parity.verdict import compare
+    from parity.verdict.formatting import divergence_table, ran_on
 
     # The table already lists every problem line; add only the files a reviewer opens next.
-    lines = [f"parity case {case.name} failed on {compare.ran_on(verdict)} ({case.path})",
-             compare.divergence_table(verdict)]
+    lines = [f"parity case {case.name} failed on {ran_on(verdict)} ({case.path})",
+             divergence_table(verdict)]
     lines += [f"obtained: {b.obtained}" for b in verdict.baselines if not b.passed and b.obtained]
     try:
         from parity.report.pages import load_case_run, plot_case, plot_probes

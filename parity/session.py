@@ -3,7 +3,7 @@ share: prepare the run directory, run the plan, judge each case.
 
 Preparing checks the run directory, resolves every case's seed checkpoint before anything is written,
 marks the directory and takes every case's lock; running is parity.run.runner.run_suite; judging
-compares the setups (parity.verdict.compare), checks the stored baselines (parity.verdict.baselines)
+compares the setups (parity.verdict.case_verdict), checks the stored baselines (parity.verdict.baselines)
 and writes verdict.json and, as the update mode allows, baselines.
 """
 
@@ -14,14 +14,15 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from parity.case.spec import Case
+from parity.case.schema import Case
 from parity.core.errors import InputError, one_line
 from parity.core.paths import inside
 from parity.core.process import LaunchResult
 from parity.core.rundir import case_lock, check_out, claim, prepare_out
 from parity.run.launch.nodes import NODE_LOGS
 from parity.run.runner import RunOptions, run_suite, seed_or_none
-from parity.verdict import baselines, compare
+from parity.verdict import baselines
+from parity.verdict.case_verdict import compare_case, load_runs, unjudged_verdict, with_baselines, write_verdict
 from parity.verdict.model import Verdict
 
 Results = dict[str, dict[str, LaunchResult]]  # {case: {setup: how its run ended}}
@@ -75,15 +76,15 @@ def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) ->
     """
     if not inside(run_dir, case.name).is_dir():
         raise InputError(f"{run_dir}: no run of case {case.name} here ({Path(run_dir) / case.name} is not a directory)")
-    runs = compare.load_runs(case, run_dir)  # read once, for both checks
-    between_setups = compare.compare_case(case, run_dir, runs=runs)  # judged once; baselines are added to it
+    runs = load_runs(case, run_dir)  # read once, for both checks
+    between_setups = compare_case(case, run_dir, runs=runs)  # judged once; baselines are added to it
     passed = between_setups.passed
     checks = baselines.check_case_baselines(case, run_dir, baseline_root, update if passed else None, runs)
     if update and not passed:
         for b in checks:
             b.message += (f"; --update-baselines={update} wrote nothing: the case failed, and only a passing "
                              "case makes a baseline")
-    return _written(run_dir, compare.with_baselines(between_setups, checks))
+    return _written(run_dir, with_baselines(between_setups, checks))
 
 
 def judge_run(case: Case, out: Path, baseline_root: Path, update: str | None) -> Verdict:
@@ -93,13 +94,13 @@ def judge_run(case: Case, out: Path, baseline_root: Path, update: str | None) ->
     try:
         return judge(case, out, baseline_root, update)
     except (InputError, OSError) as e:
-        return _written(out, compare.unjudged_verdict(case, f"not judged: {one_line(e)}"))
+        return _written(out, unjudged_verdict(case, f"not judged: {one_line(e)}"))
 
 
 def _written(run_dir: Path, verdict: Verdict) -> Verdict:
     """The verdict, written to verdict.json; where the disk refuses, the verdict fails and says so."""
     try:
-        compare.write_verdict(run_dir, verdict)
+        write_verdict(run_dir, verdict)
     except OSError as e:
         problem = f"verdict.json not written: {one_line(e)}"
         return replace(verdict, passed=False, problems=verdict.problems + [problem])

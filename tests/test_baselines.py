@@ -12,8 +12,9 @@ from parity.verdict.baselines import (
     PROVENANCE, baseline_path, check_baseline, check_case_baselines, check_case_files, lint, unused_baselines,
     write_baseline,
 )
-from parity.verdict.compare import compare_case, divergence_table
-from parity.case.spec import Case, Expect, Setup, Tolerance, Train
+from parity.verdict.case_verdict import compare_case
+from parity.verdict.formatting import divergence_table
+from parity.case.schema import Case, Expect, Setup, Tolerance, Train
 
 TOL = {"loss": Tolerance(1e-5, 0.0), "grad_norm": Tolerance(1e-4, 0.0), "weights": Tolerance(1e-4, 0.0)}
 RNG = np.random.default_rng(7)

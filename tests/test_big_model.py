@@ -11,7 +11,7 @@ from parity.rank import memory
 from parity.core import records
 from parity.core.presets import PRESETS
 from parity.run.runner import run_case
-from parity.case.spec import load_case
+from parity.case.loader import load_case
 
 CASE = """
 description = "llama_134m: one process against FSDP over 8 ranks, one step"

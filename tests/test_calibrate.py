@@ -6,7 +6,7 @@ import pytest
 
 from parity.core import records
 from parity.calibrate import ORACLE, errors_against_oracle, oracle_setup, propose
-from parity.case.spec import load_case
+from parity.case.loader import load_case
 
 CASE = """
 description = "x"

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from parity.verdict import compare
+from parity.verdict.case_verdict import compare_case, load_run
+from parity.verdict.formatting import format_verdict
+from parity.verdict.pair import compare_pair
 
 from parity.core import records
 from parity.core.lifeline import alive
@@ -129,7 +131,7 @@ def test_every_reader_matches_the_builtin_setup(tmp_path, seed_cache):
         assert "not_recorded" not in w and w["n"] > 0 and w["exact_equal_steps"] == w["n"], (name, w)
     unrecorded = pair(verdict, "log_exact")["metrics"]["weights"]
     assert "log_exact" in unrecorded["not_recorded"] and unrecorded["passed"]
-    assert "weights    not compared: log_exact recorded no final weights" in compare.format_verdict(verdict)
+    assert "weights    not compared: log_exact recorded no final weights" in format_verdict(verdict)
 
     # The rounded log: compared within tolerance widened by the rounding, never bitwise.
     rounded = pair(verdict, "log_rounded")
@@ -151,11 +153,11 @@ def test_every_reader_matches_the_builtin_setup(tmp_path, seed_cache):
         for m in ("loss", "grad_norm"):  # what the script printed: the reference's value, to 5 decimals
             assert b[m] == float(f"{a[m]:.5f}") and bits(b[m]) != bits(a[m]), (m, a, b)
     # The same pair judged bitwise (the case's own mode, had the values carried every bit) fails.
-    raw = {**compare.load_run(out / "readers" / "log_rounded", "log_rounded")}
+    raw = {**load_run(out / "readers" / "log_rounded", "log_rounded")}
     assert (raw["metrics"]["loss_rounding"] == 5e-6).all() and (raw["metrics"]["grad_norm_rounding"] == 5e-6).all()
     raw["metrics"] = {k: v for k, v in raw["metrics"].items() if not k.endswith("_rounding")}  # columns
-    ref = compare.load_run(out / "readers" / "builtin", "builtin")
-    strict = compare.compare_pair("builtin", ref, "log_rounded", raw, case)
+    ref = load_run(out / "readers" / "builtin", "builtin")
+    strict = compare_pair("builtin", ref, "log_rounded", raw, case)
     assert not strict["passed"] and strict["diverged"]["metric"] == "loss" and strict["diverged"]["step"] == 1
 
 
@@ -187,7 +189,7 @@ def test_scaled_gradients_are_caught_at_step_1_on_grad_norm(tmp_path, seed_cache
     # The same run, judged by a case that expects a match: it fails, first on grad_norm at step 1.
     match = load_case(write_case(tmp_path / "match", "scaled", head))
     assert match.name == control.name
-    strict = compare.compare_case(match, out)
+    strict = compare_case(match, out)
     assert not strict["passed"]
     p = pair(strict, "scaled")
     assert not p["passed"] and (p["diverged"]["metric"], p["diverged"]["step"]) == ("grad_norm", 1)

@@ -11,10 +11,11 @@ import pytest
 
 from parity.core import records
 from parity.core.records import RecordError
-from parity.verdict.compare import (
-    compare_case, compare_series, compare_weights, divergence_table, format_verdict, ulp_unit, ulps_apart, write_verdict,
-)
-from parity.case.spec import Case, Expect, Setup, Tolerance, Train
+from parity.verdict.case_verdict import compare_case, write_verdict
+from parity.verdict.formatting import divergence_table, format_verdict
+from parity.verdict.numbers import ulp_unit, ulps_apart
+from parity.verdict.series import compare_series, compare_weights
+from parity.case.schema import Case, Expect, Setup, Tolerance, Train
 from parity.verdict.model import BaselineCheck, MetricResult, Verdict
 
 EXACT = Tolerance(rtol=0.0, atol=0.0)

@@ -9,8 +9,9 @@ controls themselves run as `pytest parity` items.
 import pytest
 
 from parity.core import records
-from parity.verdict.compare import compare_case
-from parity.case.spec import SpecError, load_case
+from parity.verdict.case_verdict import compare_case
+from parity.case.loader import load_case
+from parity.case.schema import SpecError
 
 CONTROLS = {
     # summed gradients over 8 ranks: exactly 8x the grad norm at step 1; AdamW hides it from the loss

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from parity.verdict import ensemble
-from parity.verdict.compare import compare_case, divergence_table, format_verdict
+from parity.verdict.case_verdict import compare_case
+from parity.verdict.formatting import divergence_table, format_verdict
 from parity.verdict.ensemble import Band, limit, t_cdf, t_quantile, window_ends, window_values
-from parity.case.spec import Statistical, Tolerance
+from parity.case.schema import Statistical, Tolerance
 from test_compare import make_case, write_run
 
 FLOOR = {"loss": Tolerance(1e-5, 0.0), "grad_norm": Tolerance(1e-4, 0.0)}
@@ -208,7 +209,7 @@ mode = "statistical"
 
 
 def test_statistical_defaults(write_case):
-    from parity.case.spec import load_case
+    from parity.case.loader import load_case
 
     case = load_case(write_case(CASE))
     assert case.expect.statistical == Statistical(members=8, perturb="weights", window=25, alpha=0.01)
@@ -228,7 +229,8 @@ def test_statistical_defaults(write_case):
      "expect.localized: probes part at the first rounding difference"),
 ])
 def test_bad_statistical_keys(write_case, extra, message):
-    from parity.case.spec import SpecError, load_case
+    from parity.case.loader import load_case
+    from parity.case.schema import SpecError
 
     with pytest.raises(SpecError) as e:
         load_case(write_case(CASE + extra))
@@ -236,14 +238,16 @@ def test_bad_statistical_keys(write_case, extra, message):
 
 
 def test_statistical_table_needs_the_mode(write_case):
-    from parity.case.spec import SpecError, load_case
+    from parity.case.loader import load_case
+    from parity.case.schema import SpecError
 
     with pytest.raises(SpecError, match="expect.statistical: only for mode = \"statistical\""):
         load_case(write_case(CASE.replace('mode = "statistical"', 'mode = "tolerance"') + "[expect.statistical]\n"))
 
 
 def test_a_case_file_cannot_set_a_member_number(write_case):
-    from parity.case.spec import SpecError, load_case
+    from parity.case.loader import load_case
+    from parity.case.schema import SpecError
 
     with pytest.raises(SpecError, match="setups.b.perturb: unknown key"):
         load_case(write_case(CASE.replace("dp_shard = 2", "dp_shard = 2\nperturb = 3")))
@@ -321,7 +325,7 @@ def test_a_baseline_from_another_instruction_set_is_judged_by_the_ensembles_spre
 
 
 def test_the_report_draws_the_band_and_lists_the_ensemble(tmp_path):
-    from parity.verdict.compare import write_verdict
+    from parity.verdict.case_verdict import write_verdict
     from parity.report.pages import load_case_run, write_report
 
     case = statistical_case("diverge")

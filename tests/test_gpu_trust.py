@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from parity.core import records
 from parity.plugin import markers_for
-from parity.case.spec import ATTENTION, ATTENTION_DTYPES, DTYPES, BackendError, SpecError, check_attention, load_case
+from parity.case.attention import ATTENTION_DTYPES, check_attention
+from parity.case.loader import load_case
+from parity.case.schema import ATTENTION, DTYPES, BackendError, SpecError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ import pytest
 from parity.core import records
 from parity.core.lifeline import alive, descendants
 from parity.run.runner import run_case
-from parity.case.spec import load_case
+from parity.case.loader import load_case
 
 CASE = """
 description = "a healthy reference and a setup with a planted fault"

@@ -13,9 +13,10 @@ from parity import cli
 from parity.core import records
 
 from parity.report import pages as report
-from parity.verdict.compare import compare_case, divergence_table, format_verdict
+from parity.verdict.case_verdict import compare_case
+from parity.verdict.formatting import divergence_table, format_verdict
 from parity.verdict.localize import largest, localize, matrix
-from parity.case.spec import DEFAULT_TOLERANCES, SpecError, Tolerance
+from parity.case.schema import DEFAULT_TOLERANCES, SpecError, Tolerance
 from parity.trainers import load_case
 
 LAYERS = 2
@@ -308,7 +309,7 @@ def test_heatmap_is_written_beside_the_case_figure_and_in_the_report(tmp_path, w
         return math.nan if (step, name) == (3, "norm") else up(v, 3) if step == 3 else v
 
     write_run(out, "hm", "pp", rows=[r for r in probes(change=late) if (r["step"], r["name"]) != (2, "output")])
-    from parity.verdict.compare import write_verdict
+    from parity.verdict.case_verdict import write_verdict
 
     write_verdict(out, compare_case(case, out))
     png, svg = report.plot_probes(out, "hm")

@@ -250,7 +250,7 @@ def test_a_record_that_cannot_be_read_after_the_run_fails_the_case_in_its_verdic
     from test_report import _metrics, make_case
 
     from parity.session import judge, judge_run
-    from parity.case.spec import Case, Expect, Setup, Tolerance, Train
+    from parity.case.schema import Case, Expect, Setup, Tolerance, Train
 
     out = tmp_path / "run"
     make_case(out, "damaged", {"a": _metrics(), "b": _metrics()}, verdict=False)
@@ -273,7 +273,7 @@ def test_a_baseline_damaged_while_the_case_trained_fails_the_case_in_its_verdict
     from test_report import _metrics, make_case
 
     from parity.session import judge_run
-    from parity.case.spec import Case, Expect, Setup, Tolerance, Train
+    from parity.case.schema import Case, Expect, Setup, Tolerance, Train
 
     out, root = tmp_path / "run", tmp_path / "baselines"
     make_case(out, "pair", {"a": _metrics(), "b": _metrics()}, verdict=False)

@@ -15,7 +15,8 @@ import torch
 from parity.core import records
 from parity.core.parallel_dims import ParallelDims
 from parity.run.runner import run_case
-from parity.case.spec import SpecError, load_case
+from parity.case.loader import load_case
+from parity.case.schema import SpecError
 
 HEAD = """
 description = "one setup against a single process"
@@ -116,7 +117,7 @@ def test_rejected_combination_is_one_line_naming_the_key(write_case, body, key, 
 def test_parallelize_reads_the_same_rules():
     """The mesh builder has no rule of its own: its dims are ParallelDims's for every dp_api."""
     from parity.rank.parallelize import mesh_dims
-    from parity.case.spec import Setup, Train
+    from parity.case.schema import Setup, Train
 
     for api in ("none", "ddp", "fully_shard", "replicate"):
         for rep, shard, tp, pp in ((1, 1, 1, 1), (2, 1, 2, 1), (1, 1, 1, 2), (2, 2, 1, 1)):

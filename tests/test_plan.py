@@ -9,7 +9,7 @@ import pytest
 from parity.core import records
 from parity.run.plan import Job, plan, shares, summary, training_key
 from parity.run.runner import RunOptions, repeat_setup, run_suite
-from parity.case.spec import load_case
+from parity.case.loader import load_case
 
 TINY = """
 description = "{what}"

@@ -16,7 +16,8 @@ from parity.core import records
 from parity.rank.model import build_model
 from parity.core.presets import PRESETS, param_names, probe_modules
 from parity.run.runner import run_case
-from parity.case.spec import Probes, SpecError, load_case
+from parity.case.loader import load_case
+from parity.case.schema import Probes, SpecError
 
 CFG = PRESETS["tiny"]
 

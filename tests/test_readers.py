@@ -441,7 +441,7 @@ def test_read_metrics_refuses_an_unvalidated_table(tmp_path):
 def test_train_small_defaults_are_parity_train_defaults():
     import importlib.util
 
-    from parity.case.spec import Train
+    from parity.case.schema import Train
 
     spec = importlib.util.spec_from_file_location("train_small", SCRIPT)
     module = importlib.util.module_from_spec(spec)

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from parity.core import records
-from parity.case.spec import load_case
+from parity.case.loader import load_case
 from parity.run.runner import run_case
 
 TINY = """

@@ -2,7 +2,8 @@
 
 import pytest
 
-from parity.case.spec import DEFAULT_TOLERANCES, SpecError, Train, load_case
+from parity.case.loader import load_case
+from parity.case.schema import DEFAULT_TOLERANCES, SpecError, Train
 from parity.trainers import load_case as load_case_of_any_trainer
 
 GOOD = """

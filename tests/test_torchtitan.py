@@ -239,7 +239,7 @@ def test_an_edit_to_a_source_tree_without_ref_builds_a_fresh_seed(tmp_path, sour
 def test_two_refs_of_a_source_tree(tmp_path, source_tree):
     """loss_compare's workflow as a case: a comment-only commit matches main bitwise; a RoPE change is
     caught at step 1 on the loss; doubled gradients at step 1 on the grad norm, by exactly x2."""
-    from parity.verdict.compare import compare_case
+    from parity.verdict.case_verdict import compare_case
     from parity.run.runner import run_case
 
     case = _case(tmp_path, CASE.format(repo=source_tree))

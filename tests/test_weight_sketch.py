@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from parity.core import records
-from parity.verdict.compare import compare_case, compare_weights
+from parity.verdict.case_verdict import compare_case
+from parity.verdict.series import compare_weights
 from parity.core.records import SKETCH_COLUMNS
 from parity.run.runner import run_case
-from parity.case.spec import Tolerance, load_case
+from parity.case.loader import load_case
+from parity.case.schema import Tolerance
 from parity.rank.hashing import key64, splitmix64
 from parity.rank.sketch import sketch_block
 from parity.rank.digest import box_index_sum
@@ -158,7 +160,7 @@ def test_calibrate_measures_sketch_errors_against_the_norm(tmp_path):
     from dataclasses import replace as _replace
 
     from parity.calibrate import ORACLE, errors_against_oracle, oracle_setup
-    from parity.case.spec import Setup, Train
+    from parity.case.schema import Setup, Train
 
     case = _replace(load_case("cases/single_vs_fsdp.toml"), name="calib")
     case = _replace(case, setups=(oracle_setup(case), Setup(name="b", train=Train())))

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from parity.case.spec import Setup
+from parity.case.schema import Setup
 from parity.rank.faults import PlantedFault
 from parity.rank.hashing import host_generator
 from parity.rank.model import build_meta_model

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from parity.case.spec import ALL_PARAMS, Setup
+from parity.case.schema import ALL_PARAMS, Setup
 from parity.rank.hashing import host_generator
 from parity.rank.parallelize import Parallel
 from parity.rank.shards import held_part

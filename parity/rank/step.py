@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parity.case.spec import Setup
+from parity.case.schema import Setup
 from parity.rank.parallelize import Parallel
 
 

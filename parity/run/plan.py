@@ -21,7 +21,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from parity.case.spec import MEMBER_SUFFIX, Case, Setup
+from parity.case.schema import MEMBER_SUFFIX, Case, Setup
 
 PLANS = ("suite", "case", "setup")
 

@@ -45,7 +45,7 @@ from parity.core.fingerprint import differing_fields, platform_key
 from parity.core.paths import check_platform, inside
 from parity.core.records import RecordError, atomic_write_text, csv_text, read_csv, read_setup_run, rows_of, setup_dir
 from parity.core.reproduce import pytest_case, shell
-from parity.case.spec import Case, Setup
+from parity.case.schema import Case, Setup
 from parity.verdict import ensemble
 from parity.verdict.case_verdict import load_runs
 from parity.verdict.model import BaselineCheck, MetricResult

@@ -22,7 +22,7 @@ import numpy as np
 
 from parity.core.paths import inside
 from parity.core.records import read_setup_run, write_json
-from parity.case.spec import REPEAT_SUFFIX, Case
+from parity.case.schema import REPEAT_SUFFIX, Case
 from parity.verdict import ensemble
 from parity.verdict.formatting import band_text
 from parity.verdict.model import BaselineCheck, Pair, Verdict

@@ -34,7 +34,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from parity.case.spec import Statistical, Tolerance
+from parity.case.schema import Statistical, Tolerance
 from parity.verdict.model import StatisticalTest
 
 METRICS = ("loss", "grad_norm")

@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 from parity.core.records import PROBE_PHASES, read_setup_run, setup_dir
-from parity.case.spec import Case, Tolerance, default_tolerances
+from parity.case.schema import Case, Tolerance, default_tolerances
 from parity.verdict.model import Localization
 from parity.verdict.numbers import bitwise_equal, entry, span
 

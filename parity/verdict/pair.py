@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from parity.case.spec import Case
+from parity.case.schema import Case
 from parity.verdict.formatting import band_text, entry_text
 from parity.verdict.localize import localize, probe_tolerances
 from parity.verdict.model import STEP_METRICS, Divergence, Effect, Localization, MetricResult, Pair

@@ -20,7 +20,7 @@ from dataclasses import replace
 import numpy as np
 
 from parity.core.records import SKETCH_COLUMNS
-from parity.case.spec import Tolerance
+from parity.case.schema import Tolerance
 from parity.verdict.model import MetricResult
 from parity.verdict.numbers import LISTED, bitwise_equal, differences, entry, span
 

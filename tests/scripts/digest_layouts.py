@@ -23,7 +23,7 @@ import torch.distributed as dist
 from parity.rank.model import build_meta_model
 from parity.core.records import SKETCH_COLUMNS
 from parity.rank.sketch import state_dict_digest
-from parity.case.spec import Setup, Train
+from parity.case.schema import Setup, Train
 from parity.rank.build import allocate_and_load, build_parallel
 from parity.rank.digest import weight_digest
 
