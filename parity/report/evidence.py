@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.verdict import compare
-
 from parity.report import markdown
-
-from parity.report import pages as report
-from parity.report.pages import LABEL, PLOTTED, CaseRun
+from parity.report.curves import plot_case
+from parity.report.model import LABEL, PLOTTED, CaseRun, by_step, find_case_runs, load_case_run, number
+from parity.report.tables import SUMMARY_COLUMNS, md_table, provenance, summary_row
+from parity.verdict import compare
 
 FORMATS = ("mermaid", "png")
 # At most this many points per line: the first step, the last, and a low and a high per bucket between them.
@@ -55,14 +54,14 @@ def divergence_lines(c: CaseRun) -> list[str]:
     """Per pair, where it first diverged, as the verdict says (compare computed it: its step, both values,
     abs and rel error); the pair's own words when it did not."""
     out = []
-    for p in (c.verdict or {}).get("pairs", []) or []:
-        d, who = p.get("diverged"), f"{markdown.code(p.get('other'))} vs {markdown.code(p.get('reference'))}"
+    for p in c.judged.pairs:
+        d, who = p.diverged, f"{markdown.code(p.other)} vs {markdown.code(p.reference)}"
         if not d:
-            out.append(f"First divergence, {who}: none" + (" (metrics and weights agree)" if p.get("passed") else ""))
+            out.append(f"First divergence, {who}: none" + (" (metrics and weights agree)" if p.passed else ""))
             continue
         # write_json stores NaN and inf as strings; entry_text formats numbers.
-        e = {**d, **{k: report.num(d.get(k)) for k in ("value_ref", "value_other", "abs", "rel")}}
-        mode = (p.get("modes") or {}).get(d.get("metric"), c.verdict.get("mode"))
+        e = {**d, **{k: number(d.get(k)) for k in ("value_ref", "value_other", "abs", "rel")}}
+        mode = p.mode_of(d.get("metric"), c.judged.get("mode", None))
         beyond = "beyond tolerance" if mode == "tolerance" else "first bitwise difference"
         out.append(f"First divergence, {who}: **{markdown.text(d.get('metric'))}** at "
                    f"{markdown.text(compare.entry_text(e))} ({beyond})")
@@ -81,15 +80,14 @@ def chart_lines(c: CaseRun, metric: str) -> tuple[list[Line], list[str]]:
             entry, columns = c.baselines[s.name]
             if metric in columns:
                 origin = markdown.text(f"({entry.get('platform') or '?'}, {entry.get('status', '?')})")
-                lines.append(Line(f"`{s.name}` baseline {origin}",
-                                  *report.by_step(columns, metric)))
+                lines.append(Line(f"`{s.name}` baseline {origin}", *by_step(columns, metric)))
         if not s.steps:
             notes.append(f"`{s.name}` recorded no metrics (status {markdown.text(s.run.get('status', 'unknown'))}): "
                          "no line.")
         elif metric not in s.metrics:
             notes.append(f"`{s.name}` recorded no {LABEL[metric]}: no line.")
         else:
-            lines.append(Line(f"`{s.name}`", *report.by_step(s.metrics, metric)))
+            lines.append(Line(f"`{s.name}`", *by_step(s.metrics, metric)))
     return lines, notes
 
 
@@ -200,30 +198,30 @@ def mermaid_chart(c: CaseRun, metric: str) -> list[str]:
 # ----------------------------------------------------------------------------- the block
 
 
-def evidence(run_dir, case: str | None = None, fmt: str = "mermaid") -> str:
-    """A markdown block for a pull request: summary, first divergence, curves (`fmt` mermaid) or the figure
-    (`fmt` png), the commands that reproduce each case, torch and hardware."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format {fmt!r}: allowed {', '.join(FORMATS)}")
+def evidence(run_dir, case: str | None = None, block_format: str = "mermaid") -> str:
+    """A markdown block for a pull request: summary, first divergence, curves (`block_format` mermaid) or the figure
+    (`block_format` png), the commands that reproduce each case, torch and hardware."""
+    if block_format not in FORMATS:
+        raise ValueError(f"format {block_format!r}: allowed {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
-    names = [case] if case else report.find_cases(run_dir)
-    cases = [report.load_case_run(run_dir, n) for n in names if (run_dir / n).is_dir()]
+    names = [case] if case else find_case_runs(run_dir)
+    cases = [load_case_run(run_dir, n) for n in names if (run_dir / n).is_dir()]
     if not cases:
         return f"No cases found in {markdown.code(run_dir)}" + (f" named {markdown.code(case)}" if case else "") + ".\n"
-    out = [report.md_table(report.SUMMARY_COLUMNS, [report.summary_row(c) for c in cases]), ""]
+    out = [md_table(SUMMARY_COLUMNS, [summary_row(c) for c in cases]), ""]
     for c in cases:
-        out += [f"**{c.name}**: {markdown.text(report.verdict_words(c.verdict))}", ""]
-        out += [line + "  " for line in divergence_lines(c)] + ([""] if c.verdict else [])
-        if fmt == "mermaid":
+        out += [f"**{c.name}**: {markdown.text(c.judged.words())}", ""]
+        out += [line + "  " for line in divergence_lines(c)] + ([""] if c.judged else [])
+        if block_format == "mermaid":
             for metric in PLOTTED:
                 out += mermaid_chart(c, metric)
         else:
             png = run_dir / c.name / f"{c.name}.png"
             if not png.is_file() and any(s.steps for s in c.setups):
-                png = report.plot_case(run_dir, c.name, c)[0]
+                png = plot_case(run_dir, c.name, c)[0]
             if png.is_file():
                 out += [f"![{c.name}]({png.as_posix()})", ""]
-        prov = report.provenance(c, run_dir)
+        prov = provenance(c, run_dir)
         worlds = " / ".join(dict.fromkeys(str(s.run.get("world_size")) for s in c.setups if s.run.get("world_size")))
         out += [f"torch {markdown.code(prov['torch'])} · device {markdown.code(prov['device'])} · platform "
                 f"{markdown.code(prov['platform'])} · world size {markdown.text(worlds or '—')} · python "
