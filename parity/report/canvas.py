@@ -57,8 +57,9 @@ def marked(n_steps: int) -> bool:
 
 def envelope(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The points of a long series worth drawing: per bucket of consecutive points (COLUMNS of them, about
-    one per pixel column), its lowest, its highest and its first NaN, in step order. A spike stays as tall
-    as it is, a NaN still breaks the line, and 10^5 points draw as fast as a few thousand."""
+    one per pixel column), its lowest, its highest and its first NaN, in step order: at most about
+    3 x COLUMNS points, among them every spike at its height and a NaN where the line breaks. Series up to
+    4 x COLUMNS points are drawn whole."""
     n = len(y)
     if n <= 4 * COLUMNS:
         return x, y
