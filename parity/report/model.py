@@ -68,6 +68,11 @@ class PairView:
         """Where the pair's probes first part; {} for a verdict written before probes."""
         return self.doc.get("localization") or {}
 
+    @property
+    def probe_problems(self) -> list[str]:
+        """What kept the pair's probes from being compared in full."""
+        return self.localization.get("problems") or []
+
     def metric(self, name: str) -> dict:
         """The pair's summary of one metric (max_abs, max_rel, exact_equal_steps, n, ...); {} when absent."""
         return (self.doc.get("metrics") or {}).get(name) or {}

@@ -65,10 +65,11 @@ def _md_case(case: CaseRun, run_dir, png: Path | None, probes_png: Path | None =
 
 
 def _html_table(columns, rows) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    head = "".join(f"<th>{html.escape(column)}</th>" for column in columns)
     cls = {"PASS": ' class="pass"', "FAIL": ' class="fail"'}
-    body = "".join("<tr>" + "".join(f"<td{cls.get(r[c], '') if c == 'verdict' else ''}>{html.escape(str(r[c]))}</td>"
-                                    for c in columns) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td{cls.get(r[column], '') if column == 'verdict' else ''}>"
+                                    f"{html.escape(str(r[column]))}</td>" for column in columns) + "</tr>"
+                   for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -104,8 +105,8 @@ def _html_case(case: CaseRun, run_dir, png: Path | None, probes_png: Path | None
 
 
 def _headline(cases: list[CaseRun]) -> str:
-    n_pass = sum(1 for c in cases if c.judged and c.judged.passed)
-    n_none = sum(1 for c in cases if not c.judged)
+    n_pass = sum(1 for case in cases if case.judged and case.judged.passed)
+    n_none = sum(1 for case in cases if not case.judged)
     headline = f"{len(cases)} cases · {n_pass} passed · {len(cases) - n_pass - n_none} failed"
     return headline + (f" · {n_none} without verdict" if n_none else "")
 
@@ -114,21 +115,21 @@ def write_report(run_dir) -> tuple[Path, Path]:
     """Draws every case's figure and writes `<run_dir>/report.md` and a self-contained `report.html`."""
     run_dir = Path(run_dir)
     cases = load_case_runs(run_dir)
-    pngs = {c.name: _figure_or_none(run_dir, c) for c in cases}
-    probe_pngs = {c.name: _probes_or_none(run_dir, c) for c in cases}
-    rows = [summary_row(c) for c in cases]
+    pngs = {case.name: _figure_or_none(run_dir, case) for case in cases}
+    probe_pngs = {case.name: _probes_or_none(run_dir, case) for case in cases}
+    rows = [summary_row(case) for case in cases]
     headline = _headline(cases)
 
     md = ["# Parity report", "", f"Run directory: {markdown.code(run_dir)} · {headline}", "", md_table(SUMMARY_COLUMNS, rows), ""]
-    for c in cases:
-        md += _md_case(c, run_dir, pngs[c.name], probe_pngs[c.name])
+    for case in cases:
+        md += _md_case(case, run_dir, pngs[case.name], probe_pngs[case.name])
     md_path = claim(run_dir, "report.md")
     records.atomic_write_text(md_path, "\n".join(md))
 
     e = html.escape
     body = [f"<h1>Parity report</h1><p>Run directory: <code>{e(str(run_dir))}</code> · {e(headline)}</p>",
             _html_table(SUMMARY_COLUMNS, rows)]
-    body += [_html_case(c, run_dir, pngs[c.name], probe_pngs[c.name]) for c in cases]
+    body += [_html_case(case, run_dir, pngs[case.name], probe_pngs[case.name]) for case in cases]
     page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Parity report</title>'
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     html_path = claim(run_dir, "report.html")

@@ -36,7 +36,7 @@ def md_table(columns, rows) -> str:
     rows = [{**r, "verdict": {"PASS": "✅ PASS", "FAIL": "❌ FAIL"}.get(r["verdict"], r["verdict"])} if "verdict" in r else r
             for r in rows]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(markdown.cell(r[c]) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(markdown.cell(r[column]) for column in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -84,7 +84,7 @@ def _pair_row(p: PairView) -> dict:
         "grad norm max abs": number_text(gn.get("max_abs")), "grad norm max rel": number_text(gn.get("max_rel")),
         "exact steps": f"{loss.get('exact_equal_steps', '?')}/{loss.get('n', '?')} loss, "
                        f"{gn.get('exact_equal_steps', '?')}/{gn.get('n', '?')} grad norm",
-        "probes": _probes_text(p.localization),
+        "probes": _probes_text(p),
         "problems": "; ".join(p.problems) or "—",
     }
 
@@ -98,14 +98,15 @@ def _entry_text(e: dict) -> str:
     return f"{e['phase']} {e['name']} " + ("exact" if exact else f"rel {localize.rel_text(number(e['rel']))}")
 
 
-def _probes_text(loc: dict) -> str:
+def _probes_text(p: PairView) -> str:
     """Where the pair's probes first part, with the entries just before it and any probe problems."""
+    loc = p.localization
     if not loc:
         return "—"  # a verdict written before probes
     text = loc.get("line", "—")
     if loc.get("before"):
         text += " (before it: " + ", ".join(_entry_text(e) for e in loc["before"]) + ")"
-    return "; ".join([text] + [f"problem: {q}" for q in loc.get("problems") or []])
+    return "; ".join([text] + [f"problem: {q}" for q in p.probe_problems])
 
 
 def ensemble_text(case: CaseRun) -> list[str]:
