@@ -14,7 +14,7 @@ from parity.core.paths import inside
 from parity.report.bands import build_band_figure
 from parity.report.canvas import FIGSIZE, envelope, marked, new_figure, save_figure, stride, title_colour
 from parity.report.diffs import plot_diffs
-from parity.report.model import LABEL, CaseRun, load_case_run, metric_series
+from parity.report.model import LABEL, CaseRun, baseline_origin, load_case_run, metric_series
 
 MARKERS = "osD^vPX*"
 LINESTYLES = ("-", "--", "-.", ":")
@@ -54,7 +54,7 @@ def _plot_baseline(ax, case: CaseRun, setup: str, metric: str, style: dict, n_st
     # Hollow, larger and dotted, so the run drawn over it stays visible inside it.
     marks = ({"marker": style["marker"], "markersize": style["markersize"] + 4, "markerfacecolor": "none",
               "markeredgewidth": 1.2, "markevery": style["markevery"]} if marked(n_steps) else {})
-    label = f"{setup} baseline ({entry.get('platform') or '?'}, {entry.get('status', '?')})"
+    label = f"{setup} baseline {baseline_origin(entry)}"
     ax.plot(*envelope(x, y), color=style["color"], **marks, linestyle=":", linewidth=1.0, zorder=2,
             alpha=0.9, label=label)
 

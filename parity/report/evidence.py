@@ -20,7 +20,7 @@ import numpy as np
 
 from parity.report import markdown
 from parity.report.curves import plot_case
-from parity.report.model import LABEL, PLOTTED, CaseRun, by_step, find_case_runs, load_case_run, number
+from parity.report.model import LABEL, PLOTTED, CaseRun, baseline_origin, by_step, find_case_runs, load_case_run, number
 from parity.report.tables import SUMMARY_COLUMNS, md_table, provenance, summary_row
 from parity.verdict import compare
 
@@ -79,7 +79,7 @@ def chart_lines(case: CaseRun, metric: str) -> tuple[list[Line], list[str]]:
         if s.name in case.baselines:
             entry, columns = case.baselines[s.name]
             if metric in columns:
-                origin = markdown.text(f"({entry.get('platform') or '?'}, {entry.get('status', '?')})")
+                origin = markdown.text(baseline_origin(entry))
                 lines.append(Line(f"`{s.name}` baseline {origin}", *by_step(columns, metric)))
         if not s.steps:
             notes.append(f"`{s.name}` recorded no metrics (status {markdown.text(s.run.get('status', 'unknown'))}): "

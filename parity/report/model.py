@@ -147,6 +147,11 @@ class VerdictView:
         return next((x for x in values if math.isnan(x)), max(values, default=None))
 
 
+def baseline_origin(entry: dict) -> str:
+    """Where a baseline check's stored baseline came from and how it fared: "(cpu-gloo, ok)"."""
+    return f"({entry.get('platform') or '?'}, {entry.get('status', '?')})"
+
+
 # ----------------------------------------------------------------------------- the records
 
 
