@@ -156,7 +156,7 @@ def train_all(args, out: Path) -> dict:
 # ---- statistics ---------------------------------------------------------------------------------
 
 # The window rule is parity.verdict.ensemble's (mode = "statistical"), with the float32 default tolerances of
-# parity.case.spec as its floor: below them two runs differ by rounding, which `mode = "tolerance"` judges already.
+# parity.case.schema as its floor: below them two runs differ by rounding, which `mode = "tolerance"` judges already.
 FLOOR = {"loss": Tolerance(1e-5, 0.0), "grad_norm": Tolerance(1e-4, 0.0)}
 
 

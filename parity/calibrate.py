@@ -42,7 +42,7 @@ def errors_against_oracle(run_dir: Path, case: Case) -> dict[str, dict[str, floa
     """{setup: {metric: max relative error against the oracle}}
 
     For weights, the norms' and the sketches' errors, each relative to the oracle's norm: the
-    weights lane bounds both with one rtol (parity.verdict.compare.compare_weights).
+    weights lane bounds both with one rtol (parity.verdict.series.compare_weights).
     """
     out = {}
     for s in case.setups:

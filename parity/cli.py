@@ -271,7 +271,8 @@ def cmd_locate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from parity.report.pages import regression_report, write_report
+    from parity.report.pages import write_report
+    from parity.report.regression import regression_report
 
     run_dir = _run_dir(args.run_dir, "RUN_DIR")
     against = _run_dir(args.against, "--against") if args.against else None
@@ -332,10 +333,10 @@ def _existing_dir(p: str, what: str) -> Path:
 
 def _run_dir(p: str, what: str) -> Path:
     """A directory holding at least one case run (what `parity run` writes), checked before anything is drawn."""
-    from parity.report.pages import find_cases
+    from parity.report.model import find_case_runs
 
     path = _existing_dir(p, what)
-    if not find_cases(path):
+    if not find_case_runs(path):
         raise UsageError(f"{what}: {p} holds no case runs; allowed: a run directory written by `parity run` or pytest")
     return path
 

@@ -361,7 +361,9 @@ def _failure_message(case, verdict, out: Path) -> str:
              divergence_table(verdict)]
     lines += [f"obtained: {b.obtained}" for b in verdict.baselines if not b.passed and b.obtained]
     try:
-        from parity.report.pages import load_case_run, plot_case, plot_probes
+        from parity.report.curves import plot_case
+        from parity.report.heatmap import plot_probes
+        from parity.report.model import load_case_run
 
         records = load_case_run(out, case.name)  # read once, for both figures
         png, _ = plot_case(out, case.name, records)

@@ -326,7 +326,8 @@ def test_a_baseline_from_another_instruction_set_is_judged_by_the_ensembles_spre
 
 def test_the_report_draws_the_band_and_lists_the_ensemble(tmp_path):
     from parity.verdict.case_verdict import write_verdict
-    from parity.report.pages import load_case_run, write_report
+    from parity.report.model import load_case_run
+    from parity.report.pages import write_report
 
     case = statistical_case("diverge")
     write_ensemble(tmp_path, case, {"ref": drifting(1), "other": drifting(2, shift=0.05)})

@@ -207,3 +207,16 @@ def test_mermaid_renders_with_mermaid_cli(run_dir, tmp_path):  # noqa: F811
         paths = re.findall(r'<g class="line-plot-\d+"><path d="([^"]*)"[^>]*stroke="([^"]+)"', doc)
         assert [stroke for _, stroke in paths] == chart["palette"], svg.name
         assert [d.count("L") + 1 for d, _ in paths] == [len(line) for line in chart["lines"]], svg.name
+
+
+def test_a_statistical_divergence_is_said_as_the_window_that_left_the_band(tmp_path):
+    """A statistical pair's first divergence is a window of steps outside the ensemble's band, not a step."""
+    make_case(tmp_path, "drift", {"ref": _metrics(), "other": _metrics()}, mode="tolerance")
+    path = tmp_path / "drift" / "verdict.json"
+    verdict = records.read_json(path)
+    verdict["pairs"][0]["diverged"] = {"metric": "loss", "step": 26, "window": [26, 50], "value_ref": 3.1002,
+                                       "value_other": 3.2154, "abs": 0.1152, "rel": 0.0372, "z": 41.3, "limit": 7.02}
+    records.write_json(path, verdict)
+    text = evidence.evidence(tmp_path, "drift")
+    assert ("First divergence, `other` vs `ref`: **loss** at steps 26-50: 3.2154 vs ensemble mean 3.1002 "
+            "(rel 0.0372, z 41.3, limit 7.02) (outside the ensemble's band)") in text

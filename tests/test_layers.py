@@ -36,12 +36,12 @@ def test_an_upward_import_from_a_rank_module_breaks_the_contract(tmp_path):
     shutil.copytree(PACKAGE, copy / "parity", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", copy / "pyproject.toml")
     planted = copy / "parity" / "rank" / "model.py"
-    planted.write_text("import parity.verdict.compare\n" + planted.read_text())
+    planted.write_text("import parity.verdict.pair\n" + planted.read_text())
     done = subprocess.run(lint_imports(), cwd=copy, capture_output=True, text=True, timeout=300,
                           env={"PYTHONPATH": str(copy), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 1, done.stdout[-4000:] + done.stderr[-2000:]
     assert "parity.rank is not allowed to import parity.verdict" in done.stdout
-    assert "parity.rank.model -> parity.verdict.compare" in done.stdout
+    assert "parity.rank.model -> parity.verdict.pair" in done.stdout
 
 
 def oversized() -> list[str]:

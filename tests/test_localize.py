@@ -12,7 +12,7 @@ from parity import cli
 
 from parity.core import records
 
-from parity.report import pages as report
+from parity.report import heatmap, pages
 from parity.verdict.case_verdict import compare_case
 from parity.verdict.formatting import divergence_table, format_verdict
 from parity.verdict.localize import largest, localize, matrix
@@ -312,9 +312,9 @@ def test_heatmap_is_written_beside_the_case_figure_and_in_the_report(tmp_path, w
     from parity.verdict.case_verdict import write_verdict
 
     write_verdict(out, compare_case(case, out))
-    png, svg = report.plot_probes(out, "hm")
+    png, svg = heatmap.plot_probes(out, "hm")
     assert png == out / "hm" / "hm-probes.png" and png.stat().st_size > 10_000 and svg.is_file()
-    md, page = report.write_report(out)
+    md, page = pages.write_report(out)
     text = md.read_text()
     assert "![hm probes](hm/hm-probes.png)" in text
     assert "first divergence: step 2, forward, layers.1.feed_forward" in text
@@ -324,7 +324,7 @@ def test_heatmap_is_written_beside_the_case_figure_and_in_the_report(tmp_path, w
     # No probes, no heatmap.
     for s in ("ref", "tp", "pp"):
         (out / "hm" / s / "probes.csv").unlink()
-    assert report.plot_probes(out, "hm") is None
+    assert heatmap.plot_probes(out, "hm") is None
 
 
 def test_a_nondeterministic_reference_is_localized_by_its_repeat(tmp_path, write_case):

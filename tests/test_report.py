@@ -13,12 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity.verdict import compare
+from parity.verdict.case_verdict import compare_case, write_verdict
 
 from parity.core import records
 
-from parity.report import pages as report
-from parity.case.spec import Case, Expect, Setup, Tolerance, Train
+import matplotlib.pyplot as plt
+
+from parity.report import canvas, curves, pages, regression, tables
+from parity.report.model import CaseRun, SetupRun
+from parity.case.schema import Case, Expect, Setup, Tolerance, Train
 from parity.run.progress import Progress
 
 STEPS = 12
@@ -57,7 +60,7 @@ def make_case(out: Path, case: str, setups: dict[str, list[dict]], mode="bitwise
         spec = Case(name=case, path=Path(f"cases/{case}.toml"), description="d", sha256="cd" * 32,
                     setups=tuple(Setup(name=n, train=Train()) for n in names),
                     expect=Expect(mode=mode, tolerance=tol, tolerance_source={m: "case" for m in tol}))
-        compare.write_verdict(out, compare.compare_case(spec, out))
+        write_verdict(out, compare_case(spec, out))
 
 
 @pytest.fixture
@@ -74,7 +77,7 @@ def run_dir(tmp_path):
 
 
 def test_figure_has_three_panels_and_one_line_per_setup(run_dir):
-    fig = report.build_figure(run_dir, "tol_tp")
+    fig = curves.build_figure(run_dir, "tol_tp")
     try:
         assert len(fig.axes) == 3
         loss_lines = [ln.get_label() for ln in fig.axes[0].get_lines()]
@@ -82,11 +85,11 @@ def test_figure_has_three_panels_and_one_line_per_setup(run_dir):
         assert fig.axes[2].get_yscale() == "log"
         assert "tol_tp" in fig._suptitle.get_text() and "FAIL" in fig._suptitle.get_text()
     finally:
-        report.plt.close(fig)
+        plt.close(fig)
 
 
 def test_bitwise_case_still_draws_every_curve(run_dir):
-    fig = report.build_figure(run_dir, "bitwise_fsdp")
+    fig = curves.build_figure(run_dir, "bitwise_fsdp")
     try:
         for ax in fig.axes[:2]:
             lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
@@ -97,11 +100,11 @@ def test_bitwise_case_still_draws_every_curve(run_dir):
         # Exact steps are drawn (in the floor band), not dropped from the log axis.
         assert sum(len(ln.get_xdata()) for ln in fig.axes[2].get_lines()) >= 2 * 2 * STEPS
     finally:
-        report.plt.close(fig)
+        plt.close(fig)
 
 
 def test_plot_case_writes_png_and_svg(run_dir):
-    png, svg = report.plot_case(run_dir, "tol_tp")
+    png, svg = curves.plot_case(run_dir, "tol_tp")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert svg.read_text().lstrip().startswith("<?xml")
     assert not list(png.parent.glob(".*.tmp"))
@@ -109,7 +112,7 @@ def test_plot_case_writes_png_and_svg(run_dir):
 
 def test_report_names_every_case_and_leaves_data_alone(run_dir):
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    md, page = report.write_report(run_dir)
+    md, page = pages.write_report(run_dir)
     text = md.read_text()
     for case in ("bitwise_fsdp", "tol_tp", "unjudged"):
         assert f"| {case} |" in text and case in page.read_text()
@@ -119,7 +122,7 @@ def test_report_names_every_case_and_leaves_data_alone(run_dir):
 
 
 def test_report_html_is_self_contained(run_dir):
-    _, page = report.write_report(run_dir)
+    _, page = pages.write_report(run_dir)
     doc = page.read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:|//)""", doc, re.I)
     assert not re.search(r"""url\(\s*["']?\s*(https?:|//)""", doc, re.I)
@@ -134,13 +137,13 @@ def test_report_html_is_self_contained(run_dir):
 def test_regression_report_lists_exactly_the_planted_change(run_dir, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(run_dir, old)
-    text, changed = report.regression_report(old, run_dir)
+    text, changed = regression.regression_report(old, run_dir)
     assert changed == [] and "0 changed · 3 unchanged" in text
     path = old / "tol_tp" / "fsdp" / "metrics.csv"
     rows = records.read_metrics(path)
     rows[6]["loss"] = math.nextafter(rows[6]["loss"], math.inf)  # one ulp on one step
     records.write_metrics(path, rows)
-    text, changed = report.regression_report(old, run_dir)
+    text, changed = regression.regression_report(old, run_dir)
     assert changed == ["tol_tp"]
     assert "`fsdp` loss: 1/12 steps changed" in text and "first at step 7" in text
     assert "bitwise_fsdp" not in text and "2 unchanged" in text
@@ -155,7 +158,7 @@ def test_regression_report_lists_verdict_changes_and_lone_cases(run_dir, tmp_pat
     records.write_json(new / "bitwise_fsdp" / "verdict.json", v)
     shutil.rmtree(new / "unjudged")
     make_case(new, "brand_new", {"a": _metrics(), "b": _metrics()})
-    text, changed = report.regression_report(new, run_dir)
+    text, changed = regression.regression_report(new, run_dir)
     assert changed == ["bitwise_fsdp", "brand_new", "unjudged"]
     assert "PASS (bitwise, expect match) → FAIL" in text
 
@@ -166,9 +169,9 @@ def test_nonfinite_values_render(tmp_path):
     bad[5]["loss"] = float("nan")
     bad[6]["grad_norm"] = float("inf")
     make_case(out, "blowup", {"ref": _metrics(), "bad": bad}, mode="tolerance")
-    png, _ = report.plot_case(out, "blowup")
+    png, _ = curves.plot_case(out, "blowup")
     assert png.stat().st_size > 0
-    md, _ = report.write_report(out)
+    md, _ = pages.write_report(out)
     assert "nan" in md.read_text()
 
 
@@ -206,7 +209,7 @@ def _chromium():
 
 @pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
 def test_report_html_renders_in_headless_chromium(run_dir, tmp_path):
-    _, page = report.write_report(run_dir)
+    _, page = pages.write_report(run_dir)
     shot = tmp_path / "shot.png"
     base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
             f"--user-data-dir={tmp_path / 'profile'}"]
@@ -250,29 +253,29 @@ def long_run(tmp_path_factory):
 
 def test_a_long_run_is_drawn_as_bounded_lines_without_markers(long_run):
     out, loss = long_run
-    fig = report.build_figure(out, "long")
+    fig = curves.build_figure(out, "long")
     try:
         for ax, scale in zip(fig.axes[:2], (1.0, 10.0)):
             lines = ax.get_lines()
             assert [ln.get_label() for ln in lines] == ["ref", "other"]
             for ln in lines:
                 assert ln.get_marker() == "none"
-                assert len(ln.get_xdata()) <= 3 * report.COLUMNS + 2
+                assert len(ln.get_xdata()) <= 3 * canvas.COLUMNS + 2
                 # The spike survives the downsampling, at its height, and the NaN still breaks the line.
                 assert np.nanmax(ln.get_ydata()) == loss[SPIKE - 1] / scale
             assert np.isnan(lines[1].get_ydata()[lines[1].get_xdata() == NAN_AT]).all()
         diffs = fig.axes[2].get_lines()
-        assert all(len(ln.get_xdata()) <= 3 * report.COLUMNS + 2 for ln in diffs)
+        assert all(len(ln.get_xdata()) <= 3 * canvas.COLUMNS + 2 for ln in diffs)
         first = [ln for ln in diffs if ln.get_markeredgecolor() == "crimson"]
         assert [ln.get_xdata().tolist() for ln in first] == [[DIVERGES], [DIVERGES]]  # loss and grad norm
         not_finite = [ln for ln in diffs if ln.get_label().endswith("not finite")]
         assert [ln.get_xdata().tolist() for ln in not_finite] == [[NAN_AT], [NAN_AT]]
         exact = [ln for ln in diffs if ln.get_marker() == "|"]
-        assert exact and all(ln.get_xdata()[0] == 1 and ln.get_xdata()[-1] >= DIVERGES - 1 - LONG / report.COLUMNS
+        assert exact and all(ln.get_xdata()[0] == 1 and ln.get_xdata()[-1] >= DIVERGES - 1 - LONG / canvas.COLUMNS
                              for ln in exact)
     finally:
-        report.plt.close(fig)
-    png, svg = report.plot_case(out, "long")
+        plt.close(fig)
+    png, svg = curves.plot_case(out, "long")
     assert png.stat().st_size > 0 and svg.stat().st_size < 2_000_000  # 10^5 points would make it 20 MB
 
 
@@ -286,33 +289,33 @@ def test_a_long_runs_verdict_stays_small(long_run):
 
 
 def test_short_runs_keep_their_markers(run_dir):
-    fig = report.build_figure(run_dir, "tol_tp")
+    fig = curves.build_figure(run_dir, "tol_tp")
     try:
         assert [ln.get_marker() for ln in fig.axes[0].get_lines()] == ["o", "s", "D"]
     finally:
-        report.plt.close(fig)
+        plt.close(fig)
 
 
 def test_peak_memory_per_setup():
     def run(**peak):
         return {"peak_memory": peak}
 
-    assert report.peak_memory(run(measure="host_rss", per_rank_bytes=[300 * 2**20, 412 * 2**20],
+    assert tables.peak_memory(run(measure="host_rss", per_rank_bytes=[300 * 2**20, 412 * 2**20],
                                   max_bytes=412 * 2**20)) == "412 MiB (host RSS)"
-    assert report.peak_memory(run(measure="cuda_max_allocated", max_bytes=3 * 2**30)) == "3072 MiB (CUDA max allocated)"
-    assert report.peak_memory({}) == "—"  # an older run, or one made by another trainer or command
-    assert report.peak_memory(run(measure="host_rss", per_rank_bytes=["x"])) == "—"
-    c = report.CaseRun("c", Path("."), None, [report.SetupRun("a", run(measure="host_rss", max_bytes=2**20), {}),
-                                              report.SetupRun("b", {}, {})])
-    assert [r["peak memory"] for r in report.setup_rows(c)] == ["1 MiB (host RSS)", "—"]
-    assert "| peak memory |" in report.md_table(report.SETUP_COLUMNS, report.setup_rows(c))
+    assert tables.peak_memory(run(measure="cuda_max_allocated", max_bytes=3 * 2**30)) == "3072 MiB (CUDA max allocated)"
+    assert tables.peak_memory({}) == "—"  # an older run, or one made by another trainer or command
+    assert tables.peak_memory(run(measure="host_rss", per_rank_bytes=["x"])) == "—"
+    c = CaseRun("c", Path("."), None, [SetupRun("a", run(measure="host_rss", max_bytes=2**20), {}),
+                                              SetupRun("b", {}, {})])
+    assert [r["peak memory"] for r in tables.setup_rows(c)] == ["1 MiB (host RSS)", "—"]
+    assert "| peak memory |" in tables.md_table(tables.SETUP_COLUMNS, tables.setup_rows(c))
 
 
 def test_a_setup_trained_for_another_case_says_so():
-    c = report.CaseRun("c", Path("."), None, [report.SetupRun("a", {"trained_as": "other/a_8"}, {}),
-                                              report.SetupRun("b", {}, {})])
-    assert [r["trained as"] for r in report.setup_rows(c)] == ["other/a_8", "—"]
-    assert "| trained as |" in report.md_table(report.SETUP_COLUMNS, report.setup_rows(c))
+    c = CaseRun("c", Path("."), None, [SetupRun("a", {"trained_as": "other/a_8"}, {}),
+                                              SetupRun("b", {}, {})])
+    assert [r["trained as"] for r in tables.setup_rows(c)] == ["other/a_8", "—"]
+    assert "| trained as |" in tables.md_table(tables.SETUP_COLUMNS, tables.setup_rows(c))
 
 
 def test_compare_and_report_import_no_torch(tmp_path):
@@ -382,7 +385,7 @@ def test_strings_from_a_run_directory_cannot_inject_markdown_or_html(run_dir):
     from parity.report import evidence
 
     _plant_hostile_strings(run_dir)
-    md_path, html_path = report.write_report(run_dir)
+    md_path, html_path = pages.write_report(run_dir)
     for text in (md_path.read_text(), evidence.evidence(run_dir)):
         assert "evil" not in text.replace("evil.example", "")  # the odd folder is no case
         outside = text  # what Markdown renders as markup: the text less its code blocks and code spans

@@ -1,7 +1,7 @@
 """The parallelism rules, in one place (in the spirit of torchtitan's ParallelDims).
 
 Two readers use this module and nothing else for these rules:
-- the case validator (`parity.case.spec`) calls `problems()` and turns the first one into a one-line
+- the case validator (`parity.case.rules`) calls `problems()` and turns the first one into a one-line
   SpecError, so a combination that would not build what it says is rejected before any process
   starts;
 - the mesh builder (`parity.rank.parallelize`) asks `ParallelDims` which mesh dims exist and which

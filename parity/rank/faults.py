@@ -1,5 +1,5 @@
 """Planted faults: the bugs the negative-control cases plant in one setup, so that a case can show
-that parity catches them (parity.case.spec: FAULTS, and FAULT_TABLES for the ones that say where).
+that parity catches them (parity.case.schema: FAULTS, and FAULT_TABLES for the ones that say where).
 
 A setup's fault is a `PlantedFault` value, whose hooks the rank calls at fixed points (the seed load
 in parity.rank.build, the rest in the train loop); for a setup without a fault every hook does

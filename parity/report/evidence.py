@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.verdict import compare
-
 from parity.report import markdown
-
-from parity.report import pages as report
-from parity.report.pages import LABEL, PLOTTED, CaseRun
+from parity.report.curves import plot_case
+from parity.report.model import LABEL, PLOTTED, CaseRun, baseline_origin, by_step, find_case_runs, load_case_run, number
+from parity.report.tables import SUMMARY_COLUMNS, md_table, provenance, summary_row
+from parity.verdict.formatting import band_text, entry_text
 
 FORMATS = ("mermaid", "png")
 # At most this many points per line: the first step, the last, and a low and a high per bucket between them.
@@ -51,45 +50,50 @@ class Line:
 # ----------------------------------------------------------------------------- first divergence
 
 
-def divergence_lines(c: CaseRun) -> list[str]:
+def divergence_lines(case: CaseRun) -> list[str]:
     """Per pair, where it first diverged, as the verdict says (compare computed it: its step, both values,
     abs and rel error); the pair's own words when it did not."""
     out = []
-    for p in (c.verdict or {}).get("pairs", []) or []:
-        d, who = p.get("diverged"), f"{markdown.code(p.get('other'))} vs {markdown.code(p.get('reference'))}"
+    for p in case.judged.pairs:
+        d, who = p.diverged, f"{markdown.code(p.other)} vs {markdown.code(p.reference)}"
         if not d:
-            out.append(f"First divergence, {who}: none" + (" (metrics and weights agree)" if p.get("passed") else ""))
+            out.append(f"First divergence, {who}: none" + (" (metrics and weights agree)" if p.passed else ""))
             continue
-        # write_json stores NaN and inf as strings; entry_text formats numbers.
-        e = {**d, **{k: report.num(d.get(k)) for k in ("value_ref", "value_other", "abs", "rel")}}
-        mode = (p.get("modes") or {}).get(d.get("metric"), c.verdict.get("mode"))
-        beyond = "beyond tolerance" if mode == "tolerance" else "first bitwise difference"
-        out.append(f"First divergence, {who}: **{markdown.text(d.get('metric'))}** at "
-                   f"{markdown.text(compare.entry_text(e))} ({beyond})")
+        # write_json stores NaN and inf as strings; entry_text and band_text format numbers.
+        e = {**d, **{k: number(d.get(k)) for k in ("value_ref", "value_other", "abs", "rel", "z", "limit") if k in d}}
+        out.append(f"First divergence, {who}: **{markdown.text(d.get('metric'))}** at {_where_diverged(e, p, case)}")
     return out
+
+
+def _where_diverged(e: dict, pair, case: CaseRun) -> str:
+    """A statistical pair leaves the ensemble's band over a window of steps; any other pair at one step."""
+    if "window" in e:
+        return f"{markdown.text(band_text(e))} (outside the ensemble's band)"
+    mode = pair.mode_of(e.get("metric"), case.judged.get("mode", None))
+    beyond = "beyond tolerance" if mode == "tolerance" else "first bitwise difference"
+    return f"{markdown.text(entry_text(e))} ({beyond})"
 
 
 # ----------------------------------------------------------------------------- charts
 
 
-def chart_lines(c: CaseRun, metric: str) -> tuple[list[Line], list[str]]:
+def chart_lines(case: CaseRun, metric: str) -> tuple[list[Line], list[str]]:
     """The lines of one metric's chart, each setup after its stored baseline (as plot_case draws them, the
     baseline beneath), and a note for each setup that has nothing to draw."""
     lines, notes = [], []
-    for s in c.setups:
-        if s.name in c.baselines:
-            entry, columns = c.baselines[s.name]
+    for s in case.setups:
+        if s.name in case.baselines:
+            entry, columns = case.baselines[s.name]
             if metric in columns:
-                origin = markdown.text(f"({entry.get('platform') or '?'}, {entry.get('status', '?')})")
-                lines.append(Line(f"`{s.name}` baseline {origin}",
-                                  *report.by_step(columns, metric)))
+                origin = markdown.text(baseline_origin(entry))
+                lines.append(Line(f"`{s.name}` baseline {origin}", *by_step(columns, metric)))
         if not s.steps:
             notes.append(f"`{s.name}` recorded no metrics (status {markdown.text(s.run.get('status', 'unknown'))}): "
                          "no line.")
         elif metric not in s.metrics:
             notes.append(f"`{s.name}` recorded no {LABEL[metric]}: no line.")
         else:
-            lines.append(Line(f"`{s.name}`", *report.by_step(s.metrics, metric)))
+            lines.append(Line(f"`{s.name}`", *by_step(s.metrics, metric)))
     return lines, notes
 
 
@@ -155,11 +159,11 @@ def _gaps(ln_name: str, metric: str, grid: np.ndarray, values: np.ndarray, recor
     return out
 
 
-def mermaid_chart(c: CaseRun, metric: str) -> list[str]:
+def mermaid_chart(case: CaseRun, metric: str) -> list[str]:
     """One metric's chart for the case: a fenced mermaid block and the text under it (the legend, the
     decimation, what could not be drawn); only the text when no setup has anything to draw."""
-    lines, notes = chart_lines(c, metric)
-    title = f"{c.name}: {LABEL[metric]}"
+    lines, notes = chart_lines(case, metric)
+    title = f"{case.name}: {LABEL[metric]}"
     if not lines:
         return [f"_{title}: nothing to draw._ " + " ".join(notes), ""]
     grid, values, recorded = shared_grid(lines)
@@ -200,31 +204,32 @@ def mermaid_chart(c: CaseRun, metric: str) -> list[str]:
 # ----------------------------------------------------------------------------- the block
 
 
-def evidence(run_dir, case: str | None = None, fmt: str = "mermaid") -> str:
-    """A markdown block for a pull request: summary, first divergence, curves (`fmt` mermaid) or the figure
-    (`fmt` png), the commands that reproduce each case, torch and hardware."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format {fmt!r}: allowed {', '.join(FORMATS)}")
+def evidence(run_dir, case: str | None = None, block_format: str = "mermaid") -> str:
+    """A markdown block for a pull request: summary, first divergence, curves (`block_format` mermaid) or the figure
+    (`block_format` png), the commands that reproduce each case, torch and hardware."""
+    if block_format not in FORMATS:
+        raise ValueError(f"format {block_format!r}: allowed {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
-    names = [case] if case else report.find_cases(run_dir)
-    cases = [report.load_case_run(run_dir, n) for n in names if (run_dir / n).is_dir()]
-    if not cases:
+    names = [case] if case else find_case_runs(run_dir)
+    case_runs = [load_case_run(run_dir, n) for n in names if (run_dir / n).is_dir()]
+    if not case_runs:
         return f"No cases found in {markdown.code(run_dir)}" + (f" named {markdown.code(case)}" if case else "") + ".\n"
-    out = [report.md_table(report.SUMMARY_COLUMNS, [report.summary_row(c) for c in cases]), ""]
-    for c in cases:
-        out += [f"**{c.name}**: {markdown.text(report.verdict_words(c.verdict))}", ""]
-        out += [line + "  " for line in divergence_lines(c)] + ([""] if c.verdict else [])
-        if fmt == "mermaid":
+    out = [md_table(SUMMARY_COLUMNS, [summary_row(case_run) for case_run in case_runs]), ""]
+    for case_run in case_runs:
+        out += [f"**{case_run.name}**: {markdown.text(case_run.judged.words())}", ""]
+        out += [line + "  " for line in divergence_lines(case_run)] + ([""] if case_run.judged else [])
+        if block_format == "mermaid":
             for metric in PLOTTED:
-                out += mermaid_chart(c, metric)
+                out += mermaid_chart(case_run, metric)
         else:
-            png = run_dir / c.name / f"{c.name}.png"
-            if not png.is_file() and any(s.steps for s in c.setups):
-                png = report.plot_case(run_dir, c.name, c)[0]
+            png = run_dir / case_run.name / f"{case_run.name}.png"
+            if not png.is_file() and any(s.steps for s in case_run.setups):
+                png = plot_case(run_dir, case_run.name, case_run)[0]
             if png.is_file():
-                out += [f"![{c.name}]({png.as_posix()})", ""]
-        prov = report.provenance(c, run_dir)
-        worlds = " / ".join(dict.fromkeys(str(s.run.get("world_size")) for s in c.setups if s.run.get("world_size")))
+                out += [f"![{case_run.name}]({png.as_posix()})", ""]
+        prov = provenance(case_run, run_dir)
+        worlds = " / ".join(dict.fromkeys(str(s.run.get("world_size")) for s in case_run.setups
+                                          if s.run.get("world_size")))
         out += [f"torch {markdown.code(prov['torch'])} · device {markdown.code(prov['device'])} · platform "
                 f"{markdown.code(prov['platform'])} · world size {markdown.text(worlds or '—')} · python "
                 f"{markdown.code(prov['python'])}", "", "Reproduce:", "", *markdown.fence(prov["command"], "sh"), ""]

@@ -3,7 +3,7 @@
 Two layouts that are not bitwise equal drift apart: a last-bit difference grows until, after a few
 hundred steps, their losses differ by more than any per-step tolerance that would still catch a bug.
 So the reference is trained K more times, the *ensemble*, each member perturbed the way a correct
-change perturbs it (`[expect.statistical] perturb`, parity.case.spec.PERTURBATIONS): by default every
+change perturbs it (`[expect.statistical] perturb`, parity.case.schema.PERTURBATIONS): by default every
 seed-checkpoint weight times (1 + eps z), a few ULPs, the size of a changed reduction order. How far
 the members spread is how far a correct setup may drift.
 

@@ -36,8 +36,8 @@ from parity.rank.data import Batches
 from parity.rank.model import build_model
 from parity.core.presets import PRESETS
 
-# parity.case.spec.Train's defaults (tests/test_readers.py checks they still are). Not imported from
-# parity.case.spec: a user's script knows nothing of the harness's case format.
+# parity.case.schema.Train's defaults (tests/test_readers.py checks they still are). Not imported from
+# parity.case.schema: a user's script knows nothing of the harness's case format.
 DEFAULTS = argparse.Namespace(model="debugmodel", seed=42, global_batch=16, seq_len=128, lr=5e-3, warmup_steps=2,
                               max_norm=0.4, weight_decay=0.1, dtype="float32")
 

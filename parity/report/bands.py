@@ -15,22 +15,23 @@ from __future__ import annotations
 
 import math
 
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from parity.verdict.compare import statistical_tests
+from parity.report.canvas import FIGSIZE, new_figure, title_colour
+from parity.report.model import LABEL, CaseRun
 from parity.verdict.ensemble import METRICS
-from parity.report.pages import FIGSIZE, LABEL, CaseRun, verdict_words
 
 
-def build_band_figure(c: CaseRun):
-    v = c.verdict
-    st = v["statistical"]
+def build_band_figure(case: CaseRun):
+    """The four panels (a) to (d) of a statistical case, from its verdict's `statistical` summary and tests."""
+    judged = case.judged
+    st = judged.statistical
     ends = np.asarray(st["window_ends"])
-    tests = statistical_tests(v)
+    tests = judged.statistical_tests()
     colours = {name: f"C{(i + 1) % 10}" for i, name in enumerate(tests)}
-    fig, axes = plt.subplots(4, 1, figsize=(FIGSIZE[0], FIGSIZE[1] * 1.25), sharex=True, height_ratios=(0.8, 1, 1, 0.8))
+    fig = new_figure((FIGSIZE[0], FIGSIZE[1] * 1.25))
+    axes = fig.subplots(4, 1, sharex=True, height_ratios=(0.8, 1, 1, 0.8))
     if st["bands"]:
         _plot_curves(axes[0], st, tests, colours, ends)
         for ax, metric in zip(axes[1:3], METRICS):
@@ -38,7 +39,7 @@ def build_band_figure(c: CaseRun):
         _plot_z(axes[3], st, tests, colours, ends)
     else:
         for ax in axes:
-            ax.text(0.5, 0.5, "no band: " + "; ".join(v.get("problems", []))[:160], ha="center", va="center",
+            ax.text(0.5, 0.5, "no band: " + "; ".join(judged.problems)[:160], ha="center", va="center",
                     transform=ax.transAxes, fontsize=7)
     axes[3].set_xlabel("last step of the window")
     axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -51,9 +52,9 @@ def build_band_figure(c: CaseRun):
               f"    the tolerance, not the members' spread, set the band in {floor} windows")
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=9, loc="left")
-    fig.suptitle(f"{c.name}: {verdict_words(v)}\n{st['k']} {st['perturb']}-perturbed members of {v['reference']}, "
-                 f"alpha {st['alpha']!r}",
-                 fontsize=9.5, color={True: "darkgreen", False: "firebrick"}.get(v.get("passed"), "black"))
+    fig.suptitle(f"{case.name}: {judged.words()}\n{st['k']} {st['perturb']}-perturbed members of "
+                 f"{judged.get('reference')}, alpha {st['alpha']!r}",
+                 fontsize=9.5, color=title_colour(judged.passed))
     fig.tight_layout()
     return fig
 

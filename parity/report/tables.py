@@ -1,0 +1,192 @@
+"""The report's tables and facts of a case, as rows of text: the summary, the pairs, the ensemble, the baselines,
+the setups and the provenance; and a Markdown table of such rows. Shared by report.md, report.html and the PR
+evidence block.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from parity.report import markdown
+from parity.report.model import LABEL, CaseRun, PairView, VerdictView, number
+from parity.verdict import localize
+from parity.verdict.formatting import ensemble_lines
+from parity.verdict.numbers import bitwise_equal
+
+SUMMARY_COLUMNS = ("case", "setups", "mode", "verdict", "ran on", "max rel diff loss", "max rel diff grad norm",
+                   "first divergence")
+PAIR_COLUMNS = ("pair", "passed", "loss max abs", "loss max rel", "grad norm max abs", "grad norm max rel",
+                "exact steps", "probes", "problems")
+BASELINE_COLUMNS = ("setup", "platform", "status", "message")
+SETUP_COLUMNS = ("setup", "status", "world size", "mesh", "peak memory", "trained as", "started", "ended")
+# run.json "peak_memory": {"measure": one of these, "per_rank_bytes": [int, ...], "max_bytes": int}
+MEMORY_MEASURES = {"host_rss": "host RSS", "cuda_max_allocated": "CUDA max allocated"}
+
+
+def number_text(value) -> str:
+    """A number from a verdict in a table cell: '1.234e-05', '0', 'nan', or '—' when there is none."""
+    v = number(value)
+    if v is None:
+        return "—"
+    return "0" if v == 0 else f"{v:.3e}"
+
+
+def md_table(columns, rows) -> str:
+    # GitHub renders the emoji; the HTML report colours the word instead, since a machine
+    # without an emoji font (headless CI) shows an empty box.
+    rows = [{**r, "verdict": {"PASS": "✅ PASS", "FAIL": "❌ FAIL"}.get(r["verdict"], r["verdict"])} if "verdict" in r else r
+            for r in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(markdown.cell(r[column]) for column in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _divergence_text(judged: VerdictView) -> str:
+    """Per pair, where it first diverged; where only its probes part, where they do."""
+    parts = []
+    beyond = " (beyond tolerance)" if judged.get("mode", None) == "tolerance" else ""
+    for p in judged.pairs:
+        d, first = p.diverged, p.localization.get("first")
+        if d:
+            where = f"step {d['step']}" if d.get("step") is not None else f"param {d.get('param')}"
+            parts.append(f"{p.other}: {d.get('metric')} {where}{beyond}")
+        elif first and not p.passed:
+            # the metrics agree, the probes do not: say where they part
+            parts.append(f"{p.other}: probes step {first['step']}, {first['phase']}, {first['name']}{beyond}")
+    return "; ".join(parts) or "—"
+
+
+def summary_row(case: CaseRun) -> dict:
+    judged = case.judged
+    return {
+        "case": case.name,
+        "setups": ", ".join(s.name for s in case.setups),
+        "mode": judged.get("mode", "—"),
+        "verdict": ("PASS" if judged.passed else "FAIL") if judged else "no verdict",
+        "ran on": judged.ran_on() if judged else "—",
+        "max rel diff loss": number_text(judged.max_rel("loss")),
+        "max rel diff grad norm": number_text(judged.max_rel("grad_norm")),
+        "first divergence": _divergence_text(judged),
+    }
+
+
+# ----------------------------------------------------------------------------- pairs, ensemble, baselines
+
+
+def _pair_row(p: PairView) -> dict:
+    loss, gn = p.metric("loss"), p.metric("grad_norm")
+    return {
+        "pair": f"{p.other} vs {p.reference}",
+        "passed": "yes" if p.passed else "no",
+        "loss max abs": number_text(loss.get("max_abs")), "loss max rel": number_text(loss.get("max_rel")),
+        "grad norm max abs": number_text(gn.get("max_abs")), "grad norm max rel": number_text(gn.get("max_rel")),
+        "exact steps": f"{loss.get('exact_equal_steps', '?')}/{loss.get('n', '?')} loss, "
+                       f"{gn.get('exact_equal_steps', '?')}/{gn.get('n', '?')} grad norm",
+        "probes": _probes_text(p),
+        "problems": "; ".join(p.problems) or "—",
+    }
+
+
+def pair_rows(case: CaseRun) -> list[dict]:
+    return [_pair_row(p) for p in case.judged.pairs]
+
+
+def _entry_text(e: dict) -> str:
+    exact = bitwise_equal(number(e["value_ref"]), number(e["value_other"]))
+    return f"{e['phase']} {e['name']} " + ("exact" if exact else f"rel {localize.rel_text(number(e['rel']))}")
+
+
+def _probes_text(p: PairView) -> str:
+    """Where the pair's probes first part, with the entries just before it and any probe problems."""
+    loc = p.localization
+    if not loc:
+        return "—"  # a verdict written before probes
+    text = loc.get("line", "—")
+    if loc.get("before"):
+        text += " (before it: " + ", ".join(_entry_text(e) for e in loc["before"]) + ")"
+    return "; ".join([text] + [f"problem: {q}" for q in p.probe_problems])
+
+
+def ensemble_text(case: CaseRun) -> list[str]:
+    """Statistical mode: the ensemble and the test, then each setup's largest |z| and windows outside the band."""
+    judged = case.judged
+    if not judged.statistical:
+        return []
+    lines = [line.strip() for line in ensemble_lines(judged.statistical)]
+    for name, tests in list(judged.statistical_tests().items())[1:]:  # the reference's own test is in ensemble_lines
+        lines.append(f"{name}: " + "; ".join(
+            f"{LABEL[m]} max |z| {number_text(t['max_abs_z'])}, {t['failing_windows']} of {len(t['z'])} windows outside"
+            for m, t in tests.items() if t) if any(tests.values()) else f"{name}: not tested")
+    return lines
+
+
+def baseline_rows(case: CaseRun) -> list[dict]:
+    return [{"setup": b.get("setup", "?"), "platform": b.get("platform", "?"), "status": b.get("status", "?"),
+             "message": b.get("message") or "—"} for b in case.judged.baselines]
+
+
+# ----------------------------------------------------------------------------- setups and provenance
+
+
+def _mesh(run: dict) -> str:
+    shape, names = run.get("mesh_shape"), run.get("mesh_dim_names")
+    if not shape:
+        return "—"
+    if names and len(names) == len(shape):
+        return " × ".join(f"{n}={s}" for n, s in zip(names, shape))
+    return " × ".join(map(str, shape))
+
+
+def peak_memory(run: dict) -> str:
+    """The largest peak over the setup's ranks, e.g. "412 MiB (host RSS)"; "—" where run.json has none
+    (older runs, setups run by another trainer or command)."""
+    peak = run.get("peak_memory")
+    if not isinstance(peak, dict):
+        return "—"
+    per_rank = [b for b in peak.get("per_rank_bytes") or [] if isinstance(b, int) and not isinstance(b, bool)]
+    largest = max(per_rank, default=peak.get("max_bytes"))
+    if not isinstance(largest, int) or isinstance(largest, bool):
+        return "—"
+    measure = peak.get("measure")
+    return f"{largest / 2**20:.0f} MiB ({MEMORY_MEASURES.get(measure, str(measure))})"
+
+
+def setup_rows(case: CaseRun) -> list[dict]:
+    # "trained as": the suite planner trained this setup once, for another case that names it too.
+    return [{"setup": s.name, "status": s.run.get("status", "—"), "world size": s.run.get("world_size", "—"),
+             "mesh": _mesh(s.run), "peak memory": peak_memory(s.run), "trained as": s.run.get("trained_as", "—"),
+             "started": s.run.get("started", "—"), "ended": s.run.get("ended", "—")}
+            for s in case.setups]
+
+
+def _same_or_each(case: CaseRun, key: str) -> str:
+    vals = [str(s.run.get(key)) for s in case.setups if s.run.get(key) not in (None, "")]
+    uniq = list(dict.fromkeys(vals))
+    return " / ".join(uniq) if uniq else "—"
+
+
+def commands(case: CaseRun, run_dir) -> list[str]:
+    """The commands that reproduce the case, from run.json; the CLI invocation when none is recorded."""
+    cmds = [shlex.join(map(str, s.run["command"])) for s in case.setups if s.run.get("command")]
+    if cmds:
+        return list(dict.fromkeys(cmds))
+    case_path = next((s.run.get("case_path") for s in case.setups if s.run.get("case_path")), f"cases/{case.name}.toml")
+    return [shlex.join(["parity", "run", str(case_path), "--out", str(run_dir)])]
+
+
+def provenance(case: CaseRun, run_dir) -> dict:
+    """Shared facts about the case's runs (values that differ between setups are joined by ' / ')."""
+    return {
+        "torch": _same_or_each(case, "torch"),
+        "device": _same_or_each(case, "device"),
+        "platform": case.platform,
+        "backend": _same_or_each(case, "backend"),
+        "python": _same_or_each(case, "python"),
+        "seed checkpoint sha256": _same_or_each(case, "seed_checkpoint_sha256"),
+        "case sha256": _same_or_each(case, "case_sha256"),
+        "git commit": _same_or_each(case, "git_commit"),
+        "command": commands(case, run_dir),
+    }
