@@ -1,2 +1,3 @@
-"""Running a plan: the planner, the runner, the run folder's rules, GPU pool, progress and the launchers.
+"""Running a plan: the planner, the runner, the GPU pool, progress and the launchers. Imports parity.trainers,
+parity.rank, parity.case and parity.core; judging is the session's (parity.session).
 """
