@@ -63,3 +63,14 @@ def oversized() -> list[str]:
 
 def test_no_function_or_class_outgrows_its_limit():
     assert oversized() == []
+
+
+def test_no_module_imports_itself_back():
+    """No import cycle anywhere in parity/, counting imports inside functions (a lazy import cannot hide one)."""
+    import grimp
+
+    graph = grimp.build_graph("parity", cache_dir=None)
+    cycles = sorted({tuple(sorted((m, imported))) for m in graph.modules
+                     for imported in graph.find_modules_directly_imported_by(m)
+                     if graph.chain_exists(importer=imported, imported=m)})
+    assert cycles == []

@@ -30,8 +30,11 @@ from pathlib import Path, PurePosixPath
 
 from parity.case.schema import SHARED_TRAIN_KEYS, TRAIN_KEYS
 from parity.core import records
+from parity.core.fingerprint import fingerprint
 from parity.core.paths import inside
+from parity.core.process import LaunchResult, process_env, run_process
 from parity.trainers.base import Trainer
+from parity.trainers.readers import read_metrics, reader_problems
 
 COMMAND_KEYS = {"argv", "metrics", "weights"}
 # What an argv template (or weights path) may name. The train values are the setup's, after [train]
@@ -74,8 +77,6 @@ def relative_path_problem(text) -> str | None:
 
 def setup_problems(body: dict, case_dir: Path) -> list[tuple[str, str]]:
     """(key, message) for each thing wrong with a command setup's own keys."""
-    from parity.trainers.readers import reader_problems
-
     argv = body.get("argv")
     if not isinstance(argv, list) or not argv:
         got = "required" if argv is None else f"{argv!r} is not allowed"
@@ -122,8 +123,6 @@ def run_setup(command: dict, setup, case_name: str, out: Path, device: str, seed
     that exits 0 but leaves metrics that cannot be read is a failed run, with the reason.
     Returns a parity.core.process.LaunchResult.
     """
-    from parity.core.process import LaunchResult, process_env, run_process
-
     setup_dir = records.setup_dir(out, case_name, setup.name)
     output_dir = setup_dir / OUTPUT_DIR
     output_dir.mkdir(parents=True)
@@ -135,9 +134,6 @@ def run_setup(command: dict, setup, case_name: str, out: Path, device: str, seed
                          label=f"setup {setup.name}'s command")
     if result.status != "ok":
         return result
-    from parity.trainers.readers import read_metrics
-    from parity.core.fingerprint import fingerprint
-
     try:
         read = read_metrics(command["metrics"], output_dir, log, setup.train.steps, budget_s=timeout_s)
         weights = None
@@ -169,6 +165,7 @@ def device_for(device: str):
 
 def digest_weights(path: Path) -> list[dict]:
     """weights.csv rows from the final weights a command left: a DCP directory or a torch.save'd state dict."""
+    # torch loads here, where weights are read, not for every command that loads the trainer registry.
     import torch
 
     from parity.rank.sketch import state_dict_digest

@@ -40,6 +40,7 @@ def resolve_seed(model: str, seed: int, dtype: str, cache: Path | None = None,
 
 def save_model_seed(tmp: Path, model: str, seed: int, dtype: str) -> None:
     """Build the preset's model from `seed` in this process and save its weights into `tmp`."""
+    # torch loads here, where a seed is built, not for every command that loads the trainer registry.
     import torch
     import torch.distributed.checkpoint as dcp
 

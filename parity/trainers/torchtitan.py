@@ -39,8 +39,10 @@ from pathlib import Path
 
 from parity.case.trainer import BUILTIN
 from parity.core.files import open_regular
+from parity.core.process import process_env, run_process
 from parity.trainers.command import CommandTrainer, load_dcp_full
 from parity.trainers.seed_cache import SeedBuildError, cached_build, deterministic_writer
+from parity.trainers.titan_assets import asset_args, write_assets
 
 TITAN_KEYS = {"module", "config", "args", "source", "ref"}
 DEFAULT_MODULE, DEFAULT_CONFIG = "llama3", "llama3_debugmodel"
@@ -242,8 +244,6 @@ def _model_flags(ext: dict) -> list[str]:
 
 
 def _common_flags(assets: Path, device: str, deterministic: bool) -> list[str]:
-    from parity.trainers.titan_assets import asset_args
-
     # CUDA graphs do not support pipeline parallelism; eager everywhere keeps setups alike.
     flags = [*asset_args(assets), "--validator.no-enable", "--metrics.disable-color-printing",
              "--training.disable-cuda-graphs"]
@@ -304,8 +304,6 @@ def write_seed(setup, device: str, assets: Path, tree: Path | None, dest: Path, 
     """
     import torch.distributed.checkpoint as dcp
 
-    from parity.core.process import process_env, run_process
-
     scratch = Path(tempfile.mkdtemp(prefix="parity-titan-seed-"))
     try:
         log = scratch / "seed.log"
@@ -331,8 +329,6 @@ def seed_checkpoint(case, device: str, cache: Path | None, timeout_s: float, see
     `seed`: for a setup that overrides the case's seed. torchtitan's seed only draws the initial
     weights (its data order is fixed), so such a setup starts from that seed's checkpoint instead.
     """
-    from parity.trainers.titan_assets import write_assets
-
     ref = next(s for s in case.setups if s.trainer == "torchtitan")
     if seed is not None:
         ref = replace(ref, train=replace(ref.train, seed=seed))
@@ -352,8 +348,6 @@ def prepare(case, setup, device: str, cache: Path | None, timeout_s: float, work
     The assets are written into the run's scratch folder (the same bytes for every setup); a setup
     that overrides the case's seed gets its own seed checkpoint (see seed_checkpoint).
     """
-    from parity.trainers.titan_assets import write_assets
-
     assets = Path(workdir) / "titan-assets"
     extra = {"titan_assets_sha256": write_assets(assets), **identity(setup), "module": setup.external["module"],
              "config": setup.external["config"]}
