@@ -55,7 +55,7 @@ def divergence_lines(case: CaseRun) -> list[str]:
     """Per pair, where it first diverged, as the verdict says (compare computed it: its step, both values,
     abs and rel error); the pair's own words when it did not."""
     out = []
-    for p in case.verdict.pairs if case.verdict is not None else []:
+    for p in case.pairs:
         d, who = p.diverged, f"{markdown.code(p.other)} vs {markdown.code(p.reference)}"
         if not d:
             out.append(f"First divergence, {who}: none" + (" (metrics and weights agree)" if p.passed else ""))

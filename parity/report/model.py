@@ -2,7 +2,9 @@
 
 A run directory holds `<case>/<setup>/{metrics.csv,run.json}` and `<case>/verdict.json`. This module reads them
 (never writes) and draws nothing. A case run holds its verdict as a typed Verdict (parity.verdict.model), None
-without one, and answers the questions the report asks of it (words, max_rel, tolerance, pair).
+without one, and answers the questions the report asks of it (words, max_rel, tolerance, pair). A verdict written
+by an older parity lacks the fields added since (device and backend, statistical, a pair's modes and localization,
+the probe phases' tolerances): from_json leaves them ABSENT, and the report reads them as not there.
 """
 
 from __future__ import annotations
@@ -86,6 +88,16 @@ class CaseRun:
         return None if self.verdict is None else self.verdict.mode
 
     @property
+    def pairs(self) -> list[Pair]:
+        """The verdict's pairs; none without a verdict."""
+        return self.verdict.pairs if self.verdict is not None else []
+
+    @property
+    def baseline_checks(self) -> list[BaselineCheck]:
+        """The verdict's baseline checks; none without a verdict."""
+        return self.verdict.baselines if self.verdict is not None else []
+
+    @property
     def platform(self) -> str:
         if self.verdict is not None and self.verdict.platform:
             return str(self.verdict.platform)
@@ -99,8 +111,7 @@ class CaseRun:
 
     def pair(self, other: str) -> Pair | None:
         """The verdict's pair judging `other`; None when there is none."""
-        pairs = self.verdict.pairs if self.verdict is not None else []
-        return next((p for p in pairs if p.other == other), None)
+        return next((p for p in self.pairs if p.other == other), None)
 
     def tolerance(self, name: str) -> tuple[float, float] | None:
         """(rtol, atol) of a metric or probe phase; None when the verdict has not both (a verdict written before
@@ -111,8 +122,7 @@ class CaseRun:
 
     def max_rel(self, metric: str) -> float | None:
         """The largest relative difference of a metric over the pairs; NaN, the worst, wins."""
-        pairs = self.verdict.pairs if self.verdict is not None else []
-        values = [number(p.metrics[metric].max_rel) for p in pairs]
+        values = [number(p.metrics[metric].max_rel) for p in self.pairs]
         values = [x for x in values if x is not None]
         # NaN compares false with everything; a NaN difference is the worst one, so it wins.
         return next((x for x in values if math.isnan(x)), max(values, default=None))

@@ -49,7 +49,7 @@ def _divergence_text(case: CaseRun) -> str:
     """Per pair, where it first diverged; where only its probes part, where they do."""
     parts = []
     beyond = " (beyond tolerance)" if case.mode == "tolerance" else ""
-    for p in case.verdict.pairs if case.verdict is not None else []:
+    for p in case.pairs:
         d = p.diverged
         first = p.localization.first if p.localization else None  # a verdict written before probes has none
         if d:
@@ -96,7 +96,7 @@ def _exact_steps(m: MetricResult) -> str:
 
 
 def pair_rows(case: CaseRun) -> list[dict]:
-    return [_pair_row(p) for p in case.verdict.pairs] if case.verdict is not None else []
+    return [_pair_row(p) for p in case.pairs]
 
 
 def _entry_text(e: dict) -> str:
@@ -128,9 +128,8 @@ def ensemble_text(case: CaseRun) -> list[str]:
 
 
 def baseline_rows(case: CaseRun) -> list[dict]:
-    checks = case.verdict.baselines if case.verdict is not None else []
     return [{"setup": b.setup, "platform": b.platform, "status": b.status, "message": b.message or "—"}
-            for b in checks]
+            for b in case.baseline_checks]
 
 
 # ----------------------------------------------------------------------------- setups and provenance

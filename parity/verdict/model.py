@@ -283,7 +283,6 @@ class Verdict(Record):
                             baselines=lambda bs: [BaselineCheck.from_json(b) for b in bs]))
 
 
-
 def read_verdict(path) -> Verdict:
     """`<out>/<case>/verdict.json` as a Verdict; a RecordError when the file is not a JSON object, or holds a value
     where a record belongs that is not one (a key it lacks is ABSENT, as from_json reads it)."""
