@@ -53,7 +53,7 @@ def runs(tmp_path):
     write_run(run_dir, "ref")
     write_run(run_dir, "other")
     for b in check_case_baselines(case, run_dir, root, update="new"):
-        assert b["status"] == "updated" and b["passed"]
+        assert b.status == "updated" and b.passed
     return case, run_dir, root
 
 
@@ -104,11 +104,11 @@ def test_corrupted_file_names_file_and_line(tmp_path, runs):
 def test_match_exact(runs):
     case, run_dir, root = runs
     results = check_case_baselines(case, run_dir, root)
-    assert [(b["setup"], b["status"], b["how"], b["passed"]) for b in results] == [
+    assert [(b.setup, b.status, b.basis, b.passed) for b in results] == [
         ("ref", "match", "exact", True), ("other", "match", "exact", True)]
-    assert results[0]["metrics"]["loss"]["exact_equal_steps"] == 5 and results[0]["obtained"] is None
-    assert set(results[0]) == {"setup", "path", "platform", "status", "how", "passed", "metrics", "message", "obtained"}
-    assert set(results[0]["metrics"]) == {"loss", "grad_norm"}
+    assert results[0].metrics["loss"].exact_equal_steps == 5 and results[0].obtained is None
+    assert set(results[0].to_json()) == {"setup", "path", "platform", "status", "how", "passed", "metrics", "message", "obtained"}
+    assert set(results[0].metrics) == {"loss", "grad_norm"}
     header, _ = records.read_csv(root / "demo" / "ref.cpu.csv")
     assert all(header.get(k) for k in PROVENANCE)
     assert header["mesh"] == "dp_replicate=2xdp_shard=4" and header["git_commit"] == "abc123"
@@ -119,12 +119,12 @@ def test_missing_baseline_fails_with_create_command(tmp_path):
     write_run(run_dir, "ref")
     write_run(run_dir, "other")
     b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
-    assert b["status"] == "missing" and not b["passed"]
-    assert "parity run cases/demo.toml --update-baselines=new" in b["message"]
-    assert "pytest --pyargs 'parity.test_parity::test_case[demo]' --parity-update-baselines=new" in b["message"]
+    assert b.status == "missing" and not b.passed
+    assert "parity run cases/demo.toml --update-baselines=new" in b.message
+    assert "pytest --pyargs 'parity.test_parity::test_case[demo]' --parity-update-baselines=new" in b.message
     assert not (root / "demo" / "ref.cpu.csv").exists()  # update None never writes
     v = compare_case(case, run_dir, [b])
-    assert not v["passed"] and "--update-baselines=new" in divergence_table(v)
+    assert not v.passed and "--update-baselines=new" in divergence_table(v)
 
 
 def nudge(path: Path, step: int, factor=1 + 1e-4):
@@ -139,17 +139,17 @@ def test_changed_loss_is_a_mismatch_naming_setup_metric_step(runs):
     stored = nudge(root / "demo" / "other.cpu.csv", step=3)
     results = check_case_baselines(case, run_dir, root)
     ref, other = results
-    assert ref["status"] == "match"
-    assert other["status"] == "mismatch" and not other["passed"]
-    assert "other loss step 3" in other["message"] and repr(stored) in other["message"]
-    assert "drift" not in other["message"]
-    assert other["metrics"]["loss"]["first_divergence"]["step"] == 3
-    assert other["metrics"]["grad_norm"]["passed"]
+    assert ref.status == "match"
+    assert other.status == "mismatch" and not other.passed
+    assert "other loss step 3" in other.message and repr(stored) in other.message
+    assert "drift" not in other.message
+    assert other.metrics["loss"].first_divergence["step"] == 3
+    assert other.metrics["grad_norm"].passed
     obtained = run_dir / "demo" / "other.obtained.csv"
-    assert other["obtained"] == str(obtained)
+    assert other.obtained == str(obtained)
     assert [bits(r["loss"]) for r in records.read_csv(obtained)[1]] == [bits(x) for x in LOSS]
     v = compare_case(case, run_dir, results)
-    assert not v["passed"] and v["problems"][0].startswith("baseline other: ")
+    assert not v.passed and v.problems[0].startswith("baseline other: ")
     table = divergence_table(v)
     assert "baseline other vs run" in table and repr(stored) in table and repr(LOSS[2]) in table
 
@@ -160,10 +160,10 @@ def test_update_failing_rewrites_only_that_file(runs):
     nudge(other_path, step=2)
     before = (ref_path.read_bytes(), ref_path.stat().st_mtime_ns)
     results = check_case_baselines(case, run_dir, root, update="failing")
-    assert [(b["status"], b["passed"]) for b in results] == [("match", True), ("updated", True)]
-    assert str(other_path) in results[1]["message"] and "other loss step 2" in results[1]["message"]
+    assert [(b.status, b.passed) for b in results] == [("match", True), ("updated", True)]
+    assert str(other_path) in results[1].message and "other loss step 2" in results[1].message
     assert (ref_path.read_bytes(), ref_path.stat().st_mtime_ns) == before
-    assert [b["status"] for b in check_case_baselines(case, run_dir, root)] == ["match", "match"]
+    assert [b.status for b in check_case_baselines(case, run_dir, root)] == ["match", "match"]
 
 
 def test_update_new_does_not_overwrite_a_mismatch(runs):
@@ -172,7 +172,7 @@ def test_update_new_does_not_overwrite_a_mismatch(runs):
     nudge(path, step=2)
     before = path.read_bytes()
     b = check_baseline(case, "other", run_dir, root, "cpu", TORCH, update="new")
-    assert b["status"] == "mismatch" and not b["passed"] and path.read_bytes() == before
+    assert b.status == "mismatch" and not b.passed and path.read_bytes() == before
 
 
 def test_update_all_rewrites_matching_and_none_never_writes(runs):
@@ -180,11 +180,11 @@ def test_update_all_rewrites_matching_and_none_never_writes(runs):
     path = root / "demo" / "ref.cpu.csv"
     path.write_text(path.read_text().replace("# date: ", "# date: 1999-"))
     before = path.read_bytes()
-    assert check_baseline(case, "ref", run_dir, root, "cpu", TORCH)["status"] == "match"
-    assert check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update="failing")["status"] == "match"
+    assert check_baseline(case, "ref", run_dir, root, "cpu", TORCH).status == "match"
+    assert check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update="failing").status == "match"
     assert path.read_bytes() == before  # a matching baseline is left alone
     b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update="all")
-    assert b["status"] == "updated" and b["passed"] and path.read_bytes() != before
+    assert b.status == "updated" and b.passed and path.read_bytes() != before
     with pytest.raises(ValueError, match="update mode"):
         check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update="everything")
 
@@ -194,7 +194,7 @@ def test_other_cpu_instruction_set_compares_within_tolerance(runs):
     case, run_dir, root = runs
     write_run(run_dir, "ref", rows(loss=[float(np.nextafter(x, math.inf)) for x in LOSS]), isa="AVX2")
     b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
-    assert b["how"] == "tolerance" and b["passed"] and "cpu_capability: AVX512 vs AVX2" in b["message"]
+    assert b.basis == "tolerance" and b.passed and "cpu_capability: AVX512 vs AVX2" in b.message
 
 
 def test_other_thread_count_compares_within_tolerance_and_old_baselines_mean_one_thread(runs):
@@ -202,15 +202,15 @@ def test_other_thread_count_compares_within_tolerance_and_old_baselines_mean_one
     case, run_dir, root = runs
     write_run(run_dir, "ref", rows(loss=[float(np.nextafter(x, math.inf)) for x in LOSS]), threads=4)
     b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
-    assert b["how"] == "tolerance" and b["passed"] and "threads: 1 vs 4" in b["message"]
+    assert b.basis == "tolerance" and b.passed and "threads: 1 vs 4" in b.message
     path = root / "demo" / "ref.cpu.csv"
     path.write_text("".join(l for l in path.read_text().splitlines(True) if not l.startswith("# threads:")))
     write_run(run_dir, "ref", threads=1)
     b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
-    assert b["how"] == "exact" and b["status"] == "match"
+    assert b.basis == "exact" and b.status == "match"
     write_run(run_dir, "ref", threads=2)
     b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
-    assert b["how"] == "tolerance" and "threads: not recorded vs 2" in b["message"]
+    assert b.basis == "tolerance" and "threads: not recorded vs 2" in b.message
 
 
 def test_other_torch_version_compares_within_tolerance(runs):
@@ -218,25 +218,25 @@ def test_other_torch_version_compares_within_tolerance(runs):
     close = [float(np.nextafter(x, math.inf)) for x in LOSS]
     write_run(run_dir, "ref", rows(loss=close), torch="2.14.0")
     b = check_baseline(case, "ref", run_dir, root, "cpu", "2.14.0")
-    assert b["how"] == "tolerance" and b["status"] == "match" and b["passed"]
-    assert not b["metrics"]["loss"]["bitwise"] and "2.14.0" in b["message"]
+    assert b.basis == "tolerance" and b.status == "match" and b.passed
+    assert not b.metrics["loss"].bitwise and "2.14.0" in b.message
     # Same torch and platform: the one-ULP change fails the exact comparison.
     b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
-    assert b["how"] == "exact" and b["status"] == "mismatch" and "bit-level drift" in b["message"]
+    assert b.basis == "exact" and b.status == "mismatch" and "bit-level drift" in b.message
     # Other torch, but beyond tolerance: fails.
     write_run(run_dir, "ref", rows(loss=[x * (1 + 1e-4) for x in LOSS]), torch="2.14.0")
     b = check_baseline(case, "ref", run_dir, root, "cpu", "2.14.0")
-    assert b["how"] == "tolerance" and b["status"] == "mismatch"
+    assert b.basis == "tolerance" and b.status == "mismatch"
 
 
 def test_failed_run_is_an_error_and_writes_nothing(tmp_path):
     case, run_dir, root = make_case(), tmp_path / "out", tmp_path / "baselines"
     write_run(run_dir, "ref", status="failed")
     b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update="all")
-    assert b["status"] == "error" and not b["passed"] and not (root / "demo").exists()
+    assert b.status == "error" and not b.passed and not (root / "demo").exists()
     write_run(run_dir, "ref", rows(loss=[math.nan] * 5))
     b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update="all")
-    assert b["status"] == "error" and "NaN" in b["message"] and not (root / "demo").exists()
+    assert b.status == "error" and "NaN" in b.message and not (root / "demo").exists()
 
 
 def test_shorter_run_compares_a_prefix_and_never_shortens_a_baseline(runs):
@@ -244,14 +244,14 @@ def test_shorter_run_compares_a_prefix_and_never_shortens_a_baseline(runs):
     path = root / "demo" / "ref.cpu.csv"
     write_run(run_dir, "ref", rows()[:3])
     b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update="failing")
-    assert b["status"] == "match" and "first 3 of 5 steps" in b["message"]
+    assert b.status == "match" and "first 3 of 5 steps" in b.message
     write_run(run_dir, "ref", rows(loss=[x * 2 for x in LOSS])[:3])
     before = path.read_bytes()
     for mode in ("failing", "all"):
         b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update=mode)
-        assert b["status"] == "mismatch" and path.read_bytes() == before and "fewer steps" in b["message"]
+        assert b.status == "mismatch" and path.read_bytes() == before and "fewer steps" in b.message
     write_run(run_dir, "ref", rows() + [dict(rows()[-1], step=6)])
-    assert check_baseline(case, "ref", run_dir, root, "cpu", TORCH)["status"] == "mismatch"  # longer
+    assert check_baseline(case, "ref", run_dir, root, "cpu", TORCH).status == "mismatch"  # longer
 
 
 # ---- unused and lint -----------------------------------------------------------------------

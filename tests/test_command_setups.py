@@ -87,12 +87,12 @@ def between_setups(case, out: Path, tmp_path: Path) -> dict:
     """The verdict through runner.judge (baselines missing: a tmp root), with its between-setups part checked too."""
     verdict = judge(case, out, tmp_path / "baselines", update=None)
     ok = {s.name for s in case.setups if records.read_json(out / case.name / s.name / "run.json")["status"] == "ok"}
-    assert {b["setup"]: b["status"] for b in verdict["baselines"] if b["setup"] in ok} == dict.fromkeys(ok, "missing")
+    assert {b.setup: b.status for b in verdict.baselines if b.setup in ok} == dict.fromkeys(ok, "missing")
     return verdict
 
 
 def pair(verdict: dict, other: str) -> dict:
-    return next(p for p in verdict["pairs"] if p["other"] == other)
+    return next(p for p in verdict.pairs if p.other == other)
 
 
 # --- a: each reader against the built-in setup -------------------------------------------------
@@ -114,36 +114,36 @@ def test_every_reader_matches_the_builtin_setup(tmp_path, seed_cache):
                                                                        "log_rounded"), "ok"), results
     verdict = between_setups(case, out, tmp_path)
     # Only the missing baselines fail the case.
-    assert [p for p in verdict["problems"] if not p.startswith("baseline ")] == []
+    assert [p for p in verdict.problems if not p.startswith("baseline ")] == []
 
     for name in ("tb", "jsonl", "log_exact"):
         p = pair(verdict, name)
-        assert p["passed"], (name, p["problems"])
-        assert p["modes"] == {"loss": "bitwise", "grad_norm": "bitwise", "weights": "bitwise"}, name
+        assert p.passed, (name, p.problems)
+        assert p.modes == {"loss": "bitwise", "grad_norm": "bitwise", "weights": "bitwise"}, name
         for m in ("loss", "grad_norm"):
-            assert p["metrics"][m]["exact_equal_steps"] == STEPS, (name, m, p["metrics"][m])
-            assert p["metrics"][m]["bitwise"] is True
+            assert p.metrics[m].exact_equal_steps == STEPS, (name, m, p.metrics[m])
+            assert p.metrics[m].bitwise is True
         info = records.read_json(out / "readers" / name / "run.json")
         assert info["trainer"] == "command" and info["rounded"] == {}
         assert info["argv"][1] == str(SCRIPT) and info["cwd"] == str((tmp_path / "cases").resolve())
     for name in ("tb", "jsonl"):  # final weights: every parameter's sha256 equal to the built-in run's
-        w = pair(verdict, name)["metrics"]["weights"]
-        assert "not_recorded" not in w and w["n"] > 0 and w["exact_equal_steps"] == w["n"], (name, w)
-    unrecorded = pair(verdict, "log_exact")["metrics"]["weights"]
-    assert "log_exact" in unrecorded["not_recorded"] and unrecorded["passed"]
+        w = pair(verdict, name).metrics["weights"]
+        assert "not_recorded" not in w.to_json() and w.n > 0 and w.exact_equal_steps == w.n, (name, w)
+    unrecorded = pair(verdict, "log_exact").metrics["weights"]
+    assert "log_exact" in unrecorded.not_recorded and unrecorded.passed
     assert "weights    not compared: log_exact recorded no final weights" in format_verdict(verdict)
 
     # The rounded log: compared within tolerance widened by the rounding, never bitwise.
     rounded = pair(verdict, "log_rounded")
-    assert rounded["passed"], rounded["problems"]
-    assert rounded["modes"]["loss"] == rounded["modes"]["grad_norm"] == "tolerance"
-    assert rounded["modes"]["weights"] == "bitwise"
+    assert rounded.passed, rounded["problems"]
+    assert rounded.modes["loss"] == rounded.modes["grad_norm"] == "tolerance"
+    assert rounded.modes["weights"] == "bitwise"
     for m in ("loss", "grad_norm"):
-        assert any(n.startswith(f"{m}: recorded from rounded log text") for n in rounded["notes"]), rounded["notes"]
+        assert any(n.startswith(f"{m}: recorded from rounded log text") for n in rounded.notes), rounded["notes"]
         # ... and bitwise it would have failed: 5 decimals drop the last digits of every value.
-        lane = rounded["metrics"][m]
-        assert lane["exact_equal_steps"] == 0 and lane["bitwise"] is False and lane["within_tolerance"] is True
-        assert 0 < lane["max_abs"] <= 5e-6
+        lane = rounded.metrics[m]
+        assert lane.exact_equal_steps == 0 and lane.bitwise is False and lane.within_tolerance is True
+        assert 0 < lane.max_abs <= 5e-6
     info = records.read_json(out / "readers" / "log_rounded" / "run.json")
     assert info["rounded"] == {"loss": 5e-6, "grad_norm": 5e-6, "lr": 5e-6}
     ref_rows = records.read_metrics(out / "readers" / "builtin" / "metrics.csv")
@@ -158,7 +158,7 @@ def test_every_reader_matches_the_builtin_setup(tmp_path, seed_cache):
     raw["metrics"] = {k: v for k, v in raw["metrics"].items() if not k.endswith("_rounding")}  # columns
     ref = load_run(out / "readers" / "builtin", "builtin")
     strict = compare_pair("builtin", ref, "log_rounded", raw, case)
-    assert not strict["passed"] and strict["diverged"]["metric"] == "loss" and strict["diverged"]["step"] == 1
+    assert not strict.passed and strict.diverged["metric"] == "loss" and strict.diverged["step"] == 1
 
 
 # --- b: a planted bug is caught where it is planted ------------------------------------------
@@ -179,23 +179,23 @@ def test_scaled_gradients_are_caught_at_step_1_on_grad_norm(tmp_path, seed_cache
 
     verdict = between_setups(control, out, tmp_path)
     p = pair(verdict, "scaled")
-    assert p["passed"], p["problems"]
-    assert (p["diverged"]["metric"], p["diverged"]["step"]) == ("grad_norm", 1)
-    assert p["effect"]["ratio"] == 2.0 and p["effect"]["problems"] == []  # x2 exactly: a power of two
+    assert p.passed, p.problems
+    assert (p.diverged["metric"], p.diverged["step"]) == ("grad_norm", 1)
+    assert p.effect["ratio"] == 2.0 and p.effect["problems"] == []  # x2 exactly: a power of two
     # Step 1's loss comes before the bug; after it, clipping and AdamW all but undo a x2 (a power of two).
-    assert p["metrics"]["loss"]["first_divergence"] is None or p["metrics"]["loss"]["first_divergence"]["step"] > 1
-    assert [x for x in verdict["problems"] if not x.startswith("baseline ")] == []
+    assert p.metrics["loss"].first_divergence is None or p.metrics["loss"].first_divergence["step"] > 1
+    assert [x for x in verdict.problems if not x.startswith("baseline ")] == []
 
     # The same run, judged by a case that expects a match: it fails, first on grad_norm at step 1.
     match = load_case(write_case(tmp_path / "match", "scaled", head))
     assert match.name == control.name
     strict = compare_case(match, out)
-    assert not strict["passed"]
+    assert not strict.passed
     p = pair(strict, "scaled")
-    assert not p["passed"] and (p["diverged"]["metric"], p["diverged"]["step"]) == ("grad_norm", 1)
-    assert p["diverged"]["value_other"] == 2 * p["diverged"]["value_ref"]
+    assert not p.passed and (p.diverged["metric"], p.diverged["step"]) == ("grad_norm", 1)
+    assert p.diverged["value_other"] == 2 * p.diverged["value_ref"]
     assert any(line.startswith("builtin vs scaled: grad_norm: 3 of 3 steps differ bitwise; first at step 1")
-               for line in strict["problems"]), strict["problems"]
+               for line in strict.problems), strict["problems"]
 
 
 # --- c: commands that fail, write nothing, or hang ---------------------------------------------
@@ -294,10 +294,10 @@ def test_failing_silent_and_hanging_commands_are_reported(tmp_path, seed_cache):
             "allowed: a pattern that matches in linear time, e.g. (?P<loss>\\S+)")
 
         verdict = between_setups(case, out, tmp_path)
-        assert not verdict["passed"]
-        problems = [x for x in verdict["problems"] if not x.startswith("baseline ")]
+        assert not verdict.passed
+        problems = [x for x in verdict.problems if not x.startswith("baseline ")]
         for name, status in (("crash", "failed"), ("silent", "failed"), ("hang", "timeout"), ("backtrack", "failed")):
-            assert not pair(verdict, name)["passed"]
+            assert not pair(verdict, name).passed
             assert any(line.startswith(f"good vs {name}: {name}: run status is '{status}'") for line in problems), \
                 (name, problems)
         assert any("metrics.jsonl" in line for line in problems if "silent" in line), problems

@@ -63,10 +63,10 @@ def test_ulps_apart_in_the_values_own_precision():
 @pytest.mark.parametrize("mode", ["bitwise", "tolerance"])
 def test_equal_series_pass(mode):
     m = series(LOSS, list(LOSS), mode=mode)
-    assert m["passed"] and m["bitwise"] and m["within_tolerance"]
-    assert (m["n"], m["exact_equal_steps"], m["failing_steps"]) == (4, 4, 0)
-    assert m["first_divergence"] is None and m["first_tolerance_failure"] is None
-    assert m["max_abs"] == 0.0 and m["max_rel"] == 0.0 and m["problems"] == []
+    assert m.passed and m.bitwise and m.within_tolerance
+    assert (m.n, m.exact_equal_steps, m.failing_steps) == (4, 4, 0)
+    assert m.first_divergence is None and m.first_tolerance_failure is None
+    assert m.max_abs == 0.0 and m.max_rel == 0.0 and m.problems == []
 
 
 def test_one_float32_ulp_apart():
@@ -75,22 +75,22 @@ def test_one_float32_ulp_apart():
     other[2] = f32_up(ref[2])
     bitwise = series(ref, other, mode="bitwise")
     tolerance = series(ref, other, mode="tolerance")
-    assert not bitwise["passed"] and tolerance["passed"]
-    assert bitwise["exact_equal_steps"] == 3
-    d = bitwise["first_divergence"]
+    assert not bitwise.passed and tolerance.passed
+    assert bitwise.exact_equal_steps == 3
+    d = bitwise.first_divergence
     assert (d["step"], d["ulps"], d["value_ref"], d["value_other"]) == (3, 1, ref[2], other[2])
     assert d["abs"] == other[2] - ref[2] and d["rel"] == d["abs"] / ref[2]
-    assert tolerance["first_tolerance_failure"] is None and tolerance["failing_steps"] == 0
+    assert tolerance.first_tolerance_failure is None and tolerance.failing_steps == 0
 
 
 def test_one_double_ulp_is_not_bitwise_equal():
     m = series(LOSS, [LOSS[0], up(LOSS[1]), LOSS[2], LOSS[3]], EXACT, "bitwise")
-    assert not m["bitwise"] and m["first_divergence"]["step"] == 2
+    assert not m.bitwise and m.first_divergence["step"] == 2
 
 
 def test_negative_zero_is_not_bitwise_equal():
     m = series([0.0, 1.5], [-0.0, 1.5], LOOSE, "bitwise")
-    assert not m["bitwise"] and m["within_tolerance"] and m["first_divergence"]["step"] == 1
+    assert not m.bitwise and m.within_tolerance and m.first_divergence["step"] == 1
 
 
 @pytest.mark.parametrize("ref,other", [
@@ -101,36 +101,36 @@ def test_negative_zero_is_not_bitwise_equal():
 @pytest.mark.parametrize("mode", ["bitwise", "tolerance"])
 def test_nan_never_passes(ref, other, mode):
     m = series(ref, other, Tolerance(rtol=1e9, atol=1e9), mode)
-    assert not m["passed"] and not m["bitwise"] and not m["within_tolerance"]
-    assert any("non-finite" in p and "2 (nan)" in p for p in m["problems"])
-    assert m["exact_equal_steps"] == 1 and m["failing_steps"] == 1
+    assert not m.passed and not m.bitwise and not m.within_tolerance
+    assert any("non-finite" in p and "2 (nan)" in p for p in m.problems)
+    assert m.exact_equal_steps == 1 and m.failing_steps == 1
 
 
 @pytest.mark.parametrize("other", [[1.5, math.inf], [1.5, -math.inf]])
 def test_inf_never_passes(other):
     for ref in ([1.5, 2.0], list(other)):  # inf vs inf too
         m = series(ref, other, Tolerance(rtol=1e9, atol=1e9))
-        assert not m["passed"] and any("inf" in p for p in m["problems"])
+        assert not m.passed and any("inf" in p for p in m.problems)
 
 
 def test_length_mismatch():
     m = series(LOSS, LOSS[:3], EXACT, "bitwise")
-    assert not m["passed"] and not m["bitwise"] and not m["within_tolerance"]
-    assert m["problems"] == ["other lacks steps 4 that reference has"]
-    assert m["exact_equal_steps"] == 3  # the common steps are still reported
+    assert not m.passed and not m.bitwise and not m.within_tolerance
+    assert m.problems == ["other lacks steps 4 that reference has"]
+    assert m.exact_equal_steps == 3  # the common steps are still reported
     m = series(LOSS[:3], LOSS)
-    assert not m["passed"] and m["problems"] == ["other has steps 4 that reference lacks"]
+    assert not m.passed and m.problems == ["other has steps 4 that reference lacks"]
 
 
 def test_misaligned_duplicate_and_unordered_steps():
     m = compare_series([1, 2, 3], LOSS[:3], [1, 2, 4], LOSS[:3], LOOSE)
-    assert not m["passed"] and len(m["problems"]) == 2
+    assert not m.passed and len(m.problems) == 2
     m = compare_series([1, 2, 3], LOSS[:3], [1, 3, 2], [LOSS[0], LOSS[2], LOSS[1]], LOOSE)
-    assert not m["passed"] and "out of order" in m["problems"][0]
+    assert not m.passed and "out of order" in m.problems[0]
     m = compare_series([1, 2, 3], LOSS[:3], [1, 2, 2, 3], [LOSS[0], LOSS[1], LOSS[1], LOSS[2]], LOOSE)
-    assert not m["passed"] and "twice" in m["problems"][0]
+    assert not m.passed and "twice" in m.problems[0]
     m = compare_series([], [], [], [], LOOSE)
-    assert not m["passed"] and m["problems"] == ["nothing to compare"]
+    assert not m.passed and m.problems == ["nothing to compare"]
 
 
 @pytest.mark.parametrize("tol,ref,at_bound", [
@@ -141,19 +141,19 @@ def test_misaligned_duplicate_and_unordered_steps():
 ])
 def test_tolerance_edges(tol, ref, at_bound):
     ok = series([ref], [at_bound], tol)
-    assert ok["passed"] and ok["failing_steps"] == 0 and not ok["bitwise"]
+    assert ok.passed and ok.failing_steps == 0 and not ok.bitwise
     past = float(np.nextafter(at_bound, math.inf if at_bound > ref else -math.inf))
     bad = series([ref], [past], tol)
-    assert not bad["passed"] and bad["failing_steps"] == 1
-    assert bad["first_tolerance_failure"]["value_other"] == past
+    assert not bad.passed and bad.failing_steps == 1
+    assert bad.first_tolerance_failure["value_other"] == past
 
 
 def test_rtol_uses_reference_not_other():
     # |2.5 - 2| = 0.5 = 0.25 * |2| passes; swapped, 0.25 * |2.5| = 0.625 would also pass, so use a
     # bound that only the reference satisfies.
     tol = Tolerance(rtol=0.2, atol=0.0)
-    assert not series([2.0], [2.5], tol)["passed"]  # 0.5 > 0.4
-    assert series([2.5], [2.0], tol)["passed"]  # 0.5 <= 0.5
+    assert not series([2.0], [2.5], tol).passed  # 0.5 > 0.4
+    assert series([2.5], [2.0], tol).passed  # 0.5 <= 0.5
 
 
 # ---- weights -------------------------------------------------------------------------------
@@ -163,20 +163,20 @@ def weights(shas=("a" * 64, "b" * 64), norms=(12.345678901234567, 0.987654321098
 
 
 def test_weights_equal_and_sha_mismatch():
-    assert compare_weights(weights(), weights(), EXACT, "bitwise")["passed"]
+    assert compare_weights(weights(), weights(), EXACT, "bitwise").passed
     other = weights(shas=("a" * 64, "c" * 64))
     m = compare_weights(weights(), other, EXACT, "bitwise")
-    assert not m["passed"] and m["exact_equal_steps"] == 1
-    assert m["first_divergence"]["param"] == "layers.1.w" and m["first_divergence"]["abs"] == 0.0
-    assert compare_weights(weights(), other, EXACT, "tolerance")["passed"]  # same norms
+    assert not m.passed and m.exact_equal_steps == 1
+    assert m.first_divergence["param"] == "layers.1.w" and m.first_divergence["abs"] == 0.0
+    assert compare_weights(weights(), other, EXACT, "tolerance").passed  # same norms
 
 
 def test_weights_missing_param_and_norm_tolerance():
     m = compare_weights(weights(), weights()[:1], LOOSE)
-    assert not m["passed"] and m["problems"] == ["other lacks params layers.1.w"]
+    assert not m.passed and m.problems == ["other lacks params layers.1.w"]
     far = weights(norms=(12.345678901234567, 0.99))
     m = compare_weights(weights(), far, LOOSE)
-    assert not m["passed"] and m["first_tolerance_failure"]["param"] == "layers.1.w"
+    assert not m.passed and m.first_tolerance_failure["param"] == "layers.1.w"
 
 
 # ---- cases and run directories -------------------------------------------------------------
@@ -202,26 +202,26 @@ def test_case_match_bitwise_pass(tmp_path):
     write_run(tmp_path, "ref")
     write_run(tmp_path, "other")
     v = compare_case(make_case(), tmp_path)
-    assert v["passed"] and v["problems"] == []
-    pair = v["pairs"][0]
-    assert (pair["reference"], pair["other"], pair["passed"], pair["diverged"]) == ("ref", "other", True, None)
-    assert set(pair["metrics"]) == {"loss", "grad_norm", "weights"}
-    assert v["tolerance"]["loss"] == {"rtol": 1e-5, "atol": 0.0, "source": "default for float32"}
-    assert v["platform"] == "cpu" and v["reference"] == "ref"
+    assert v.passed and v.problems == []
+    pair = v.pairs[0]
+    assert (pair.reference, pair.other, pair.passed, pair.diverged) == ("ref", "other", True, None)
+    assert set(pair.metrics) == {"loss", "grad_norm", "weights"}
+    assert v.tolerance["loss"] == {"rtol": 1e-5, "atol": 0.0, "source": "default for float32"}
+    assert v.platform == "cpu" and v.reference == "ref"
 
 
 def test_case_match_bitwise_fails_at_step(tmp_path):
     write_run(tmp_path, "ref")
     write_run(tmp_path, "other", loss=[LOSS[0], LOSS[1], up(LOSS[2]), LOSS[3]])
     v = compare_case(make_case(), tmp_path)
-    assert not v["passed"]
-    pair = v["pairs"][0]
-    assert pair["diverged"]["metric"] == "loss" and pair["diverged"]["step"] == 3
-    assert any("loss: 1 of 4 steps differ bitwise; first at step 3" in p for p in v["problems"])
+    assert not v.passed
+    pair = v.pairs[0]
+    assert pair.diverged["metric"] == "loss" and pair.diverged["step"] == 3
+    assert any("loss: 1 of 4 steps differ bitwise; first at step 3" in p for p in v.problems)
     table = divergence_table(v)
     assert repr(LOSS[2]) in table and repr(up(LOSS[2])) in table and "loss" in table
     # The same runs pass in tolerance mode.
-    assert compare_case(make_case(mode="tolerance"), tmp_path)["passed"]
+    assert compare_case(make_case(mode="tolerance"), tmp_path).passed
 
 
 def test_diverge_mode(tmp_path):
@@ -229,21 +229,21 @@ def test_diverge_mode(tmp_path):
     write_run(tmp_path, "same")
     write_run(tmp_path, "far", loss=[LOSS[0], LOSS[1] * 1.01, LOSS[2] * 1.01, LOSS[3] * 1.01])
     v = compare_case(make_case(mode="tolerance", outcome="diverge", names=("ref", "far")), tmp_path)
-    assert v["passed"]
-    d = v["pairs"][0]["diverged"]
+    assert v.passed
+    d = v.pairs[0].diverged
     assert (d["metric"], d["step"], d["param"]) == ("loss", 2, None)
     assert d["value_other"] == LOSS[1] * 1.01
     v = compare_case(make_case(mode="tolerance", outcome="diverge", names=("ref", "same")), tmp_path)
-    assert not v["passed"] and v["pairs"][0]["diverged"] is None
-    assert "expected a divergence" in v["problems"][0]
+    assert not v.passed and v.pairs[0].diverged is None
+    assert "expected a divergence" in v.problems[0]
 
 
 def test_diverge_grad_norm_first_at_step_1(tmp_path):
     write_run(tmp_path, "ref")
     write_run(tmp_path, "other", loss=[LOSS[0]] + [x * 1.01 for x in LOSS[1:]], gnorm=[GNORM[0] * 2] + GNORM[1:])
     v = compare_case(make_case(mode="bitwise", outcome="diverge"), tmp_path)
-    assert v["passed"]
-    d = v["pairs"][0]["diverged"]
+    assert v.passed
+    d = v.pairs[0].diverged
     assert (d["metric"], d["step"]) == ("grad_norm", 1)
 
 
@@ -252,10 +252,10 @@ def test_diverge_tie_prefers_loss_and_weights_last(tmp_path):
     write_run(tmp_path, "tie", loss=[up(LOSS[0])] + LOSS[1:], gnorm=[up(GNORM[0])] + GNORM[1:])
     write_run(tmp_path, "w", w=weights(shas=("a" * 64, "d" * 64)))
     v = compare_case(make_case(outcome="diverge", names=("ref", "tie", "w")), tmp_path)
-    assert v["passed"]
-    tie, w = v["pairs"]
-    assert (tie["diverged"]["metric"], tie["diverged"]["step"]) == ("loss", 1)
-    assert (w["diverged"]["metric"], w["diverged"]["step"], w["diverged"]["param"]) == ("weights", None, "layers.1.w")
+    assert v.passed
+    tie, w = v.pairs
+    assert (tie.diverged["metric"], tie.diverged["step"]) == ("loss", 1)
+    assert (w.diverged["metric"], w.diverged["step"], w.diverged["param"]) == ("weights", None, "layers.1.w")
 
 
 @pytest.mark.parametrize("outcome", ["match", "diverge"])
@@ -264,8 +264,8 @@ def test_failed_run_never_passes(tmp_path, outcome, bad):
     write_run(tmp_path, "ref")
     write_run(tmp_path, "other", loss=[x * 2 for x in LOSS], status=bad)
     v = compare_case(make_case(outcome=outcome), tmp_path)
-    assert not v["passed"] and not v["pairs"][0]["passed"]
-    assert f"other: run status is {bad!r}" in v["pairs"][0]["problems"]
+    assert not v.passed and not v.pairs[0].passed
+    assert f"other: run status is {bad!r}" in v.pairs[0].problems
 
 
 def test_failed_reference_fails_every_pair(tmp_path):
@@ -273,7 +273,7 @@ def test_failed_reference_fails_every_pair(tmp_path):
     write_run(tmp_path, "a")
     write_run(tmp_path, "b")
     v = compare_case(make_case(names=("ref", "a", "b")), tmp_path)
-    assert not v["passed"] and not any(p["passed"] for p in v["pairs"])
+    assert not v.passed and not any(p.passed for p in v.pairs)
 
 
 @pytest.mark.parametrize("outcome", ["match", "diverge"])
@@ -297,7 +297,7 @@ def test_failed_run_is_a_verdict_problem_not_bad_input(tmp_path):
     records.write_json(info, {**records.read_json(info), "status": "timeout", "message": "timed out after 9 s"})
     (tmp_path / "demo" / "other" / "metrics.csv").unlink()
     v = compare_case(make_case(), tmp_path)
-    assert not v["passed"] and any("run status is 'timeout': timed out after 9 s" in p for p in v["problems"])
+    assert not v.passed and any("run status is 'timeout': timed out after 9 s" in p for p in v.problems)
 
 
 def test_nan_in_run_fails_diverge_mode_too(tmp_path):
@@ -305,7 +305,7 @@ def test_nan_in_run_fails_diverge_mode_too(tmp_path):
     write_run(tmp_path, "other", loss=[LOSS[0], math.nan, LOSS[2], LOSS[3]])
     for outcome in ("match", "diverge"):
         v = compare_case(make_case(outcome=outcome), tmp_path)
-        assert not v["passed"] and any("nan" in p for p in v["problems"])
+        assert not v.passed and any("nan" in p for p in v.problems)
 
 
 def test_baseline_results_gate_the_case(tmp_path):
@@ -313,9 +313,9 @@ def test_baseline_results_gate_the_case(tmp_path):
     write_run(tmp_path, "other")
     ok = BaselineCheck("ref", None, "cpu", "match", "exact", True, {}, "matches", None)
     bad = BaselineCheck("other", None, "cpu", "missing", "exact", False, {}, "no baseline", None)
-    assert compare_case(make_case(), tmp_path, [ok])["passed"]
+    assert compare_case(make_case(), tmp_path, [ok]).passed
     v = compare_case(make_case(), tmp_path, [ok, bad])
-    assert not v["passed"] and v["problems"] == ["baseline other: no baseline"]
+    assert not v.passed and v.problems == ["baseline other: no baseline"]
 
 
 def test_write_verdict_and_summaries(tmp_path):
@@ -354,7 +354,7 @@ def test_verdict_schema(tmp_path):
     """verdict.json is a contract for the plugin, the CLI and the reports: pin its key names."""
     write_run(tmp_path, "ref")
     write_run(tmp_path, "other", loss=[up(x) for x in LOSS])
-    v = compare_case(make_case(), tmp_path)
+    v = compare_case(make_case(), tmp_path).to_json()
     assert set(v) == {"case", "passed", "mode", "outcome", "reference", "platform", "device", "backend",
                       "tolerance", "repeat", "statistical", "pairs", "baselines", "problems", "notes"}
     pair = v["pairs"][0]
@@ -377,7 +377,7 @@ def test_repeat_check_passes_when_the_reference_repeats_bit_for_bit(tmp_path):
     write_run(tmp_path, "ref.repeat")
     write_run(tmp_path, "other")
     v = compare_case(make_case(), tmp_path)
-    assert v["passed"] and v["repeat"]["passed"] and v["repeat"]["cause"] is None
+    assert v.passed and v.repeat.passed and v.repeat.cause is None
     assert "repeat check (ref twice, bitwise): PASS" in format_verdict(v)
 
 
@@ -389,8 +389,8 @@ def test_repeat_check_fails_first_with_nondeterministic_reference_even_in_a_tole
     case = make_case()
     case = replace(case, expect=replace(case.expect, mode="tolerance"))
     v = compare_case(case, tmp_path)
-    assert not v["passed"] and v["pairs"][0]["passed"]
-    assert v["problems"][0].startswith("nondeterministic reference: ref run twice in one launch differs first at "
+    assert not v.passed and v.pairs[0].passed
+    assert v.problems[0].startswith("nondeterministic reference: ref run twice in one launch differs first at "
                                        "step 3 on grad_norm")
     assert "FAIL: nondeterministic reference" in format_verdict(v)
 
@@ -400,30 +400,30 @@ def test_repeat_run_that_failed_is_a_repeat_check_problem(tmp_path):
     write_run(tmp_path, "ref.repeat", status="timeout")
     write_run(tmp_path, "other")
     v = compare_case(make_case(), tmp_path)
-    assert not v["passed"] and v["problems"][0].startswith("repeat check: ref.repeat: run status is 'timeout'")
+    assert not v.passed and v.problems[0].startswith("repeat check: ref.repeat: run status is 'timeout'")
 
 
 def test_no_repeat_directory_means_no_repeat_check(tmp_path):
     write_run(tmp_path, "ref")
     write_run(tmp_path, "other")
-    assert compare_case(make_case(), tmp_path)["repeat"] is None
+    assert compare_case(make_case(), tmp_path).repeat is None
 
 
 def test_runs_from_another_version_of_the_case_file_are_named(tmp_path):
     write_run(tmp_path, "ref")
     write_run(tmp_path, "other")
     case = make_case()
-    assert "do not record their case file's sha256" in compare_case(case, tmp_path)["notes"][0]
+    assert "do not record their case file's sha256" in compare_case(case, tmp_path).notes[0]
     for name in ("ref", "other"):
         info = tmp_path / "demo" / name / "run.json"
         records.write_json(info, {**records.read_json(info), "case_sha256": "f" * 64})
     v = compare_case(case, tmp_path)
-    assert v["passed"] and "made from another version of cases/demo.toml (case sha256 ffffffffffff" in v["notes"][0]
+    assert v.passed and "made from another version of cases/demo.toml (case sha256 ffffffffffff" in v.notes[0]
     assert "note: the runs were made from another version" in format_verdict(v)
     for name in ("ref", "other"):
         info = tmp_path / "demo" / name / "run.json"
         records.write_json(info, {**records.read_json(info), "case_sha256": case.sha256})
-    assert compare_case(case, tmp_path)["notes"] == []
+    assert compare_case(case, tmp_path).notes == []
 
 
 def test_rounding_slack_is_per_step():
@@ -431,10 +431,10 @@ def test_rounding_slack_is_per_step():
     (0.05) must not widen the fine step's allowance (5e-7)."""
     slack = {1: 0.05, 2: 5e-07}
     m = compare_series([1, 2], [2.5, 0.123457], [1, 2], [2.54, 0.1236], Tolerance(0.0, 0.0), "tolerance", slack=slack)
-    assert not m["passed"] and m["failing_steps"] == 1 and m["first_tolerance_failure"]["step"] == 2
+    assert not m.passed and m.failing_steps == 1 and m.first_tolerance_failure["step"] == 2
     ok = compare_series([1, 2], [2.5, 0.123457], [1, 2], [2.54, 0.1234573], Tolerance(0.0, 0.0), "tolerance",
                         slack=slack)
-    assert ok["passed"] and ok["exact_equal_steps"] == 0
+    assert ok.passed and ok.exact_equal_steps == 0
 
 
 # ---- long series: whole columns, the same verdict as a short hand-checked one -----------------
@@ -445,11 +445,11 @@ SHORT_OTHER = [2.5, up(2.25), 2.0 * (1 + 2e-5), 1.75, 1.5]  # 1 ulp at step 2, b
 
 def test_short_series_hand_checked():
     m = compare_series([1, 2, 3, 4, 5], SHORT_REF, [1, 2, 3, 4, 5], SHORT_OTHER, LOOSE, "tolerance")
-    assert (m["n"], m["exact_equal_steps"], m["failing_steps"], m["passed"], m["bitwise"]) == (5, 3, 1, False, False)
-    assert m["first_divergence"] == {"step": 2, "value_ref": 2.25, "value_other": up(2.25), "abs": up(2.25) - 2.25,
+    assert (m.n, m.exact_equal_steps, m.failing_steps, m.passed, m.bitwise) == (5, 3, 1, False, False)
+    assert m.first_divergence == {"step": 2, "value_ref": 2.25, "value_other": up(2.25), "abs": up(2.25) - 2.25,
                                      "rel": (up(2.25) - 2.25) / 2.25, "ulps": 1, "ulp_unit": "f64"}
-    assert m["first_tolerance_failure"]["step"] == 3 and m["first_tolerance_failure"]["value_other"] == 2.0 * (1 + 2e-5)
-    assert m["max_abs"] == 2.0 * (1 + 2e-5) - 2.0 and m["max_rel"] == (2.0 * (1 + 2e-5) - 2.0) / 2.0
+    assert m.first_tolerance_failure["step"] == 3 and m.first_tolerance_failure["value_other"] == 2.0 * (1 + 2e-5)
+    assert m.max_abs == 2.0 * (1 + 2e-5) - 2.0 and m.max_rel == (2.0 * (1 + 2e-5) - 2.0) / 2.0
 
 
 def _long(at: int, n: int = 100_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -466,12 +466,12 @@ def test_a_long_series_gets_the_short_examples_verdict():
     short = compare_series([1, 2, 3, 4, 5], SHORT_REF, [1, 2, 3, 4, 5], SHORT_OTHER, LOOSE, "tolerance")
     steps, ref, other = _long(at=70_001)
     m = compare_series(steps, ref, steps, other, LOOSE, "tolerance")
-    assert m["n"] == 100_000 and m["exact_equal_steps"] == 100_000 - 5 + short["exact_equal_steps"]
-    assert m["first_divergence"] == {**short["first_divergence"], "step": 70_002}
-    assert m["first_tolerance_failure"] == {**short["first_tolerance_failure"], "step": 70_003}
+    assert m.n == 100_000 and m.exact_equal_steps == 100_000 - 5 + short.exact_equal_steps
+    assert m.first_divergence == {**short.first_divergence, "step": 70_002}
+    assert m.first_tolerance_failure == {**short.first_tolerance_failure, "step": 70_003}
     for key in ("failing_steps", "max_abs", "max_rel", "passed", "bitwise", "within_tolerance", "problems"):
-        assert m[key] == short[key], key
-    assert all(type(m[k]) in (int, float, bool) for k in ("n", "exact_equal_steps", "max_abs", "failing_steps"))
+        assert getattr(m, key) == getattr(short, key), key
+    assert all(type(getattr(m, k)) in (int, float, bool) for k in ("n", "exact_equal_steps", "max_abs", "failing_steps"))
     json.dumps(m.to_json(), allow_nan=False)  # plain Python numbers, as verdict.json needs them
 
 
@@ -479,20 +479,20 @@ def test_a_long_series_with_nan_gaps_and_rounding():
     steps, ref, other = _long(at=50_001)
     other[80_000] = math.nan  # step 80001
     m = compare_series(steps, ref, np.delete(steps, 99_998), np.delete(other, 99_998), LOOSE, "tolerance")
-    assert not m["passed"] and m["problems"] == ["other has non-finite values at step 80001 (nan)",
+    assert not m.passed and m.problems == ["other has non-finite values at step 80001 (nan)",
                                                  "other lacks steps 99999 that reference has"]
-    assert m["n"] == 99_999 and m["failing_steps"] == 2  # step 50003 beyond tolerance, the NaN never within it
-    assert m["first_tolerance_failure"]["step"] == 50_003
+    assert m.n == 99_999 and m.failing_steps == 2  # step 50003 beyond tolerance, the NaN never within it
+    assert m.first_tolerance_failure["step"] == 50_003
     # Rounding slack (values read from printed text) widens each step's allowance by its own amount only.
     slack = {50_003: 2e-5 * 2.0}
     m = compare_series(steps, ref, steps, _long(at=50_001)[2], LOOSE, "tolerance", slack=slack)
-    assert m["passed"] and m["failing_steps"] == 0 and m["exact_equal_steps"] == 100_000 - 2
+    assert m.passed and m.failing_steps == 0 and m.exact_equal_steps == 100_000 - 2
 
 
 def test_duplicated_and_disordered_steps_are_named_as_before():
     steps = np.arange(1, 10_001)
     values = np.ones(10_000)
     m = compare_series(np.r_[steps, 5], np.r_[values, 1.0], steps, values, EXACT, "bitwise")
-    assert m["problems"] == ["reference has step 5 twice"] and not m["passed"]
+    assert m.problems == ["reference has step 5 twice"] and not m.passed
     m = compare_series(np.r_[steps[:3], 2_000, steps[3:5]], np.ones(6), steps[:5], np.ones(5), EXACT, "bitwise")
-    assert m["problems"][0] == "reference steps are out of order: 4 after 2000"
+    assert m.problems[0] == "reference steps are out of order: 4 after 2000"

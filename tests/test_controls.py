@@ -88,11 +88,11 @@ def test_verdict_fails_a_control_caught_for_the_wrong_reason(tmp_path):
     ref, other = (s.name for s in case.setups)
     _run(tmp_path, case, ref, [8.0, 7.9], [0.37, 0.36])
     _run(tmp_path, case, other, [8.0, 7.9], [2.96, 2.88], GRADS)  # the planted 8x, at step 1
-    assert compare_case(case, tmp_path)["pairs"][0]["passed"]
+    assert compare_case(case, tmp_path).pairs[0].passed
     _run(tmp_path, case, other, [8.1, 7.9], [2.96, 2.88], GRADS)  # the loss moved first: a different bug
-    pair = compare_case(case, tmp_path)["pairs"][0]
-    assert not pair["passed"]
-    assert "expected the first divergence on grad_norm at step 1, found it on loss at step 1" in pair["problems"][0]
+    pair = compare_case(case, tmp_path).pairs[0]
+    assert not pair.passed
+    assert "expected the first divergence on grad_norm at step 1, found it on loss at step 1" in pair.problems[0]
 
 
 def test_verdict_fails_a_control_caught_by_the_wrong_amount(tmp_path):
@@ -100,9 +100,9 @@ def test_verdict_fails_a_control_caught_by_the_wrong_amount(tmp_path):
     ref, other = (s.name for s in case.setups)
     _run(tmp_path, case, ref, [8.0, 7.9], [0.37, 0.36])
     _run(tmp_path, case, other, [8.0, 7.9], [0.37 * 4, 2.88], GRADS)  # caught where declared, but 4x, not 8x
-    pair = compare_case(case, tmp_path)["pairs"][0]
-    assert not pair["passed"] and pair["effect"]["ratio"] == pytest.approx(4.0)
-    assert "expected grad_norm at step 1 to be x8.0 the reference (within 0.001), found x4" in pair["problems"][0]
+    pair = compare_case(case, tmp_path).pairs[0]
+    assert not pair.passed and pair.effect["ratio"] == pytest.approx(4.0)
+    assert "expected grad_norm at step 1 to be x8.0 the reference (within 0.001), found x4" in pair.problems[0]
 
 
 def test_verdict_fails_a_control_caught_by_a_last_bit_difference(tmp_path):
@@ -110,15 +110,15 @@ def test_verdict_fails_a_control_caught_by_a_last_bit_difference(tmp_path):
     ref, other = (s.name for s in case.setups)
     _run(tmp_path, case, ref, [8.0, 7.9], [0.37, 0.36])
     _run(tmp_path, case, other, [8.0 * (1 + 1e-4), 7.9], [0.37, 0.36], DATA)  # beyond tolerance, far below the effect
-    pair = compare_case(case, tmp_path)["pairs"][0]
-    assert not pair["passed"]
-    assert "expected loss at step 1 to differ by at least 0.001 relative, found 0.0001" in pair["problems"][0]
+    pair = compare_case(case, tmp_path).pairs[0]
+    assert not pair.passed
+    assert "expected loss at step 1 to differ by at least 0.001 relative, found 0.0001" in pair.problems[0]
     _run(tmp_path, case, other, [8.0 * 1.01, 7.9], [0.37, 0.36], DATA)
-    assert compare_case(case, tmp_path)["pairs"][0]["passed"]
+    assert compare_case(case, tmp_path).pairs[0].passed
     _run(tmp_path, case, other, [8.0 * 1.01, 7.9], [0.37, 0.36], GRADS)  # the right size, the wrong place
-    pair = compare_case(case, tmp_path)["pairs"][0]
-    assert not pair["passed"] and "expected the divergence localized at step 1, forward, tok_embeddings; found step 1, " \
-        "backward, output.weight" in pair["problems"][0]
+    pair = compare_case(case, tmp_path).pairs[0]
+    assert not pair.passed and "expected the divergence localized at step 1, forward, tok_embeddings; found step 1, " \
+        "backward, output.weight" in pair.problems[0]
 
 
 def test_an_effect_must_be_stated(write_case):

@@ -51,17 +51,17 @@ def test_the_tolerance_floors_the_spread():
     assert band.at_floor.all() and band.sd_used == pytest.approx(2e-5)
     lim = limit(8, 0.01, 3)
     inside = ensemble.test(np.full(3, 2.0 + 2e-5), band, np.array([5, 10, 15]), lim)
-    assert inside["passed"] and inside["first_failure"] is None
+    assert inside.passed and inside.first_failure is None
     out = ensemble.test(np.array([2.0, 2.0 + 2e-5 * 1.06 * lim * 1.01, 2.0]), band, np.array([5, 10, 15]), lim)
-    first = out["first_failure"]
-    assert not out["passed"] and (first["step"], first["window"]) == (10, [6, 10])
+    first = out.first_failure
+    assert not out.passed and (first["step"], first["window"]) == (10, [6, 10])
     assert abs(first["z"]) > lim and first["limit"] == lim
 
 
 def test_nan_never_passes():
     band = Band(np.random.default_rng(0).normal(2.0, 1e-3, (8, 3)), "loss", Tolerance(1e-5, 0.0))
     t = ensemble.test(np.array([2.0, math.nan, 2.0]), band, np.array([1, 2, 3]), limit(8, 0.01, 3))
-    assert not t["passed"] and t["first_failure"]["step"] == 2
+    assert not t.passed and t.first_failure["step"] == 2
 
 
 @pytest.mark.parametrize("k, tests", [(8, 1), (8, 20), (4, 1)])
@@ -121,13 +121,13 @@ def test_a_drifted_setup_inside_the_band_passes(tmp_path):
     case = statistical_case()
     write_ensemble(tmp_path, case, {"ref": drifting(1), "other": drifting(2)})
     v = compare_case(case, tmp_path)
-    assert v["passed"], v["problems"]
-    p = v["pairs"][0]
-    assert not p["metrics"]["loss"]["within_tolerance"]  # a per-step tolerance would have failed it
-    assert p["metrics"]["loss"]["passed"] and p["metrics"]["weights"]["passed"]
-    st = v["statistical"]
+    assert v.passed, v.problems
+    p = v.pairs[0]
+    assert not p.metrics["loss"].within_tolerance  # a per-step tolerance would have failed it
+    assert p.metrics["loss"].passed and p.metrics["weights"].passed
+    st = v.statistical
     assert st["k"] == 6 and st["window_ends"] == [10, 20, 30, 40] and st["tests"] == 8
-    assert all(t["passed"] for t in st["reference"].values())
+    assert all(t.passed for t in st["reference"].values())
     assert len(st["held_out"]) == 6
     text = format_verdict(v)
     assert "ensemble: 6 members (weights perturbed), windows of 10 steps" in text
@@ -138,11 +138,11 @@ def test_a_shift_fails_at_its_window_by_its_size(tmp_path):
     case = statistical_case()
     write_ensemble(tmp_path, case, {"ref": drifting(1), "other": drifting(2, shift=0.05)})
     v = compare_case(case, tmp_path)
-    assert not v["passed"]
-    first = v["pairs"][0]["metrics"]["loss"]["statistical"]["first_failure"]
+    assert not v.passed
+    first = v.pairs[0].metrics["loss"].statistical.first_failure
     assert first["window"] == [21, 30]  # the shift starts at step 21
     assert first["value_other"] - first["value_ref"] == pytest.approx(0.05, rel=0.05)
-    assert "loss: 2 of 4 windows outside the ensemble's band; first at steps 21-30" in v["problems"][0]
+    assert "loss: 2 of 4 windows outside the ensemble's band; first at steps 21-30" in v.problems[0]
     assert "steps 21-30" in divergence_table(v)
 
 
@@ -151,16 +151,16 @@ def test_a_control_must_leave_the_band_where_it_says(tmp_path):
     case = statistical_case("diverge", first_divergence=want)
     write_ensemble(tmp_path, case, {"ref": drifting(1), "other": drifting(1, gain=512.0)})
     v = compare_case(case, tmp_path)
-    assert v["passed"], v["problems"]
-    assert v["pairs"][0]["diverged"]["metric"] == "grad_norm" and v["pairs"][0]["effect"]["ratio"] == pytest.approx(512, rel=1e-3)
+    assert v.passed, v.problems
+    assert v.pairs[0].diverged["metric"] == "grad_norm" and v.pairs[0].effect["ratio"] == pytest.approx(512, rel=1e-3)
     # the same control caught by less than it plants fails: the right reason, by the right amount
     write_run(tmp_path, "other", *drifting(1, gain=2.0))
     v = compare_case(case, tmp_path)
-    assert not v["passed"] and "to be x512.0 the reference" in v["problems"][0]
+    assert not v.passed and "to be x512.0 the reference" in v.problems[0]
     # and one that stays inside the band fails as a control
     write_run(tmp_path, "other", *drifting(3))
     v = compare_case(case, tmp_path)
-    assert not v["passed"] and "expected a divergence" in v["problems"][0]
+    assert not v.passed and "expected a divergence" in v.problems[0]
 
 
 def test_a_member_that_failed_leaves_no_band_and_no_pass(tmp_path):
@@ -169,8 +169,8 @@ def test_a_member_that_failed_leaves_no_band_and_no_pass(tmp_path):
         write_ensemble(tmp_path, case, {"ref": drifting(1), "other": drifting(2, shift=0.05)})
         write_run(tmp_path, "ref.member03", *drifting(3), status="failed")
         v = compare_case(case, tmp_path)
-        assert not v["passed"] and not v["pairs"][0]["passed"]
-        assert any("ensemble: ensemble member ref.member03: run status is 'failed'" in p for p in v["problems"])
+        assert not v.passed and not v.pairs[0].passed
+        assert any("ensemble: ensemble member ref.member03: run status is 'failed'" in p for p in v.problems)
 
 
 def test_a_member_with_nan_leaves_no_band(tmp_path):
@@ -180,15 +180,15 @@ def test_a_member_with_nan_leaves_no_band(tmp_path):
     loss[7] = math.nan
     write_run(tmp_path, "ref.member04", loss, gnorm)
     v = compare_case(case, tmp_path)
-    assert not v["passed"] and any("ref.member04: loss" in p for p in v["problems"])
+    assert not v.passed and any("ref.member04: loss" in p for p in v.problems)
 
 
 def test_a_reference_outside_its_own_band_fails_the_case(tmp_path):
     case = statistical_case()
     write_ensemble(tmp_path, case, {"ref": drifting(1, shift=0.05), "other": drifting(1, shift=0.05)})
     v = compare_case(case, tmp_path)
-    assert not v["passed"]
-    assert any(p.startswith("the reference ref leaves its own ensemble's band on loss") for p in v["problems"])
+    assert not v.passed
+    assert any(p.startswith("the reference ref leaves its own ensemble's band on loss") for p in v.problems)
 
 
 # ---- case files ------------------------------------------------------------------------------------
@@ -310,18 +310,18 @@ def test_a_baseline_from_another_instruction_set_is_judged_by_the_ensembles_spre
         run(m.name, drifting(100 + int(m.name[-2:])), "AVX2")
     run("ref", drifting(1), "AVX512")
     run("other", drifting(2), "AVX512")
-    assert all(b["passed"] for b in check_case_baselines(case, out, root, update="new"))
+    assert all(b.passed for b in check_case_baselines(case, out, root, update="new"))
     run("ref", drifting(3), "AVX2")  # the same config where the kernels round otherwise: another draw
     run("other", drifting(2, shift=0.05), "AVX2")  # a real change from step 21 on
     ref, other = check_case_baselines(case, out, root)
-    assert ref["how"] == "statistical" and ref["passed"], ref["message"]
-    assert not ref["metrics"]["loss"]["within_tolerance"]  # what tolerance mode would have said
-    assert "compared as two draws of the ensemble" in ref["message"]
-    assert not other["passed"] and "other loss steps 21-30: baseline median" in other["message"]
+    assert ref.basis == "statistical" and ref.passed, ref.message
+    assert not ref.metrics["loss"].within_tolerance  # what tolerance mode would have said
+    assert "compared as two draws of the ensemble" in ref.message
+    assert not other.passed and "other loss steps 21-30: baseline median" in other.message
     # with an ensemble member that did not finish there is no spread to judge by
     tb.write_run(out, "ref.member02", tb.rows(*drifting(102)), status="failed", isa="AVX2")
     ref, _ = check_case_baselines(case, out, root)
-    assert not ref["passed"] and "the ensemble did not finish" in ref["message"]
+    assert not ref.passed and "the ensemble did not finish" in ref.message
 
 
 def test_the_report_draws_the_band_and_lists_the_ensemble(tmp_path):
@@ -345,6 +345,6 @@ def test_a_zero_tolerance_and_members_equal_to_the_bit_still_judge():
     band = Band(np.full((6, 2), 2.0), "loss", Tolerance(0.0, 0.0))
     lim = limit(6, 0.01, 2)
     same = ensemble.test(np.array([2.0, 2.0]), band, np.array([5, 10]), lim)
-    assert same["passed"] and same["z"] == [0.0, 0.0]
+    assert same.passed and same.z == [0.0, 0.0]
     moved = ensemble.test(np.array([2.0, float(np.nextafter(2.0, 3.0))]), band, np.array([5, 10]), lim)
-    assert not moved["passed"] and moved["first_failure"]["window"] == [6, 10] and math.isinf(moved["z"][1])
+    assert not moved.passed and moved.first_failure["window"] == [6, 10] and math.isinf(moved.z[1])

@@ -67,23 +67,23 @@ def from_step_2_forward_ffn1(step, phase, name, value):
 
 def test_bitwise_first_difference_in_forward_at_step_2_with_what_agrees_before_it():
     loc = localize(probes(), probes(change=from_step_2_forward_ffn1), "bitwise", TOL, ("ref", "tp"))
-    assert loc["probed"] and loc["problems"] == [] and loc["steps"] == [1, 2, 3]
-    assert where(loc["first"]) == (2, "forward", "layers.1.feed_forward")
-    assert [where(e) for e in loc["before"]] == [(2, "forward", "layers.0.feed_forward"), (2, "forward", "layers.0"),
+    assert loc.probed and loc.problems == [] and loc.steps == [1, 2, 3]
+    assert where(loc.first) == (2, "forward", "layers.1.feed_forward")
+    assert [where(e) for e in loc.before] == [(2, "forward", "layers.0.feed_forward"), (2, "forward", "layers.0"),
                                                  (2, "forward", "layers.1.attention")]
-    assert all(e["value_ref"] == e["value_other"] and e["rel"] == 0.0 for e in loc["before"])
-    assert loc["first"]["rel"] == pytest.approx(1e-3)
-    assert loc["line"] == ("first divergence: step 2, forward, layers.1.feed_forward (rel 1.0e-03); "
+    assert all(e["value_ref"] == e["value_other"] and e["rel"] == 0.0 for e in loc.before)
+    assert loc.first["rel"] == pytest.approx(1e-3)
+    assert loc.line == ("first divergence: step 2, forward, layers.1.feed_forward (rel 1.0e-03); "
                            "everything before it equal")
-    assert loc["agree_until"] == "everything before it equal"
+    assert loc.agree_until == "everything before it equal"
 
 
 def test_one_ulp_is_found_bitwise_and_passes_tolerance():
     ulp = at((1, "backward", "norm.weight"), up)
-    assert where(localize(probes(), probes(change=ulp), "bitwise", TOL)["first"]) == (1, "backward", "norm.weight")
+    assert where(localize(probes(), probes(change=ulp), "bitwise", TOL).first) == (1, "backward", "norm.weight")
     loc = localize(probes(), probes(change=ulp), "tolerance", TOL)
-    assert loc["first"] is None and loc["line"] == "probes agree (within tolerance)"
-    assert localize(probes(), probes(), "bitwise", TOL)["line"] == "probes agree (bitwise)"
+    assert loc.first is None and loc.line == "probes agree (within tolerance)"
+    assert localize(probes(), probes(), "bitwise", TOL).line == "probes agree (bitwise)"
 
 
 def test_tolerance_mode_applies_each_phase_its_own_tolerance():
@@ -97,50 +97,50 @@ def test_tolerance_mode_applies_each_phase_its_own_tolerance():
         return v
 
     loc = localize(probes(), probes(change=change), "tolerance", TOL)
-    assert where(loc["first"]) == (2, "forward", "layers.0.attention")
-    assert loc["line"].endswith("; everything before it within tolerance")
-    assert where(localize(probes(), probes(change=change), "bitwise", TOL)["first"]) == (1, "backward", "output.weight")
+    assert where(loc.first) == (2, "forward", "layers.0.attention")
+    assert loc.line.endswith("; everything before it within tolerance")
+    assert where(localize(probes(), probes(change=change), "bitwise", TOL).first) == (1, "backward", "output.weight")
     tighter = {**TOL, "backward": Tolerance(1e-5, 0.0)}
-    assert where(localize(probes(), probes(change=change), "tolerance", tighter)["first"]) == (1, "backward",
+    assert where(localize(probes(), probes(change=change), "tolerance", tighter).first) == (1, "backward",
                                                                                               "output.weight")
     atol = {**TOL, "forward": Tolerance(0.0, 1.0)}  # |a - b| <= atol + rtol * |ref|: a large atol admits it
-    assert localize(probes(), probes(change=change), "tolerance", atol)["first"] is None
+    assert localize(probes(), probes(change=change), "tolerance", atol).first is None
 
 
 def test_a_difference_only_in_the_last_update_of_the_last_step():
     last = at((3, "update", "output.weight"), lambda v: v * 1.5)
     loc = localize(probes(), probes(change=last), "bitwise", TOL)
-    assert where(loc["first"]) == (3, "update", "output.weight")
-    assert [e["name"] for e in loc["before"]] == [PARAMS[-4],
+    assert where(loc.first) == (3, "update", "output.weight")
+    assert [e["name"] for e in loc.before] == [PARAMS[-4],
                                                   PARAMS[-3], PARAMS[-2]]
-    assert all(e["phase"] == "update" and e["step"] == 3 for e in loc["before"])
-    assert loc["first"]["rel"] == pytest.approx(0.5)
+    assert all(e["phase"] == "update" and e["step"] == 3 for e in loc.before)
+    assert loc.first["rel"] == pytest.approx(0.5)
 
 
 def test_missing_extra_and_duplicated_entries_and_other_steps_are_problems_never_skipped():
     ref = probes()
     other = [r for r in probes() if (r["step"], r["name"]) != (2, "layers.0.attention")]
     loc = localize(ref, other, "bitwise", TOL, ("ref", "pp"))
-    assert loc["first"] is None and loc["line"] == "probes agree (bitwise)"
-    assert loc["problems"] == ["pp lacks probes step 2, forward, layers.0.attention that ref has"]
+    assert loc.first is None and loc.line == "probes agree (bitwise)"
+    assert loc.problems == ["pp lacks probes step 2, forward, layers.0.attention that ref has"]
     extra = probes() + [{"step": 1, "phase": "forward", "name": "layers.9", "stat": "sumsq", "value": 1.0}]
-    assert localize(ref, extra, "bitwise", TOL, ("ref", "pp"))["problems"] == [
+    assert localize(ref, extra, "bitwise", TOL, ("ref", "pp")).problems == [
         "pp has probes step 1, forward, layers.9 that ref lacks"]
     twice = probes() + probes()[:1]
-    assert localize(ref, twice, "bitwise", TOL, ("ref", "pp"))["problems"] == [
+    assert localize(ref, twice, "bitwise", TOL, ("ref", "pp")).problems == [
         "pp has probes twice: step 1, forward, tok_embeddings"]
     loc = localize(ref, probes(steps=(1, 2)), "bitwise", TOL, ("ref", "pp"))
-    assert loc["problems"] == ["pp probed steps 1, 2, ref probed steps 1, 2, 3"]
-    assert localize(ref, None, "bitwise", TOL, ("ref", "titan"))["line"] == "no probes recorded by titan"
+    assert loc.problems == ["pp probed steps 1, 2, ref probed steps 1, 2, 3"]
+    assert localize(ref, None, "bitwise", TOL, ("ref", "titan")).line == "no probes recorded by titan"
 
 
 @pytest.mark.parametrize("mode", ["bitwise", "tolerance"])
 def test_nan_never_agrees_not_even_with_nan(mode):
     nan = at((1, "forward", "norm"), lambda v: math.nan)
     loc = localize(probes(change=nan), probes(change=nan), mode, TOL, ("ref", "other"))
-    assert where(loc["first"]) == (1, "forward", "norm") and math.isnan(loc["first"]["rel"])
-    assert loc["problems"] == ["non-finite probes: step 1, forward, norm in ref, step 1, forward, norm in other"]
-    assert "(rel nan)" in loc["line"]
+    assert where(loc.first) == (1, "forward", "norm") and math.isnan(loc.first["rel"])
+    assert loc.problems == ["non-finite probes: step 1, forward, norm in ref, step 1, forward, norm in other"]
+    assert "(rel nan)" in loc.line
 
 
 def test_matrix_marks_exact_differing_and_missing_cells():
@@ -206,17 +206,17 @@ def control(tmp_path, write_case, localized: str, tp_probes=None):
 def test_expected_localization_holds_or_fails_the_control_with_one_line(tmp_path, write_case):
     case, out = control(tmp_path, write_case, '{ step = 2, phase = "forward", name = "layers.1.feed_forward" }')
     v = compare_case(case, out)
-    assert v["passed"], v["problems"]
-    assert where(v["pairs"][0]["localization"]["first"]) == (2, "forward", "layers.1.feed_forward")
+    assert v.passed, v.problems
+    assert where(v.pairs[0].localization.first) == (2, "forward", "layers.1.feed_forward")
     assert "    probes: first divergence: step 2, forward, layers.1.feed_forward (rel 1.0e-03)" in format_verdict(v)
     case, out = control(tmp_path, write_case, '{ step = 1, phase = "forward", name = "layers.1.feed_forward" }')
     v = compare_case(case, out)
-    assert not v["passed"]
-    assert v["pairs"][0]["problems"] == ["expected the divergence localized at step 1, forward, layers.1.feed_forward; "
+    assert not v.passed
+    assert v.pairs[0].problems == ["expected the divergence localized at step 1, forward, layers.1.feed_forward; "
                                          "found step 2, forward, layers.1.feed_forward (rel 0.001)"]
     case, out = control(tmp_path, write_case, '{ step = 2, phase = "forward", name = "layers.1.feed_forward" }',
                         tp_probes=probes())
-    assert compare_case(case, out)["pairs"][0]["problems"] == [
+    assert compare_case(case, out).pairs[0].problems == [
         "expected the divergence localized at step 2, forward, layers.1.feed_forward; found no divergence "
         "(probes agree (bitwise))"]
 
@@ -227,7 +227,7 @@ def test_match_case_probes_are_a_checked_lane(tmp_path, write_case):
     write_run(out, "pair", "ref", rows=probes())
     write_run(out, "pair", "tp", rows=probes(change=from_step_2_forward_ffn1))
     v = compare_case(case, out)  # loss, grad norm and weights bitwise equal; the probes are not
-    assert not v["passed"] and v["pairs"][0]["problems"] == [
+    assert not v.passed and v.pairs[0].problems == [
         "probes: first divergence: step 2, forward, layers.1.feed_forward (rel 1.0e-03); everything before it equal"]
     text = format_verdict(v)
     # listed once, as the pair's problem (not again as its localization line)
@@ -240,11 +240,11 @@ def test_match_case_probes_are_a_checked_lane(tmp_path, write_case):
           'update = { rtol = 2e-3 }\n'
     loose = load_case(write_case(CASE.format(extra=tol), "pair"))
     assert loose.expect.tolerance_source["forward"] == "case" and loose.expect.tolerance["forward"].rtol == 2e-3
-    assert compare_case(loose, out)["passed"]
+    assert compare_case(loose, out).passed
     # A setup without probes (another trainer) is said, not failed.
     (out / "pair" / "tp" / "probes.csv").unlink()
     v = compare_case(case, out)
-    assert v["passed"] and v["pairs"][0]["localization"]["line"] == "no probes recorded by tp"
+    assert v.passed and v.pairs[0].localization.line == "no probes recorded by tp"
 
 
 def test_a_failing_pair_names_the_probe_divergence_in_the_pytest_message(tmp_path, write_case):
@@ -334,7 +334,7 @@ def test_a_nondeterministic_reference_is_localized_by_its_repeat(tmp_path, write
     write_run(out, "pair", "ref.repeat", rows=probes(change=from_step_2_forward_ffn1))
     write_run(out, "pair", "tp", rows=probes())
     v = compare_case(case, out)
-    assert not v["passed"] and v["problems"] == [
+    assert not v.passed and v.problems == [
         "repeat check: probes: first divergence: step 2, forward, layers.1.feed_forward (rel 1.0e-03); "
         "everything before it equal"]
 
@@ -352,7 +352,7 @@ def test_probe_tolerances_default_per_dtype_and_reach_the_verdict(tmp_path, writ
     write_run(out, "pair", "ref", rows=probes())
     write_run(out, "pair", "tp", rows=probes())
     v = compare_case(case, out)
-    assert v["passed"] and v["tolerance"]["update"] == {"rtol": 1e-2, "atol": 1e-9, "source": "case"}
+    assert v.passed and v.tolerance["update"] == {"rtol": 1e-2, "atol": 1e-9, "source": "case"}
     with pytest.raises(SpecError, match=r"expect.tolerance.sideways: unknown key; allowed: backward, forward, "
                                         r"grad_norm, loss, update, weights"):
         load_case(write_case(CASE.format(extra='[expect]\n[expect.tolerance]\nsideways = { rtol = 1e-2 }\n')))

@@ -262,10 +262,10 @@ def test_a_record_that_cannot_be_read_after_the_run_fails_the_case_in_its_verdic
     with pytest.raises(InputError, match="metrics.csv"):
         judge(case, out, tmp_path / "baselines", None)
     verdict = judge_run(case, out, tmp_path / "baselines", None)
-    assert not verdict["passed"] and len(verdict["problems"]) == 1
-    assert verdict["problems"][0].startswith(f"not judged: {out / 'damaged' / 'b' / 'metrics.csv'}")
+    assert not verdict.passed and len(verdict.problems) == 1
+    assert verdict.problems[0].startswith(f"not judged: {out / 'damaged' / 'b' / 'metrics.csv'}")
     written = records.read_json(out / "damaged" / "verdict.json")  # the report reads it like any verdict
-    assert written["passed"] is False and written["problems"] == verdict["problems"]
+    assert written["passed"] is False and written["problems"] == verdict.problems
 
 
 def test_a_baseline_damaged_while_the_case_trained_fails_the_case_in_its_verdict(tmp_path):
@@ -281,15 +281,15 @@ def test_a_baseline_damaged_while_the_case_trained_fails_the_case_in_its_verdict
     case = Case(name="pair", path=Path("cases/pair.toml"), description="d", sha256="cd" * 32,
                 setups=(Setup(name="a", train=Train()), Setup(name="b", train=Train())),
                 expect=Expect(mode="bitwise", tolerance=tol, tolerance_source={m: "case" for m in tol}))
-    assert judge_run(case, out, root, "new")["passed"]  # writes both baselines
+    assert judge_run(case, out, root, "new").passed  # writes both baselines
     damaged = root / "pair" / "b.cpu-gloo.csv"
     damaged.write_bytes(b"\x00\xff not a csv")
     verdict = judge_run(case, out, root, None)
-    assert not verdict["passed"]
-    assert verdict["problems"] == [f"not judged: {damaged}: not a text file (binary content); expected CSV; fix or "
+    assert not verdict.passed
+    assert verdict.problems == [f"not judged: {damaged}: not a text file (binary content); expected CSV; fix or "
                                    f"recreate it with `parity run cases/pair.toml --update-baselines=failing` (or "
                                    "`pytest --pyargs 'parity.test_parity::test_case[pair]' "
-                                   "--parity-update-baselines=failing`)"], verdict["problems"]
+                                   "--parity-update-baselines=failing`)"], verdict.problems
 
 
 def test_an_atomic_write_in_progress_is_parity_s_own(tmp_path):

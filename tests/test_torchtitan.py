@@ -247,16 +247,16 @@ def test_two_refs_of_a_source_tree(tmp_path, source_tree):
     assert {n: r.status for n, r in results.items()} == dict.fromkeys(("main", "comment_only", "rope_theta", "grad_x2"),
                                                                       "ok"), {n: r.message for n, r in results.items()}
     verdict = compare_case(case, tmp_path / "out")
-    same, changed, doubled = verdict["pairs"]
-    assert same["passed"], same["problems"]
+    same, changed, doubled = verdict.pairs
+    assert same.passed, same.problems
     for metric in ("loss", "grad_norm"):
-        assert same["metrics"][metric]["exact_equal_steps"] == 2
-    assert same["metrics"]["weights"]["exact_equal_steps"] == same["metrics"]["weights"]["n"] > 0
-    assert not changed["passed"]
-    assert (changed["diverged"]["metric"], changed["diverged"]["step"]) == ("loss", 1)
-    d = doubled["diverged"]
+        assert same.metrics[metric].exact_equal_steps == 2
+    assert same.metrics["weights"].exact_equal_steps == same.metrics["weights"].n > 0
+    assert not changed.passed
+    assert (changed.diverged["metric"], changed.diverged["step"]) == ("loss", 1)
+    d = doubled.diverged
     assert (d["metric"], d["step"], d["value_other"] / d["value_ref"]) == ("grad_norm", 1, 2.0)
-    first_loss = doubled["metrics"]["loss"]["first_divergence"]
+    first_loss = doubled.metrics["loss"].first_divergence
     assert first_loss is None or first_loss["step"] > 1  # the loss at step 1 is computed before any gradient
     from parity.core.records import read_json
 

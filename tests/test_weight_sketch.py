@@ -118,26 +118,26 @@ def test_a_sketch_only_difference_fails_on_that_param():
     flipped = (SKETCHES[0], tuple(-s for s in SKETCHES[1]))  # layers.1.w negated: its norm is unchanged
     other = rows(sketches=flipped)
     m = compare_weights(rows(), other, TOL)
-    assert not m["passed"] and m["failing_steps"] == 1
-    e = m["first_tolerance_failure"]
+    assert not m.passed and m.failing_steps == 1
+    e = m.first_tolerance_failure
     # The worst sketch of layers.1.w is sketch1 (|-0.7 - 0.7| = 1.4), reported relative to its norm.
     assert (e["param"], e["sketch"], e["value_ref"], e["value_other"]) == ("layers.1.w", 1, -0.7, 0.7)
     assert e["abs"] == 1.4 and e["rel"] == 1.4 / NORMS[1]
-    assert compare_weights(strip(rows()), strip(other), TOL)["passed"]  # the norm lane alone misses it
+    assert compare_weights(strip(rows()), strip(other), TOL).passed  # the norm lane alone misses it
 
 
 def test_sketch_bound_scales_with_the_norm_not_the_sketch():
     # sketch0 of layers.1.w is 0.0012; a change of 0.9e-6 is 7.5e-4 of it but within 1e-6 * norm.
     near = rows(sketches=(SKETCHES[0], (0.0012 + 0.9e-6, *SKETCHES[1][1:])))
-    assert compare_weights(rows(), near, TOL)["passed"]
+    assert compare_weights(rows(), near, TOL).passed
     past = rows(sketches=(SKETCHES[0], (0.0012 + 1.1e-6, *SKETCHES[1][1:])))
     m = compare_weights(rows(), past, TOL)
-    assert not m["passed"] and (m["first_tolerance_failure"]["param"], m["first_tolerance_failure"]["sketch"]) == ("layers.1.w", 0)
+    assert not m.passed and (m.first_tolerance_failure["param"], m.first_tolerance_failure["sketch"]) == ("layers.1.w", 0)
 
 
 def test_a_nan_sketch_never_passes():
     m = compare_weights(rows(), rows(sketches=(SKETCHES[0], (math.nan, *SKETCHES[1][1:]))), Tolerance(1e9, 1e9))
-    assert not m["passed"] and m["first_tolerance_failure"]["sketch"] == 0
+    assert not m.passed and m.first_tolerance_failure["sketch"] == 0
 
 
 def test_files_without_sketch_columns_still_compare_on_norms(tmp_path):
@@ -145,8 +145,8 @@ def test_files_without_sketch_columns_still_compare_on_norms(tmp_path):
     records.write_weights(old, strip(rows()))
     assert old.read_text().splitlines()[0] == "param,norm,sha256"
     back = records.read_weights(old)
-    assert compare_weights(back, rows(), TOL)["passed"]  # one side without sketches: norms only
-    assert not compare_weights(back, rows(norms=(NORMS[0], NORMS[1] * 1.01)), TOL)["passed"]
+    assert compare_weights(back, rows(), TOL).passed  # one side without sketches: norms only
+    assert not compare_weights(back, rows(norms=(NORMS[0], NORMS[1] * 1.01)), TOL).passed
     new = tmp_path / "new.csv"
     records.write_weights(new, rows())
     assert records.read_weights(new) == rows()  # repr round trip: every sketch bit comes back
@@ -268,20 +268,20 @@ def test_layouts_of_one_training_have_the_same_sketches(layouts, setup):
 def test_a_corrupted_shard_is_caught_on_that_parameter_only(layouts, faulty):
     case, out, weights = layouts
     verdict = compare_case(case, out)
-    pair = next(p for p in verdict["pairs"] if p["other"] == faulty)
-    m = pair["metrics"]
+    pair = next(p for p in verdict.pairs if p.other == faulty)
+    m = pair.metrics
     # Planted after the last step: the step metrics cannot see it.
-    assert m["loss"]["passed"] and m["grad_norm"]["passed"]
-    assert not pair["passed"] and m["weights"]["failing_steps"] == 1
-    e = m["weights"]["first_tolerance_failure"]
+    assert m["loss"].passed and m["grad_norm"].passed
+    assert not pair.passed and m["weights"].failing_steps == 1
+    e = m["weights"].first_tolerance_failure
     assert e["param"] == FAULT_PARAM and "sketch" in e and e["rel"] > 0.1
-    assert pair["diverged"]["metric"] == "weights" and pair["diverged"]["param"] == FAULT_PARAM
+    assert pair.diverged["metric"] == "weights" and pair.diverged["param"] == FAULT_PARAM
     # The norm lane alone passes it: the corrupted parameter's norm is its healthy twin's.
     twin = weights[FAULTY[faulty]][FAULT_PARAM]["norm"]
     assert abs(weights[faulty][FAULT_PARAM]["norm"] - twin) <= 1e-15 * twin
     if faulty == "fsdp_negate":
         assert weights[faulty][FAULT_PARAM]["norm"] == twin  # negation: the same bits
     ref_rows = list(weights["ddp"].values())
-    assert compare_weights(strip(ref_rows), strip(weights[faulty].values()), case.expect.tolerance["weights"])["passed"]
+    assert compare_weights(strip(ref_rows), strip(weights[faulty].values()), case.expect.tolerance["weights"]).passed
     for healthy in HEALTHY:  # the weights lane flags no healthy layout
-        assert next(p for p in verdict["pairs"] if p["other"] == healthy)["metrics"]["weights"]["passed"], healthy
+        assert next(p for p in verdict.pairs if p.other == healthy).metrics["weights"].passed, healthy

@@ -21,14 +21,15 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 from parity.report.canvas import FIGSIZE, new_figure, title_colour
 from parity.report.model import LABEL, CaseRun
 from parity.verdict.ensemble import METRICS
+from parity.verdict.formatting import statistical_tests
 
 
 def build_band_figure(case: CaseRun):
     """The four panels (a) to (d) of a statistical case, from its verdict's `statistical` summary and tests."""
-    judged = case.judged
-    st = judged.statistical
+    verdict = case.verdict
+    st = verdict.statistical
     ends = np.asarray(st["window_ends"])
-    tests = judged.statistical_tests()
+    tests = statistical_tests(verdict)
     colours = {name: f"C{(i + 1) % 10}" for i, name in enumerate(tests)}
     fig = new_figure((FIGSIZE[0], FIGSIZE[1] * 1.25))
     axes = fig.subplots(4, 1, sharex=True, height_ratios=(0.8, 1, 1, 0.8))
@@ -39,7 +40,7 @@ def build_band_figure(case: CaseRun):
         _plot_z(axes[3], st, tests, colours, ends)
     else:
         for ax in axes:
-            ax.text(0.5, 0.5, "no band: " + "; ".join(judged.problems)[:160], ha="center", va="center",
+            ax.text(0.5, 0.5, "no band: " + "; ".join(verdict.problems)[:160], ha="center", va="center",
                     transform=ax.transAxes, fontsize=7)
     axes[3].set_xlabel("last step of the window")
     axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -52,9 +53,9 @@ def build_band_figure(case: CaseRun):
               f"    the tolerance, not the members' spread, set the band in {floor} windows")
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=9, loc="left")
-    fig.suptitle(f"{case.name}: {judged.words()}\n{st['k']} {st['perturb']}-perturbed members of "
-                 f"{judged.get('reference')}, alpha {st['alpha']!r}",
-                 fontsize=9.5, color=title_colour(judged.passed))
+    fig.suptitle(f"{case.name}: {case.words()}\n{st['k']} {st['perturb']}-perturbed members of "
+                 f"{verdict.reference}, alpha {st['alpha']!r}",
+                 fontsize=9.5, color=title_colour(verdict.passed))
     fig.tight_layout()
     return fig
 
@@ -64,7 +65,7 @@ def _plot_curves(ax, st: dict, tests: dict, colours: dict, ends: np.ndarray) -> 
         ax.plot(ends, values, color="0.6", linewidth=2.5, zorder=1, label=f"{st['k']} members" if not i else None)
     for name, t in tests.items():
         if t.get("loss"):
-            ax.plot(ends, t["loss"]["values"], color=colours[name], linewidth=1.0, zorder=3, label=name)
+            ax.plot(ends, t["loss"].values, color=colours[name], linewidth=1.0, zorder=3, label=name)
     ax.set_ylabel(LABEL["loss"])
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=4, loc="upper right", framealpha=0.85)
@@ -88,10 +89,10 @@ def _plot_band(ax, st: dict, metric: str, tests: dict, colours: dict, ends: np.n
         test = t.get(metric)
         if not test:
             continue
-        rel = _relative(test["values"], mean)
+        rel = _relative(test.values, mean)
         ax.plot(ends, rel, color=colours[name], linewidth=1.4, marker="o" if len(ends) <= 60 else None, markersize=3,
                 zorder=3, label=name)
-        first = test["first_failure"]
+        first = test.first_failure
         if first:
             i = int(np.searchsorted(ends, first["step"]))
             ax.plot([first["step"]], [rel[i]], marker="o", markersize=13, markerfacecolor="none",
@@ -122,12 +123,12 @@ def _plot_z(ax, st: dict, tests: dict, colours: dict, ends: np.ndarray) -> None:
         for metric, style in zip(METRICS, ("-", "--")):
             test = t.get(metric)
             if test:
-                z = np.abs(np.asarray(test["z"], dtype=np.float64))
+                z = np.abs(np.asarray(test.z, dtype=np.float64))
                 ax.plot(ends, np.maximum(z, 1e-3), color=colours[name], linestyle=style, linewidth=1.2, zorder=3)
                 top = max(top, float(np.nanmax(z)) if np.isfinite(z).any() else top)
     ax.set_yscale("log")
     ax.set_ylim(1e-3, top * 3)
     ax.set_ylabel("|z|")
     ax.grid(True, which="major", alpha=0.3)
-    if not any(math.isfinite(x) for t in tests.values() for m in METRICS if t.get(m) for x in t[m]["z"]):
+    if not any(math.isfinite(x) for t in tests.values() for m in METRICS if t.get(m) for x in t[m].z):
         ax.text(0.5, 0.5, "no finite z", ha="center", va="center", transform=ax.transAxes)

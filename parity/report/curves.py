@@ -82,7 +82,7 @@ def build_figure(run_dir, case_name: str, case: CaseRun | None = None):
     """The case's figure: axes[0] loss, axes[1] grad norm, axes[2] |difference| to the reference; a statistical
     case's band figure instead. `case`: the case's records (load_case_run), where the caller has read them."""
     case = case or load_case_run(run_dir, case_name)
-    if case.judged.statistical:
+    if case.verdict is not None and case.verdict.statistical:
         return build_band_figure(case)
     n_steps = max((s.steps for s in case.setups), default=0)
     fig = new_figure(FIGSIZE)
@@ -95,14 +95,14 @@ def build_figure(run_dir, case_name: str, case: CaseRun | None = None):
     axes[2].set_xlabel("step")
     axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[2].tick_params(labelbottom=True)
-    bitwise = case.judged.get("mode", None) == "bitwise"
+    bitwise = case.mode == "bitwise"
     titles = ("(a) loss", "(b) grad norm (pre-clip)",
               "(c) |difference| to the reference" + (": bitwise mode, any difference fails" if bitwise else ""))
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=9, loc="left")
     fig.suptitle(f"{case.name}: {' vs '.join(s.name for s in case.setups)}\n"
-                 f"platform {case.platform} · {case.judged.words()}",
-                 fontsize=10.5, color=title_colour(case.judged.passed))
+                 f"platform {case.platform} · {case.words()}",
+                 fontsize=10.5, color=title_colour(case.passed))
     fig.tight_layout()
     return fig
 

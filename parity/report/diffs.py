@@ -71,11 +71,11 @@ def difference_series(case: CaseRun) -> list[DiffSeries]:
 def tolerance_lines(case: CaseRun, series: list[DiffSeries]) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(metric, steps, atol + rtol x |ref|) per metric with a tolerance, at the first setup's steps."""
     # Only a tolerance-mode case has a band to stay inside; in bitwise mode any difference fails.
-    if case.judged.get("mode", None) != "tolerance":
+    if case.mode != "tolerance":
         return []
     lines = {}
     for s in series:
-        tolerance = case.judged.tolerance(s.metric)
+        tolerance = case.tolerance(s.metric)
         if tolerance and s.metric not in lines:
             lines[s.metric] = (s.metric, s.steps, tolerance[1] + tolerance[0] * s.magnitude)
     return list(lines.values())
@@ -169,8 +169,9 @@ def _draw_series(ax, s: DiffSeries, lane_y: float, scale: LogScale, n_steps: int
 
 def _verdict_divergence(case: CaseRun, other: str) -> tuple[str, int] | None:
     """The metric and step where the verdict says the pair diverged, when that is a plotted metric's step."""
-    d = case.judged.pair(other).diverged
-    if d and d.get("metric") in PLOTTED and d.get("step") is not None:
+    pair = case.pair(other)
+    d = pair.diverged if pair is not None else None
+    if d and d["metric"] in PLOTTED and d["step"] is not None:
         return d["metric"], int(d["step"])
     return None
 

@@ -23,6 +23,7 @@ from parity.report.curves import plot_case
 from parity.report.model import LABEL, PLOTTED, CaseRun, baseline_origin, by_step, find_case_runs, load_case_run, number
 from parity.report.tables import SUMMARY_COLUMNS, md_table, provenance, summary_row
 from parity.verdict.formatting import band_text, entry_text
+from parity.verdict.model import Pair
 
 FORMATS = ("mermaid", "png")
 # At most this many points per line: the first step, the last, and a low and a high per bucket between them.
@@ -54,22 +55,23 @@ def divergence_lines(case: CaseRun) -> list[str]:
     """Per pair, where it first diverged, as the verdict says (compare computed it: its step, both values,
     abs and rel error); the pair's own words when it did not."""
     out = []
-    for p in case.judged.pairs:
+    for p in case.pairs:
         d, who = p.diverged, f"{markdown.code(p.other)} vs {markdown.code(p.reference)}"
         if not d:
             out.append(f"First divergence, {who}: none" + (" (metrics and weights agree)" if p.passed else ""))
             continue
         # write_json stores NaN and inf as strings; entry_text and band_text format numbers.
         e = {**d, **{k: number(d.get(k)) for k in ("value_ref", "value_other", "abs", "rel", "z", "limit") if k in d}}
-        out.append(f"First divergence, {who}: **{markdown.text(d.get('metric'))}** at {_where_diverged(e, p, case)}")
+        out.append(f"First divergence, {who}: **{markdown.text(d['metric'])}** at {_where_diverged(e, p, case)}")
     return out
 
 
-def _where_diverged(e: dict, pair, case: CaseRun) -> str:
+def _where_diverged(e: dict, pair: Pair, case: CaseRun) -> str:
     """A statistical pair leaves the ensemble's band over a window of steps; any other pair at one step."""
     if "window" in e:
         return f"{markdown.text(band_text(e))} (outside the ensemble's band)"
-    mode = pair.mode_of(e.get("metric"), case.judged.get("mode", None))
+    # The mode the metric was judged in, where it differs by metric (a verdict written before that has no modes).
+    mode = pair.modes.get(e["metric"], case.mode) if pair.modes else case.mode
     beyond = "beyond tolerance" if mode == "tolerance" else "first bitwise difference"
     return f"{markdown.text(entry_text(e))} ({beyond})"
 
@@ -83,9 +85,9 @@ def chart_lines(case: CaseRun, metric: str) -> tuple[list[Line], list[str]]:
     lines, notes = [], []
     for s in case.setups:
         if s.name in case.baselines:
-            entry, columns = case.baselines[s.name]
+            check, columns = case.baselines[s.name]
             if metric in columns:
-                origin = markdown.text(baseline_origin(entry))
+                origin = markdown.text(baseline_origin(check))
                 lines.append(Line(f"`{s.name}` baseline {origin}", *by_step(columns, metric)))
         if not s.steps:
             notes.append(f"`{s.name}` recorded no metrics (status {markdown.text(s.run.get('status', 'unknown'))}): "
@@ -216,8 +218,8 @@ def evidence(run_dir, case: str | None = None, block_format: str = "mermaid") ->
         return f"No cases found in {markdown.code(run_dir)}" + (f" named {markdown.code(case)}" if case else "") + ".\n"
     out = [md_table(SUMMARY_COLUMNS, [summary_row(case_run) for case_run in case_runs]), ""]
     for case_run in case_runs:
-        out += [f"**{case_run.name}**: {markdown.text(case_run.judged.words())}", ""]
-        out += [line + "  " for line in divergence_lines(case_run)] + ([""] if case_run.judged else [])
+        out += [f"**{case_run.name}**: {markdown.text(case_run.words())}", ""]
+        out += [line + "  " for line in divergence_lines(case_run)] + ([""] if case_run.verdict is not None else [])
         if block_format == "mermaid":
             for metric in PLOTTED:
                 out += mermaid_chart(case_run, metric)

@@ -39,18 +39,19 @@ def _probe_panels(case: CaseRun) -> list[tuple[SetupRun, dict, dict | None, str]
         if s.probes is None:
             continue
         # The verdict's localization is the judged one (its mode and tolerances); an unjudged run is localized bitwise.
-        loc = case.judged.pair(s.name).localization or localize.localize(ref.probes, s.probes, "bitwise", {},
-                                                                          (ref.name, s.name))
-        tolerances = _probe_tolerances(case) if loc.get("mode") == "tolerance" else None
+        pair = case.pair(s.name)
+        loc = (pair.localization if pair is not None and pair.localization
+               else localize.localize(ref.probes, s.probes, "bitwise", {}, (ref.name, s.name)))
+        tolerances = _probe_tolerances(case) if loc.mode == "tolerance" else None
         m = localize.matrix(ref.probes, s.probes, "tolerance" if tolerances else "bitwise", tolerances)
         m["tolerance"] = tolerances is not None
-        panels.append((s, m, loc.get("first"), loc.get("line", "")))
+        panels.append((s, m, loc.first, loc.line))
     return panels
 
 
 def _probe_tolerances(case: CaseRun) -> dict | None:
     """The verdict's probe tolerance per phase; None when it has not all of them (a verdict from before probes)."""
-    bounds = {p: case.judged.tolerance(p) for p in records.PROBE_PHASES}
+    bounds = {p: case.tolerance(p) for p in records.PROBE_PHASES}
     if any(b is None for b in bounds.values()):
         return None
     return {p: Tolerance(*b) for p, b in bounds.items()}
@@ -107,8 +108,8 @@ def build_probes_figure(run_dir, case_name: str, case: CaseRun | None = None):
         fig.text(0.5, 0.35 / fig_height, "every compared probe is bitwise equal", ha="center", fontsize=9,
                  color="darkgreen")
     _legend(fig, panels)
-    fig.suptitle(f"{case.name}: probes in causal order · {case.judged.words()}", fontsize=10,
-                 color=title_colour(case.judged.passed))
+    fig.suptitle(f"{case.name}: probes in causal order · {case.words()}", fontsize=10,
+                 color=title_colour(case.passed))
     return fig
 
 

@@ -1,15 +1,16 @@
 """The report's model of a run directory: its case runs, each setup's records and what the case's verdict.json says.
 
 A run directory holds `<case>/<setup>/{metrics.csv,run.json}` and `<case>/verdict.json`. This module reads them
-(never writes) and draws nothing. Every field the report reads of a verdict is read here, through VerdictView and
-PairView, with its default for a verdict that lacks it (an older one, or none at all).
+(never writes) and draws nothing. A case run holds its verdict as a typed Verdict (parity.verdict.model), None
+without one, and answers the questions the report asks of it (words, max_rel, tolerance, pair). A verdict written
+by an older parity lacks the fields added since (device and backend, statistical, a pair's modes and localization,
+the probe phases' tolerances): from_json leaves them ABSENT, and the report reads them as not there.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import numpy as np
 from parity.case.schema import MEMBER_SUFFIX
 from parity.core import records
 from parity.core.paths import name_problem
-from parity.verdict.formatting import ran_on, statistical_tests
+from parity.verdict.model import BaselineCheck, Pair, Verdict, read_verdict
 
 PLOTTED = ("loss", "grad_norm")
 LABEL = {"loss": "loss", "grad_norm": "grad norm"}
@@ -36,120 +37,21 @@ def number(value) -> float | None:
 # ----------------------------------------------------------------------------- the verdict
 
 
-@dataclass(frozen=True)
-class PairView:
-    """One pair of a verdict: `other` judged against `reference`."""
-
-    doc: dict
-
-    @property
-    def reference(self):
-        return self.doc.get("reference")
-
-    @property
-    def other(self):
-        return self.doc.get("other")
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.doc.get("passed"))
-
-    @property
-    def problems(self) -> list[str]:
-        return self.doc.get("problems") or []
-
-    @property
-    def diverged(self) -> dict | None:
-        """The pair's first divergence entry (step or param, metric, both values); None when it has none."""
-        return self.doc.get("diverged") or None
-
-    @property
-    def localization(self) -> dict:
-        """Where the pair's probes first part; {} for a verdict written before probes."""
-        return self.doc.get("localization") or {}
-
-    @property
-    def probe_problems(self) -> list[str]:
-        """What kept the pair's probes from being compared in full."""
-        return self.localization.get("problems") or []
-
-    def metric(self, name: str) -> dict:
-        """The pair's summary of one metric (max_abs, max_rel, exact_equal_steps, n, ...); {} when absent."""
-        return (self.doc.get("metrics") or {}).get(name) or {}
-
-    def mode_of(self, metric, default):
-        """The mode the metric was judged in, where it differs by metric; `default` otherwise."""
-        return (self.doc.get("modes") or {}).get(metric, default)
-
-
-class VerdictView:
-    """What the report reads of a case's verdict.json (None: the case has no verdict)."""
-
-    def __init__(self, doc: dict | None):
-        self.doc = doc or {}
-
-    def __bool__(self) -> bool:
-        return bool(self.doc)
-
-    @property
-    def passed(self) -> bool | None:
-        return self.doc.get("passed")
-
-    def get(self, key: str, default="?"):
-        """A top-level field as written (mode, outcome, reference, platform), `default` when absent."""
-        return self.doc.get(key, default)
-
-    @property
-    def problems(self) -> list[str]:
-        return self.doc.get("problems") or []
-
-    @cached_property
-    def pairs(self) -> list[PairView]:
-        return [PairView(p) for p in self.doc.get("pairs") or []]
-
-    def pair(self, other: str) -> PairView:
-        """The pair judging `other`; an empty one when there is none."""
-        return next((p for p in self.pairs if p.other == other), PairView({}))
-
-    @property
-    def baselines(self) -> list[dict]:
-        """The baseline checks: setup, platform, status, message, path."""
-        return self.doc.get("baselines") or []
-
-    @property
-    def statistical(self) -> dict | None:
-        """Statistical mode's summary of the ensemble and its band; None in other modes."""
-        return self.doc.get("statistical") or None
-
-    def statistical_tests(self) -> dict[str, dict]:
-        return statistical_tests(self.doc)
-
-    def ran_on(self) -> str:
-        return ran_on(self.doc)
-
-    def tolerance(self, name: str) -> tuple[float, float] | None:
-        """(rtol, atol) of a metric or probe phase; None when the verdict has not both."""
-        t = (self.doc.get("tolerance") or {}).get(name) or {}
-        rtol, atol = number(t.get("rtol")), number(t.get("atol"))
-        return None if rtol is None or atol is None else (rtol, atol)
-
-    def words(self) -> str:
-        """'PASS (tolerance, expect match)', 'FAIL (...)' or 'no verdict'."""
-        if not self:
-            return "no verdict"
-        return f"{'PASS' if self.passed else 'FAIL'} ({self.get('mode')}, expect {self.get('outcome')})"
-
-    def max_rel(self, metric: str) -> float | None:
-        """The largest relative difference of a metric over the pairs; NaN, the worst, wins."""
-        values = [number(p.metric(metric).get("max_rel")) for p in self.pairs]
-        values = [x for x in values if x is not None]
-        # NaN compares false with everything; a NaN difference is the worst one, so it wins.
-        return next((x for x in values if math.isnan(x)), max(values, default=None))
-
-
-def baseline_origin(entry: dict) -> str:
+def baseline_origin(check: BaselineCheck) -> str:
     """Where a baseline check's stored baseline came from and how it fared: "(cpu-gloo, ok)"."""
-    return f"({entry.get('platform') or '?'}, {entry.get('status', '?')})"
+    return f"({check.platform or '?'}, {check.status})"
+
+
+def read_case_verdict(path: Path) -> Verdict | None:
+    """A case's verdict.json as a Verdict; None where the case has none, or one that does not read as a verdict
+    (not JSON, not an object, an empty object): the report shows such a case without a verdict."""
+    if not path.is_file():
+        return None
+    try:
+        verdict = read_verdict(path)
+    except records.RecordError:
+        return None
+    return verdict if verdict.to_json() else None
 
 
 # ----------------------------------------------------------------------------- the records
@@ -171,19 +73,59 @@ class SetupRun:
 class CaseRun:
     name: str
     dir: Path
-    verdict: dict | None  # verdict.json as read; read it through `judged`
+    verdict: Verdict | None  # None: the case has no verdict.json, or one that does not read as a verdict
     setups: list[SetupRun]  # the reference first
-    baselines: dict[str, tuple[dict, dict[str, np.ndarray]]] = field(default_factory=dict)  # setup -> (entry, columns)
+    baselines: dict[str, tuple[BaselineCheck, dict[str, np.ndarray]]] = field(default_factory=dict)  # setup -> (check, columns)
 
-    @cached_property
-    def judged(self) -> VerdictView:
-        return VerdictView(self.verdict)
+    @property
+    def passed(self) -> bool | None:
+        """Whether the verdict passed; None without a verdict."""
+        return None if self.verdict is None else self.verdict.passed
+
+    @property
+    def mode(self) -> str | None:
+        """The verdict's mode (bitwise, tolerance or statistical); None without a verdict."""
+        return None if self.verdict is None else self.verdict.mode
+
+    @property
+    def pairs(self) -> list[Pair]:
+        """The verdict's pairs; none without a verdict."""
+        return self.verdict.pairs if self.verdict is not None else []
+
+    @property
+    def baseline_checks(self) -> list[BaselineCheck]:
+        """The verdict's baseline checks; none without a verdict."""
+        return self.verdict.baselines if self.verdict is not None else []
 
     @property
     def platform(self) -> str:
-        if self.judged.get("platform", None):
-            return str(self.judged.get("platform"))
+        if self.verdict is not None and self.verdict.platform:
+            return str(self.verdict.platform)
         return next((str(s.run["platform"]) for s in self.setups if s.run.get("platform")), "?")
+
+    def words(self) -> str:
+        """'PASS (tolerance, expect match)', 'FAIL (...)' or 'no verdict'."""
+        if self.verdict is None:
+            return "no verdict"
+        return f"{'PASS' if self.verdict.passed else 'FAIL'} ({self.verdict.mode}, expect {self.verdict.outcome})"
+
+    def pair(self, other: str) -> Pair | None:
+        """The verdict's pair judging `other`; None when there is none."""
+        return next((p for p in self.pairs if p.other == other), None)
+
+    def tolerance(self, name: str) -> tuple[float, float] | None:
+        """(rtol, atol) of a metric or probe phase; None when the verdict has not both (a verdict written before
+        probes has no probe phases)."""
+        t = self.verdict.tolerance.get(name) if self.verdict is not None else None
+        rtol, atol = (number(t.get("rtol")), number(t.get("atol"))) if t else (None, None)
+        return None if rtol is None or atol is None else (rtol, atol)
+
+    def max_rel(self, metric: str) -> float | None:
+        """The largest relative difference of a metric over the pairs; NaN, the worst, wins."""
+        values = [number(p.metrics[metric].max_rel) for p in self.pairs]
+        values = [x for x in values if x is not None]
+        # NaN compares false with everything; a NaN difference is the worst one, so it wins.
+        return next((x for x in values if math.isnan(x)), max(values, default=None))
 
 
 def _is_case_dir(d: Path) -> bool:
@@ -198,17 +140,10 @@ def find_case_runs(run_dir) -> list[str]:
     return sorted(d.name for d in run_dir.iterdir() if _is_case_dir(d)) if run_dir.is_dir() else []
 
 
-def _read_json_or_empty(path: Path) -> dict:
-    try:
-        return records.read_json(path) if path.is_file() else {}
-    except records.RecordError:
-        return {}
-
-
-def _baseline_path(entry: dict, run_dir: Path) -> Path | None:
+def _baseline_path(check: BaselineCheck, run_dir: Path) -> Path | None:
     # The verdict stores the path as the comparer saw it: absolute, or relative to where it ran
     # (the repository root), or possibly to the run directory. Try each; a missing file is fine.
-    raw = entry.get("path")
+    raw = check.path
     if not raw:
         return None
     p = Path(raw)
@@ -218,28 +153,28 @@ def _baseline_path(entry: dict, run_dir: Path) -> Path | None:
     return None
 
 
-def _setup_names(case_dir: Path, judged: VerdictView) -> list[str]:
+def _setup_names(case_dir: Path, verdict: Verdict | None) -> list[str]:
     """The case's setup folders: the verdict's reference and pairs in its order, then any it does not name."""
     # Statistical mode's ensemble members are drawn from the verdict's band, not as setups of their own.
     names = sorted(d.name for d in case_dir.iterdir() if d.is_dir() and MEMBER_SUFFIX not in d.name
                    and name_problem(d.name) is None  # a setup's name is checked where its folder is made
                    and ((d / "metrics.csv").is_file() or (d / "run.json").is_file()))
-    if not judged:
+    if verdict is None:
         return names
-    order = [judged.get("reference", None)] + [p.other for p in judged.pairs]
+    order = [verdict.reference] + [p.other for p in verdict.pairs]
     order = [n for n in dict.fromkeys(order) if n in names]
     return order + [n for n in names if n not in order]
 
 
-def _read_baselines(judged: VerdictView, run_dir: Path) -> dict[str, tuple[dict, dict[str, np.ndarray]]]:
+def _read_baselines(verdict: Verdict | None, run_dir: Path) -> dict[str, tuple[BaselineCheck, dict[str, np.ndarray]]]:
     """Per setup, its baseline check and the baseline's columns, where the file is still there and reads."""
     baselines = {}
-    for entry in judged.baselines:
-        path = _baseline_path(entry, run_dir)
-        if path is None or not entry.get("setup"):
+    for check in verdict.baselines if verdict is not None else []:
+        path = _baseline_path(check, run_dir)
+        if path is None or not check.setup:
             continue
         try:
-            baselines[entry["setup"]] = (entry, records.read_columns(path)[1])
+            baselines[check.setup] = (check, records.read_columns(path)[1])
         except records.RecordError:
             pass
     return baselines
@@ -249,13 +184,12 @@ def load_case_run(run_dir, case: str) -> CaseRun:
     """A case run's verdict, setups (the reference first) and baselines, as far as they can be read."""
     run_dir = Path(run_dir)
     case_dir = run_dir / case
-    verdict = _read_json_or_empty(case_dir / "verdict.json") or None
-    judged = VerdictView(verdict)
+    verdict = read_case_verdict(case_dir / "verdict.json")
     setups = []
-    for name in _setup_names(case_dir, judged):
+    for name in _setup_names(case_dir, verdict):
         run = records.read_setup_run(case_dir / name, lenient=True)
         setups.append(SetupRun(name, run["info"], run["metrics"] or {}, run["probes"]))
-    return CaseRun(case, case_dir, verdict, setups, _read_baselines(judged, run_dir))
+    return CaseRun(case, case_dir, verdict, setups, _read_baselines(verdict, run_dir))
 
 
 def load_case_runs(run_dir) -> list[CaseRun]:

@@ -45,9 +45,9 @@ def _md_figure(alt: str, png: Path, run_dir) -> list[str]:
 
 def _md_case(case: CaseRun, run_dir, png: Path | None, probes_png: Path | None = None) -> list[str]:
     out = [f"## {case.name}", "",
-           f"**{markdown.text(case.judged.words())}** · setups: {', '.join(s.name for s in case.setups)}", ""]
-    if case.judged.problems:
-        out += ["Problems:", ""] + [f"- {markdown.text(p)}" for p in case.judged.problems] + [""]
+           f"**{markdown.text(case.words())}** · setups: {', '.join(s.name for s in case.setups)}", ""]
+    if case.verdict is not None and case.verdict.problems:
+        out += ["Problems:", ""] + [f"- {markdown.text(p)}" for p in case.verdict.problems] + [""]
     out += _md_figure(case.name, png, run_dir) if png else ["_No metrics recorded: no figure._", ""]
     if probes_png:
         out += _md_figure(f"{case.name} probes", probes_png, run_dir)
@@ -81,12 +81,12 @@ def _html_image(alt: str, png: Path) -> str:
 
 def _html_case(case: CaseRun, run_dir, png: Path | None, probes_png: Path | None = None) -> str:
     e = html.escape
-    cls = {True: "pass", False: "fail"}.get(case.judged.passed, "")
+    cls = {True: "pass", False: "fail"}.get(case.passed, "")
     parts = [f'<section id="case-{e(case.name)}"><h2>{e(case.name)}</h2>',
-             f'<p><strong class="{cls}">{e(case.judged.words())}</strong> · setups: '
+             f'<p><strong class="{cls}">{e(case.words())}</strong> · setups: '
              f'{e(", ".join(s.name for s in case.setups))}</p>']
-    if case.judged.problems:
-        parts.append("<ul>" + "".join(f"<li>{e(p)}</li>" for p in case.judged.problems) + "</ul>")
+    if case.verdict is not None and case.verdict.problems:
+        parts.append("<ul>" + "".join(f"<li>{e(p)}</li>" for p in case.verdict.problems) + "</ul>")
     parts.append(_html_image(f"{case.name} figure", png) if png else "<p><em>No metrics recorded: no figure.</em></p>")
     if probes_png:
         parts.append(_html_image(f"{case.name} probes heatmap", probes_png))
@@ -105,8 +105,8 @@ def _html_case(case: CaseRun, run_dir, png: Path | None, probes_png: Path | None
 
 
 def _headline(cases: list[CaseRun]) -> str:
-    n_pass = sum(1 for case in cases if case.judged and case.judged.passed)
-    n_none = sum(1 for case in cases if not case.judged)
+    n_pass = sum(1 for case in cases if case.passed)
+    n_none = sum(1 for case in cases if case.verdict is None)
     headline = f"{len(cases)} cases · {n_pass} passed · {len(cases) - n_pass - n_none} failed"
     return headline + (f" · {n_none} without verdict" if n_none else "")
 

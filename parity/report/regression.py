@@ -64,8 +64,8 @@ def _case_changes(new_dir: Path, old_dir: Path, name: str) -> list[str]:
     """Markdown lines saying how one case changed: its verdict, its setups, their metrics and weights."""
     new, old = load_case_run(new_dir, name), load_case_run(old_dir, name)
     lines = []
-    if old.judged.passed != new.judged.passed:
-        lines.append(markdown.text(f"verdict: {old.judged.words()} → {new.judged.words()}"))
+    if old.passed != new.passed:
+        lines.append(markdown.text(f"verdict: {old.words()} → {new.words()}"))
     old_setups = {s.name: s for s in old.setups}
     new_setups = {s.name: s for s in new.setups}
     for setup in sorted(set(old_setups) | set(new_setups)):

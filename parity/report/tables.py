@@ -8,9 +8,10 @@ from __future__ import annotations
 import shlex
 
 from parity.report import markdown
-from parity.report.model import LABEL, CaseRun, PairView, VerdictView, number
+from parity.report.model import LABEL, CaseRun, number
 from parity.verdict import localize
-from parity.verdict.formatting import ensemble_lines
+from parity.verdict.formatting import ensemble_lines, ran_on, statistical_tests
+from parity.verdict.model import MetricResult, Pair
 from parity.verdict.numbers import bitwise_equal
 
 SUMMARY_COLUMNS = ("case", "setups", "mode", "verdict", "ran on", "max rel diff loss", "max rel diff grad norm",
@@ -44,15 +45,16 @@ def md_table(columns, rows) -> str:
 # ----------------------------------------------------------------------------- summary
 
 
-def _divergence_text(judged: VerdictView) -> str:
+def _divergence_text(case: CaseRun) -> str:
     """Per pair, where it first diverged; where only its probes part, where they do."""
     parts = []
-    beyond = " (beyond tolerance)" if judged.get("mode", None) == "tolerance" else ""
-    for p in judged.pairs:
-        d, first = p.diverged, p.localization.get("first")
+    beyond = " (beyond tolerance)" if case.mode == "tolerance" else ""
+    for p in case.pairs:
+        d = p.diverged
+        first = p.localization.first if p.localization else None  # a verdict written before probes has none
         if d:
-            where = f"step {d['step']}" if d.get("step") is not None else f"param {d.get('param')}"
-            parts.append(f"{p.other}: {d.get('metric')} {where}{beyond}")
+            where = f"step {d['step']}" if d["step"] is not None else f"param {d['param']}"
+            parts.append(f"{p.other}: {d['metric']} {where}{beyond}")
         elif first and not p.passed:
             # the metrics agree, the probes do not: say where they part
             parts.append(f"{p.other}: probes step {first['step']}, {first['phase']}, {first['name']}{beyond}")
@@ -60,38 +62,41 @@ def _divergence_text(judged: VerdictView) -> str:
 
 
 def summary_row(case: CaseRun) -> dict:
-    judged = case.judged
+    judged = case.verdict is not None
     return {
         "case": case.name,
         "setups": ", ".join(s.name for s in case.setups),
-        "mode": judged.get("mode", "—"),
-        "verdict": ("PASS" if judged.passed else "FAIL") if judged else "no verdict",
-        "ran on": judged.ran_on() if judged else "—",
-        "max rel diff loss": number_text(judged.max_rel("loss")),
-        "max rel diff grad norm": number_text(judged.max_rel("grad_norm")),
-        "first divergence": _divergence_text(judged),
+        "mode": case.mode if judged else "—",
+        "verdict": ("PASS" if case.passed else "FAIL") if judged else "no verdict",
+        "ran on": ran_on(case.verdict) if judged else "—",
+        "max rel diff loss": number_text(case.max_rel("loss")),
+        "max rel diff grad norm": number_text(case.max_rel("grad_norm")),
+        "first divergence": _divergence_text(case),
     }
 
 
 # ----------------------------------------------------------------------------- pairs, ensemble, baselines
 
 
-def _pair_row(p: PairView) -> dict:
-    loss, gn = p.metric("loss"), p.metric("grad_norm")
+def _pair_row(p: Pair) -> dict:
+    loss, gn = p.metrics["loss"], p.metrics["grad_norm"]
     return {
         "pair": f"{p.other} vs {p.reference}",
         "passed": "yes" if p.passed else "no",
-        "loss max abs": number_text(loss.get("max_abs")), "loss max rel": number_text(loss.get("max_rel")),
-        "grad norm max abs": number_text(gn.get("max_abs")), "grad norm max rel": number_text(gn.get("max_rel")),
-        "exact steps": f"{loss.get('exact_equal_steps', '?')}/{loss.get('n', '?')} loss, "
-                       f"{gn.get('exact_equal_steps', '?')}/{gn.get('n', '?')} grad norm",
+        "loss max abs": number_text(loss.max_abs), "loss max rel": number_text(loss.max_rel),
+        "grad norm max abs": number_text(gn.max_abs), "grad norm max rel": number_text(gn.max_rel),
+        "exact steps": f"{_exact_steps(loss)} loss, {_exact_steps(gn)} grad norm",
         "probes": _probes_text(p),
         "problems": "; ".join(p.problems) or "—",
     }
 
 
+def _exact_steps(m: MetricResult) -> str:
+    return f"{m.exact_equal_steps}/{m.n}"
+
+
 def pair_rows(case: CaseRun) -> list[dict]:
-    return [_pair_row(p) for p in case.judged.pairs]
+    return [_pair_row(p) for p in case.pairs]
 
 
 def _entry_text(e: dict) -> str:
@@ -99,33 +104,32 @@ def _entry_text(e: dict) -> str:
     return f"{e['phase']} {e['name']} " + ("exact" if exact else f"rel {localize.rel_text(number(e['rel']))}")
 
 
-def _probes_text(p: PairView) -> str:
+def _probes_text(p: Pair) -> str:
     """Where the pair's probes first part, with the entries just before it and any probe problems."""
     loc = p.localization
     if not loc:
         return "—"  # a verdict written before probes
-    text = loc.get("line", "—")
-    if loc.get("before"):
-        text += " (before it: " + ", ".join(_entry_text(e) for e in loc["before"]) + ")"
-    return "; ".join([text] + [f"problem: {q}" for q in p.probe_problems])
+    text = loc.line
+    if loc.before:
+        text += " (before it: " + ", ".join(_entry_text(e) for e in loc.before) + ")"
+    return "; ".join([text] + [f"problem: {q}" for q in loc.problems])
 
 
 def ensemble_text(case: CaseRun) -> list[str]:
     """Statistical mode: the ensemble and the test, then each setup's largest |z| and windows outside the band."""
-    judged = case.judged
-    if not judged.statistical:
+    if case.verdict is None or not case.verdict.statistical:
         return []
-    lines = [line.strip() for line in ensemble_lines(judged.statistical)]
-    for name, tests in list(judged.statistical_tests().items())[1:]:  # the reference's own test is in ensemble_lines
+    lines = [line.strip() for line in ensemble_lines(case.verdict.statistical)]
+    for name, tests in list(statistical_tests(case.verdict).items())[1:]:  # the reference's own is in ensemble_lines
         lines.append(f"{name}: " + "; ".join(
-            f"{LABEL[m]} max |z| {number_text(t['max_abs_z'])}, {t['failing_windows']} of {len(t['z'])} windows outside"
+            f"{LABEL[m]} max |z| {number_text(t.max_abs_z)}, {t.failing_windows} of {len(t.z)} windows outside"
             for m, t in tests.items() if t) if any(tests.values()) else f"{name}: not tested")
     return lines
 
 
 def baseline_rows(case: CaseRun) -> list[dict]:
-    return [{"setup": b.get("setup", "?"), "platform": b.get("platform", "?"), "status": b.get("status", "?"),
-             "message": b.get("message") or "—"} for b in case.judged.baselines]
+    return [{"setup": b.setup, "platform": b.platform, "status": b.status, "message": b.message or "—"}
+            for b in case.baseline_checks]
 
 
 # ----------------------------------------------------------------------------- setups and provenance

@@ -1,16 +1,16 @@
 """What a person reads of a verdict: the summary (format_verdict), the failing rows (divergence_table), an
 entry's or band window's one line, where a case ran, and a statistical verdict's ensemble lines.
 
-statistical_tests, ensemble_lines, ran_on and device_counts also read verdict.json as a dict (the report
-does); the rest take a Verdict.
+Each takes a Verdict (or a part of one); device_counts reads the verdict.json files of a run directory.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from parity.core.records import RecordError, read_json
-from parity.verdict.model import STEP_METRICS, MetricResult, Pair, Verdict
+from parity.core.records import RecordError
+from parity.verdict.model import ABSENT, STEP_METRICS, MetricResult, Pair, StatisticalSummary, StatisticalTest, Verdict, \
+    read_verdict
 from parity.verdict.numbers import ulps_text
 
 
@@ -86,16 +86,20 @@ def _pair_lines(p: Pair) -> list[str]:
     return lines + [f"    - {line}" for line in p.problems]
 
 
-def statistical_tests(verdict: dict) -> dict[str, dict]:
-    """A statistical verdict's tests by setup, {setup: {metric: T or None}}: the reference's own first, then
+def statistical_tests(verdict: Verdict) -> dict[str, dict[str, StatisticalTest | None]]:
+    """A statistical verdict's tests by setup, {setup: {metric: test or None}}: the reference's own first, then
     each pair's other setup."""
-    out = {verdict["reference"]: verdict["statistical"].get("reference") or {}}
-    for p in verdict.get("pairs", []):
-        out[p["other"]] = {m: (p["metrics"].get(m) or {}).get("statistical") for m in STEP_METRICS}
+    out = {verdict.reference: verdict.statistical.get("reference") or {}}  # None where the ensemble tested nothing
+    for p in verdict.pairs:
+        out[p.other] = {m: _test_of(p.metrics.get(m)) for m in STEP_METRICS}
     return out
 
 
-def ensemble_lines(st: dict | None) -> list[str]:
+def _test_of(m: MetricResult | None) -> StatisticalTest | None:
+    return m.statistical if m is not None and m.statistical is not ABSENT else None
+
+
+def ensemble_lines(st: StatisticalSummary | None) -> list[str]:
     """Statistical mode: the ensemble, the test's limit, how many windows the tolerance floor decided, the
     reference's own test and the held-out members' (a measured false-alarm count)."""
     if not st:
@@ -108,7 +112,7 @@ def ensemble_lines(st: dict | None) -> list[str]:
     ref = st.get("reference")
     if ref:
         lines.append("  reference in its own band: " + ", ".join(
-            f"{m} max |z| {_three_digits(t['max_abs_z'])}" + ("" if t["passed"] else " (OUTSIDE)")
+            f"{m} max |z| {_three_digits(t.max_abs_z)}" + ("" if t.passed else " (OUTSIDE)")
             for m, t in ref.items()))
     held = st.get("held_out") or []
     if held:
@@ -128,9 +132,11 @@ def _localization_lines(pair: Pair, indent: str) -> list[str]:
     return lines + [f"{indent}  probe problem: {q}" for q in loc.problems if f"probes: {q}" not in listed]
 
 
-def ran_on(verdict: dict) -> str:
-    """Where the case actually ran, e.g. "cuda/nccl (NVIDIA H100 80GB HBM3)" or "cpu/gloo"."""
-    device, backend = verdict.get("device", "unknown"), verdict.get("backend", "unknown")
+def ran_on(verdict: Verdict) -> str:
+    """Where the case actually ran, e.g. "cuda/nccl (NVIDIA H100 80GB HBM3)" or "cpu/gloo"; "unknown" where the
+    verdict does not say (one written before it recorded the device)."""
+    device = "unknown" if verdict.device is ABSENT else verdict.device
+    backend = "unknown" if verdict.backend is ABSENT else verdict.backend
     kind = {"nccl": "cuda", "gloo": "cpu"}.get(backend, "unknown")
     return f"{kind}/{backend}" + (f" ({device})" if kind == "cuda" and device not in ("cuda", "unknown") else "")
 
@@ -142,12 +148,12 @@ def device_counts(run_dir, cases=None) -> tuple[list[str], str]:
         if cases is not None and path.parent.name not in cases:
             continue
         try:
-            v = read_json(path)
+            v = read_verdict(path)
         except RecordError:
             continue
         where = ran_on(v)
         counts[where] = counts.get(where, 0) + 1
-        lines.append(f"{v.get('case')} {'PASS' if v.get('passed') else 'FAIL'} on {where}")
+        lines.append(f"{v.case} {'PASS' if v.passed else 'FAIL'} on {where}")
     return lines, ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) or "none"
 
 

@@ -1,8 +1,7 @@
 """The verdict's schema: what `<out>/<case>/verdict.json` holds, as typed records.
 
 `Verdict.to_json()` is the file's content, key for key in the order below (records.write_json writes it);
-`Verdict.from_json()` reads it back. Each record also answers `record[key]` and `record.get(key)` by its
-JSON keys, so a reader that takes verdict.json as a dict reads a record the same way.
+`Verdict.from_json()` reads it back, and `read_verdict()` reads the file. Readers take the records' attributes.
 
 Records (dataclasses, fields in their JSON order):
 
@@ -28,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, TypedDict
+
+from parity.core.records import RecordError, read_json
 
 
 class _Absent:
@@ -132,39 +133,10 @@ def _key(f) -> str:
 
 
 class Record:
-    """A verdict record: to_json, and read access by JSON key as verdict.json's dicts give it (a missing or
-    ABSENT key is a KeyError). Not a full Mapping: a field may be called `values`."""
+    """A verdict record: to_json gives its JSON value."""
 
     def to_json(self) -> dict:
         return to_json(self)
-
-    def __getitem__(self, key: str):
-        name = _fields_by_key(type(self)).get(key)
-        value = getattr(self, name) if name else ABSENT
-        if value is ABSENT:
-            raise KeyError(key)
-        return value
-
-    def get(self, key: str, default=None):
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-    def __contains__(self, key) -> bool:
-        return key in self.keys()
-
-    def keys(self) -> list[str]:
-        return [_key(f) for f in fields(self) if getattr(self, f.name) is not ABSENT]
-
-    def items(self) -> list[tuple[str, Any]]:
-        return [(k, self[k]) for k in self.keys()]
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self.keys())
 
 
 def _fields_by_key(cls) -> dict[str, str]:
@@ -309,3 +281,13 @@ class Verdict(Record):
         return cls(**_plain(cls, data, repeat=Pair.from_json, statistical=_summary,
                             pairs=lambda ps: [Pair.from_json(p) for p in ps],
                             baselines=lambda bs: [BaselineCheck.from_json(b) for b in bs]))
+
+
+def read_verdict(path) -> Verdict:
+    """`<out>/<case>/verdict.json` as a Verdict; a RecordError when the file is not a JSON object, or holds a value
+    where a record belongs that is not one (a key it lacks is ABSENT, as from_json reads it)."""
+    data = read_json(path)
+    try:
+        return Verdict.from_json(data)
+    except (AttributeError, TypeError) as e:  # a list, a number or a string where a record's object belongs
+        raise RecordError(f"{path}: not a verdict: {e}") from None
