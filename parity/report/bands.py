@@ -18,7 +18,7 @@ import math
 import numpy as np
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from parity.report.canvas import FIGSIZE, new_figure, title_colour
+from parity.report.canvas import FIGSIZE, finish_figure, new_figure
 from parity.report.model import LABEL, CaseRun
 from parity.verdict.ensemble import METRICS
 from parity.verdict.formatting import statistical_tests
@@ -51,13 +51,8 @@ def build_band_figure(case: CaseRun):
               "(c) grad norm (pre-clip, median): the same",
               f"(d) |z| per window (solid loss, dashed grad norm): fails above {st['limit']:.3g}\n"
               f"    the tolerance, not the members' spread, set the band in {floor} windows")
-    for ax, title in zip(axes, titles):
-        ax.set_title(title, fontsize=9, loc="left")
-    fig.suptitle(f"{case.name}: {case.words()}\n{st['k']} {st['perturb']}-perturbed members of "
-                 f"{verdict.reference}, alpha {st['alpha']!r}",
-                 fontsize=9.5, color=title_colour(verdict.passed))
-    fig.tight_layout()
-    return fig
+    return finish_figure(fig, axes, titles, f"{case.name}: {case.words()}\n{st['k']} {st['perturb']}-perturbed "
+                         f"members of {verdict.reference}, alpha {st['alpha']!r}", 9.5, verdict.passed)
 
 
 def _plot_curves(ax, st: dict, tests: dict, colours: dict, ends: np.ndarray) -> None:

@@ -32,6 +32,15 @@ def title_colour(passed: bool | None) -> str:
     return {True: "darkgreen", False: "firebrick"}.get(passed, "black")
 
 
+def finish_figure(figure: Figure, axes, titles, suptitle: str, size: float, passed: bool | None) -> Figure:
+    """Title each panel and the figure (coloured by the verdict), then lay it out."""
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=9, loc="left")
+    figure.suptitle(suptitle, fontsize=size, color=title_colour(passed))
+    figure.tight_layout()
+    return figure
+
+
 def _save_atomic(figure: Figure, path: Path, file_format: str) -> None:
     with records.atomic_open(path, "wb") as f:
         figure.savefig(f, format=file_format, dpi=DPI)

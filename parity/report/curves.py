@@ -12,7 +12,7 @@ from matplotlib.ticker import MaxNLocator
 
 from parity.core.paths import inside
 from parity.report.bands import build_band_figure
-from parity.report.canvas import FIGSIZE, envelope, marked, new_figure, save_figure, stride, title_colour
+from parity.report.canvas import FIGSIZE, envelope, marked, finish_figure, new_figure, save_figure, stride
 from parity.report.diffs import plot_diffs
 from parity.report.model import LABEL, CaseRun, baseline_origin, load_case_run, metric_series
 
@@ -98,13 +98,8 @@ def build_figure(run_dir, case_name: str, case: CaseRun | None = None):
     bitwise = case.mode == "bitwise"
     titles = ("(a) loss", "(b) grad norm (pre-clip)",
               "(c) |difference| to the reference" + (": bitwise mode, any difference fails" if bitwise else ""))
-    for ax, title in zip(axes, titles):
-        ax.set_title(title, fontsize=9, loc="left")
-    fig.suptitle(f"{case.name}: {' vs '.join(s.name for s in case.setups)}\n"
-                 f"platform {case.platform} · {case.words()}",
-                 fontsize=10.5, color=title_colour(case.passed))
-    fig.tight_layout()
-    return fig
+    return finish_figure(fig, axes, titles, f"{case.name}: {' vs '.join(s.name for s in case.setups)}\n"
+                         f"platform {case.platform} · {case.words()}", 10.5, case.passed)
 
 
 def plot_case(run_dir, case_name: str, case: CaseRun | None = None) -> tuple[Path, Path]:

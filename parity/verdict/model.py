@@ -43,22 +43,25 @@ ABSENT: Any = _Absent()  # a key this record's JSON leaves out; None is a key wr
 STEP_METRICS = ("loss", "grad_norm")  # the metrics recorded per step; a pair's third is its final weights
 
 
-class Entry(TypedDict, total=False):
-    """One compared value: `step` or `param` (a weights entry whose sketch failed also has `sketch`, 0-based),
-    a probe's `phase`, `name`, `stat`, both values, their differences and the ulps between them, counted
-    in `ulp_unit` ("f32" or "f64")."""
-    step: int
-    param: str
-    phase: str
-    name: str
-    stat: str
-    sketch: int
+class Difference(TypedDict, total=False):
+    """Two compared values, their differences and the ulps between them, counted in `ulp_unit` ("f32" or "f64")."""
     value_ref: float
     value_other: float
     abs: float
     rel: float
     ulps: int | None
     ulp_unit: str
+
+
+class Entry(Difference, total=False):
+    """One compared value: `step` or `param` (a weights entry whose sketch failed also has `sketch`, 0-based),
+    a probe's `phase`, `name`, `stat`, and the Difference."""
+    step: int
+    param: str
+    phase: str
+    name: str
+    stat: str
+    sketch: int
 
 
 class BandFailure(TypedDict):
@@ -74,7 +77,7 @@ class BandFailure(TypedDict):
     limit: float
 
 
-class Divergence(TypedDict, total=False):
+class Divergence(Difference, total=False):
     """A pair's first divergence: `metric`, `step` (None for weights), `param` (None for step metrics), then
     the Entry's (or, in mode "statistical", the BandFailure's) remaining keys."""
     metric: str
@@ -82,12 +85,6 @@ class Divergence(TypedDict, total=False):
     param: str | None
     sketch: int
     window: list[int]
-    value_ref: float
-    value_other: float
-    abs: float
-    rel: float
-    ulps: int | None
-    ulp_unit: str
     z: float
     limit: float
 
