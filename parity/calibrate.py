@@ -17,6 +17,7 @@ from parity.core import records
 from parity.core.errors import InputError
 from parity.run.runner import RunOptions, resolve_device
 from parity.case.schema import Case
+from parity.case.trainer import BUILTIN
 from parity.session import RunSession
 
 ORACLE = "oracle_float64"
@@ -68,7 +69,7 @@ def propose(errors: dict[str, dict[str, float]], multiple: float, floor: float) 
 def calibrate(case: Case, out: Path, steps: int | None, timeout_s: float, multiple: float, floor: float) -> str:
     """Run the case with its float64 oracle on CPU (a run session, not judged) and say what each setup's
     largest error against the oracle was and which tolerances that proposes."""
-    if case.reference.trainer != "builtin":  # the oracle is parity's own model, recast to float64
+    if case.reference.trainer != BUILTIN:  # the oracle is parity's own model, recast to float64
         raise InputError(f"{case.path}: setups.{case.reference.name}.trainer: calibrate needs a built-in reference "
                          f"setup (its float64 oracle is parity's own model); allowed: cases whose first setup is built-in")
     calib = replace(case, setups=(oracle_setup(case),) + case.setups)

@@ -3,9 +3,9 @@
 A *job* is one (case, setup) whose records the suite needs. Jobs that would compute the same numbers
 (the same resolved setup and training config, seed checkpoint, probed steps, determinism settings
 and device, in this one process's torch) become one *training*: it trains once, into its first
-job's folder, and the runner copies its records to the others. Built-in trainings of one world
+job's folder, and the runner copies its records to the others. Trainings in parity's ranks of one world
 size, device and determinism settings share one torchrun *launch* (the settings are applied once per
-process, before CUDA starts); a torchtitan or command setup is a launch of its own.
+process, before CUDA starts); a setup of a trainer with its own process is a launch of its own.
 
 Three plans, so that a result can be checked against a plainer way of getting it:
     suite  all cases together: trainings shared across cases, one launch per world size
@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass, field
 
 from parity.case.schema import MEMBER_SUFFIX, Case, Setup
+from parity.trainers import TRAINERS
 
 PLANS = ("suite", "case", "setup")
 
@@ -62,7 +63,7 @@ class Training:
 class Launch:
     world_size: int
     device: str
-    trainer: str  # "builtin": one torchrun over every training in order; otherwise exactly one training
+    trainer: str  # one that trains in parity's ranks: one torchrun over every training in order; otherwise one training
     trainings: list[Training] = field(default_factory=list)
     # A CPU launch whose ranks leave cores idle is split into `lanes` launches that run at once, side by
     # side in the plan: lane 0 .. lanes - 1.
@@ -98,16 +99,21 @@ def plan(jobs: list[Job], kind: str = "suite", cores: int = 1) -> list[Launch]:
     return [lane for launch in launches for lane in lanes(launch, cores)] if kind == "suite" else launches
 
 
+def in_ranks(trainer: str) -> bool:
+    """Whether the trainer's setups train inside parity's ranks (and so can share a torchrun)."""
+    return TRAINERS[trainer].own_ranks
+
+
 def lanes(launch: Launch, cores: int) -> list[Launch]:
     """A CPU launch of world size w with trainings to spare, split into up to cores // w launches that run at
     once, each on cores of its own (world size 1 on 2 cores: two trainings at a time). Trainings are dealt
     longest first to the lane with the fewest steps, and keep their planned order within a lane. A launch
     with a repeat run stays whole: the repeat checks the reference in the process that ran it."""
     n = min(cores // launch.world_size, len(launch.trainings))
-    if launch.device != "cpu" or launch.trainer != "builtin" or n < 2 or any(t.first.setup.repeat
-                                                                              for t in launch.trainings):
+    if launch.device != "cpu" or not in_ranks(launch.trainer) or n < 2 or any(t.first.setup.repeat
+                                                                               for t in launch.trainings):
         return [launch]
-    parts = [Launch(launch.world_size, launch.device, "builtin", lane=i, lanes=n) for i in range(n)]
+    parts = [Launch(launch.world_size, launch.device, launch.trainer, lane=i, lanes=n) for i in range(n)]
     load = [0] * n
     for t in sorted(launch.trainings, key=lambda t: -t.first.setup.train.steps):
         i = load.index(min(load))
@@ -124,20 +130,20 @@ def _plan(jobs: list[Job], share: bool, merge: bool) -> list[Launch]:
     for i, j in enumerate(jobs):
         key = training_key(j) if share else str(i)
         trainings.setdefault(key, Training([])).jobs.append(j)
-    builtin: dict[tuple, Launch] = {}
+    in_parity: dict[tuple, Launch] = {}
     launches: list[Launch] = []
     # A reference's second run goes last in its launch, after everything else the process has done.
     for t in sorted(trainings.values(), key=lambda t: t.first.setup.repeat):
         s = t.first.setup
-        if s.trainer != "builtin" or not merge:
+        if not in_ranks(s.trainer) or not merge:
             launches.append(Launch(s.world_size, t.first.device, s.trainer, [t]))
             continue
-        group = (s.world_size, t.first.device, json.dumps(t.first.case.determinism, sort_keys=True))
-        if group not in builtin:
-            builtin[group] = Launch(s.world_size, t.first.device, "builtin")
-        builtin[group].trainings.append(t)
-    # Built-in launches by world size, then the external ones, each in the order its jobs came.
-    return sorted(builtin.values(), key=lambda launch: launch.world_size) + launches if merge else launches
+        group = (s.trainer, s.world_size, t.first.device, json.dumps(t.first.case.determinism, sort_keys=True))
+        if group not in in_parity:
+            in_parity[group] = Launch(s.world_size, t.first.device, s.trainer)
+        in_parity[group].trainings.append(t)
+    # Launches of parity's ranks by world size, then the others, each in the order its jobs came.
+    return sorted(in_parity.values(), key=lambda launch: launch.world_size) + launches if merge else launches
 
 
 def summary(launches: list[Launch], kind: str = "suite") -> str:
@@ -147,7 +153,7 @@ def summary(launches: list[Launch], kind: str = "suite") -> str:
     lines = [f"plan ({kind}): {jobs} setups, {trainings} trained ({jobs - trainings} reused), {len(launches)} launches"]
     for i, launch in enumerate(launches, 1):
         names = _entries(launch.trainings)
-        what = "torchrun" if launch.trainer == "builtin" else launch.trainer
+        what = "torchrun" if in_ranks(launch.trainer) else launch.trainer
         lane = f", lane {launch.lane + 1} of {launch.lanes} (at once)" if launch.lanes > 1 else ""
         lines.append(f"  launch {i}: {what}, world size {launch.world_size}, {launch.device}{lane}: {'; '.join(names)}")
     return "\n".join(lines)

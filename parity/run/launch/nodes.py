@@ -50,6 +50,7 @@ from parity.core.errors import InputError
 from parity.run.launch.channel import Channel, Refused, is_report, pause, read_secret, shown, write_secret
 from parity.core.process import LaunchResult, process_env, run_process
 from parity.run.launch.torchrun import torchrun_argv
+from parity.run.plan import in_ranks
 from parity.core.paths import inside, name_problem
 from parity.core.rundir import RUN_MARKER, claim
 
@@ -113,7 +114,7 @@ def check_splits(count: int, cases) -> None:
     """Every setup must split evenly over `count` nodes and be one parity trains itself."""
     for case in cases:
         for s in case.setups:
-            if s.trainer != "builtin":
+            if not in_ranks(s.trainer):
                 raise InputError(f"{case.path}: setups.{s.name}: trainer {s.trainer!r} runs on one node only; "
                                  f"allowed with --nnodes {count}: built-in setups")
             if s.world_size % count:
