@@ -244,7 +244,7 @@ def test_sigterm_while_lanes_run_stops_both_and_leaves_nothing(write_case, tmp_p
 
 def test_a_log_goes_into_a_message_by_its_end_only(tmp_path):
     """A runaway log (megabytes of long progress lines) is never read whole, and its tail stays short."""
-    from parity.run.launch import process
+    from parity.core import process
 
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -258,7 +258,7 @@ def test_a_log_goes_into_a_message_by_its_end_only(tmp_path):
 
 
 def test_first_error_reads_each_rank_logs_end_and_skips_lines_that_only_look_like_marks(tmp_path):
-    from parity.run.launch import process
+    from parity.core import process
     from parity.core.lifeline import ERROR_MARK
 
     (tmp_path / "rank0.log").write_text(f"{ERROR_MARK} 5.0 early, then a long log\n" + "." * process.ERROR_SCAN_BYTES
