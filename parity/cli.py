@@ -466,11 +466,15 @@ def _terminate(signum, _frame):
 def main(argv=None) -> int:
     argv = bare_flag_default(sys.argv[1:] if argv is None else argv, "--update-baselines", UPDATE_MODES, "failing")
     try:
-        project = project_settings(Path.cwd())
+        # The defaults come from [tool.parity] before the update mode is parsed: read it as if updating,
+        # then again as it is, where no update mode was given (a missing baselines folder is bad input then).
+        project = project_settings(Path.cwd(), updating=True)
+        args = parser(layered(project, DEFAULTS)).parse_args(argv)
+        if not getattr(args, "update_baselines", None):
+            project_settings(Path.cwd())
     except InputError as e:
         print(f"parity: error: {e}", file=sys.stderr)
         return 2
-    args = parser(layered(project, DEFAULTS)).parse_args(argv)
     args.project, args.given = project, {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:

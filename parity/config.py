@@ -9,6 +9,10 @@ say where in their pyproject.toml:
     out = "reports/parity"
     device = "auto"                 # auto | cpu | cuda
 
+A missing `baselines` folder is bad input, except where the run may write baselines (any
+`--update-baselines` / `--parity-update-baselines` mode): a first run in a new repository then
+creates it (create_baselines, called by parity.session once every input check has passed).
+
 pytest users may set the same as ini keys (`parity_cases`, `parity_baselines`, `parity_out`,
 `parity_device`) in pytest.ini, tox.ini, setup.cfg or `[tool.pytest.ini_options]`, relative to
 that file's folder. Precedence, highest first: the command line, pytest's ini keys, `[tool.parity]`,
@@ -29,6 +33,8 @@ DEVICES = ("auto", "cpu", "cuda")
 KEYS = ("cases", "baselines", "out", "device")
 # `out` is created by the run; the others are read, so a typo in them must not pass as "no cases".
 MUST_EXIST = ("cases", "baselines")
+# ...except where the run may write baselines: then a missing baselines folder is created (create_baselines).
+CREATED_WHEN_UPDATING = ("baselines",)
 INI_PREFIX = "parity_"
 
 
@@ -52,9 +58,11 @@ def layered(*sources: Settings) -> Settings:
                        for f in fields(Settings)})
 
 
-def project_settings(start: Path) -> Settings:
+def project_settings(start: Path, updating: bool = False) -> Settings:
     """The `[tool.parity]` table of the nearest pyproject.toml at or above `start` that has one
-    (pytest likewise skips a pyproject.toml without its own table); empty Settings if none does."""
+    (pytest likewise skips a pyproject.toml without its own table); empty Settings if none does.
+    `updating`: whether the run may write baselines (an update mode is given); then a missing
+    baselines folder is accepted, to be made by create_baselines."""
     for folder in (start, *start.parents):
         path = folder / "pyproject.toml"
         if not path.exists():  # one that exists but is no regular file (a FIFO) is read, and refused, not skipped
@@ -68,20 +76,21 @@ def project_settings(start: Path) -> Settings:
             unknown = sorted(set(table) - set(KEYS))
             if unknown:
                 raise ConfigError(f"{path}: tool.parity.{unknown[0]}: unknown key; allowed: {', '.join(KEYS)}")
-            return _settings(table, f"{path}: tool.parity.", path.parent)
+            return _settings(table, f"{path}: tool.parity.", path.parent, updating)
     return Settings()
 
 
-def ini_settings(getini, inifile: Path | None, rootdir: Path) -> Settings:
-    """pytest's parity ini keys (`getini` is pytest's config.getini; unset keys read as None)."""
+def ini_settings(getini, inifile: Path | None, rootdir: Path, updating: bool = False) -> Settings:
+    """pytest's parity ini keys (`getini` is pytest's config.getini; unset keys read as None);
+    `updating` as for project_settings."""
     table = {key: getini(INI_PREFIX + key) for key in KEYS}
     # Without an ini file the keys can only come from `-o parity_cases=...`: relative to the rootdir.
     where = f"{inifile}: " if inifile else "-o "
     return _settings({k: v for k, v in table.items() if v is not None}, where + INI_PREFIX,
-                     inifile.parent if inifile else rootdir)
+                     inifile.parent if inifile else rootdir, updating)
 
 
-def _settings(table: dict, prefix: str, base: Path) -> Settings:
+def _settings(table: dict, prefix: str, base: Path, updating: bool) -> Settings:
     """Validated settings from `table`; `prefix` names the file and table for the message."""
     found = {}
     for key, value in table.items():
@@ -95,11 +104,29 @@ def _settings(table: dict, prefix: str, base: Path) -> Settings:
             raise ConfigError(f"{where}: {value!r} is not allowed; allowed: a path (a non-empty string), "
                               f"relative to {base}")
         folder = base / value
-        if key in MUST_EXIST and not folder.is_dir():
+        if key in MUST_EXIST and not folder.is_dir() and not _may_create(key, folder, updating):
             raise ConfigError(f"{where}: {value!r}: {folder} is not a directory; allowed: an existing directory, "
                               f"relative to {base}")
         found[key] = folder
     return Settings(**found)
+
+
+def _may_create(key: str, folder: Path, updating: bool) -> bool:
+    """Whether a missing `key` folder is left for the run to create: the baselines folder, under an update mode
+    (a path that exists as anything but a folder never is)."""
+    return updating and key in CREATED_WHEN_UPDATING and not folder.exists() and not folder.is_symlink()
+
+
+def create_baselines(root: Path | None, update: str | None) -> None:
+    """Under an update mode, the baseline root `root` made where it is missing (with its missing parents), and
+    nothing else; a no-op without one. Called once every input check has passed, before the run writes."""
+    if not update or root is None or Path(root).is_dir():
+        return
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"baseline root {root}: cannot create it ({e.strerror}); allowed: a folder that exists "
+                         "or can be made") from None
 
 
 def _read_toml(path: Path) -> dict:

@@ -288,10 +288,18 @@ def parity_settings(config) -> Settings:
     given = Settings(option("parity_cases"), option("parity_baselines"), option("parity_out"),
                      config.getoption("parity_device"))
     defaults = Settings(root / "cases", root / "baselines", root / "reports" / "runs" / "pytest", "auto")
+    updating = _updating(config)
     try:
-        return layered(given, ini_settings(config.getini, config.inipath, root), project_settings(root), defaults)
+        return layered(given, ini_settings(config.getini, config.inipath, root, updating),
+                       project_settings(root, updating), defaults)
     except InputError as e:
         raise pytest.UsageError(f"parity: {e}") from None
+
+
+def _updating(config) -> bool:
+    """Whether this session may write baselines (--parity-update-baselines): then a missing configured
+    baselines folder is created by the run (parity.config.create_baselines), not refused."""
+    return config.getoption("parity_update_baselines") is not None
 
 
 def setting_source(config, key: str) -> str:
@@ -299,9 +307,10 @@ def setting_source(config, key: str) -> str:
     key, the [tool.parity] table, or the default."""
     if config.getoption(f"parity_{key}") is not None:
         return f"--parity-{key}"
-    if getattr(ini_settings(config.getini, config.inipath, config.rootpath), key) is not None:
+    updating = _updating(config)
+    if getattr(ini_settings(config.getini, config.inipath, config.rootpath, updating), key) is not None:
         return f"{config.inipath or '-o'}: {INI_PREFIX}{key}"
-    if getattr(project_settings(config.rootpath), key) is not None:
+    if getattr(project_settings(config.rootpath, updating), key) is not None:
         return f"[tool.parity] {key}"
     return f"the default {key}"
 

@@ -120,3 +120,25 @@ def test_pytest_bad_table_is_a_usage_error(tmp_path):
     r = run([sys.executable, "-m", "pytest", "--pyargs", "parity", "-p", "no:cacheprovider"], repo)
     assert r.returncode == 4, r.stdout + r.stderr
     assert f"{repo / 'pyproject.toml'}: tool.parity.cases: 'nope': " in r.stderr
+
+
+def test_a_missing_baselines_folder_is_bad_input_unless_an_update_mode_will_create_it(tmp_path):
+    """Without an update mode: the one-line error, from either front end, nothing made. With one: accepted by
+    the settings, and still not made while another input is bad (here a case file)."""
+    repo = project(tmp_path, 'cases = "suite"\nbaselines = "tests/bl"\n')
+    (repo / "baselines").rmdir()
+    message = f"{repo / 'pyproject.toml'}: tool.parity.baselines: 'tests/bl': {repo / 'tests' / 'bl'} is not a directory"
+    with pytest.raises(ConfigError, match="is not a directory"):
+        project_settings(repo)
+    assert project_settings(repo, updating=True).baselines == repo / "tests" / "bl"
+    cli = run([sys.executable, "-m", "parity.cli", "run"], repo)
+    assert cli.returncode == 2 and cli.stderr == f"parity: error: {message}; allowed: an existing directory, relative to {repo}\n"
+    plugin = run([sys.executable, "-m", "pytest", "--pyargs", "parity", "-p", "no:cacheprovider"], repo)
+    assert plugin.returncode == 4 and message in plugin.stderr, plugin.stdout + plugin.stderr
+    (repo / "suite" / "broken.toml").write_text("[train]\nsteps = 0\n")
+    for argv in ([sys.executable, "-m", "parity.cli", "run", "--update-baselines=new", "--device", "cpu"],
+                 [sys.executable, "-m", "pytest", "--pyargs", "parity", "-p", "no:cacheprovider",
+                  "--parity-update-baselines=new"]):
+        r = run(argv, repo)
+        assert r.returncode in (2, 4) and "broken.toml" in r.stdout + r.stderr, r.stdout + r.stderr
+        assert not (repo / "tests").exists()

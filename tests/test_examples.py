@@ -4,8 +4,11 @@ PyYAML is not a dependency, so the workflow is read as text: its steps are the `
 `steps:` (the file keeps one step per entry, keys indented below it).
 """
 
+import os
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -59,3 +62,50 @@ def test_workflow_runs_readme_command_uploads_configured_out_always_and_fails_on
     upload = next(i for i, s in enumerate(found) if (step_value(s, "uses") or "").startswith("actions/upload-artifact@"))
     assert upload > runs[0] and step_value(found[upload], "if") == "always()"
     assert step_value(found[upload], "path") == out
+
+
+TINY_CASE = """
+description = "two identical single-process setups, the smallest case there is"
+[train]
+model = "tiny"
+steps = 2
+global_batch = 4
+seq_len = 16
+[setups.a]
+dp_api = "none"
+[setups.b]
+dp_api = "none"
+"""
+
+
+def first_run_commands() -> list[str]:
+    """The first-run block of docs/own-repository.md: the one ```sh block that updates baselines, comments dropped."""
+    blocks = [b for b in code_blocks(doc_page("own-repository.md"), "sh") if "update-baselines=new" in b]
+    assert len(blocks) == 1, blocks
+    return [line.split("#")[0].strip() for line in blocks[0].splitlines() if line.split("#")[0].strip()]
+
+
+def test_own_repository_recipe_passes_as_copied_into_an_empty_folder(tmp_path, seed_cache):
+    """[tool.parity] as written, a tiny case in its cases folder and no baselines folder: the documented first
+    run (pytest's, then the CLI's in the comment) creates the baselines and passes; a later run passes on them."""
+    table = code_blocks(doc_page("own-repository.md"), "toml")[0]
+    settings = tomllib.loads(table)["tool"]["parity"]
+    env = dict(os.environ, PARITY_CACHE=str(seed_cache), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    first = first_run_commands()
+    pytest_first = first[0]
+    cli_first = doc_page("own-repository.md").split(pytest_first, 1)[1].split("# or: ", 1)[1].split("\n")[0].strip()
+    assert cli_first == "parity run --update-baselines=new"
+    for name, command in (("by-pytest", pytest_first), ("by-cli", cli_first)):
+        repo = tmp_path / name
+        (repo / settings["cases"]).mkdir(parents=True)
+        subprocess.run(["git", "init", "-q", str(repo)], check=True)  # the block ends with `git add`
+        (repo / "pyproject.toml").write_text(table)
+        (repo / settings["cases"] / "tiny.toml").write_text(TINY_CASE)
+        for line in [command, *first[1:]] if name == "by-pytest" else [command]:
+            done = subprocess.run(shlex.split(line), cwd=repo, capture_output=True, text=True, env=env, timeout=600)
+            assert done.returncode == 0, f"{line}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        stored = repo / settings["baselines"] / "tiny"
+        assert sorted(p.name.split(".")[0] for p in stored.glob("*.csv")) == ["a", "b"], name
+    again = subprocess.run(["parity", "run"], cwd=tmp_path / "by-cli", capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert again.returncode == 0 and "matches" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
