@@ -16,10 +16,11 @@ from parity.core import records
 from parity.config import DEVICES, Settings, layered, project_settings
 from parity.core.errors import InputError
 from parity.core.process import DEFAULT_TIMEOUT_S
-from parity.core.paths import inside, name_problem
+from parity.core.paths import inside
 from parity.options import STEPS, TIMEOUT, UPDATE_MODES, names_a_path, positive
 from parity.run.plan import PLANS
 from parity.case.markers import markers_for
+from parity.case.names import case_name_arg, close_names, did_you_mean, names_a_case, resolve_case_arg
 from parity.trainers import load_cases
 
 # parity.report.evidence.FORMATS, spelt out: importing that module here would load matplotlib for every command.
@@ -34,9 +35,10 @@ class UsageError(InputError):
     """Bad input found by the CLI itself: printed as one line, exit 2."""
 
 
-def _load_cases(paths: list[str], baseline_root: str | None = None, update: str | None = None):
-    """Every case validated (and, with a baseline root, its stored baselines readable) before anything runs."""
-    cases = load_cases(paths)
+def _load_cases(args, baseline_root: str | None = None, update: str | None = None):
+    """args.cases, each a path or a case name in the cases folder (parity.case.names), every case validated
+    (and, with a baseline root, its stored baselines readable) before anything runs."""
+    cases = load_cases([resolve_case_arg(arg, args.cases_dir) for arg in args.cases])
     if baseline_root is not None:
         from parity.verdict.baselines import check_case_files
 
@@ -115,7 +117,7 @@ def cmd_run(args) -> int:
         raise UsageError("--submit: allowed only with --launcher slurm")
     nodes = parse_nodes(args.nnodes, args.node_rank, args.rdzv_endpoint)
     secret = None if nodes is None else env_secret()  # checked before anything runs or is written
-    cases = _load_cases(args.cases, args.baselines, args.update_baselines)
+    cases = _load_cases(args, args.baselines, args.update_baselines)
     # Every case's device (GPU count, SDPA kernels), --out and seed checkpoint are checked before the
     # first case runs: bad input writes nothing.
     gpus = None if nodes is None else visible_gpus() * nodes.count  # a launch spreads its ranks over the nodes
@@ -211,7 +213,7 @@ def _submit_slurm(args) -> int:
     if args.node_rank is not None or args.rdzv_endpoint is not None:
         raise UsageError("--launcher slurm: the job script sets --node-rank and --rdzv-endpoint on each node; "
                          "allowed: leave them out")
-    cases = _load_cases(args.cases, args.baselines, args.update_baselines)
+    cases = _load_cases(args, args.baselines, args.update_baselines)
     if args.nnodes > 1:
         from parity.run.launch.channel import env_secret
         from parity.run.launch.nodes import check_splits
@@ -232,7 +234,7 @@ def _submit_slurm(args) -> int:
 
 
 def cmd_list(args) -> int:
-    cases = _load_cases(args.cases)
+    cases = _load_cases(args)
     rows = [("case", "world size", "setups", "mode", "outcome", "markers")]
     for c in cases:
         rows.append((c.name, str(c.world_size), ", ".join(s.name for s in c.setups), c.expect.mode, c.expect.outcome,
@@ -250,7 +252,7 @@ def cmd_compare(args) -> int:
 
     run_dir = _existing_dir(args.run_dir, "RUN_DIR")
     failed = False
-    for case in _load_cases(args.cases, args.baselines, args.update_baselines):
+    for case in _load_cases(args, args.baselines, args.update_baselines):
         verdict = judge(case, run_dir, Path(args.baselines), args.update_baselines)
         print(format_verdict(verdict))
         failed |= not verdict.passed
@@ -262,10 +264,11 @@ def cmd_locate(args) -> int:
     from parity.verdict.localize import locate_text
 
     run_dir = _existing_dir(args.run_dir, "RUN_DIR")
-    cases = _load_cases(args.cases)
+    cases = _load_cases(args)
     for case in cases:  # every case's run checked before anything is printed
         if not inside(run_dir, case.name).is_dir():
-            raise UsageError(f"{run_dir}: no run of case {case.name} here ({run_dir / case.name} is not a directory)")
+            raise UsageError(f"{run_dir}: no run of case {case.name} here ({run_dir / case.name} is not a directory)"
+                             + _runs_like(run_dir, case.name))
     print("\n\n".join(locate_text(case, run_dir, args.top)[0] for case in cases))
     return 0
 
@@ -289,12 +292,10 @@ def cmd_evidence(args) -> int:
     from parity.report.evidence import evidence
 
     run_dir = _run_dir(args.run_dir, "RUN_DIR")
-    if args.case is not None:
-        if (problem := name_problem(args.case)) is not None:
-            raise UsageError(f"--case: {problem}")
-        if not inside(run_dir, args.case).is_dir():
-            raise UsageError(f"--case: no run of case {args.case} in {run_dir}")
-    print(evidence(run_dir, args.case, args.format))
+    name = None if args.case is None else case_name_arg(args.case, "--case")
+    if name is not None and not inside(run_dir, name).is_dir():
+        raise UsageError(f"--case: no run of case {name} in {run_dir}" + _runs_like(run_dir, name))
+    print(evidence(run_dir, name, args.format))
     return 0
 
 
@@ -306,7 +307,7 @@ def cmd_baselines(args) -> int:
         problems = baselines.lint(root)
         # Unused files are judged against the case files beside the baseline root, where there are any.
         cases_dir = root.parent / "cases"
-        unused = baselines.unused_baselines(root, _load_cases([cases_dir])) if cases_dir.is_dir() else []
+        unused = baselines.unused_baselines(root, load_cases([cases_dir])) if cases_dir.is_dir() else []
         for p in problems:
             print(p)
         for p in unused:
@@ -319,9 +320,16 @@ def cmd_baselines(args) -> int:
 def cmd_calibrate(args) -> int:
     from parity.calibrate import calibrate
 
-    for case in _load_cases(args.cases):
+    for case in _load_cases(args):
         print(calibrate(case, Path(args.out), args.steps, args.timeout, args.multiple, args.floor))
     return 0
+
+
+def _runs_like(run_dir: Path, name: str) -> str:
+    """"; did you mean: ..." with the case runs in run_dir closest to `name`, or ""."""
+    from parity.report.model import find_case_runs
+
+    return did_you_mean(close_names(name, find_case_runs(run_dir)))
 
 
 def _existing_dir(p: str, what: str) -> Path:
@@ -341,8 +349,8 @@ def _run_dir(p: str, what: str) -> Path:
     return path
 
 
-def bare_flag_default(argv: list[str], flag: str, choices, default: str) -> list[str]:
-    """`FLAG` followed by an option, an existing path or nothing means `FLAG=default`.
+def bare_flag_default(argv: list[str], flag: str, choices, default: str, cases_dir: Path | None = None) -> list[str]:
+    """`FLAG` followed by an option, an existing path, a case name in `cases_dir` or nothing means `FLAG=default`.
 
     argparse would otherwise take the next word (`--update-baselines cases/x.toml`) as the flag's
     value and reject or, worse, swallow a case path. Any other word stays the flag's value, so a
@@ -352,7 +360,8 @@ def bare_flag_default(argv: list[str], flag: str, choices, default: str) -> list
     for i, word in enumerate(fixed):
         following = fixed[i + 1] if i + 1 < len(fixed) else None
         if word == flag and following not in choices and (
-                following is None or following.startswith("-") or names_a_path(following)):
+                following is None or following.startswith("-") or names_a_path(following)
+                or (cases_dir is not None and names_a_case(following, cases_dir))):
             fixed[i] = f"{flag}={default}"
     return fixed
 
@@ -371,7 +380,9 @@ def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
                                          "[tool.parity] table of the nearest pyproject.toml at or above the current "
                                          "directory, where there is one.")
     sub = top.add_subparsers(dest="command", required=True)
+    top.set_defaults(cases_dir=settings.cases)  # where a case name is looked up (parity.case.names)
     cases, baseline_root = [str(settings.cases)], str(settings.baselines)
+    case_help = f"case files, folders of them, or case names (NAME means {settings.cases}/NAME.toml)"
 
     def add_run_options(command):
         command.add_argument("--device", choices=DEVICES, default=settings.device,
@@ -382,7 +393,7 @@ def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
                              help="seconds per setup before its launch's ranks are killed (default %(default)s)")
 
     run = sub.add_parser("run", help="run cases and judge them")
-    run.add_argument("cases", nargs="*", default=cases, help="case files or directories of them (default %(default)s)")
+    run.add_argument("cases", nargs="*", default=cases, help=case_help + " (default %(default)s)")
     add_run_options(run)
     run.add_argument("--baselines", default=baseline_root, help="baseline root (default %(default)s)")
     run.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None,
@@ -408,7 +419,7 @@ def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="judge an existing run directory without running")
     compare.add_argument("run_dir")
-    compare.add_argument("cases", nargs="+")
+    compare.add_argument("cases", nargs="+", help=case_help)
     compare.add_argument("--baselines", default=baseline_root, help="baseline root (default %(default)s)")
     compare.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None)
     compare.set_defaults(fn=cmd_compare)
@@ -421,7 +432,7 @@ def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
                     "exits 0 whether or not the probes diverge (a negative control is meant to; `parity compare` "
                     "gives the verdict), and 2 on bad input.")
     locate.add_argument("run_dir", help="a run directory (written by `parity run` or pytest, or copied from elsewhere)")
-    locate.add_argument("cases", nargs="+", help="case files or directories of them")
+    locate.add_argument("cases", nargs="+", help=case_help)
     locate.add_argument("--top", type=positive(int, 10_000), default=10,
                         help="how many of the largest differences to list (default %(default)s)")
     locate.set_defaults(fn=cmd_locate)
@@ -433,14 +444,14 @@ def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
 
     evidence = sub.add_parser("evidence", help="print a markdown block for a pull request")
     evidence.add_argument("run_dir")
-    evidence.add_argument("--case", help="only this case (default: every case in RUN_DIR)")
+    evidence.add_argument("--case", help="only this case: its name, or its case file's path (default: every case in RUN_DIR)")
     evidence.add_argument("--format", choices=EVIDENCE_FORMATS, default="mermaid",
                           help="mermaid: curves as Mermaid charts, which GitHub renders in a PR comment as pasted; "
                                "png: links to each case's figure, for a report uploaded with its images (default %(default)s)")
     evidence.set_defaults(fn=cmd_evidence)
 
     listing = sub.add_parser("list", help="list cases with world size, mode, outcome and markers")
-    listing.add_argument("cases", nargs="*", default=cases, help="case files or directories of them (default %(default)s)")
+    listing.add_argument("cases", nargs="*", default=cases, help=case_help + " (default %(default)s)")
     listing.set_defaults(fn=cmd_list)
 
     baselines = sub.add_parser("baselines", help="check the stored baselines")
@@ -449,7 +460,7 @@ def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
     baselines.set_defaults(fn=cmd_baselines)
 
     calibrate = sub.add_parser("calibrate", help="measure each setup's error against a float64 CPU oracle; propose tolerances")
-    calibrate.add_argument("cases", nargs="+")
+    calibrate.add_argument("cases", nargs="+", help=case_help)
     add_run_options(calibrate)
     calibrate.add_argument("--multiple", type=positive(float), default=3.0, help="proposed rtol = multiple x the largest error against the oracle (default 3: two setups may err in opposite directions, plus headroom)")
     calibrate.add_argument("--floor", type=positive(float), default=1e-7, help="smallest rtol proposed")
@@ -464,12 +475,14 @@ def _terminate(signum, _frame):
 
 
 def main(argv=None) -> int:
-    argv = bare_flag_default(sys.argv[1:] if argv is None else argv, "--update-baselines", UPDATE_MODES, "failing")
+    argv = sys.argv[1:] if argv is None else argv
     try:
         # The defaults come from [tool.parity] before the update mode is parsed: read it as if updating,
         # then again as it is, where no update mode was given (a missing baselines folder is bad input then).
         project = project_settings(Path.cwd(), updating=True)
-        args = parser(layered(project, DEFAULTS)).parse_args(argv)
+        settings = layered(project, DEFAULTS)
+        argv = bare_flag_default(argv, "--update-baselines", UPDATE_MODES, "failing", settings.cases)
+        args = parser(settings).parse_args(argv)
         if not getattr(args, "update_baselines", None):
             project_settings(Path.cwd())
     except InputError as e:
