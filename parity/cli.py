@@ -7,6 +7,7 @@ Exit codes: 0 every expectation held, 1 one failed (or a run crashed), 2 bad inp
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -491,13 +492,18 @@ def main(argv=None) -> int:
     args.project, args.given = project, {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # a reader that went away is found here, not in the flush at exit
+        return code
     except InputError as e:
         print(f"parity: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("parity: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped early (`| head`): end quietly, as a program killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit must not fail again
+        return 128 + signal.SIGPIPE
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -1,5 +1,6 @@
 """Command-line words go where the user meant them: a bare --update-baselines never swallows a path."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,16 @@ def test_pytest_rejects_a_word_that_is_neither_mode_nor_path():
     proc = _pytest("--parity-update-baselines", "bogus")
     assert proc.returncode == 4
     assert "--parity-update-baselines: 'bogus' is neither a mode (failing, new, all) nor an existing path" in proc.stderr
+
+
+def test_a_reader_that_stops_early_ends_the_command_without_a_traceback(tmp_path):
+    """`parity list | head -1`: the pipe closes before parity writes; it ends as a SIGPIPE'd program would."""
+    import signal
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte
+    done = subprocess.run([sys.executable, "-m", "parity.cli", "list"], cwd=REPO, stdout=write_end,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert done.returncode == 128 + signal.SIGPIPE, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
