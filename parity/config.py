@@ -11,7 +11,7 @@ say where in their pyproject.toml:
 
 A missing `baselines` folder is bad input, except where the run may write baselines (any
 `--update-baselines` / `--parity-update-baselines` mode): a first run in a new repository then
-creates it (create_baselines, called by parity.session once every input check has passed).
+creates it with the first baseline it writes (and not at all where the case fails).
 
 pytest users may set the same as ini keys (`parity_cases`, `parity_baselines`, `parity_out`,
 `parity_device`) in pytest.ini, tox.ini, setup.cfg or `[tool.pytest.ini_options]`, relative to
@@ -33,7 +33,7 @@ DEVICES = ("auto", "cpu", "cuda")
 KEYS = ("cases", "baselines", "out", "device")
 # `out` is created by the run; the others are read, so a typo in them must not pass as "no cases".
 MUST_EXIST = ("cases", "baselines")
-# ...except where the run may write baselines: then a missing baselines folder is created (create_baselines).
+# ...except where the run may write baselines: then the first baseline written creates the folder.
 CREATED_WHEN_UPDATING = ("baselines",)
 INI_PREFIX = "parity_"
 
@@ -62,7 +62,7 @@ def project_settings(start: Path, updating: bool = False) -> Settings:
     """The `[tool.parity]` table of the nearest pyproject.toml at or above `start` that has one
     (pytest likewise skips a pyproject.toml without its own table); empty Settings if none does.
     `updating`: whether the run may write baselines (an update mode is given); then a missing
-    baselines folder is accepted, to be made by create_baselines."""
+    baselines folder is accepted: the first baseline written creates it."""
     for folder in (start, *start.parents):
         path = folder / "pyproject.toml"
         if not path.exists():  # one that exists but is no regular file (a FIFO) is read, and refused, not skipped
@@ -115,18 +115,6 @@ def _may_create(key: str, folder: Path, updating: bool) -> bool:
     """Whether a missing `key` folder is left for the run to create: the baselines folder, under an update mode
     (a path that exists as anything but a folder never is)."""
     return updating and key in CREATED_WHEN_UPDATING and not folder.exists() and not folder.is_symlink()
-
-
-def create_baselines(root: Path | None, update: str | None) -> None:
-    """Under an update mode, the baseline root `root` made where it is missing (with its missing parents), and
-    nothing else; a no-op without one. Called once every input check has passed, before the run writes."""
-    if not update or root is None or Path(root).is_dir():
-        return
-    try:
-        Path(root).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"baseline root {root}: cannot create it ({e.strerror}); allowed: a folder that exists "
-                         "or can be made") from None
 
 
 def _read_toml(path: Path) -> dict:

@@ -298,7 +298,7 @@ def parity_settings(config) -> Settings:
 
 def _updating(config) -> bool:
     """Whether this session may write baselines (--parity-update-baselines): then a missing configured
-    baselines folder is created by the run (parity.config.create_baselines), not refused."""
+    baselines folder is created by the first baseline the run writes, not refused."""
     return config.getoption("parity_update_baselines") is not None
 
 

@@ -2,8 +2,7 @@
 share: prepare the run directory, run the plan, judge each case.
 
 Preparing checks the run directory, resolves every case's seed checkpoint before anything is written,
-marks the directory, makes a missing baseline root under an update mode (parity.config.create_baselines)
-and takes every case's lock; running is parity.run.runner.run_suite; judging compares the setups
+marks the directory and takes every case's lock; running is parity.run.runner.run_suite; judging compares the setups
 (parity.verdict.case_verdict), checks the stored baselines (parity.verdict.baselines) and writes
 verdict.json and, as the update mode allows, baselines.
 """
@@ -16,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from parity.case.schema import Case
-from parity.config import create_baselines
 from parity.core.errors import InputError, one_line
 from parity.core.paths import inside
 from parity.core.process import LaunchResult
@@ -48,7 +46,6 @@ class RunSession:
         opts = self.options
         seeds = {c.name: seed_or_none(c, opts.cache, devices[c.name], opts.timeout_s) for c in cases}
         self.out = prepare_out(self.out)
-        create_baselines(self.baselines, self.update)  # a first run in a new repository: every input check passed
         if opts.leader is not None:
             claim(self.out, NODE_LOGS)  # the other nodes write their logs there
         with ExitStack() as locks:
