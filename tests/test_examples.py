@@ -12,6 +12,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from test_config import CASE as TINY_CASE  # two identical single-process setups, the smallest case
+
 from parity.core.reproduce import PYTEST
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,20 +64,6 @@ def test_workflow_runs_readme_command_uploads_configured_out_always_and_fails_on
     upload = next(i for i, s in enumerate(found) if (step_value(s, "uses") or "").startswith("actions/upload-artifact@"))
     assert upload > runs[0] and step_value(found[upload], "if") == "always()"
     assert step_value(found[upload], "path") == out
-
-
-TINY_CASE = """
-description = "two identical single-process setups, the smallest case there is"
-[train]
-model = "tiny"
-steps = 2
-global_batch = 4
-seq_len = 16
-[setups.a]
-dp_api = "none"
-[setups.b]
-dp_api = "none"
-"""
 
 
 def first_run_commands() -> list[str]:

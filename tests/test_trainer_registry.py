@@ -55,21 +55,26 @@ def write(tmp_path: Path, setups: str, expect: str = "") -> Path:
     return path
 
 
-def run(tmp_path: Path, case: Path) -> int:
-    return cli.main(["run", str(case), "--out", str(tmp_path / "out"), "--baselines", str(tmp_path / "baselines"),
-                     "--update-baselines=new", "--device", "cpu", "--no-report"])
-
-
-def test_a_registered_toy_trainer_runs_a_case_and_is_judged(tmp_path, toy):
-    case = write(tmp_path, """
+def toy_pair(loss_scale: float) -> str:
+    """Two toy setups, the second with its own loss_scale."""
+    return f"""
         [setups.a]
         trainer = "toy"
         world_size = 1
         [setups.b]
         trainer = "toy"
         world_size = 1
-        loss_scale = 1
-        """)
+        loss_scale = {loss_scale}
+        """
+
+
+def run(tmp_path: Path, case: Path) -> int:
+    return cli.main(["run", str(case), "--out", str(tmp_path / "out"), "--baselines", str(tmp_path / "baselines"),
+                     "--update-baselines=new", "--device", "cpu", "--no-report"])
+
+
+def test_a_registered_toy_trainer_runs_a_case_and_is_judged(tmp_path, toy):
+    case = write(tmp_path, toy_pair(loss_scale=1))
     assert run(tmp_path, case) == 0
     verdict = json.loads((tmp_path / "out" / "toy_pair" / "verdict.json").read_text())
     assert verdict["passed"] and [p["other"] for p in verdict["pairs"]] == ["b"]
@@ -79,15 +84,7 @@ def test_a_registered_toy_trainer_runs_a_case_and_is_judged(tmp_path, toy):
 
 
 def test_a_toy_setup_that_trains_otherwise_is_caught(tmp_path, toy):
-    case = write(tmp_path, """
-        [setups.a]
-        trainer = "toy"
-        world_size = 1
-        [setups.b]
-        trainer = "toy"
-        world_size = 1
-        loss_scale = 2
-        """, expect='[expect]\noutcome = "diverge"\nfirst_divergence = { metric = "loss", step = 1, ratio = 2 }\n')
+    case = write(tmp_path, toy_pair(loss_scale=2), expect='[expect]\noutcome = "diverge"\nfirst_divergence = { metric = "loss", step = 1, ratio = 2 }\n')
     assert run(tmp_path, case) == 0
     verdict = json.loads((tmp_path / "out" / "toy_pair" / "verdict.json").read_text())
     assert verdict["passed"]
