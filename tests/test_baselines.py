@@ -143,7 +143,7 @@ def test_changed_loss_is_a_mismatch_naming_setup_metric_step(runs):
     assert other.status == "mismatch" and not other.passed
     assert "other loss step 3" in other.message and repr(stored) in other.message
     assert "drift" not in other.message
-    assert other.metrics["loss"].first_divergence["step"] == 3
+    assert other.metrics["loss"].first_not_bitwise["step"] == 3
     assert other.metrics["grad_norm"].passed
     obtained = run_dir / "demo" / "other.obtained.csv"
     assert other.obtained == str(obtained)

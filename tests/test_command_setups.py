@@ -183,7 +183,7 @@ def test_scaled_gradients_are_caught_at_step_1_on_grad_norm(tmp_path, seed_cache
     assert (p.diverged["metric"], p.diverged["step"]) == ("grad_norm", 1)
     assert p.effect["ratio"] == 2.0 and p.effect["problems"] == []  # x2 exactly: a power of two
     # Step 1's loss comes before the bug; after it, clipping and AdamW all but undo a x2 (a power of two).
-    assert p.metrics["loss"].first_divergence is None or p.metrics["loss"].first_divergence["step"] > 1
+    assert p.metrics["loss"].first_not_bitwise is None or p.metrics["loss"].first_not_bitwise["step"] > 1
     assert [x for x in verdict.problems if not x.startswith("baseline ")] == []
 
     # The same run, judged by a case that expects a match: it fails, first on grad_norm at step 1.

@@ -65,7 +65,7 @@ def test_equal_series_pass(mode):
     m = series(LOSS, list(LOSS), mode=mode)
     assert m.passed and m.bitwise and m.within_tolerance
     assert (m.n, m.exact_equal_steps, m.failing_steps) == (4, 4, 0)
-    assert m.first_divergence is None and m.first_tolerance_failure is None
+    assert m.first_not_bitwise is None and m.first_beyond_tolerance is None
     assert m.max_abs == 0.0 and m.max_rel == 0.0 and m.problems == []
 
 
@@ -77,20 +77,20 @@ def test_one_float32_ulp_apart():
     tolerance = series(ref, other, mode="tolerance")
     assert not bitwise.passed and tolerance.passed
     assert bitwise.exact_equal_steps == 3
-    d = bitwise.first_divergence
+    d = bitwise.first_not_bitwise
     assert (d["step"], d["ulps"], d["value_ref"], d["value_other"]) == (3, 1, ref[2], other[2])
     assert d["abs"] == other[2] - ref[2] and d["rel"] == d["abs"] / ref[2]
-    assert tolerance.first_tolerance_failure is None and tolerance.failing_steps == 0
+    assert tolerance.first_beyond_tolerance is None and tolerance.failing_steps == 0
 
 
 def test_one_double_ulp_is_not_bitwise_equal():
     m = series(LOSS, [LOSS[0], up(LOSS[1]), LOSS[2], LOSS[3]], EXACT, "bitwise")
-    assert not m.bitwise and m.first_divergence["step"] == 2
+    assert not m.bitwise and m.first_not_bitwise["step"] == 2
 
 
 def test_negative_zero_is_not_bitwise_equal():
     m = series([0.0, 1.5], [-0.0, 1.5], LOOSE, "bitwise")
-    assert not m.bitwise and m.within_tolerance and m.first_divergence["step"] == 1
+    assert not m.bitwise and m.within_tolerance and m.first_not_bitwise["step"] == 1
 
 
 @pytest.mark.parametrize("ref,other", [
@@ -145,7 +145,7 @@ def test_tolerance_edges(tol, ref, at_bound):
     past = float(np.nextafter(at_bound, math.inf if at_bound > ref else -math.inf))
     bad = series([ref], [past], tol)
     assert not bad.passed and bad.failing_steps == 1
-    assert bad.first_tolerance_failure["value_other"] == past
+    assert bad.first_beyond_tolerance["value_other"] == past
 
 
 def test_rtol_uses_reference_not_other():
@@ -167,7 +167,7 @@ def test_weights_equal_and_sha_mismatch():
     other = weights(shas=("a" * 64, "c" * 64))
     m = compare_weights(weights(), other, EXACT, "bitwise")
     assert not m.passed and m.exact_equal_steps == 1
-    assert m.first_divergence["param"] == "layers.1.w" and m.first_divergence["abs"] == 0.0
+    assert m.first_not_bitwise["param"] == "layers.1.w" and m.first_not_bitwise["abs"] == 0.0
     assert compare_weights(weights(), other, EXACT, "tolerance").passed  # same norms
 
 
@@ -176,7 +176,7 @@ def test_weights_missing_param_and_norm_tolerance():
     assert not m.passed and m.problems == ["other lacks params layers.1.w"]
     far = weights(norms=(12.345678901234567, 0.99))
     m = compare_weights(weights(), far, LOOSE)
-    assert not m.passed and m.first_tolerance_failure["param"] == "layers.1.w"
+    assert not m.passed and m.first_beyond_tolerance["param"] == "layers.1.w"
 
 
 # ---- cases and run directories -------------------------------------------------------------
@@ -325,8 +325,8 @@ def test_write_verdict_and_summaries(tmp_path):
     path = write_verdict(tmp_path, v)
     assert path == tmp_path / "demo" / "verdict.json"
     back = json.loads(path.read_text())  # standard JSON: NaN written as a string
-    assert back["passed"] is False and back["pairs"][0]["metrics"]["grad_norm"]["first_divergence"]["step"] == 1
-    assert back["pairs"][0]["metrics"]["grad_norm"]["first_divergence"]["value_other"] == up(GNORM[0])
+    assert back["passed"] is False and back["pairs"][0]["metrics"]["grad_norm"]["first_not_bitwise"]["step"] == 1
+    assert back["pairs"][0]["metrics"]["grad_norm"]["first_not_bitwise"]["value_other"] == up(GNORM[0])
     text = format_verdict(v)
     assert text.startswith("demo: FAIL on cpu/gloo (mode bitwise, outcome match, reference ref, platform cpu)")
     assert "loss rtol=1e-05 atol=0.0 (default for float32)" in text
@@ -365,8 +365,8 @@ def test_verdict_schema(tmp_path):
                                      "ulp_unit"}
     m = pair["metrics"]["loss"]
     assert set(m) == {"n", "exact_equal_steps", "bitwise", "within_tolerance", "max_abs", "max_rel",
-                      "failing_steps", "first_divergence", "first_tolerance_failure", "passed", "problems"}
-    assert set(m["first_divergence"]) == {"step", "value_ref", "value_other", "abs", "rel", "ulps", "ulp_unit"}
+                      "failing_steps", "first_not_bitwise", "first_beyond_tolerance", "passed", "problems"}
+    assert set(m["first_not_bitwise"]) == {"step", "value_ref", "value_other", "abs", "rel", "ulps", "ulp_unit"}
 
 
 # ---- repeat check --------------------------------------------------------------------------
@@ -431,7 +431,7 @@ def test_rounding_slack_is_per_step():
     (0.05) must not widen the fine step's allowance (5e-7)."""
     slack = {1: 0.05, 2: 5e-07}
     m = compare_series([1, 2], [2.5, 0.123457], [1, 2], [2.54, 0.1236], Tolerance(0.0, 0.0), "tolerance", slack=slack)
-    assert not m.passed and m.failing_steps == 1 and m.first_tolerance_failure["step"] == 2
+    assert not m.passed and m.failing_steps == 1 and m.first_beyond_tolerance["step"] == 2
     ok = compare_series([1, 2], [2.5, 0.123457], [1, 2], [2.54, 0.1234573], Tolerance(0.0, 0.0), "tolerance",
                         slack=slack)
     assert ok.passed and ok.exact_equal_steps == 0
@@ -446,9 +446,9 @@ SHORT_OTHER = [2.5, up(2.25), 2.0 * (1 + 2e-5), 1.75, 1.5]  # 1 ulp at step 2, b
 def test_short_series_hand_checked():
     m = compare_series([1, 2, 3, 4, 5], SHORT_REF, [1, 2, 3, 4, 5], SHORT_OTHER, LOOSE, "tolerance")
     assert (m.n, m.exact_equal_steps, m.failing_steps, m.passed, m.bitwise) == (5, 3, 1, False, False)
-    assert m.first_divergence == {"step": 2, "value_ref": 2.25, "value_other": up(2.25), "abs": up(2.25) - 2.25,
+    assert m.first_not_bitwise == {"step": 2, "value_ref": 2.25, "value_other": up(2.25), "abs": up(2.25) - 2.25,
                                      "rel": (up(2.25) - 2.25) / 2.25, "ulps": 1, "ulp_unit": "f64"}
-    assert m.first_tolerance_failure["step"] == 3 and m.first_tolerance_failure["value_other"] == 2.0 * (1 + 2e-5)
+    assert m.first_beyond_tolerance["step"] == 3 and m.first_beyond_tolerance["value_other"] == 2.0 * (1 + 2e-5)
     assert m.max_abs == 2.0 * (1 + 2e-5) - 2.0 and m.max_rel == (2.0 * (1 + 2e-5) - 2.0) / 2.0
 
 
@@ -467,8 +467,8 @@ def test_a_long_series_gets_the_short_examples_verdict():
     steps, ref, other = _long(at=70_001)
     m = compare_series(steps, ref, steps, other, LOOSE, "tolerance")
     assert m.n == 100_000 and m.exact_equal_steps == 100_000 - 5 + short.exact_equal_steps
-    assert m.first_divergence == {**short.first_divergence, "step": 70_002}
-    assert m.first_tolerance_failure == {**short.first_tolerance_failure, "step": 70_003}
+    assert m.first_not_bitwise == {**short.first_not_bitwise, "step": 70_002}
+    assert m.first_beyond_tolerance == {**short.first_beyond_tolerance, "step": 70_003}
     for key in ("failing_steps", "max_abs", "max_rel", "passed", "bitwise", "within_tolerance", "problems"):
         assert getattr(m, key) == getattr(short, key), key
     assert all(type(getattr(m, k)) in (int, float, bool) for k in ("n", "exact_equal_steps", "max_abs", "failing_steps"))
@@ -482,7 +482,7 @@ def test_a_long_series_with_nan_gaps_and_rounding():
     assert not m.passed and m.problems == ["other has non-finite values at step 80001 (nan)",
                                                  "other lacks steps 99999 that reference has"]
     assert m.n == 99_999 and m.failing_steps == 2  # step 50003 beyond tolerance, the NaN never within it
-    assert m.first_tolerance_failure["step"] == 50_003
+    assert m.first_beyond_tolerance["step"] == 50_003
     # Rounding slack (values read from printed text) widens each step's allowance by its own amount only.
     slack = {50_003: 2e-5 * 2.0}
     m = compare_series(steps, ref, steps, _long(at=50_001)[2], LOOSE, "tolerance", slack=slack)

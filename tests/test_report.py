@@ -284,7 +284,7 @@ def test_a_long_runs_verdict_stays_small(long_run):
     verdict = out / "long" / "verdict.json"
     assert verdict.stat().st_size < 20_000
     pair = records.read_json(verdict)["pairs"][0]
-    assert pair["metrics"]["loss"]["first_divergence"]["step"] == DIVERGES
+    assert pair["metrics"]["loss"]["first_not_bitwise"]["step"] == DIVERGES
     assert pair["problems"][0] == f"loss: other has non-finite values at step {NAN_AT} (nan)"
 
 

@@ -119,7 +119,7 @@ def test_a_sketch_only_difference_fails_on_that_param():
     other = rows(sketches=flipped)
     m = compare_weights(rows(), other, TOL)
     assert not m.passed and m.failing_steps == 1
-    e = m.first_tolerance_failure
+    e = m.first_beyond_tolerance
     # The worst sketch of layers.1.w is sketch1 (|-0.7 - 0.7| = 1.4), reported relative to its norm.
     assert (e["param"], e["sketch"], e["value_ref"], e["value_other"]) == ("layers.1.w", 1, -0.7, 0.7)
     assert e["abs"] == 1.4 and e["rel"] == 1.4 / NORMS[1]
@@ -132,12 +132,12 @@ def test_sketch_bound_scales_with_the_norm_not_the_sketch():
     assert compare_weights(rows(), near, TOL).passed
     past = rows(sketches=(SKETCHES[0], (0.0012 + 1.1e-6, *SKETCHES[1][1:])))
     m = compare_weights(rows(), past, TOL)
-    assert not m.passed and (m.first_tolerance_failure["param"], m.first_tolerance_failure["sketch"]) == ("layers.1.w", 0)
+    assert not m.passed and (m.first_beyond_tolerance["param"], m.first_beyond_tolerance["sketch"]) == ("layers.1.w", 0)
 
 
 def test_a_nan_sketch_never_passes():
     m = compare_weights(rows(), rows(sketches=(SKETCHES[0], (math.nan, *SKETCHES[1][1:]))), Tolerance(1e9, 1e9))
-    assert not m.passed and m.first_tolerance_failure["sketch"] == 0
+    assert not m.passed and m.first_beyond_tolerance["sketch"] == 0
 
 
 def test_files_without_sketch_columns_still_compare_on_norms(tmp_path):
@@ -273,7 +273,7 @@ def test_a_corrupted_shard_is_caught_on_that_parameter_only(layouts, faulty):
     # Planted after the last step: the step metrics cannot see it.
     assert m["loss"].passed and m["grad_norm"].passed
     assert not pair.passed and m["weights"].failing_steps == 1
-    e = m["weights"].first_tolerance_failure
+    e = m["weights"].first_beyond_tolerance
     assert e["param"] == FAULT_PARAM and "sketch" in e and e["rel"] > 0.1
     assert pair.diverged["metric"] == "weights" and pair.diverged["param"] == FAULT_PARAM
     # The norm lane alone passes it: the corrupted parameter's norm is its healthy twin's.

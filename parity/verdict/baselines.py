@@ -282,7 +282,7 @@ def _difference(setup: str, m: MetricResult, metric: str, basis: str) -> str:
         e = m.statistical.first_failure
         return (f"{setup} {metric} steps {e['window'][0]}-{e['window'][1]}: baseline median {e['value_ref']!r}, run "
                 f"{e['value_other']!r} (rel {e['rel']:.3g}, z {e['z']:.3g}, limit {e['limit']:.3g})")
-    e = m.first_divergence if basis == "exact" else m.first_tolerance_failure
+    e = m.first_not_bitwise if basis == "exact" else m.first_beyond_tolerance
     return (f"{setup} {metric} step {e['step']}: baseline {e['value_ref']!r}, run {e['value_other']!r} "
             f"(abs {e['abs']:.3g}, rel {e['rel']:.3g}, {ulps_text(e)})")
 

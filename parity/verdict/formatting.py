@@ -43,7 +43,7 @@ def _metric_line(name: str, m: MetricResult) -> str:
     unit = "params" if name == "weights" else "steps"
     line = f"{name:<10} exact {m.exact_equal_steps}/{m.n} {unit}, max abs {_three_digits(m.max_abs)}, " \
            f"max rel {_three_digits(m.max_rel)}, outside tolerance {m.failing_steps}"
-    e = m.first_divergence
+    e = m.first_not_bitwise
     # Problems are listed once, under the pair.
     line += f", first divergence {_where(e)} ({ulps_text(e)})" if e else ", no divergence"
     t = m.statistical

@@ -173,8 +173,8 @@ class MetricResult(Record):
     max_abs: float
     max_rel: float
     failing_steps: int
-    first_divergence: Entry | None
-    first_tolerance_failure: Entry | None
+    first_not_bitwise: Entry | None
+    first_beyond_tolerance: Entry | None
     passed: bool
     problems: list[str]
     not_recorded: str = ABSENT
@@ -185,7 +185,7 @@ class MetricResult(Record):
         (tolerance), or the ensemble test's first window outside the band (statistical)."""
         if mode == "statistical":
             return self.statistical.first_failure if self.statistical else None
-        return self.first_divergence if mode == "bitwise" else self.first_tolerance_failure
+        return self.first_not_bitwise if mode == "bitwise" else self.first_beyond_tolerance
 
     @classmethod
     def from_json(cls, data: dict) -> MetricResult:

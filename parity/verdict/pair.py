@@ -138,9 +138,9 @@ def _mismatch(metric: str, m: MetricResult, mode: str) -> str:
                 f"{band_text(t.first_failure)}")
     if mode == "bitwise":
         differ = "have another sha256" if metric == "weights" else "differ bitwise"
-        e, text = m.first_divergence, f"{m.n - m.exact_equal_steps} of {m.n} {unit} {differ}"
+        e, text = m.first_not_bitwise, f"{m.n - m.exact_equal_steps} of {m.n} {unit} {differ}"
     else:
-        e, text = m.first_tolerance_failure, f"{m.failing_steps} of {m.n} {unit} outside tolerance"
+        e, text = m.first_beyond_tolerance, f"{m.failing_steps} of {m.n} {unit} outside tolerance"
     return f"{metric}: {text}; first at {entry_text(e)}"
 
 

@@ -7,7 +7,7 @@
   sketches, the sketches bounded by atol + rtol * norm(ref) (see compare_weights).
 
 NaN or Inf anywhere, and missing, extra, duplicated or out-of-order steps, are problems: a metric with a
-problem fails. `first_divergence` is the first entry that is not bitwise equal, `first_tolerance_failure`
+problem fails. `first_not_bitwise` is the first entry that is not bitwise equal, `first_beyond_tolerance`
 the first outside tolerance; max_abs/max_rel are over the finite entries only. Whole columns at a time:
 a long run has 10^5 steps. Nothing here imports torch or reads files.
 """
@@ -58,7 +58,7 @@ def _summarize(entry_at, exact: np.ndarray, within: np.ndarray, abs_: np.ndarray
     bitwise = not problems and bool(exact.all())
     within_tolerance = not problems and bool(within.all())
     finite = np.isfinite(abs_)
-    first_divergence, first_failure = np.flatnonzero(~exact)[:1], np.flatnonzero(~within)[:1]
+    first_differing, first_failure = np.flatnonzero(~exact)[:1], np.flatnonzero(~within)[:1]
     return MetricResult(
         n=n,
         exact_equal_steps=int(exact.sum()),
@@ -67,8 +67,8 @@ def _summarize(entry_at, exact: np.ndarray, within: np.ndarray, abs_: np.ndarray
         max_abs=max(abs_[finite].tolist(), default=0.0),
         max_rel=max(rel[finite].tolist(), default=0.0),
         failing_steps=int(n - within.sum()),
-        first_divergence=entry_at(int(first_divergence[0])) if first_divergence.size else None,
-        first_tolerance_failure=entry_at(int(first_failure[0])) if first_failure.size else None,
+        first_not_bitwise=entry_at(int(first_differing[0])) if first_differing.size else None,
+        first_beyond_tolerance=entry_at(int(first_failure[0])) if first_failure.size else None,
         passed=bitwise if mode == "bitwise" else within_tolerance,
         problems=problems,
     )
@@ -175,5 +175,5 @@ def rounding(columns: dict[str, np.ndarray], metric: str) -> np.ndarray:
 def not_compared(reason: str) -> MetricResult:
     """A metric result for a metric that could not be compared; it never passes."""
     return MetricResult(n=0, exact_equal_steps=0, bitwise=False, within_tolerance=False, max_abs=0.0, max_rel=0.0,
-                        failing_steps=0, first_divergence=None, first_tolerance_failure=None, passed=False,
+                        failing_steps=0, first_not_bitwise=None, first_beyond_tolerance=None, passed=False,
                         problems=[f"not compared: {reason}"])
