@@ -7,6 +7,7 @@ Exit codes: 0 every expectation held, 1 one failed (or a run crashed), 2 bad inp
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -51,9 +52,12 @@ def _load_cases(args, baseline_root: str | None = None, update: str | None = Non
 TABLE_STEPS, TABLE_HEAD, TABLE_TAIL = 40, 10, 5  # a longer run's table shows its first and last steps
 
 
+MARKS = {"bitwise": "=", "tolerance": "≈", "beyond": "≠"}
+
+
 def step_table(case, run_dir: Path) -> str:
-    """Side by side: step, then loss and grad norm of every setup, '=' where bitwise equal to the reference."""
-    from parity.verdict.numbers import bitwise_equal  # the one equality rule: same 8 bytes, never NaN or Inf
+    """Side by side: step, then loss and grad norm of every setup, the reference's column named so, each other
+    value marked against the reference's: '=' bitwise equal, '≈' within the case's tolerance, '≠' beyond it."""
 
     series = {}
     for s in case.setups:
@@ -63,7 +67,7 @@ def step_table(case, run_dir: Path) -> str:
     steps = sorted({k for rows in series.values() for k in rows})
     header = ["step"]
     for metric in ("loss", "grad_norm"):
-        header += [f"{metric}[{s.name}]" + ("" if s.name == ref else " =ref") for s in case.setups]
+        header += [f"{metric}[{s.name}]" + (" (reference)" if s.name == ref else "") for s in case.setups]
     lines = [header]
     shown = steps if len(steps) <= TABLE_STEPS else steps[:TABLE_HEAD] + steps[-TABLE_TAIL:]
     for step in shown:
@@ -76,15 +80,29 @@ def step_table(case, run_dir: Path) -> str:
                 v = series[s.name].get(step, {}).get(metric)
                 cell = "-" if v is None else repr(v)
                 if s.name != ref and v is not None:
-                    cell += "  =" if base is not None and bitwise_equal(v, base) else "  ≠"
+                    cell += "  " + MARKS[_against(v, base, case.expect.tolerance[metric])]
                 row.append(cell)
         lines.append(row)
     widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
     text = "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in lines)
+    text += f"\n(against {ref}'s value at the step: = bitwise equal, ≈ within tolerance, ≠ beyond tolerance)"
     if len(shown) < len(steps):
         text += (f"\n({len(shown)} of {len(steps)} steps shown; every step is in "
                  f"{records.setup_dir(run_dir, case.name, ref) / 'metrics.csv'} and each setup's own)")
     return text
+
+
+def _against(value: float, base: float | None, tolerance) -> str:
+    """How a value stands against the reference's: "bitwise", "tolerance" or "beyond" (NaN, Inf or a missing
+    reference value are beyond)."""
+    from parity.verdict.numbers import bitwise_equal  # the one equality rule: same 8 bytes, never NaN or Inf
+
+    if base is None:
+        return "beyond"
+    if bitwise_equal(value, base):
+        return "bitwise"
+    finite = math.isfinite(value) and math.isfinite(base)
+    return "tolerance" if finite and tolerance.allows(value, base) else "beyond"
 
 
 def run_argv(args) -> list[str]:

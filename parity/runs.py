@@ -18,11 +18,13 @@ import pandas as pd
 
 from parity.core.errors import InputError
 from parity.report.model import CaseRun, load_case_runs, number
+from parity.verdict.formatting import headline_text
 from parity.verdict.model import ABSENT
 
 METRICS_KEYS = ("case", "setup")
 PROBE_COLUMNS = ("case", "setup", "step", "phase", "name", "stat", "value")
-PAIR_COLUMNS = ("case", "reference", "other", "passed", "case_passed", "mode", "outcome", "diverged_metric",
+PAIR_COLUMNS = ("case", "reference", "other", "passed", "case_passed", "mode", "outcome", "headline", "headline_lane",
+                "diverged_metric",
                 "diverged_step", "diverged_param", "diverged_rel", "localized_step", "localized_phase",
                 "localized_name", "localized_rel")
 
@@ -31,7 +33,8 @@ PAIR_COLUMNS = ("case", "reference", "other", "passed", "case_passed", "mode", "
 class Run:
     """One run directory: `metrics` (one row per case, setup and recorded step: the columns of metrics.csv),
     `probes` (long form: case, setup, step, phase, name, stat, value) and `pairs` (one row per judged pair:
-    whether it passed, and where it first diverged and where its probes first parted)."""
+    whether it passed, its headline (the first divergence in causal order, and its lane), where its metric lanes
+    first failed (diverged_*) and where its probes first parted (localized_*))."""
 
     metrics: pd.DataFrame
     probes: pd.DataFrame
@@ -67,6 +70,7 @@ def _pairs(cases: list[CaseRun]) -> pd.DataFrame:
             first = p.localization.first if p.localization is not ABSENT and p.localization.first else {}
             rows.append({"case": c.name, "reference": p.reference, "other": p.other, "passed": p.passed,
                          "case_passed": v.passed, "mode": v.mode, "outcome": v.outcome,
+                         "headline": headline_text(p) or None, "headline_lane": p.headline.lane if p.headline else None,
                          "diverged_metric": diverged.get("metric"), "diverged_step": diverged.get("step"),
                          "diverged_param": diverged.get("param"), "diverged_rel": number(diverged.get("rel")),
                          "localized_step": first.get("step"), "localized_phase": first.get("phase"),

@@ -106,7 +106,7 @@ def test_locate_takes_a_name_or_a_path(tmp_path, write_case, monkeypatch, capsys
     assert cli.main(["locate", str(out), "cases/ctl.toml"]) == 0
     by_path = capsys.readouterr().out
     assert cli.main(["locate", str(out), "ctl"]) == 0
-    assert capsys.readouterr().out == by_path and "first divergence: step 2, forward" in by_path
+    assert capsys.readouterr().out == by_path and "first not bitwise: step 2, forward" in by_path
 
 
 def test_evidence_case_takes_a_name_or_a_case_files_path(run_dir, capsys):  # noqa: F811

@@ -85,7 +85,9 @@ def test_lr_one_percent_higher_fails_match_at_step_2_and_passes_diverge(tmp_path
     assert verdict["pairs"][0]["diverged"]["step"] == 2
     diverge = run(base + [str(cases / "lr_diverge.toml"), "--out", str(tmp_path / "o2")], tmp_path, cache_env)
     assert diverge.returncode == 0, diverge.stdout + diverge.stderr
-    assert "first diverged: loss at step 2" in diverge.stdout
+    # What a reader sees first is the earliest entry in causal order: the lr first shows in step 1's weight update.
+    assert "base vs lr_plus_1pct: PASS; diverged as a control must: first not bitwise: step 1, update, " \
+           in diverge.stdout, diverge.stdout
 
 
 def test_collection_ids_and_markers_for_committed_cases(tmp_path):

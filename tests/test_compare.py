@@ -331,7 +331,7 @@ def test_write_verdict_and_summaries(tmp_path):
     assert text.startswith("demo: FAIL on cpu/gloo (mode bitwise, outcome match, reference ref, platform cpu)")
     assert "loss rtol=1e-05 atol=0.0 (default for float32)" in text
     assert "grad_norm  exact 0/4 steps" in text and "nan" in text
-    assert "ref vs other: FAIL; first diverged: grad_norm at step 1" in text
+    assert "ref vs other: FAIL; first not bitwise: grad_norm at step 1 (rel 1.4e-16, <1 f32 ulp)" in text
 
 
 def test_a_written_verdict_reads_back_as_the_same_record(tmp_path):
@@ -359,8 +359,9 @@ def test_verdict_schema(tmp_path):
                       "tolerance", "repeat", "statistical", "pairs", "baselines", "problems", "notes"}
     pair = v["pairs"][0]
     assert set(pair) == {"reference", "other", "passed", "problems", "diverged", "effect", "metrics", "modes", "notes",
-                         "localization"}
+                         "localization", "headline"}
     assert set(pair["localization"]) == {"probed", "mode", "first", "before", "agree_until", "steps", "problems", "line"}
+    assert set(pair["headline"]) == {"text", "lane", "basis", "entry", "not_bitwise_lane", "not_bitwise"}
     assert set(pair["diverged"]) == {"metric", "step", "param", "value_ref", "value_other", "abs", "rel", "ulps",
                                      "ulp_unit"}
     m = pair["metrics"]["loss"]

@@ -42,14 +42,15 @@ def test_default_has_table_first_divergence_and_one_line_per_setup(run_dir):  # 
     text = evidence.evidence(run_dir, "tol_tp")
     assert "| tol_tp |" in text and "bitwise_fsdp" not in text
     assert "tol_tp.png" not in text  # nothing a PR comment cannot show
-    # The first divergence as the verdict computed it, checked against the records themselves.
-    d = records.read_json(run_dir / "tol_tp" / "verdict.json")["pairs"][1]["diverged"]
-    m, step = d["metric"], d["step"]
+    # The headline as the verdict computed it, its values checked against the records themselves.
+    h = records.read_json(run_dir / "tol_tp" / "verdict.json")["pairs"][1]["headline"]
+    m, step = h["lane"], h["entry"]["step"]
     ref = records.read_metrics(run_dir / "tol_tp" / "ddp" / "metrics.csv")[step - 1][m]
     other = records.read_metrics(run_dir / "tol_tp" / "tp" / "metrics.csv")[step - 1][m]
-    assert f"First divergence, `tp` vs `ddp`: **{m}** at step {step}: {ref!r} vs {other!r} " \
-           f"(abs {abs(other - ref):.3g}, rel {abs(other - ref) / ref:.3g}" in text
-    assert "First divergence, `fsdp` vs `ddp`: none" in text
+    assert f"`tp` vs `ddp`: **first beyond tolerance: {m} at step {step} (rel " \
+           f"{abs(other - ref) / ref:.2g}" in text
+    assert f"**; {ref!r} vs {other!r} (rel {abs(other - ref) / ref:.3g}, abs {abs(other - ref):.3g}, " in text
+    assert "`fsdp` vs `ddp`: **bitwise equal: every compared entry**" in text
     charts = _charts(text)
     assert [c["title"] for c in charts] == ["tol_tp: loss", "tol_tp: grad norm"]
     for chart, metric in zip(charts, ("loss", "grad_norm")):
@@ -149,7 +150,7 @@ def test_setup_without_metrics_is_said_not_drawn(tmp_path):
 def test_png_format_links_the_figure(run_dir):  # noqa: F811
     text = evidence.evidence(run_dir, "tol_tp", "png")
     assert f"![tol_tp]({(run_dir / 'tol_tp' / 'tol_tp.png').as_posix()})" in text
-    assert "```mermaid" not in text and "First divergence, `tp` vs `ddp`" in text
+    assert "```mermaid" not in text and "`tp` vs `ddp`: **first beyond tolerance: " in text
     assert "parity run cases/tol_tp.toml --out 'runs/x y'" in text
     # Without a recorded command, the CLI invocation that reproduces it.
     assert f"parity run cases/unjudged.toml --out {run_dir}" in evidence.evidence(run_dir, "unjudged", "png")
@@ -210,13 +211,16 @@ def test_mermaid_renders_with_mermaid_cli(run_dir, tmp_path):  # noqa: F811
 
 
 def test_a_statistical_divergence_is_said_as_the_window_that_left_the_band(tmp_path):
-    """A statistical pair's first divergence is a window of steps outside the ensemble's band, not a step."""
+    """A statistical pair's headline is a window of steps outside the ensemble's band, not a step."""
     make_case(tmp_path, "drift", {"ref": _metrics(), "other": _metrics()}, mode="tolerance")
     path = tmp_path / "drift" / "verdict.json"
     verdict = records.read_json(path)
-    verdict["pairs"][0]["diverged"] = {"metric": "loss", "step": 26, "window": [26, 50], "value_ref": 3.1002,
-                                       "value_other": 3.2154, "abs": 0.1152, "rel": 0.0372, "z": 41.3, "limit": 7.02}
+    band = {"step": 50, "window": [26, 50], "value_ref": 3.1002, "value_other": 3.2154, "abs": 0.1152,
+            "rel": 0.0372, "z": 41.3, "limit": 7.02}
+    verdict["pairs"][0]["headline"] = {"text": "first outside the band: loss over steps 26-50 (rel 0.037, z 41.3 "
+                                               "(limit 7.02))", "lane": "loss", "basis": "outside the band",
+                                       "entry": band, "not_bitwise_lane": None, "not_bitwise": None}
     records.write_json(path, verdict)
     text = evidence.evidence(tmp_path, "drift")
-    assert ("First divergence, `other` vs `ref`: **loss** at steps 26-50: 3.2154 vs ensemble mean 3.1002 "
-            "(rel 0.0372, z 41.3, limit 7.02) (outside the ensemble's band)") in text
+    assert ("`other` vs `ref`: **first outside the band: loss over steps 26-50 (rel 0.037, z 41.3 (limit 7.02))**; "
+            "steps 26-50: 3.2154 vs ensemble mean 3.1002 (rel 0.0372, z 41.3, limit 7.02)") in text

@@ -73,7 +73,7 @@ def test_bitwise_first_difference_in_forward_at_step_2_with_what_agrees_before_i
                                                  (2, "forward", "layers.1.attention")]
     assert all(e["value_ref"] == e["value_other"] and e["rel"] == 0.0 for e in loc.before)
     assert loc.first["rel"] == pytest.approx(1e-3)
-    assert loc.line == ("first divergence: step 2, forward, layers.1.feed_forward (rel 1.0e-03); "
+    assert loc.line == ("first not bitwise: step 2, forward, layers.1.feed_forward (rel 1.0e-03); "
                            "everything before it equal")
     assert loc.agree_until == "everything before it equal"
 
@@ -208,7 +208,7 @@ def test_expected_localization_holds_or_fails_the_control_with_one_line(tmp_path
     v = compare_case(case, out)
     assert v.passed, v.problems
     assert where(v.pairs[0].localization.first) == (2, "forward", "layers.1.feed_forward")
-    assert "    probes: first divergence: step 2, forward, layers.1.feed_forward (rel 1.0e-03)" in format_verdict(v)
+    assert "    probes: first not bitwise: step 2, forward, layers.1.feed_forward (rel 1.0e-03)" in format_verdict(v)
     case, out = control(tmp_path, write_case, '{ step = 1, phase = "forward", name = "layers.1.feed_forward" }')
     v = compare_case(case, out)
     assert not v.passed
@@ -228,13 +228,14 @@ def test_match_case_probes_are_a_checked_lane(tmp_path, write_case):
     write_run(out, "pair", "tp", rows=probes(change=from_step_2_forward_ffn1))
     v = compare_case(case, out)  # loss, grad norm and weights bitwise equal; the probes are not
     assert not v.passed and v.pairs[0].problems == [
-        "probes: first divergence: step 2, forward, layers.1.feed_forward (rel 1.0e-03); everything before it equal"]
+        "probes: first not bitwise: step 2, forward, layers.1.feed_forward (rel 1.0e-03); everything before it equal"]
     text = format_verdict(v)
-    # listed once, as the pair's problem (not again as its localization line)
-    assert text.count("first divergence: step 2, forward, layers.1.feed_forward") == 1
-    assert "    - probes: first divergence: step 2, forward, layers.1.feed_forward" in text
+    # named in the pair's headline and as its problem, not a third time as its localization line
+    assert text.count("first not bitwise: step 2, forward, layers.1.feed_forward") == 2
+    assert "  ref vs tp: FAIL; first not bitwise: step 2, forward, layers.1.feed_forward (rel 0.001" in text
+    assert "    - probes: first not bitwise: step 2, forward, layers.1.feed_forward" in text
     assert "tolerance: loss rtol=1e-05" in text and "forward rtol=5e-05 atol=0.0 (default for float32)" in text
-    assert "first divergence: step 2, forward, layers.1.feed_forward" in divergence_table(v)
+    assert "first not bitwise: step 2, forward, layers.1.feed_forward" in divergence_table(v)
     # Within tolerance the same runs pass: 1e-3 is beyond forward's default, so widen it in the case.
     tol = '[expect]\nmode = "tolerance"\n[expect.tolerance]\nforward = { rtol = 2e-3 }\nbackward = { rtol = 2e-3 }\n' \
           'update = { rtol = 2e-3 }\n'
@@ -253,7 +254,7 @@ def test_a_failing_pair_names_the_probe_divergence_in_the_pytest_message(tmp_pat
     write_run(out, "pair", "ref", rows=probes())
     write_run(out, "pair", "tp", loss=[LOSS[0], up(LOSS[1]), LOSS[2]], rows=probes(change=from_step_2_forward_ffn1))
     table = divergence_table(compare_case(case, out))  # the loss fails first; the probes say where to look
-    assert "ref vs tp probes: first divergence: step 2, forward, layers.1.feed_forward" in table
+    assert "ref vs tp: first not bitwise: step 2, forward, layers.1.feed_forward (rel 0.001, 9987 f32 ulps)" in table
 
 
 @pytest.mark.parametrize("bad, key", [
@@ -287,7 +288,7 @@ def test_locate_prints_the_line_the_entries_before_it_and_the_largest(tmp_path, 
     text = capsys.readouterr().out
     print(text)
     assert "ctl: ref vs tp (mode bitwise; probed steps 1, 2, 3)" in text
-    assert ("  first divergence: step 2, forward, layers.1.feed_forward (rel 1.0e-03); everything before it equal"
+    assert ("  first not bitwise: step 2, forward, layers.1.feed_forward (rel 1.0e-03); everything before it equal"
             in text)
     assert "layers.1.attention" in text and "<- first" in text and "largest relative differences at step 2:" in text
     # bad input: one line, exit 2
@@ -317,8 +318,9 @@ def test_heatmap_is_written_beside_the_case_figure_and_in_the_report(tmp_path, w
     md, page = pages.write_report(out)
     text = md.read_text()
     assert "![hm probes](hm/hm-probes.png)" in text
-    assert "first divergence: step 2, forward, layers.1.feed_forward" in text
-    assert "tp: probes step 2, forward, layers.1.feed_forward; pp: probes step 3, forward, tok_embeddings" in text
+    assert "first not bitwise: step 2, forward, layers.1.feed_forward" in text
+    assert ("tp: first not bitwise: step 2, forward, layers.1.feed_forward (rel 0.001, 9987 f32 ulps); "
+            "pp: first not bitwise: step 3, forward, tok_embeddings") in text
     assert "(before it: forward layers.0.feed_forward exact, forward layers.0 exact" in text
     assert 'alt="hm probes heatmap"' in page.read_text()
     # No probes, no heatmap.
@@ -335,7 +337,7 @@ def test_a_nondeterministic_reference_is_localized_by_its_repeat(tmp_path, write
     write_run(out, "pair", "tp", rows=probes())
     v = compare_case(case, out)
     assert not v.passed and v.problems == [
-        "repeat check: probes: first divergence: step 2, forward, layers.1.feed_forward (rel 1.0e-03); "
+        "repeat check: probes: first not bitwise: step 2, forward, layers.1.feed_forward (rel 1.0e-03); "
         "everything before it equal"]
 
 

@@ -266,8 +266,14 @@ def test_a_long_run_is_drawn_as_bounded_lines_without_markers(long_run):
             assert np.isnan(lines[1].get_ydata()[lines[1].get_xdata() == NAN_AT]).all()
         diffs = fig.axes[2].get_lines()
         assert all(len(ln.get_xdata()) <= 3 * canvas.COLUMNS + 2 for ln in diffs)
-        first = [ln for ln in diffs if ln.get_markeredgecolor() == "crimson"]
-        assert [ln.get_xdata().tolist() for ln in first] == [[DIVERGES], [DIVERGES]]  # loss and grad norm
+        # Ringed: the first step beyond tolerance (the NaN) in crimson; before it, the first step that is only
+        # not bitwise (1e-9 relative, within tolerance) in grey; for loss and for grad norm.
+        beyond = [ln for ln in diffs if ln.get_markeredgecolor() == "crimson"]
+        assert [ln.get_xdata().tolist() for ln in beyond] == [[NAN_AT], [NAN_AT]]
+        only_bits = [ln for ln in diffs if ln.get_markeredgecolor() == "0.45"]
+        assert [ln.get_xdata().tolist() for ln in only_bits] == [[DIVERGES], [DIVERGES]]
+        label = [t.get_text() for t in fig.axes[2].texts if t.get_text().startswith("other:")]
+        assert label == [f"other:\nfirst beyond tolerance: loss, step {NAN_AT}\nfirst not bitwise: loss, step {DIVERGES}"]
         not_finite = [ln for ln in diffs if ln.get_label().endswith("not finite")]
         assert [ln.get_xdata().tolist() for ln in not_finite] == [[NAN_AT], [NAN_AT]]
         exact = [ln for ln in diffs if ln.get_marker() == "|"]

@@ -1,5 +1,6 @@
 """Panel (c) of a case's figure: |setup - reference| per step on a log axis, with the tolerance, the exact steps
-in a band of their own, non-finite differences along the top and each setup's first divergence ringed and named.
+in a band of their own, non-finite differences along the top, and each setup's first step beyond tolerance (crimson)
+and first step not bitwise (grey, said to be within tolerance where it is) ringed and named.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from matplotlib.ticker import FuncFormatter
 from matplotlib.transforms import blended_transform_factory
 
 from parity.report.canvas import envelope, marked, one_per_column, stride
-from parity.report.model import LABEL, PLOTTED, CaseRun, SetupRun, by_step
+from parity.report.model import LABEL, CaseRun, SetupRun, by_step
+from parity.verdict.headline import BASIS, where_text
 
 LANE = 10 ** 0.35  # factor between two lanes of the exact band on the log axis
 # How each metric's differences are drawn: line style and marker.
@@ -133,9 +135,8 @@ def _draw_axis(ax, scale: LogScale, n_series: int) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
 
 
-def _draw_series(ax, s: DiffSeries, lane_y: float, scale: LogScale, n_steps: int) -> tuple[int, float] | None:
-    """One series: its positive differences as a line, exact steps in its lane, non-finite ones along the top,
-    its first difference ringed; returns that first difference (step, y), None when there is none."""
+def _draw_series(ax, s: DiffSeries, lane_y: float, scale: LogScale, n_steps: int) -> None:
+    """One series: its positive differences as a line, exact steps in its lane, non-finite ones along the top."""
     d, steps, with_markers = s.diffs, s.steps, marked(n_steps)
     finite = np.isfinite(d) & (d > 0)
     exact = steps[d == 0]
@@ -154,50 +155,94 @@ def _draw_series(ax, s: DiffSeries, lane_y: float, scale: LogScale, n_steps: int
         bad = one_per_column(bad)
         ax.plot(bad, np.full(len(bad), scale.not_finite), color=s.colour, marker="X", linestyle="none", markersize=7,
                 zorder=4, label=f"{s.setup} {LABEL[s.metric]} not finite")
-    differing = np.flatnonzero(d != 0)
-    if not differing.size:
-        return None
-    first = int(steps[differing[0]])
-    y_first = float(d[differing[0]]) if finite[differing[0]] else scale.not_finite
-    ax.plot([first], [y_first], marker="o", markersize=13, markerfacecolor="none",
-            markeredgecolor="crimson", markeredgewidth=1.6, linestyle="none", zorder=5)
-    return first, y_first
+
+
+# ----------------------------------------------------------------------------- first entries, ringed
+
+
+@dataclass
+class First:
+    """A series' first failing step (`basis` "beyond tolerance", "not bitwise" in mode bitwise, ...) or its first
+    step that is only not bitwise (`basis` "not bitwise", failing False), where the panel rings it."""
+
+    setup: str
+    metric: str
+    step: int
+    y: float
+    basis: str
+    failing: bool
+
+
+RING = {True: dict(markersize=13, markeredgecolor="crimson", markeredgewidth=1.6),  # fails under the case's mode
+        False: dict(markersize=10, markeredgecolor="0.45", markeredgewidth=1.2)}  # not bitwise, within tolerance
+
+
+def _firsts(case: CaseRun, s: DiffSeries, scale: LogScale) -> list[First]:
+    """The series' first failing step, as its pair's verdict says, and before it (or without one) its first step
+    that is not bitwise equal; a difference within tolerance is never ringed as a failure."""
+    pair = case.pair(s.setup)
+    m = pair.metrics.get(s.metric) if pair is not None else None
+    if m is None:
+        return []
+    mode = pair.modes.get(s.metric, case.mode) if pair.modes else case.mode
+    failing, differing = m.first_failing(mode), m.first_not_bitwise
+    out = []
+    if failing and "step" in failing:
+        out.append(First(s.setup, s.metric, int(failing["step"]), 0.0, BASIS[mode], True))
+    if differing and (not out or differing["step"] < out[0].step):
+        out.append(First(s.setup, s.metric, int(differing["step"]), 0.0, "not bitwise", False))
+    for f in out:
+        at = np.flatnonzero(s.steps == f.step)
+        value = s.diffs[at[0]] if at.size else math.nan
+        f.y = float(value) if math.isfinite(value) and value > 0 else scale.not_finite
+    return out
+
+
+def _ring(ax, f: First) -> None:
+    ax.plot([f.step], [f.y], marker="o", markerfacecolor="none", linestyle="none", zorder=5, **RING[f.failing])
 
 
 # ----------------------------------------------------------------------------- annotation
 
 
-def _verdict_divergence(case: CaseRun, other: str) -> tuple[str, int] | None:
-    """The metric and step where the verdict says the pair diverged, when that is a plotted metric's step."""
-    pair = case.pair(other)
-    d = pair.diverged if pair is not None else None
-    if d and d["metric"] in PLOTTED and d["step"] is not None:
-        return d["metric"], int(d["step"])
-    return None
-
-
-def _annotate_firsts(ax, case: CaseRun, firsts: dict[str, tuple[int, str, float]]) -> None:
-    """One label per setup naming its first divergence (and the verdict's, where that is later)."""
+def _annotate_firsts(ax, case: CaseRun, firsts: dict[str, list[First]]) -> None:
+    """One label per setup: its first failing step, its first step not bitwise where that is earlier or there is no
+    failing one (said to be within tolerance), and where its probes part first when they are what the headline
+    names."""
     # In a row along the top where the decade of headroom leaves room, with a leader to the point (over the
     # data they hid the curves); ordered by step so the leaders do not cross.
-    for n, (name, (first, metric, y_first)) in enumerate(sorted(firsts.items(), key=lambda kv: kv[1][0])):
-        text = f"{name}: first divergence\n{LABEL[metric]}, step {first}"
-        judged = _verdict_divergence(case, name)
-        if judged and judged != (metric, first):
-            # In tolerance mode the verdict's divergence is the first step beyond tolerance.
-            text += f"\nbeyond tolerance: {LABEL[judged[0]]}, step {judged[1]}"
-        ax.annotate(text, (first, y_first), xytext=(0.02 + 0.32 * n, 0.95), textcoords="axes fraction",
-                    va="top", fontsize=8, color="crimson",
-                    bbox=dict(boxstyle="round,pad=0.25", fc="white", ec="crimson", lw=0.6, alpha=0.9),
-                    arrowprops=dict(arrowstyle="-", color="crimson", lw=0.8, shrinkB=7), zorder=6)
+    ordered = sorted(firsts.items(), key=lambda kv: min(f.step for f in kv[1]))
+    for n, (name, found) in enumerate(ordered):
+        failing = [f for f in found if f.failing]
+        only = [f for f in found if not f.failing]
+        lines = [name + ":"]
+        if failing:
+            f = min(failing, key=lambda f: f.step)
+            lines.append(f"first {f.basis}: {LABEL[f.metric]}, step {f.step}")
+        if only:
+            g = min(only, key=lambda f: f.step)
+            lines.append(f"first not bitwise: {LABEL[g.metric]}, step {g.step}" + ("" if failing else
+                                                                                    " (within tolerance)"))
+        pair = case.pair(name)
+        told = pair.headline if pair is not None else None
+        if told and told.lane == "probes":
+            lines.append(f"probes: first {told.basis} at {where_text('probes', told.entry)}")
+        target = min(failing or only, key=lambda f: f.step)
+        colour = "crimson" if failing else "0.3"
+        ax.annotate("\n".join(lines), (target.step, target.y), xytext=(0.02 + 0.32 * n, 0.95),
+                    textcoords="axes fraction", va="top", fontsize=8, color=colour,
+                    bbox=dict(boxstyle="round,pad=0.25", fc="white", ec=colour, lw=0.6, alpha=0.9),
+                    arrowprops=dict(arrowstyle="-", color=colour, lw=0.8, shrinkB=7), zorder=6)
 
 
-def _legend(ax, ringed: bool) -> None:
+def _legend(ax, firsts: dict[str, list[First]]) -> None:
     handles, labels = ax.get_legend_handles_labels()
-    if ringed:
-        handles.append(Line2D([], [], marker="o", markersize=9, markerfacecolor="none", markeredgecolor="crimson",
-                              linestyle="none"))
-        labels.append("first divergence")
+    for failing in (True, False):
+        bases = sorted({f.basis for found in firsts.values() for f in found if f.failing is failing})
+        if bases:
+            handles.append(Line2D([], [], marker="o", markerfacecolor="none", linestyle="none",
+                                  **{**RING[failing], "markersize": 9}))
+            labels.append(" / ".join(f"first {b}" for b in bases) + ("" if failing else " (within tolerance)"))
     ax.legend(handles, labels, fontsize=7, ncol=3, loc="upper left", bbox_to_anchor=(0, -0.16), frameon=False)
 
 
@@ -219,12 +264,13 @@ def plot_diffs(ax, case: CaseRun) -> None:
         ax.plot(*envelope(steps, tolerance), color="0.3", linestyle="-" if metric == "loss" else "--", linewidth=1.4,
                 label=f"tolerance {LABEL[metric]}", zorder=2)
     n_steps = max(len(s.steps) for s in series)
-    firsts = {}  # setup -> (step, metric, y) of its earliest difference over both metrics
+    firsts: dict[str, list[First]] = {}  # setup -> its ringed steps over both metrics
     for j, s in enumerate(series):
-        drawn = _draw_series(ax, s, scale.lane(j), scale, n_steps)
-        if drawn and (s.setup not in firsts or drawn[0] < firsts[s.setup][0]):
-            firsts[s.setup] = (drawn[0], s.metric, drawn[1])
+        _draw_series(ax, s, scale.lane(j), scale, n_steps)
+        for f in _firsts(case, s, scale):
+            _ring(ax, f)
+            firsts.setdefault(s.setup, []).append(f)
     _annotate_firsts(ax, case, firsts)
     ax.set_ylabel(f"|setup − {case.setups[0].name}|")
     ax.grid(True, which="major", alpha=0.3)
-    _legend(ax, bool(firsts))
+    _legend(ax, firsts)

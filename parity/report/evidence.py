@@ -22,8 +22,7 @@ from parity.report import markdown
 from parity.report.curves import plot_case
 from parity.report.model import LABEL, PLOTTED, CaseRun, baseline_origin, by_step, find_case_runs, load_case_run, number
 from parity.report.tables import SUMMARY_COLUMNS, md_table, provenance, summary_row
-from parity.verdict.formatting import band_text, entry_text
-from parity.verdict.model import Pair
+from parity.verdict.formatting import band_text, headline_text, values_text
 
 FORMATS = ("mermaid", "png")
 # At most this many points per line: the first step, the last, and a low and a high per bucket between them.
@@ -52,28 +51,24 @@ class Line:
 
 
 def divergence_lines(case: CaseRun) -> list[str]:
-    """Per pair, where it first diverged, as the verdict says (compare computed it: its step, both values,
-    abs and rel error); the pair's own words when it did not."""
+    """Per pair, its headline (parity.verdict.headline): the first divergence in causal order, probes first where
+    they were recorded, and for a control the effect it declares; then, where the headline is not at that entry,
+    the entry itself with both values. A verdict written before headlines gives its metric lanes' divergence."""
     out = []
     for p in case.pairs:
-        d, who = p.diverged, f"{markdown.code(p.other)} vs {markdown.code(p.reference)}"
-        if not d:
-            out.append(f"First divergence, {who}: none" + (" (metrics and weights agree)" if p.passed else ""))
+        who = f"{markdown.code(p.other)} vs {markdown.code(p.reference)}"
+        told = headline_text(p)
+        if not told:
+            out.append(f"{who}: no divergence" + (" (metrics and weights agree)" if p.passed else ""))
             continue
-        # write_json stores NaN and inf as strings; entry_text and band_text format numbers.
-        e = {**d, **{k: number(d.get(k)) for k in ("value_ref", "value_other", "abs", "rel", "z", "limit") if k in d}}
-        out.append(f"First divergence, {who}: **{markdown.text(d['metric'])}** at {_where_diverged(e, p, case)}")
+        line = f"{who}: **{markdown.text(told)}**"
+        e = p.headline.entry if p.headline else p.diverged
+        if e:
+            # write_json stores NaN and inf as strings; entry_text and band_text format numbers.
+            e = {**e, **{k: number(e.get(k)) for k in ("value_ref", "value_other", "abs", "rel", "z", "limit") if k in e}}
+            line += f"; {markdown.text(band_text(e) if 'window' in e else values_text(e))}"
+        out.append(line)
     return out
-
-
-def _where_diverged(e: dict, pair: Pair, case: CaseRun) -> str:
-    """A statistical pair leaves the ensemble's band over a window of steps; any other pair at one step."""
-    if "window" in e:
-        return f"{markdown.text(band_text(e))} (outside the ensemble's band)"
-    # The mode the metric was judged in, where it differs by metric (a verdict written before that has no modes).
-    mode = pair.modes.get(e["metric"], case.mode) if pair.modes else case.mode
-    beyond = "beyond tolerance" if mode == "tolerance" else "first bitwise difference"
-    return f"{markdown.text(entry_text(e))} ({beyond})"
 
 
 # ----------------------------------------------------------------------------- charts

@@ -10,12 +10,12 @@ import shlex
 from parity.report import markdown
 from parity.report.model import LABEL, CaseRun, number
 from parity.verdict import localize
-from parity.verdict.formatting import ensemble_lines, ran_on, statistical_tests
+from parity.verdict.formatting import ensemble_lines, headline_text, ran_on, statistical_tests
 from parity.verdict.model import MetricResult, Pair
 from parity.verdict.numbers import bitwise_equal
 
 SUMMARY_COLUMNS = ("case", "setups", "mode", "verdict", "ran on", "max rel diff loss", "max rel diff grad norm",
-                   "first divergence")
+                   "headline")
 PAIR_COLUMNS = ("pair", "passed", "loss max abs", "loss max rel", "grad norm max abs", "grad norm max rel",
                 "exact steps", "probes", "problems")
 BASELINE_COLUMNS = ("setup", "platform", "status", "message")
@@ -46,19 +46,8 @@ def md_table(columns, rows) -> str:
 
 
 def _divergence_text(case: CaseRun) -> str:
-    """Per pair, where it first diverged; where only its probes part, where they do."""
-    parts = []
-    beyond = " (beyond tolerance)" if case.mode == "tolerance" else ""
-    for p in case.pairs:
-        d = p.diverged
-        first = p.localization.first if p.localization else None  # a verdict written before probes has none
-        if d:
-            where = f"step {d['step']}" if d["step"] is not None else f"param {d['param']}"
-            parts.append(f"{p.other}: {d['metric']} {where}{beyond}")
-        elif first and not p.passed:
-            # the metrics agree, the probes do not: say where they part
-            parts.append(f"{p.other}: probes step {first['step']}, {first['phase']}, {first['name']}{beyond}")
-    return "; ".join(parts) or "—"
+    """Per pair, its headline: the first divergence in causal order (parity.verdict.headline)."""
+    return "; ".join(f"{p.other}: {told}" for p in case.pairs if (told := headline_text(p))) or "—"
 
 
 def summary_row(case: CaseRun) -> dict:
@@ -71,7 +60,7 @@ def summary_row(case: CaseRun) -> dict:
         "ran on": ran_on(case.verdict) if judged else "—",
         "max rel diff loss": number_text(case.max_rel("loss")),
         "max rel diff grad norm": number_text(case.max_rel("grad_norm")),
-        "first divergence": _divergence_text(case),
+        "headline": _divergence_text(case),
     }
 
 

@@ -11,12 +11,19 @@ from pathlib import Path
 from parity.core.records import RecordError
 from parity.verdict.model import ABSENT, STEP_METRICS, MetricResult, Pair, StatisticalSummary, StatisticalTest, Verdict, \
     read_verdict
-from parity.verdict.numbers import ulps_text
+from parity.verdict.headline import size_text
+from parity.verdict.numbers import short, ulps_text
 
 
 def entry_text(e: dict) -> str:
-    """Where an entry is and both values: "step 4: 1.25 vs 1.2500001 (abs 1e-07, rel 8e-08, 3 f32 ulps)"."""
-    return f"{_where(e)}: {e['value_ref']!r} vs {e['value_other']!r} (abs {e['abs']:.3g}, rel {e['rel']:.3g}, " \
+    """Where an entry is and both values: "step 4: 1.25 vs 1.2500001 (rel 8e-08, abs 1e-07, 1 f32 ulp)"."""
+    return f"{_where(e)}: {values_text(e)}"
+
+
+def values_text(e: dict) -> str:
+    """An entry's two values and their differences: "1.25 vs 1.2500001 (rel 8e-08, abs 1e-07, 1 f32 ulp)"."""
+    stat = f"{e['stat']} " if "stat" in e else ""  # a probe's statistic: its value is not the tensor's
+    return f"{stat}{e['value_ref']!r} vs {e['value_other']!r} (rel {short(e['rel'])}, abs {e['abs']:.3g}, " \
            f"{ulps_text(e)})"
 
 
@@ -41,11 +48,12 @@ def _metric_line(name: str, m: MetricResult) -> str:
     if m.not_recorded:
         return f"{name:<10} not compared: {m.not_recorded}"
     unit = "params" if name == "weights" else "steps"
-    line = f"{name:<10} exact {m.exact_equal_steps}/{m.n} {unit}, max abs {_three_digits(m.max_abs)}, " \
-           f"max rel {_three_digits(m.max_rel)}, outside tolerance {m.failing_steps}"
-    e = m.first_not_bitwise
+    line = f"{name:<10} exact {m.exact_equal_steps}/{m.n} {unit}, max rel {_three_digits(m.max_rel)}, " \
+           f"max abs {_three_digits(m.max_abs)}, outside tolerance {m.failing_steps}"
     # Problems are listed once, under the pair.
-    line += f", first divergence {_where(e)} ({ulps_text(e)})" if e else ", no divergence"
+    e, beyond = m.first_not_bitwise, m.first_beyond_tolerance
+    line += f", first not bitwise {_where(e)} ({size_text(e)})" if e else ", bitwise equal"
+    line += f", first beyond tolerance {_where(beyond)} ({size_text(beyond)})" if beyond else ""
     t = m.statistical
     if t:
         line += (f"; ensemble: max |z| {_three_digits(t.max_abs_z)}, {t.failing_windows} of {len(t.z)} windows "
@@ -75,11 +83,18 @@ def format_verdict(verdict: Verdict) -> str:
     return "\n".join(lines)
 
 
-def _pair_lines(p: Pair) -> list[str]:
+def headline_text(p: Pair) -> str:
+    """The pair's one first divergence (parity.verdict.headline); a verdict written before headlines had none."""
+    if p.headline:
+        return p.headline.text
     d = p.diverged
-    where = "" if d is None else f"; first diverged: {d['metric']} at " + (
+    return "" if d is None else f"first diverged: {d['metric']} at " + (
         f"step {d['step']}" if d["step"] is not None else f"param {d['param']}")
-    lines = [f"  {p.reference} vs {p.other}: {'PASS' if p.passed else 'FAIL'}{where}"]
+
+
+def _pair_lines(p: Pair) -> list[str]:
+    told = headline_text(p)
+    lines = [f"  {p.reference} vs {p.other}: {'PASS' if p.passed else 'FAIL'}" + (f"; {told}" if told else "")]
     lines += [f"    {_metric_line(name, m)}" for name, m in p.metrics.items()]
     lines += _localization_lines(p, "    ")
     lines += [f"    note: {line}" for line in p.notes]
@@ -183,19 +198,23 @@ def _failing_rows(verdict: Verdict) -> list[tuple[str, str, dict]]:
 
 
 def divergence_table(verdict: Verdict) -> str:
-    """The failing rows only: for each failing pair/baseline and metric, its first failing entry."""
+    """Each failing pair's headline, then the failing rows only: for each failing pair/baseline and metric, its
+    first failing entry."""
+    told = [f"{p.reference} vs {p.other}: {headline_text(p)}" for p in verdict.pairs if not p.passed
+            and headline_text(p)]
     rows = _failing_rows(verdict)
-    header = ("pair", "metric", "step|param", "reference", "other", "abs", "rel", "ulps")
-    table = [header] + [(who, name, _row_where(e), repr(e["value_ref"]), repr(e["value_other"]), repr(e["abs"]),
-                         repr(e["rel"]), ulps_text(e) if "ulps" in e else f"z {e['z']:.3g} (limit {e['limit']:.3g})")
+    header = ("pair", "metric", "step|param", "reference", "other", "rel", "abs", "ulps")
+    table = [header] + [(who, name, _row_where(e), repr(e["value_ref"]), repr(e["value_other"]), repr(e["rel"]),
+                         repr(e["abs"]), ulps_text(e) if "ulps" in e else f"z {e['z']:.3g} (limit {e['limit']:.3g})")
                         for who, name, e in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table) if rows else ""
     # Where the probes first part says which module to look at; a problem line that says it already is enough.
     said = " ".join(verdict.problems)
     where = [f"{p.reference} vs {p.other} probes: {p.localization.line}" for p in verdict.pairs
-             if not p.passed and p.localization and p.localization.line not in said]
-    text = "\n".join(filter(None, [text, *where]))
+             if not p.passed and p.localization and p.localization.line not in said
+             and not (p.headline and p.headline.lane == "probes")]  # the headline named that entry already
+    text = "\n".join(filter(None, [*told, text, *where]))
     # The problem lines carry what a table row cannot: crashed runs, missing steps, NaN, a negative
     # control that did not diverge, a missing baseline and the command that creates it.
     return "\n".join(filter(None, [text, *("- " + line for line in verdict.problems)]))

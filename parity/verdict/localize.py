@@ -15,7 +15,8 @@ steps, is a problem line, never a silent skip.
 The result (verdict.json `pairs[i].localization`, parity.verdict.model.Localization):
 
     {probed, mode, first: null | E, before: [E] (up to BEFORE entries just before `first`, all agreeing),
-     agree_until: str, steps: [probed steps], problems: [str], line: str}
+     agree_until: str, steps: [probed steps], problems: [str], line: str,
+     first_not_bitwise: null | E (the first entry not bitwise equal, whatever the mode)}
     E = {step, phase, name, stat, value_ref, value_other, abs, rel, ulps, ulp_unit}
 
 This module reads numbers only; it never imports torch.
@@ -34,6 +35,7 @@ from parity.verdict.numbers import bitwise_equal, entry, span
 
 BEFORE = 3  # how many agreeing entries a localization shows before the first that differs
 TOP = 10  # how many entries `parity locate` lists by size at the first diverging step
+FIRST = {"bitwise": "first not bitwise", "tolerance": "first beyond tolerance"}  # what `first` is, by mode
 
 
 def probe_tolerances(case: Case) -> dict[str, Tolerance]:
@@ -75,7 +77,8 @@ def agrees(e: dict, mode: str, tolerances: dict[str, Tolerance]) -> bool:
     return math.isfinite(ref) and math.isfinite(other) and tolerances[e["phase"]].allows(other, ref)
 
 
-def align(ref_rows: list[dict], other_rows: list[dict], labels=("reference", "other")) -> tuple[list[dict], list[str]]:
+def align(ref_rows: list[dict], other_rows: list[dict], labels=("reference", "other"),
+          unit: str | None = None) -> tuple[list[dict], list[str]]:
     """The entries both runs recorded, in the reference's causal order, and the problems of the rest.
 
     Each entry is E (see the module docstring) plus `exact` (bitwise equal).
@@ -97,7 +100,7 @@ def align(ref_rows: list[dict], other_rows: list[dict], labels=("reference", "ot
     entries = []
     for k in ref:
         if k in other:
-            e = entry("step", k[0], ref[k], other[k])
+            e = entry("step", k[0], ref[k], other[k], unit)
             entries.append({**e, "phase": k[1], "name": k[2], "stat": k[3],
                             "exact": bitwise_equal(ref[k], other[k])})
     return entries, problems
@@ -118,23 +121,24 @@ def rel_text(rel: float) -> str:
 
 
 def localize(ref_probes: list[dict] | None, other_probes: list[dict] | None, mode: str,
-             tolerances: dict[str, Tolerance], labels=("reference", "other")) -> Localization:
+             tolerances: dict[str, Tolerance], labels=("reference", "other"), unit: str | None = None) -> Localization:
     """The localization of a pair (see the module docstring); probes None: a run recorded none."""
     lacking = [name for name, rows in zip(labels, (ref_probes, other_probes)) if rows is None]
     if lacking:
         return Localization(probed=False, mode=mode, first=None, before=[], agree_until=None, steps=[], problems=[],
                             line=f"no probes recorded by {' and '.join(lacking)}")
-    entries, problems = align(ref_probes, other_probes, labels)
+    entries, problems = align(ref_probes, other_probes, labels, unit)
     if not entries and not problems:
         problems.append("no probes to compare")
     agree = [agrees(e, mode, tolerances) for e in entries]
     i = next((j for j, ok in enumerate(agree) if not ok), None)
+    differing = next((_shown(e) for e in entries if not e["exact"]), None)
     same = "equal" if mode == "bitwise" else "within tolerance"
     first = None if i is None else _shown(entries[i])
     before = [] if i is None else [_shown(e) for e in entries[max(0, i - BEFORE):i]]
     agree_until = None if i is None else f"everything before it {same}"
     if first is not None:
-        line = f"first divergence: {_where(_key(first))} (rel {rel_text(first['rel'])}); {agree_until}"
+        line = f"{FIRST[mode]}: {_where(_key(first))} (rel {rel_text(first['rel'])}); {agree_until}"
     elif entries:
         line = "probes agree (bitwise)" if mode == "bitwise" else "probes agree (within tolerance)"
     else:
@@ -142,7 +146,7 @@ def localize(ref_probes: list[dict] | None, other_probes: list[dict] | None, mod
     # Problems (missing, duplicated, non-finite entries) are listed beside the line, never folded into it.
     steps = list(dict.fromkeys(r["step"] for r in ref_probes))
     return Localization(probed=True, mode=mode, first=first, before=before, agree_until=agree_until, steps=steps,
-                        problems=problems, line=line)
+                        problems=problems, line=line, first_not_bitwise=differing)
 
 
 def matrix(ref_probes: list[dict], other_probes: list[dict], mode: str = "bitwise",

@@ -14,6 +14,8 @@ Records (dataclasses, fields in their JSON order):
   `not_recorded` marks a weights lane a command setup gave no weights for; `statistical` is the
   ensemble test that decides a step metric in mode "statistical".
 - Localization: where the two runs' probes first part (parity.verdict.localize).
+- Headline: the one first divergence a reader sees, in causal order across the lanes
+  (parity.verdict.headline), and the first entry that is not bitwise equal.
 - BaselineCheck: one setup's run against its stored baseline (parity.verdict.baselines).
 - StatisticalTest: one setup's windows against the ensemble's band (parity.verdict.ensemble).
 
@@ -202,9 +204,24 @@ class Localization(Record):
     steps: list[int]
     problems: list[str]
     line: str
+    first_not_bitwise: Entry | None = ABSENT  # the first probe not bitwise equal, whatever the mode
 
     @classmethod
     def from_json(cls, data: dict) -> Localization:
+        return cls(**_plain(cls, data))
+
+
+@dataclass(eq=True)
+class Headline(Record):
+    text: str  # what every surface prints for the pair
+    lane: str | None  # "probes", "loss", "grad_norm" or "weights": where the first failing entry is; None: none
+    basis: str | None  # why it fails: "beyond tolerance", "not bitwise" or "outside the band"
+    entry: Entry | BandFailure | None
+    not_bitwise_lane: str | None  # the lane of the first entry not bitwise equal, whether or not it fails
+    not_bitwise: Entry | None
+
+    @classmethod
+    def from_json(cls, data: dict) -> Headline:
         return cls(**_plain(cls, data))
 
 
@@ -224,11 +241,13 @@ class Pair(Record):
     modes: dict[str, str]
     notes: list[str]
     localization: Localization = ABSENT
+    headline: Headline = ABSENT  # ABSENT in a verdict written before headlines
     cause: str | None = ABSENT
 
     @classmethod
     def from_json(cls, data: dict) -> Pair:
-        return cls(**_plain(cls, data, metrics=_metrics, localization=Localization.from_json))
+        return cls(**_plain(cls, data, metrics=_metrics, localization=Localization.from_json,
+                            headline=Headline.from_json))
 
 
 @dataclass(eq=True)

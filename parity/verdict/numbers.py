@@ -2,7 +2,8 @@
 
 Exact means the same IEEE-754 double, compared as 8-byte patterns: -0.0 and 0.0 are *not* equal (a sign
 flip is a real numerical difference), and a non-finite value is never equal to anything, NaN included.
-ULPs are counted in the values' own precision (ulp_unit). Nothing here imports torch or reads files.
+ULPs are counted in the precision the runs produced the values in (produced_unit), or else in the values' own
+(ulp_unit). Nothing here imports torch or reads files.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ import numpy as np
 from parity.verdict.model import Entry
 
 LISTED = 5  # how many keys a problem line names before "..."
+
+
+def produced_unit(setups) -> str:
+    """The ulp unit of the values a case's setups produce, from their training dtypes: "f64" when every setup
+    trains in float64, else "f32". A float32 run's loss averaged over ranks in double, or a norm summed in double,
+    is a float32 result, and a float64 ulp of it (10^-16 relative) would make a rounding difference read like a bug."""
+    return "f64" if {s.train.dtype for s in setups} == {"float64"} else "f32"
 
 
 def ulp_unit(a: float, b: float) -> str:
@@ -50,9 +58,11 @@ def _ordered(x, itype) -> int:
 
 
 def ulps_text(e: dict) -> str:
-    """ "3 f32 ulps": the count with its unit (entries from before units were recorded say plain "ulps")."""
-    unit = e.get("ulp_unit")
-    return f"{e['ulps']} {unit} ulps" if unit else f"{e['ulps']} ulps"
+    """ "3 f32 ulps": the count with its unit (entries from before units were recorded say plain "ulps"); two
+    values that round to one float32 but are not the same double are "<1 f32 ulp" apart."""
+    n, unit = e["ulps"], e.get("ulp_unit")
+    count = "<1" if n == 0 and not bitwise_equal(e["value_ref"], e["value_other"]) else str(n)
+    return f"{count} {unit + ' ' if unit else ''}ulp{'' if count in ('1', '<1') else 's'}"
 
 
 def bitwise_equal(a, b):
@@ -71,12 +81,22 @@ def differences(ref, other) -> tuple[np.ndarray, np.ndarray]:
     return diff, rel
 
 
-def entry(key_name: str, key, ref: float, other: float) -> Entry:
-    """Entry {key_name: key, value_ref, value_other, abs, rel, ulps, ulp_unit} of two values."""
+def entry(key_name: str, key, ref: float, other: float, unit: str | None = None) -> Entry:
+    """Entry {key_name: key, value_ref, value_other, abs, rel, ulps, ulp_unit} of two values, the ulps counted in
+    `unit` (by default, ulp_unit of the two values)."""
     diff, rel = differences(ref, other)
-    unit = ulp_unit(ref, other)
+    unit = unit or ulp_unit(ref, other)
     return {key_name: key, "value_ref": ref, "value_other": other, "abs": float(diff), "rel": float(rel),
             "ulps": ulps_apart(ref, other, unit), "ulp_unit": unit}
+
+
+def short(x, digits: int = 3) -> str:
+    """A float to `digits` significant digits that never reads as an integer: 3.0, 0.0021, 3.7e-08 (and NaN, inf
+    or a non-float as they are)."""
+    if not isinstance(x, float) or not math.isfinite(x):
+        return str(x)
+    text = f"{x:.{digits}g}"
+    return text if any(c in text for c in ".e") else text + ".0"
 
 
 def span(keys, count: int | None = None) -> str:

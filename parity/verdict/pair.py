@@ -28,7 +28,9 @@ from dataclasses import replace
 
 from parity.case.schema import Case
 from parity.verdict.formatting import band_text, entry_text
+from parity.verdict.headline import headline
 from parity.verdict.localize import localize, probe_tolerances
+from parity.verdict.numbers import produced_unit
 from parity.verdict.model import STEP_METRICS, Divergence, Effect, Localization, MetricResult, Pair
 from parity.verdict.series import compare_series, compare_weights, not_compared, not_recorded, rounding
 
@@ -56,11 +58,14 @@ def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict,
     if not problems and case.expect.outcome == "diverge" and case.expect.first_divergence and diverged:
         effect, control_problems = _control_problems(diverged, case.expect.first_divergence)
         problems += control_problems
-    localization = localize(ref_run["probes"], other_run["probes"], _lane_mode(case), probe_tolerances(case), labels)
+    localization = localize(ref_run["probes"], other_run["probes"], _lane_mode(case), probe_tolerances(case), labels,
+                            produced_unit(case.setups))
     if healthy and mode != "statistical":  # probes part at the first rounding difference, which this mode expects
         problems += _probe_problems(localization, case, metrics_passed=not problems)
+    told = headline(case, metrics, modes, localization if localization.probed else None,
+                    localization.first_not_bitwise or None, passed=not problems)
     return Pair(reference=ref_name, other=other_name, passed=not problems, problems=problems, diverged=diverged,
-                effect=effect, metrics=metrics, modes=modes, notes=notes, localization=localization)
+                effect=effect, metrics=metrics, modes=modes, notes=notes, localization=localization, headline=told)
 
 
 def _lane_mode(case: Case) -> str:
@@ -83,7 +88,7 @@ def _step_lane(metric: str, ref_run: dict, other_run: dict, case: Case, labels,
         notes.append(f"{metric}: recorded from rounded log text, so compared within tolerance with each step's "
                      f"atol widened by its rounding (at most {max(slack.values()):.3g}), not {case.expect.mode}")
     result = compare_series(a["step"], a[metric], b["step"], b[metric], case.expect.tolerance[metric], lane, labels,
-                            slack)
+                            slack, produced_unit(case.setups))
     problems = [f"{metric}: {p}" for p in result.problems]
     if case.expect.mode == "statistical":  # the lanes inform; whether the setup stays in the ensemble's band decides
         test = (statistical or {}).get("tests", {}).get(labels[1], {}).get(metric)
@@ -115,7 +120,8 @@ def _weights_lane(ref_run: dict, other_run: dict, case: Case, labels) -> tuple[M
                             "`weights`)"), []
     if ref_run["weights"] is None or other_run["weights"] is None:
         return not_compared("weights.csv unreadable"), []
-    result = compare_weights(ref_run["weights"], other_run["weights"], case.expect.tolerance["weights"], mode, labels)
+    result = compare_weights(ref_run["weights"], other_run["weights"], case.expect.tolerance["weights"], mode, labels,
+                             produced_unit(case.setups))
     return result, [f"weights: {p}" for p in result.problems]
 
 
@@ -145,7 +151,9 @@ def _mismatch(metric: str, m: MetricResult, mode: str) -> str:
 
 
 def _diverged(metrics: dict[str, MetricResult], modes: dict[str, str]) -> Divergence | None:
-    """Earliest divergent step across loss and grad_norm (loss first on a tie); else weights."""
+    """Earliest failing step across loss and grad_norm (loss first on a tie); else weights: the metric lanes'
+    first divergence, which a control's `[expect] first_divergence` names. What a reader sees first is the
+    pair's headline (parity.verdict.headline), which also weighs the probes."""
     firsts = [(i, name, metrics[name].first_failing(modes[name])) for i, name in enumerate(STEP_METRICS)]
     found = [(e["step"], i, name, e) for i, name, e in firsts if e is not None]
     if found:

@@ -75,7 +75,8 @@ def _summarize(entry_at, exact: np.ndarray, within: np.ndarray, abs_: np.ndarray
 
 
 def compare_series(ref_steps, ref_values, other_steps, other_values, tol: Tolerance,
-                   mode: str = "tolerance", labels=("reference", "other"), slack: dict | None = None) -> MetricResult:
+                   mode: str = "tolerance", labels=("reference", "other"), slack: dict | None = None,
+                   unit: str | None = None) -> MetricResult:
     """One step-wise metric, compared step by step.
 
     `passed` follows `mode`: "bitwise" needs every step exact, "tolerance" every step within tol
@@ -103,13 +104,13 @@ def compare_series(ref_steps, ref_values, other_steps, other_values, tol: Tolera
             within = np.isfinite(ref_v) & np.isfinite(other_v) & tol.allows(other_v, ref_v)
 
     def step_entry(i: int) -> dict:
-        return entry("step", int(steps[i]), float(ref_v[i]), float(other_v[i]))
+        return entry("step", int(steps[i]), float(ref_v[i]), float(other_v[i]), unit)
 
     return _summarize(step_entry, exact, within, diff, rel, mode, problems)
 
 
 def compare_weights(ref_rows, other_rows, tol: Tolerance, mode: str = "tolerance",
-                    labels=("reference", "other")) -> MetricResult:
+                    labels=("reference", "other"), unit: str | None = None) -> MetricResult:
     """Final weights, keyed by parameter name: exact = sha256 equal; tolerance = the L2 norms and
     the sketches (random projections, see parity.rank.digest.weight_sketches) within tolerance.
 
@@ -138,7 +139,7 @@ def compare_weights(ref_rows, other_rows, tol: Tolerance, mode: str = "tolerance
     keys = [p for p in ref if p in other]
     entries, within = [], []
     for p in keys:
-        e = entry("param", p, ref[p], other[p])
+        e = entry("param", p, ref[p], other[p], unit)
         ok = math.isfinite(ref[p]) and math.isfinite(other[p]) and tol.allows(other[p], ref[p])
         if sketched:
             bound = tol.bound(ref[p])
@@ -147,7 +148,7 @@ def compare_weights(ref_rows, other_rows, tol: Tolerance, mode: str = "tolerance
             k = max(range(len(diffs)), key=lambda j: math.inf if math.isnan(diffs[j]) else diffs[j])
             if not all(d <= bound for d in diffs):
                 ok = False
-                e = {"param": p, "sketch": k, **entry("param", p, ref_sketch[p][k], other_sketch[p][k])}
+                e = {"param": p, "sketch": k, **entry("param", p, ref_sketch[p][k], other_sketch[p][k], unit)}
                 e["rel"] = e["abs"] / abs(ref[p]) if ref[p] != 0.0 else (0.0 if e["abs"] == 0.0 else math.inf)
         entries.append(e)
         within.append(ok)
