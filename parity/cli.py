@@ -19,6 +19,8 @@ from parity.config import DEVICES, Settings, layered, project_settings
 from parity.core.errors import InputError
 from parity.core.process import DEFAULT_TIMEOUT_S
 from parity.core.paths import inside
+from parity.core.provenance import project_root
+from parity.core.reproduce import root_relative
 from parity.options import STEPS, TIMEOUT, UPDATE_MODES, names_a_path, positive
 from parity.run.plan import PLANS
 from parity.case.markers import markers_for
@@ -105,14 +107,21 @@ def _against(value: float, base: float | None, tolerance) -> str:
     return "tolerance" if finite and tolerance.allows(value, base) else "beyond"
 
 
-def run_argv(args) -> list[str]:
-    """The `parity run` command line that args came from, in full (the reproduce command, the SLURM job's)."""
-    argv = ["parity", "run", *args.cases, "--device", args.device, "--out", str(args.out)]
+def run_argv(args, root: Path | None = None) -> list[str]:
+    """The `parity run` command line that args came from, in full: as given (the SLURM job's), or with `root`
+    each path relative to it where it lies inside it (the reproduce command run.json records, run from the
+    repository root; parity.core.reproduce). A case argument that names no path is a case name, kept."""
+    def path(p) -> str:
+        return str(p) if root is None else root_relative(p, root)
+
+    # A path as parity.case.names.resolve_case_arg tells one: anything there (a case name is not).
+    cases = [path(c) if root is not None and os.path.lexists(c) else str(c) for c in args.cases]
+    argv = ["parity", "run", *cases, "--device", args.device, "--out", path(args.out)]
     argv += ["--steps", str(args.steps)] if args.steps else []
     argv += [] if args.repeat is None else ["--repeat" if args.repeat else "--no-repeat"]
     argv += ["--plan", args.plan] if args.plan != "suite" else []
     argv += ["--timeout", repr(args.timeout)] if args.timeout != DEFAULT_TIMEOUT_S else []
-    argv += ["--baselines", str(args.baselines)] if str(args.baselines) != str(DEFAULTS.baselines) else []
+    argv += ["--baselines", path(args.baselines)] if str(args.baselines) != str(DEFAULTS.baselines) else []
     argv += [f"--update-baselines={args.update_baselines}"] if args.update_baselines else []
     argv += ["--no-report"] if args.no_report else []
     return argv
@@ -176,7 +185,7 @@ def _run_here(args, cases, devices, leader=None) -> int:
     from parity.verdict.formatting import device_counts
 
     progress = Progress()
-    command = run_argv(args)
+    command = run_argv(args, project_root(Path.cwd()))
     if leader is not None:
         command += ["--nnodes", str(args.nnodes), "--node-rank", "0", "--rdzv-endpoint", args.rdzv_endpoint]
     started = time.monotonic()

@@ -206,10 +206,15 @@ class CasePlugin:
 
     def reproduce_args(self) -> list[str]:
         """The pytest options that reproduce a case's run; paths given on the command line are not in the
-        configuration the command will read, so they are passed on."""
+        configuration the command will read, so they are passed on, relative to the repository root where
+        they lie inside it (parity.core.reproduce)."""
+        from parity.core.provenance import project_root
+        from parity.core.reproduce import root_relative
+
         option = self.config.getoption
         steps, repeat = option("parity_steps"), option("parity_repeat")
-        return ([f"--{o.replace('_', '-')}={Path(option(o)).resolve()}"
+        root = project_root(Path.cwd())
+        return ([f"--{o.replace('_', '-')}={root_relative(option(o), root)}"
                  for o in ("parity_cases", "parity_baselines") if option(o)]
                 + ["--parity-device", self.settings.device]
                 + (["--parity-steps", str(steps)] if steps else [])

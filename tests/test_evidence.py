@@ -152,8 +152,10 @@ def test_png_format_links_the_figure(run_dir):  # noqa: F811
     assert f"![tol_tp]({(run_dir / 'tol_tp' / 'tol_tp.png').as_posix()})" in text
     assert "```mermaid" not in text and "`tp` vs `ddp`: **first beyond tolerance: " in text
     assert "parity run cases/tol_tp.toml --out 'runs/x y'" in text
-    # Without a recorded command, the CLI invocation that reproduces it.
-    assert f"parity run cases/unjudged.toml --out {run_dir}" in evidence.evidence(run_dir, "unjudged", "png")
+    # Without a recorded command, the CLI invocation that reproduces it; run_dir lies outside this repository, so
+    # the reproduction writes to its default run directory.
+    unjudged = evidence.evidence(run_dir, "unjudged", "png")
+    assert unjudged.endswith("Reproduce (from the repository root):\n\n```sh\nparity run cases/unjudged.toml\n```\n")
 
 
 def test_cli_format_flag(run_dir, capsys):  # noqa: F811
@@ -224,3 +226,35 @@ def test_a_statistical_divergence_is_said_as_the_window_that_left_the_band(tmp_p
     text = evidence.evidence(tmp_path, "drift")
     assert ("`other` vs `ref`: **first outside the band: loss over steps 26-50 (rel 0.037, z 41.3 (limit 7.02))**; "
             "steps 26-50: 3.2154 vs ensemble mean 3.1002 (rel 0.0372, z 41.3, limit 7.02)") in text
+
+
+def test_provenance_names_the_code_under_test_parity_the_platform_and_a_command_from_the_root(tmp_path, monkeypatch):
+    """Evidence stands alone: which commit of the user's repository ran (and which torchtitan), which parity judged
+    it, on what, and how to reproduce it from the repository root, without a path of the machine that ran it."""
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    repo = tmp_path / "trainer"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    monkeypatch.chdir(repo)
+    out = repo / "reports" / "parity"
+    make_case(out, "tol_tp", {"ddp": _metrics(), "tp": _metrics(1e-6)}, mode="tolerance")
+    # Recorded as a run before relative commands did: absolute paths, one with a space, an --out outside.
+    command = ["parity", "run", str(repo / "my cases" / "tol_tp.toml"), "--device", "cpu", "--out",
+               str(tmp_path / "elsewhere"), "--baselines", str(repo / "baselines")]
+    for setup, extra in (("ddp", {}), ("tp", {"torchtitan_commit": "fedcba9-dirty"})):
+        path = out / "tol_tp" / setup / "run.json"
+        records.write_json(path, {**records.read_json(path), "git_commit": "0123abc-dirty", "parity_version": "0.1.0",
+                                  "parity_commit": None, "command": command, **extra})
+    platform = records.read_json(out / "tol_tp" / "verdict.json")["platform"]
+    for block_format in evidence.FORMATS:
+        text = evidence.evidence(out, "tol_tp", block_format)
+        assert f"platform `{platform}` · backend `gloo`" in text, block_format
+        assert "commit under test `0123abc-dirty` · torchtitan commit `fedcba9-dirty` · parity `0.1.0`" in text
+        reproduce = text[text.index("Reproduce (from the repository root):"):]
+        assert "```sh\nparity run 'my cases/tol_tp.toml' --device cpu --baselines baselines\n```" in reproduce
+        assert str(tmp_path) not in reproduce
+    # parity run from a checkout of itself names its commit too.
+    for setup in ("ddp", "tp"):
+        path = out / "tol_tp" / setup / "run.json"
+        records.write_json(path, {**records.read_json(path), "parity_commit": "c0ffee1"})
+    assert "parity `0.1.0 (checkout c0ffee1)`" in evidence.evidence(out, "tol_tp")

@@ -224,10 +224,19 @@ def evidence(run_dir, case: str | None = None, block_format: str = "mermaid") ->
                 png = plot_case(run_dir, case_run.name, case_run)[0]
             if png.is_file():
                 out += [f"![{case_run.name}]({png.as_posix()})", ""]
-        prov = provenance(case_run, run_dir)
-        worlds = " / ".join(dict.fromkeys(str(s.run.get("world_size")) for s in case_run.setups
-                                          if s.run.get("world_size")))
-        out += [f"torch {markdown.code(prov['torch'])} · device {markdown.code(prov['device'])} · platform "
-                f"{markdown.code(prov['platform'])} · world size {markdown.text(worlds or '—')} · python "
-                f"{markdown.code(prov['python'])}", "", "Reproduce:", "", *markdown.fence(prov["command"], "sh"), ""]
+        out += provenance_lines(case_run, run_dir)
     return "\n".join(out)
+
+
+def provenance_lines(case: CaseRun, run_dir) -> list[str]:
+    """Where the case's numbers came from: the stack and the platform as the verdict names it, the code under
+    test and the parity that judged it, then the commands that reproduce it from the repository root."""
+    prov = provenance(case, run_dir)
+    worlds = " / ".join(dict.fromkeys(str(s.run.get("world_size")) for s in case.setups if s.run.get("world_size")))
+    titan = [f"{key} {markdown.code(prov[key])}" for key in ("torchtitan", "torchtitan commit") if key in prov]
+    code = [f"commit under test {markdown.code(prov['commit under test'])}", *titan,
+            f"parity {markdown.code(prov['parity'])}"]
+    return [f"torch {markdown.code(prov['torch'])} · device {markdown.code(prov['device'])} · platform "
+            f"{markdown.code(prov['platform'])} · backend {markdown.code(prov['backend'])} · world size "
+            f"{markdown.text(worlds or '—')} · python {markdown.code(prov['python'])}  ", " · ".join(code), "",
+            "Reproduce (from the repository root):", "", *markdown.fence(prov["command"], "sh"), ""]

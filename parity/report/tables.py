@@ -6,7 +6,10 @@ evidence block.
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
+from parity.core.provenance import project_root
+from parity.core.reproduce import root_relative, shareable
 from parity.report import markdown
 from parity.report.model import LABEL, CaseRun, number
 from parity.verdict import localize
@@ -156,22 +159,38 @@ def setup_rows(case: CaseRun) -> list[dict]:
 
 
 def _same_or_each(case: CaseRun, key: str) -> str:
-    vals = [str(s.run.get(key)) for s in case.setups if s.run.get(key) not in (None, "")]
-    uniq = list(dict.fromkeys(vals))
+    return _joined(s.run.get(key) for s in case.setups)
+
+
+def _joined(values) -> str:
+    uniq = list(dict.fromkeys(str(v) for v in values if v not in (None, "")))
     return " / ".join(uniq) if uniq else "—"
 
 
+def _parity(run: dict) -> str | None:
+    """The parity that ran a setup: its version, and its own commit where it ran from a checkout of parity."""
+    version, commit = run.get("parity_version"), run.get("parity_commit")
+    return f"{version or 'unknown'} (checkout {commit})" if commit else version
+
+
 def commands(case: CaseRun, run_dir) -> list[str]:
-    """The commands that reproduce the case, from run.json; the CLI invocation when none is recorded."""
-    cmds = [shlex.join(map(str, s.run["command"])) for s in case.setups if s.run.get("command")]
+    """The commands that reproduce the case, from run.json (the CLI invocation when none is recorded), as they
+    run from the repository root: paths relative to it, no --out outside it (parity.core.reproduce.shareable)."""
+    root = project_root(Path.cwd())
+    cmds = [shlex.join(shareable([str(a) for a in s.run["command"]], root)) for s in case.setups
+            if s.run.get("command")]
     if cmds:
         return list(dict.fromkeys(cmds))
     case_path = next((s.run.get("case_path") for s in case.setups if s.run.get("case_path")), f"cases/{case.name}.toml")
-    return [shlex.join(["parity", "run", str(case_path), "--out", str(run_dir)])]
+    return [shlex.join(shareable(["parity", "run", str(case_path), "--out", root_relative(run_dir, root)], root))]
 
 
 def provenance(case: CaseRun, run_dir) -> dict:
-    """Shared facts about the case's runs (values that differ between setups are joined by ' / ')."""
+    """Shared facts about the case's runs (values that differ between setups are joined by ' / '); the
+    torchtitan a setup ran, where one did."""
+    titan = {k: _same_or_each(case, key) for k, key in (("torchtitan", "torchtitan"),
+                                                          ("torchtitan commit", "torchtitan_commit"))
+             if any(s.run.get(key) for s in case.setups)}
     return {
         "torch": _same_or_each(case, "torch"),
         "device": _same_or_each(case, "device"),
@@ -180,6 +199,8 @@ def provenance(case: CaseRun, run_dir) -> dict:
         "python": _same_or_each(case, "python"),
         "seed checkpoint sha256": _same_or_each(case, "seed_checkpoint_sha256"),
         "case sha256": _same_or_each(case, "case_sha256"),
-        "git commit": _same_or_each(case, "git_commit"),
+        "commit under test": _same_or_each(case, "git_commit"),
+        **titan,
+        "parity": _joined(_parity(s.run) for s in case.setups),
         "command": commands(case, run_dir),
     }

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -29,29 +28,11 @@ from parity.trainers.seed_cache import SeedBuildError, verify
 from parity.core.process import DEFAULT_TIMEOUT_S, LaunchResult
 from parity.run.launch.torchrun import launch as launch_torchrun
 from parity.core.paths import inside
+from parity.core.provenance import run_origin
 from parity.core.rundir import claim, fresh_case_dir, prepare_out, work_dir
 from parity.run.plan import Job, Launch, Training, plan, summary
 from parity.case.attention import check_attention
 from parity.case.schema import REPEAT_SUFFIX, Case, Setup
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def git_commit() -> str:
-    """The commit of this checkout; "unknown" for an installed parity. Installed into a virtual
-    environment inside the user's repository, git would otherwise answer with that repository's commit."""
-    if not (REPO / ".git").exists():  # a file in a git worktree, a folder in a clone
-        return "unknown"
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        # Baselines and reports are outputs, not code: rewriting them must not mark the run dirty.
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--",
-                                ".", ":!baselines", ":!reports"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
 
 class DeviceError(InputError):
     """This machine cannot run the case: too few GPUs for the requested device, or a trainer not installed."""
@@ -185,10 +166,11 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], options: Ru
     cases = [with_steps(c, options.steps) for c in cases]
     results: dict[str, dict[str, LaunchResult]] = {c.name: {} for c in cases}
     seeds, provenance, jobs = dict(seeds or {}), {}, []
+    started_from = run_origin(Path.cwd(), outputs=(out,))  # the code under test: the repository run from
     for case in cases:
         seeds[case.name], provenance[case.name], new_jobs = _start_case(
-            case, out, devices[case.name], options, seeds.get(case.name), (commands or {}).get(case.name),
-            results[case.name])
+            case, out, devices[case.name], options, seeds.get(case.name),
+            {**started_from, "command": (commands or {}).get(case.name)}, results[case.name])
         jobs += new_jobs
     # Lanes (parity.run.plan.lanes) use the cores a launch leaves idle; not across nodes, whose launches go in turn.
     launches = plan(jobs, options.plan,
@@ -202,10 +184,10 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], options: Ru
     return results
 
 
-def _start_case(case: Case, out: Path, device: str, options: RunOptions, seed, command: list[str] | None,
+def _start_case(case: Case, out: Path, device: str, options: RunOptions, seed, origin: dict,
                 results: dict[str, LaunchResult]) -> tuple:
     """A case's seed checkpoint, its fresh folder and provenance, and its jobs; returns (seed, provenance,
-    jobs). Where a trainer could not make its seed checkpoint, every run of the case fails with why
+    jobs). `origin`: the code under test, parity's version and the command (recorded as they are). Where a trainer could not make its seed checkpoint, every run of the case fails with why
     (into `results`) and it has no jobs."""
     try:
         seed = seed or seed_for(case, options.cache, device, options.timeout_s)
@@ -215,7 +197,7 @@ def _start_case(case: Case, out: Path, device: str, options: RunOptions, seed, c
     for note in seed.notes if seed else ():
         print(f"parity: {note}", file=sys.stderr, flush=True)
     fresh_case_dir(out, case.name)
-    provenance = _provenance(case, seed, command)
+    provenance = _provenance(case, seed, origin)
     repeat = wants_repeat(case, device, options.repeat)
     if not unbuilt:
         return seed, provenance, case_jobs(case, device, seed, repeat)
@@ -225,14 +207,13 @@ def _start_case(case: Case, out: Path, device: str, options: RunOptions, seed, c
     return seed, provenance, []
 
 
-def _provenance(case: Case, seed, command: list[str] | None) -> dict:
+def _provenance(case: Case, seed, origin: dict) -> dict:
     """What every run.json of the case records about where its numbers came from."""
     import torch
 
     return {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
             "seed_checkpoint": seed and str(seed.path), "seed_checkpoint_sha256": seed and seed.sha256,
-            "case_path": str(case.path), "case_sha256": case.sha256, "git_commit": git_commit(),
-            "command": command}
+            "case_path": str(case.path), "case_sha256": case.sha256, **origin}
 
 
 def _run_launches(launches: list[Launch], jobs: list[Job], out: Path, options: RunOptions, provenance: dict,

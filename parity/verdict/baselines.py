@@ -107,7 +107,9 @@ def provenance(run: dict, case: Case, setup_name: str, platform: str) -> dict:
         "seed_checkpoint_sha256": run.get("seed_checkpoint_sha256") or "none",
         "case_sha256": run.get("case_sha256") or case.sha256,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": run.get("git_commit") or "unknown",
+        "git_commit": run.get("git_commit") or "unknown",  # the code under test (parity.core.provenance)
+        "parity_version": run.get("parity_version") or "unknown",
+        **({"parity_commit": run["parity_commit"]} if run.get("parity_commit") else {}),
         **{k: fp[k] for k in FINGERPRINT if fp.get(k) is not None},
         **({"determinism": determinism_summary(settings)} if settings else {}),
         **{k: run[k] for k in trainer_fields(case, setup_name) if run.get(k)},
