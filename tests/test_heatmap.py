@@ -72,6 +72,19 @@ def test_a_late_divergence_is_drawn_around_it_within_one_screen(tmp_path):
     assert len(whole.axes[0].get_yticklabels()) == N_ROWS
 
 
+def test_panels_share_the_window_of_the_earliest_divergence(tmp_path):
+    def from_row_280(step, k, value):
+        return value * 2 if k >= 280 else value
+
+    case = case_of(tmp_path, rows_of_probes(from_row_200_at_step_2))
+    case.setups.append(SetupRun("later", {}, {}, rows_of_probes(from_row_280)))
+    fig = heatmap.build_probes_figure(tmp_path, "late", case)
+    first, later = fig.axes[:2]
+    assert first.get_yticklabels()[0].get_text() == "backward  layers.195.feed_forward.w1.weight"
+    assert "layers.280" in later.get_title(loc="left") and "below the rows shown" in later.get_title(loc="left")
+    assert "below the rows shown" not in first.get_title(loc="left")
+
+
 def test_the_window_follows_causal_order_step_first(tmp_path):
     """Without a first divergence (the probes agree within tolerance) the window sits at the first entry in causal
     order that is not bitwise equal: step 2 row 150 comes before step 3 row 10."""

@@ -135,6 +135,8 @@ def _draw(case: CaseRun, panels: list, window: range):
     image = None
     for ax, (s, m, first, line) in zip(axes[0], shown):
         image = _probe_panel(ax, m, first, norm, labels, font) or image
+        if first is not None and (first["phase"], first["name"], first["stat"]) not in m["rows"]:
+            line += " (below the rows shown: see every row)"  # the window sits at another panel's, earlier one
         ax.set_title(f"{s.name} vs {case.setups[0].name}\n" + "\n".join(textwrap.wrap(line, int(panel * 15)) or [""]),
                      fontsize=7.5, loc="left")
     if cropped:

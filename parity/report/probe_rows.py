@@ -4,8 +4,8 @@ or none at all where every entry is bitwise equal (one sentence says so instead)
 A case with a debug model has some 170 probe rows; drawn whole at a readable size the first divergence sits
 screens below the top. The window starts a few rows above it, in causal order within a step (what still agreed
 just before it), and runs on a bounded number of rows after it (where the difference spread). Every probed step
-stays a column. The panels share their rows, so one window serves them all, anchored at the earliest
-divergence among them.
+stays a column. The panels share their rows, so one window serves them all, anchored at the topmost row among
+their first divergences; a panel whose own lies below it says so in its title.
 """
 
 from __future__ import annotations
