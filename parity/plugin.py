@@ -383,8 +383,8 @@ def _failure_message(case, verdict, out: Path) -> str:
         png, _ = plot_case(out, case.name, records)
         lines.append(f"plot: {png}")
         probes = plot_probes(out, case.name, records)
-        if probes:
-            lines.append(f"probes heatmap: {probes[0]}")
+        if probes and probes.png:
+            lines.append(f"probes heatmap: {probes.png}")
     except Exception as e:  # noqa: BLE001 - a plotting failure must not hide the verdict
         lines.append(f"plot: not drawn ({type(e).__name__}: {e})")
     lines.append(f"run directory: {out / case.name}")

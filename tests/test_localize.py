@@ -313,16 +313,27 @@ def test_heatmap_is_written_beside_the_case_figure_and_in_the_report(tmp_path, w
     from parity.verdict.case_verdict import write_verdict
 
     write_verdict(out, compare_case(case, out))
-    png, svg = heatmap.plot_probes(out, "hm")
-    assert png == out / "hm" / "hm-probes.png" and png.stat().st_size > 10_000 and svg.is_file()
+    view = heatmap.plot_probes(out, "hm")
+    assert view.png == out / "hm" / "hm-probes.png" and view.png.stat().st_size > 10_000 and view.svg.is_file()
     md, page = pages.write_report(out)
     text = md.read_text()
     assert "![hm probes](hm/hm-probes.png)" in text
+    # 27 rows are more than the heatmap shows: every row is a second file, linked, not embedded.
+    assert "[Every probe row](hm/hm-probes-full.png)" in text and (out / "hm" / "hm-probes-full.png").is_file()
+    assert '<a href="hm/hm-probes-full.png">Every probe row</a>' in page.read_text()
     assert "first not bitwise: step 2, forward, layers.1.feed_forward" in text
     assert ("tp: first not bitwise: step 2, forward, layers.1.feed_forward (rel 0.001, 9987 f32 ulps); "
             "pp: first not bitwise: step 3, forward, tok_embeddings") in text
     assert "(before it: forward layers.0.feed_forward exact, forward layers.0 exact" in text
     assert 'alt="hm probes heatmap"' in page.read_text()
+    # Probes bitwise equal everywhere: no heatmap, the sentence where it would be.
+    for s in ("tp", "pp"):
+        records.write_probes(out / "hm" / s / "probes.csv", probes())
+    write_verdict(out, compare_case(case, out))
+    md, page = pages.write_report(out)
+    sentence = "Probes: all 27 probes bitwise equal over probed steps 1–3 (tp and pp against ref: 81 entries each)"
+    assert f"_{sentence}; no heatmap drawn._" in md.read_text() and "hm-probes" not in md.read_text()
+    assert f"<p><em>{sentence}; no heatmap drawn.</em></p>" in page.read_text()
     # No probes, no heatmap.
     for s in ("ref", "tp", "pp"):
         (out / "hm" / s / "probes.csv").unlink()

@@ -2,13 +2,16 @@
 
 |relative difference| of every probe to the reference: rows in causal order within a step, grouped by phase,
 probed steps as columns, one panel per non-reference setup. Written as `<case>/<case>-probes.png` and `.svg`
-where the setups recorded probes.csv.
+where the setups recorded probes, showing the rows around the first divergence (parity.report.probe_rows); where
+that leaves rows out, every row is drawn in `<case>/<case>-probes-full.png` and `.svg` too. Where every entry is
+bitwise equal no heatmap is drawn: a white box says nothing one sentence cannot, and the report shows the sentence.
 """
 
 from __future__ import annotations
 
 import math
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +23,26 @@ from matplotlib.transforms import blended_transform_factory
 from parity.case.schema import Tolerance
 from parity.core import records
 from parity.core.paths import inside
+from parity.report import probe_rows
 from parity.report.canvas import new_figure, save_figure, title_colour
 from parity.report.model import CaseRun, SetupRun, load_case_run
 from parity.verdict import localize
 
 EXACT_COLOUR, MISSING_COLOUR, FIRST_COLOUR = "white", "0.72", "crimson"
-# The layout in inches: the names on the left, the phases and the colour bar on the right.
-LEFT, RIGHT, TOP, BOTTOM, GAP = 2.3, 1.7, 1.3, 0.9, 0.15
+# The layout in inches: the phases and the colour bar on the right, the titles above, the legend below.
+RIGHT, TOP, BOTTOM, GAP = 1.7, 1.3, 0.9, 0.15
+FULL_ROW, FULL_FONT = 0.11, 5  # every row: a map of the whole model, its names small
+CROP_ROW, CROP_FONT = 0.16, 8  # the rows around the first divergence: names a reader reads without zooming
+
+
+@dataclass(frozen=True)
+class ProbesView:
+    """What the report shows of a case's probes: the heatmap's files, or, where every entry is bitwise equal,
+    one sentence instead of a figure."""
+    png: Path | None = None
+    svg: Path | None = None
+    full_png: Path | None = None  # every row, where the heatmap shows only those around the first divergence
+    sentence: str | None = None
 
 
 def _probe_panels(case: CaseRun) -> list[tuple[SetupRun, dict, dict | None, str]]:
@@ -77,29 +93,56 @@ def _legend(fig, panels: list) -> None:
     fig.legend(handles=legend, loc="lower left", ncol=len(legend), fontsize=7.5, frameon=False)
 
 
-def build_probes_figure(run_dir, case_name: str, case: CaseRun | None = None):
-    """The heatmap figure, one panel per non-reference setup; None when there are no probes. `case`: the case's
-    records (load_case_run), where the caller has read them already."""
+def _row_label(row: tuple, with_phase: bool) -> str:
+    phase, name, stat = row
+    label = name if stat == "sumsq" else f"{name} ({stat})"
+    return f"{phase}  {label}" if with_phase else label
+
+
+def _left_margin(labels: list[str], font: float) -> float:
+    """Inches the row names take, so the longest is not cut off (a character of DejaVu Sans is about 0.55 em wide)."""
+    return 0.3 + max(map(len, labels), default=0) * font / 72 * 0.56
+
+
+def build_probes_figure(run_dir, case_name: str, case: CaseRun | None = None, whole: bool = False):
+    """The heatmap figure, one panel per non-reference setup: the rows around the first divergence, or every row
+    (`whole`). None when there are no probes, or every entry is bitwise equal (plot_probes says so in a sentence).
+    `case`: the case's records (load_case_run), where the caller has read them already."""
     case = case or load_case_run(run_dir, case_name)
     panels = _probe_panels(case)
-    if not panels:
+    if not panels or probe_rows.all_exact(panels):
         return None
-    n_rows = max(len(m["rows"]) for _, m, _, _ in panels)
+    return _draw(case, panels, range(probe_rows.count(panels)) if whole else probe_rows.window(panels))
+
+
+def _draw(case: CaseRun, panels: list, window: range):
+    """The figure of the rows in `window`: every row, or those around the first divergence."""
+    n_rows = probe_rows.count(panels)
+    cropped = len(window) < n_rows
+    row, font = (CROP_ROW, CROP_FONT) if cropped else (FULL_ROW, FULL_FONT)
+    shown = [(s, probe_rows.rows_of(m, window), first, line) for s, m, first, line in panels]
+    labels = [_row_label(r, cropped) for r in max((m["rows"] for _, m, _, _ in shown), key=len)]
+    left = max(2.3, _left_margin(labels, font))
     n_cols = max(len(m["steps"]) for _, m, _, _ in panels)
-    panel, height = min(8.0, max(2.4, 0.3 * n_cols + 0.6)), max(2.0, 0.11 * n_rows)  # 71 probed steps stay 8 in
-    width = LEFT + RIGHT + len(panels) * panel + (len(panels) - 1) * GAP
+    panel, height = min(8.0, max(2.4, 0.3 * n_cols + 0.6)), max(2.0, row * len(window))  # 71 steps stay 8 in
+    width = left + RIGHT + len(panels) * panel + (len(panels) - 1) * GAP
     fig = new_figure((width, TOP + height + BOTTOM))
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)
     fig_height = fig.get_figheight()
-    fig.subplots_adjust(left=LEFT / width, right=1 - RIGHT / width, top=1 - TOP / fig_height,
+    fig.subplots_adjust(left=left / width, right=1 - RIGHT / width, top=1 - TOP / fig_height,
                         bottom=BOTTOM / fig_height, wspace=GAP / panel)
-    norm = _colour_scale(panels)
+    norm = _colour_scale(panels)  # over every row, so both views colour alike
     image = None
-    for ax, (s, m, first, line) in zip(axes[0], panels):
-        image = _probe_panel(ax, m, first, norm) or image
+    for ax, (s, m, first, line) in zip(axes[0], shown):
+        image = _probe_panel(ax, m, first, norm, labels, font) or image
+        if first is not None and (first["phase"], first["name"], first["stat"]) not in m["rows"]:
+            line += " (below the rows shown: see every row)"  # the window sits at another panel's, earlier one
         ax.set_title(f"{s.name} vs {case.setups[0].name}\n" + "\n".join(textwrap.wrap(line, int(panel * 15)) or [""]),
                      fontsize=7.5, loc="left")
-    _phase_labels(axes[0][-1], panels[-1][1]["rows"])
+    if cropped:
+        _left_out_notes(fig, axes[0][0], window, n_rows, fig_height, case.name)
+    else:
+        _phase_labels(axes[0][-1], shown[-1][1]["rows"])
     if image is not None:
         bar = fig.colorbar(image, cax=fig.add_axes([1 - (RIGHT - 0.55) / width, BOTTOM / fig_height,
                                                     0.15 / width, height / fig_height]))
@@ -113,20 +156,32 @@ def build_probes_figure(run_dir, case_name: str, case: CaseRun | None = None):
     return fig
 
 
-def _label_rows_and_steps(ax, rows: list[tuple], steps: list) -> None:
+def _left_out_notes(fig, ax, window: range, n_rows: int, fig_height: float, case_name: str) -> None:
+    """Say which rows the figure leaves out, above and below the rows it shows, and where every row is."""
+    above, below = probe_rows.left_out(window, n_rows)
+    if above:
+        ax.text(-0.02, 1.0, f"↑ {above} rows above left out", transform=ax.transAxes, ha="right", va="bottom",
+                fontsize=8, style="italic")
+    if below:
+        ax.text(-0.02, 0.0, f"↓ {below} rows below left out", transform=ax.transAxes, ha="right", va="top",
+                fontsize=8, style="italic")
+    fig.text(0.5, 1 - 0.42 / fig_height, f"rows {window.start + 1}–{window.stop} of {n_rows}, around the first "
+             f"divergence; every row: {case_name}-probes-full.png", ha="center", va="top", fontsize=8)
+
+
+def _label_rows_and_steps(ax, rows: list[tuple], steps: list, labels: list[str], font: float) -> None:
     """Phase separators, a name per row and at most 24 step labels."""
     phases = [r[0] for r in rows]
     for i in range(1, len(rows)):
         if phases[i] != phases[i - 1]:
             ax.axhline(i - 0.5, color="black", linewidth=1.2)
-    ax.set_yticks(range(len(rows)), [name if stat == "sumsq" else f"{name} ({stat})" for _, name, stat in rows],
-                  fontsize=5 if len(rows) > 40 else 7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=font)
     shown = range(0, len(steps), math.ceil(len(steps) / 24))  # at most 24 step labels: they stay readable
     ax.set_xticks(shown, [str(steps[j]) for j in shown], fontsize=7)
     ax.set_xlabel("probed step", fontsize=8)
 
 
-def _probe_panel(ax, m: dict, first: dict | None, norm):
+def _probe_panel(ax, m: dict, first: dict | None, norm, labels: list[str], font: float):
     """One setup's matrix: exact cells white, differing ones coloured by |rel| (log), the rest grey."""
     rel, exact = m["rel"], m["exact"]
     ax.set_facecolor(MISSING_COLOUR)  # a cell left undrawn (NaN is transparent) is missing or not finite
@@ -139,7 +194,7 @@ def _probe_panel(ax, m: dict, first: dict | None, norm):
         values = np.clip(np.where(differing, rel, np.nan), norm.vmin, norm.vmax)
         image = ax.imshow(values, cmap="viridis", norm=norm, **show)
     rows, steps = m["rows"], m["steps"]
-    _label_rows_and_steps(ax, rows, steps)
+    _label_rows_and_steps(ax, rows, steps, labels, font)
     if m["tolerance"]:
         # In tolerance mode colour alone cannot say which differences fail: those beyond their phase's bound get a dot.
         i, j = np.nonzero(~m["agree"] & ~np.isnan(rel))
@@ -163,9 +218,21 @@ def _phase_labels(ax, rows: list[tuple]) -> None:
         ax.text(1.04, (a + b) / 2, phase, transform=trans, rotation=-90, va="center", ha="left", fontsize=8)
 
 
-def plot_probes(run_dir, case_name: str, case: CaseRun | None = None) -> tuple[Path, Path] | None:
-    """Writes `<run_dir>/<case>/<case>-probes.png` and `.svg` when the setups recorded probes; None otherwise."""
-    fig = build_probes_figure(run_dir, case_name, case)
-    if fig is None:
+def plot_probes(run_dir, case_name: str, case: CaseRun | None = None) -> ProbesView | None:
+    """Writes `<run_dir>/<case>/<case>-probes.png` and `.svg` (and, where they leave rows out, `-probes-full`)
+    when the setups recorded probes that differ somewhere; the sentence alone when every entry is bitwise equal;
+    None without probes."""
+    case = case or load_case_run(run_dir, case_name)
+    panels = _probe_panels(case)
+    if not panels:
         return None
-    return save_figure(fig, inside(run_dir, case_name, f"{case_name}-probes"))
+    if probe_rows.all_exact(panels):
+        return ProbesView(sentence=probe_rows.agreement_sentence(case.setups[0].name, panels))
+    n_rows = probe_rows.count(panels)
+    window = probe_rows.window(panels)
+    base = inside(run_dir, case_name, f"{case_name}-probes")
+    png, svg = save_figure(_draw(case, panels, window), base)
+    full = None
+    if len(window) < n_rows:
+        full, _ = save_figure(_draw(case, panels, range(n_rows)), base.with_name(f"{base.name}-full"))
+    return ProbesView(png, svg, full)

@@ -13,7 +13,7 @@ from parity.core import records
 from parity.core.rundir import claim
 from parity.report import markdown
 from parity.report.curves import plot_case
-from parity.report.heatmap import plot_probes
+from parity.report.heatmap import ProbesView, plot_probes
 from parity.report.model import CaseRun, load_case_runs
 from parity.report.tables import (BASELINE_COLUMNS, PAIR_COLUMNS, SETUP_COLUMNS, SUMMARY_COLUMNS, baseline_rows,
                                   ensemble_text, md_table, pair_rows, provenance, setup_rows, summary_row)
@@ -33,9 +33,29 @@ def _figure_or_none(run_dir, case: CaseRun) -> Path | None:
     return plot_case(run_dir, case.name, case)[0]
 
 
-def _probes_or_none(run_dir, case: CaseRun) -> Path | None:
-    found = plot_probes(run_dir, case.name, case)
-    return found[0] if found else None
+def _md_probes(case: CaseRun, view: ProbesView | None, run_dir) -> list[str]:
+    """The heatmap, with a link to every row where it shows some; or the sentence that stands for it."""
+    if view is None:
+        return []
+    if view.png is None:
+        return [f"_Probes: {markdown.text(view.sentence)}._", ""]
+    out = _md_figure(f"{case.name} probes", view.png, run_dir)
+    if view.full_png is not None:
+        out += [f"[Every probe row]({view.full_png.relative_to(Path(run_dir)).as_posix()})", ""]
+    return out
+
+
+def _html_probes(case: CaseRun, view: ProbesView | None, run_dir) -> list[str]:
+    if view is None:
+        return []
+    if view.png is None:
+        return [f"<p><em>Probes: {html.escape(view.sentence)}.</em></p>"]
+    out = [_html_image(f"{case.name} probes heatmap", view.png)]
+    if view.full_png is not None:
+        # A link, not embedded: the whole matrix is several screens tall; it opens beside the report.
+        href = html.escape(view.full_png.relative_to(Path(run_dir)).as_posix())
+        out.append(f'<p><a href="{href}">Every probe row</a></p>')
+    return out
 
 
 def _md_figure(alt: str, png: Path, run_dir) -> list[str]:
@@ -43,14 +63,13 @@ def _md_figure(alt: str, png: Path, run_dir) -> list[str]:
     return [f"![{alt}]({rel})", "", f"[SVG]({Path(rel).with_suffix('.svg').as_posix()})", ""]
 
 
-def _md_case(case: CaseRun, run_dir, png: Path | None, probes_png: Path | None = None) -> list[str]:
+def _md_case(case: CaseRun, run_dir, png: Path | None, probes: ProbesView | None = None) -> list[str]:
     out = [f"## {case.name}", "",
            f"**{markdown.text(case.words())}** · setups: {', '.join(s.name for s in case.setups)}", ""]
     if case.verdict is not None and case.verdict.problems:
         out += ["Problems:", ""] + [f"- {markdown.text(p)}" for p in case.verdict.problems] + [""]
     out += _md_figure(case.name, png, run_dir) if png else ["_No metrics recorded: no figure._", ""]
-    if probes_png:
-        out += _md_figure(f"{case.name} probes", probes_png, run_dir)
+    out += _md_probes(case, probes, run_dir)
     if pair_rows(case):
         out += [md_table(PAIR_COLUMNS, pair_rows(case)), ""]
     if ensemble := ensemble_text(case):
@@ -79,7 +98,7 @@ def _html_image(alt: str, png: Path) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _html_case(case: CaseRun, run_dir, png: Path | None, probes_png: Path | None = None) -> str:
+def _html_case(case: CaseRun, run_dir, png: Path | None, probes: ProbesView | None = None) -> str:
     e = html.escape
     cls = {True: "pass", False: "fail"}.get(case.passed, "")
     parts = [f'<section id="case-{e(case.name)}"><h2>{e(case.name)}</h2>',
@@ -88,8 +107,7 @@ def _html_case(case: CaseRun, run_dir, png: Path | None, probes_png: Path | None
     if case.verdict is not None and case.verdict.problems:
         parts.append("<ul>" + "".join(f"<li>{e(p)}</li>" for p in case.verdict.problems) + "</ul>")
     parts.append(_html_image(f"{case.name} figure", png) if png else "<p><em>No metrics recorded: no figure.</em></p>")
-    if probes_png:
-        parts.append(_html_image(f"{case.name} probes heatmap", probes_png))
+    parts += _html_probes(case, probes, run_dir)
     if pair_rows(case):
         parts.append(_html_table(PAIR_COLUMNS, pair_rows(case)))
     if ensemble := ensemble_text(case):
@@ -116,20 +134,20 @@ def write_report(run_dir) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     cases = load_case_runs(run_dir)
     pngs = {case.name: _figure_or_none(run_dir, case) for case in cases}
-    probe_pngs = {case.name: _probes_or_none(run_dir, case) for case in cases}
+    probes = {case.name: plot_probes(run_dir, case.name, case) for case in cases}
     rows = [summary_row(case) for case in cases]
     headline = _headline(cases)
 
     md = ["# Parity report", "", f"Run directory: {markdown.code(run_dir)} · {headline}", "", md_table(SUMMARY_COLUMNS, rows), ""]
     for case in cases:
-        md += _md_case(case, run_dir, pngs[case.name], probe_pngs[case.name])
+        md += _md_case(case, run_dir, pngs[case.name], probes[case.name])
     md_path = claim(run_dir, "report.md")
     records.atomic_write_text(md_path, "\n".join(md))
 
     e = html.escape
     body = [f"<h1>Parity report</h1><p>Run directory: <code>{e(str(run_dir))}</code> · {e(headline)}</p>",
             _html_table(SUMMARY_COLUMNS, rows)]
-    body += [_html_case(case, run_dir, pngs[case.name], probe_pngs[case.name]) for case in cases]
+    body += [_html_case(case, run_dir, pngs[case.name], probes[case.name]) for case in cases]
     page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Parity report</title>'
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     html_path = claim(run_dir, "report.html")
