@@ -318,10 +318,15 @@ def test_a_baseline_from_another_instruction_set_is_judged_by_the_ensembles_spre
     assert not ref.metrics["loss"].within_tolerance  # what tolerance mode would have said
     assert "compared as two draws of the ensemble" in ref.message
     assert not other.passed and "other loss steps 21-30: baseline median" in other.message
+    # Another platform's baseline that fails is a change, never drift, named by the window that left the spread.
+    assert ref.triage is None and (other.triage.kind, other.triage.metric, other.triage.step) == ("changed", "loss", 30)
+    assert other.triage.line.startswith("numerics changed: loss outside the ensemble's spread at steps 21-30 (rel ")
     # with an ensemble member that did not finish there is no spread to judge by
     tb.write_run(out, "ref.member02", tb.rows(*drifting(102)), status="failed", isa="AVX2")
     ref, _ = check_case_baselines(case, out, root)
     assert not ref.passed and "the ensemble did not finish" in ref.message
+    assert (ref.triage.kind, ref.triage.step, ref.triage.entry) == ("changed", None, None)
+    assert ref.triage.line.startswith("not drift: loss could not be judged step for step (the ensemble did not finish")
 
 
 def test_the_report_draws_the_band_and_lists_the_ensemble(tmp_path):

@@ -14,7 +14,16 @@ Records (dataclasses, fields in their JSON order):
   `not_recorded` marks a weights lane a command setup gave no weights for; `statistical` is the
   ensemble test that decides a step metric in mode "statistical".
 - Localization: where the two runs' probes first part (parity.verdict.localize).
-- BaselineCheck: one setup's run against its stored baseline (parity.verdict.baselines).
+- BaselineCheck: one setup's run against its stored baseline (parity.verdict.baselines). `triage` says why a
+  comparison failed (a Triage; null where the baseline matched, was missing or was not compared).
+- Triage: a failed baseline comparison's kind (parity.verdict.triage). "drift": environment drift, not bitwise
+  but every compared step of every metric within the case's tolerance; `metric`/`step`/`entry` are the first
+  entry that is not bitwise. "changed": anything else, the numerics beyond tolerance (or, compared within
+  tolerance or against the ensemble on another platform, failing at all); `metric`/`step`/`entry` are the
+  first failing one (an Entry, or a BandFailure in mode "statistical"), all three null where the run could not
+  be judged step for step (`line` names the problem). `max_rel` is the largest relative
+  difference over every compared step and metric; `where` (changed only) says what can localise the change,
+  which a baseline (loss and grad norm) cannot; `line` is the triage in words.
 - StatisticalTest: one setup's windows against the ensemble's band (parity.verdict.ensemble).
 
 Leaves whose keys vary by kind stay dicts, typed below: Entry (a step, parameter or probe entry),
@@ -232,6 +241,21 @@ class Pair(Record):
 
 
 @dataclass(eq=True)
+class Triage(Record):
+    kind: str  # "drift" or "changed"
+    metric: str | None
+    step: int | None
+    entry: Entry | BandFailure | None
+    max_rel: float
+    where: str
+    line: str
+
+    @classmethod
+    def from_json(cls, data: dict) -> Triage:
+        return cls(**_plain(cls, data))
+
+
+@dataclass(eq=True)
 class BaselineCheck(Record):
     setup: str
     path: str | None
@@ -242,10 +266,11 @@ class BaselineCheck(Record):
     metrics: dict[str, MetricResult]
     message: str
     obtained: str | None
+    triage: Triage | None = None  # ABSENT in a verdict written before triage was recorded
 
     @classmethod
     def from_json(cls, data: dict) -> BaselineCheck:
-        return cls(**_plain(cls, data, metrics=_metrics))
+        return cls(**_plain(cls, data, metrics=_metrics, triage=Triage.from_json))
 
 
 def _summary(data: dict) -> StatisticalSummary:
