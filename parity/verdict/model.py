@@ -139,10 +139,15 @@ def _key(f) -> str:
 
 
 class Record:
-    """A verdict record: to_json gives its JSON value."""
+    """A verdict record: to_json gives its JSON value, from_json reads it back (a record with records in its
+    fields converts them in its own from_json)."""
 
     def to_json(self) -> dict:
         return to_json(self)
+
+    @classmethod
+    def from_json(cls, data: dict):
+        return cls(**_plain(cls, data))
 
 
 def _fields_by_key(cls) -> dict[str, str]:
@@ -249,10 +254,6 @@ class Triage(Record):
     max_rel: float
     where: str
     line: str
-
-    @classmethod
-    def from_json(cls, data: dict) -> Triage:
-        return cls(**_plain(cls, data))
 
 
 @dataclass(eq=True)
