@@ -21,7 +21,8 @@ from parity.core.process import DEFAULT_TIMEOUT_S
 from parity.core.paths import inside
 from parity.core.provenance import project_root
 from parity.core.reproduce import root_relative
-from parity.options import STEPS, TIMEOUT, UPDATE_MODES, names_a_path, positive
+from parity.options import (STEPS, TIMEOUT, UPDATE_HELP, UPDATE_METAVAR, UPDATE_MODES, WRITES_MISSING, names_a_path,
+                            positive)
 from parity.run.plan import PLANS
 from parity.case.markers import markers_for
 from parity.case.names import case_name_arg, close_names, did_you_mean, names_a_case, resolve_case_arg
@@ -425,7 +426,7 @@ def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
     add_run_options(run)
     run.add_argument("--baselines", default=baseline_root, help="baseline root (default %(default)s)")
     run.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None,
-                     metavar="{failing,new,all}", help="write baselines: failing (default), new, all")
+                     metavar=UPDATE_METAVAR, help=UPDATE_HELP)
     run.add_argument("--no-report", action="store_true", help="skip report.md/report.html")
     run.add_argument("--plan", choices=PLANS, default="suite",
                      help="suite (default): all cases together, each distinct setup trained once, one launch per "
@@ -449,7 +450,8 @@ def parser(settings: Settings = DEFAULTS) -> argparse.ArgumentParser:
     compare.add_argument("run_dir")
     compare.add_argument("cases", nargs="+", help=case_help)
     compare.add_argument("--baselines", default=baseline_root, help="baseline root (default %(default)s)")
-    compare.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None)
+    compare.add_argument("--update-baselines", nargs="?", const="failing", type=_update_mode, default=None,
+                         metavar=UPDATE_METAVAR, help=UPDATE_HELP)
     compare.set_defaults(fn=cmd_compare)
 
     locate = sub.add_parser(
@@ -506,12 +508,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         # The defaults come from [tool.parity] before the update mode is parsed: read it as if updating,
-        # then again as it is, where no update mode was given (a missing baselines folder is bad input then).
+        # then again as it is, where the mode writes no missing baseline (a missing baselines folder is bad input then).
         project = project_settings(Path.cwd(), updating=True)
         settings = layered(project, DEFAULTS)
         argv = bare_flag_default(argv, "--update-baselines", UPDATE_MODES, "failing", settings.cases)
         args = parser(settings).parse_args(argv)
-        if not getattr(args, "update_baselines", None):
+        if getattr(args, "update_baselines", None) not in WRITES_MISSING:
             project_settings(Path.cwd())
     except InputError as e:
         print(f"parity: error: {e}", file=sys.stderr)

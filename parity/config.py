@@ -9,8 +9,8 @@ say where in their pyproject.toml:
     out = "reports/parity"
     device = "auto"                 # auto | cpu | cuda
 
-A missing `baselines` folder is bad input, except where the run may write baselines (any
-`--update-baselines` / `--parity-update-baselines` mode): a first run in a new repository then
+A missing `baselines` folder is bad input, except where the run may write a missing baseline (an
+`--update-baselines` / `--parity-update-baselines` mode other than drift): a first run in a new repository then
 creates it with the first baseline it writes (and not at all where the case fails).
 
 pytest users may set the same as ini keys (`parity_cases`, `parity_baselines`, `parity_out`,
@@ -61,7 +61,7 @@ def layered(*sources: Settings) -> Settings:
 def project_settings(start: Path, updating: bool = False) -> Settings:
     """The `[tool.parity]` table of the nearest pyproject.toml at or above `start` that has one
     (pytest likewise skips a pyproject.toml without its own table); empty Settings if none does.
-    `updating`: whether the run may write baselines (an update mode is given); then a missing
+    `updating`: whether the run may write a missing baseline (an update mode but drift); then a missing
     baselines folder is accepted: the first baseline written creates it."""
     for folder in (start, *start.parents):
         path = folder / "pyproject.toml"

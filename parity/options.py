@@ -8,8 +8,9 @@ import math
 from pathlib import Path
 
 from parity.case.schema import MAX_STEPS
-
-UPDATE_MODES = ("failing", "new", "all")
+from parity.verdict.update_modes import (  # noqa: F401  (the front ends' one import of them)
+    HELP as UPDATE_HELP, METAVAR as UPDATE_METAVAR, UPDATE_MODES, WRITES_MISSING,
+)
 
 
 def positive(kind, maximum=None):

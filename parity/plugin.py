@@ -19,7 +19,7 @@ import pytest
 from parity.config import DEVICES, INI_PREFIX, Settings, ini_settings, layered, project_settings
 from parity.core.errors import InputError
 from parity.case.markers import marker_docs, markers_for
-from parity.options import STEPS, TIMEOUT, UPDATE_MODES, names_a_path
+from parity.options import STEPS, TIMEOUT, UPDATE_HELP, UPDATE_METAVAR, UPDATE_MODES, WRITES_MISSING, names_a_path
 from parity.run.gpupool import GpuPool, pool_dir, visible_gpu_ids
 from parity.trainers import TRAINERS, load_cases
 
@@ -33,7 +33,7 @@ def pytest_addoption(parser):
                     help="run directory for case outputs and the report (default: parity_out or [tool.parity] out, "
                          "else <rootdir>/reports/runs/pytest)")
     group.addoption("--parity-update-baselines", nargs="?", const="failing", default=None, type=_mode_or_path,
-                    metavar="{failing,new,all}", help="write baselines: failing (default when given), new, all")
+                    metavar=UPDATE_METAVAR, help=UPDATE_HELP)
     group.addoption("--parity-steps", type=STEPS, default=None, help="override every case's step count")
     group.addoption("--parity-timeout", type=TIMEOUT, default=900.0, help="seconds per torchrun launch before its ranks are killed")
     group.addoption("--parity-strict", action="store_true",
@@ -302,9 +302,10 @@ def parity_settings(config) -> Settings:
 
 
 def _updating(config) -> bool:
-    """Whether this session may write baselines (--parity-update-baselines): then a missing configured
-    baselines folder is created by the first baseline the run writes, not refused."""
-    return config.getoption("parity_update_baselines") is not None
+    """Whether this session may write a missing baseline (--parity-update-baselines, a mode other than drift):
+    then a missing configured baselines folder is created by the first baseline the run writes, not refused."""
+    mode = config.getoption("parity_update_baselines")
+    return mode in WRITES_MISSING or isinstance(mode, _SwallowedArg)  # a bare flag before a path: "failing"
 
 
 def setting_source(config, key: str) -> str:

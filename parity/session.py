@@ -79,7 +79,8 @@ def judge(case: Case, run_dir: Path, baseline_root: Path, update: str | None) ->
     runs = load_runs(case, run_dir)  # read once, for both checks
     between_setups = compare_case(case, run_dir, runs=runs)  # judged once; baselines are added to it
     passed = between_setups.passed
-    checks = baselines.check_case_baselines(case, run_dir, baseline_root, update if passed else None, runs)
+    checks = baselines.check_case_baselines(case, run_dir, baseline_root, update if passed else None, runs,
+                                           between_setups.pairs)
     if update and not passed:
         for b in checks:
             b.message += (f"; --update-baselines={update} wrote nothing: the case failed, and only a passing "

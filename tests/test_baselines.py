@@ -12,8 +12,12 @@ from parity.verdict.baselines import (
     PROVENANCE, baseline_path, check_baseline, check_case_baselines, check_case_files, lint, unused_baselines,
     write_baseline,
 )
-from parity.verdict.case_verdict import compare_case
-from parity.verdict.formatting import divergence_table
+from parity.report import evidence, tables
+from parity.report.model import load_case_run
+from parity.session import judge
+from parity.verdict.case_verdict import compare_case, write_verdict
+from parity.verdict.formatting import divergence_table, format_verdict
+from parity.verdict.model import ABSENT, read_verdict
 from parity.case.schema import Case, Expect, Setup, Tolerance, Train
 
 TOL = {"loss": Tolerance(1e-5, 0.0), "grad_norm": Tolerance(1e-4, 0.0), "weights": Tolerance(1e-4, 0.0)}
@@ -107,7 +111,9 @@ def test_match_exact(runs):
     assert [(b.setup, b.status, b.basis, b.passed) for b in results] == [
         ("ref", "match", "exact", True), ("other", "match", "exact", True)]
     assert results[0].metrics["loss"].exact_equal_steps == 5 and results[0].obtained is None
-    assert set(results[0].to_json()) == {"setup", "path", "platform", "status", "how", "passed", "metrics", "message", "obtained"}
+    assert set(results[0].to_json()) == {"setup", "path", "platform", "status", "how", "passed", "metrics", "message",
+                                         "obtained", "triage"}
+    assert results[0].triage is None  # a matching baseline has nothing to triage
     assert set(results[0].metrics) == {"loss", "grad_norm"}
     header, _ = records.read_csv(root / "demo" / "ref.cpu.csv")
     assert all(header.get(k) for k in PROVENANCE)
@@ -119,7 +125,7 @@ def test_missing_baseline_fails_with_create_command(tmp_path):
     write_run(run_dir, "ref")
     write_run(run_dir, "other")
     b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
-    assert b.status == "missing" and not b.passed
+    assert b.status == "missing" and not b.passed and b.triage is None
     assert "parity run cases/demo.toml --update-baselines=new" in b.message
     assert "pytest --pyargs 'parity.test_parity::test_case[demo]' --parity-update-baselines=new" in b.message
     assert not (root / "demo" / "ref.cpu.csv").exists()  # update None never writes
@@ -127,11 +133,17 @@ def test_missing_baseline_fails_with_create_command(tmp_path):
     assert not v.passed and "--update-baselines=new" in divergence_table(v)
 
 
-def nudge(path: Path, step: int, factor=1 + 1e-4):
+def nudge(path: Path, step: int, factor=1 + 1e-4, to=None):
+    """Change the baseline's loss at `step`: times `factor`, or to `to(loss)`; returns the stored value."""
     header, back = records.read_csv(path)
-    back[step - 1]["loss"] *= factor
+    value = back[step - 1]["loss"]
+    back[step - 1]["loss"] = to(value) if to else value * factor
     write_baseline(path, back, header)
     return back[step - 1]["loss"]
+
+
+def one_ulp_up(x: float) -> float:
+    return float(np.nextafter(x, math.inf))
 
 
 def test_changed_loss_is_a_mismatch_naming_setup_metric_step(runs):
@@ -220,13 +232,22 @@ def test_other_torch_version_compares_within_tolerance(runs):
     b = check_baseline(case, "ref", run_dir, root, "cpu", "2.14.0")
     assert b.basis == "tolerance" and b.status == "match" and b.passed
     assert not b.metrics["loss"].bitwise and "2.14.0" in b.message
-    # Same torch and platform: the one-ULP change fails the exact comparison.
+    assert b.triage is None  # it passed: nothing to triage
+    # Same torch and platform: the one-ULP change fails the exact comparison, and is triaged as drift.
     b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)
-    assert b.basis == "exact" and b.status == "mismatch" and "bit-level drift" in b.message
-    # Other torch, but beyond tolerance: fails.
+    assert b.basis == "exact" and b.status == "mismatch"
+    rel = max(abs(c - x) / x for c, x in zip(close, LOSS))
+    t = b.triage
+    assert (t.kind, t.metric, t.step, t.where) == ("drift", "loss", 1, "")
+    assert t.max_rel == rel and t.entry["value_ref"] == LOSS[0] and t.entry["value_other"] == close[0]
+    assert t.line == ("environment drift: not bitwise from step 1 (loss), every step within tolerance "
+                      f"(max rel {rel:.1e})")
+    assert "--update-baselines=drift" in b.message  # the mode that accepts drift, and only drift
+    # Other torch, but beyond tolerance: fails, and a tolerance-basis failure is a change, not drift.
     write_run(run_dir, "ref", rows(loss=[x * (1 + 1e-4) for x in LOSS]), torch="2.14.0")
     b = check_baseline(case, "ref", run_dir, root, "cpu", "2.14.0")
     assert b.basis == "tolerance" and b.status == "mismatch"
+    assert (b.triage.kind, b.triage.metric, b.triage.step) == ("changed", "loss", 1)
 
 
 def test_failed_run_is_an_error_and_writes_nothing(tmp_path):
@@ -251,7 +272,110 @@ def test_shorter_run_compares_a_prefix_and_never_shortens_a_baseline(runs):
         b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update=mode)
         assert b.status == "mismatch" and path.read_bytes() == before and "fewer steps" in b.message
     write_run(run_dir, "ref", rows() + [dict(rows()[-1], step=6)])
-    assert check_baseline(case, "ref", run_dir, root, "cpu", TORCH).status == "mismatch"  # longer
+    b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)  # longer: step 6 is unverified, never drift
+    assert b.status == "mismatch" and (b.triage.kind, b.triage.step) == ("changed", None)
+    assert b.triage.line == "not drift: loss could not be judged step for step (run has steps 6 that baseline lacks)"
+
+
+# ---- triage and the drift mode ---------------------------------------------------------------
+
+def probes(out: Path, setup: str, scale: float = 1.0):
+    """Two probe entries for a setup's run; `scale` changes the second, the backward one."""
+    records.write_probes(out / "demo" / setup / "probes.csv", [
+        {"step": 1, "phase": "forward", "name": "tok_embeddings", "stat": "sumsq", "value": 3.25},
+        {"step": 1, "phase": "backward", "name": "output.weight", "stat": "sumsq", "value": 0.5 * scale}])
+
+
+def test_a_loss_changed_by_1e_3_is_triaged_changed_at_its_step_with_its_rel(runs):
+    case, run_dir, root = runs
+    probes(run_dir, "ref")
+    probes(run_dir, "other", scale=1 + 1e-3)  # the pair parts at the backward probe
+    stored = nudge(root / "demo" / "other.cpu.csv", step=3, factor=1 + 1e-3)
+    pairs = compare_case(case, run_dir).pairs
+    ref, other = check_case_baselines(case, run_dir, root, pairs=pairs)
+    assert ref.triage is None and other.status == "mismatch"
+    t = other.triage
+    rel = abs(LOSS[2] - stored) / abs(stored)  # relative to the baseline, which is the reference here
+    assert (t.kind, t.metric, t.step) == ("changed", "loss", 3)
+    assert (t.entry["value_ref"], t.entry["value_other"], t.entry["abs"]) == (stored, LOSS[2], abs(LOSS[2] - stored))
+    assert math.isclose(t.entry["rel"], rel, rel_tol=1e-12) and t.max_rel == t.entry["rel"]
+    assert t.line == f"numerics changed: loss beyond tolerance at step 3 (rel {rel:.1e})"
+    # What can localise it, and no more: probes need a second run; the pair localises setups, not the baseline.
+    assert "cannot say which module changed" in t.where
+    assert "localising needs a second run to compare them against, e.g. one made at the baseline's commit abc123" \
+        in t.where
+    assert "between setups, not against the baseline" in t.where and "backward, output.weight" in t.where
+    assert f"parity locate {run_dir} demo" in t.where
+    # Where the pairs localised nothing, none is named; where the run has no probes, it says so.
+    (run_dir / "demo" / "other" / "probes.csv").unlink()
+    t = check_baseline(case, "other", run_dir, root, "cpu", TORCH, pairs=compare_case(case, run_dir).pairs).triage
+    assert t.where.endswith("this run recorded no probes") and "second run" not in t.where
+    assert "between setups" not in t.where
+    # The terminal, the pytest failure and the report say it in words.
+    v = compare_case(case, run_dir, [ref, other])
+    line = "numerics changed: loss beyond tolerance at step 3"
+    assert f"baseline other [cpu, exact]: mismatch FAIL: {line}" in format_verdict(v)
+    assert f"    localisation: {other.triage.where}" in format_verdict(v)
+    assert v.problems[-1].startswith(f"baseline other: {line}")
+    assert f"baseline other: {other.triage.where}" in divergence_table(v)
+
+
+def test_drift_mode_rewrites_drift_and_refuses_a_change(runs):
+    case, run_dir, root = runs
+    ref_path, other_path = root / "demo" / "ref.cpu.csv", root / "demo" / "other.cpu.csv"
+    nudge(ref_path, step=2, to=one_ulp_up)
+    nudge(other_path, step=3, factor=1 + 1e-3)
+    before = other_path.read_bytes()
+    verdict = judge(case, run_dir, root, "drift")
+    ref, other = verdict.baselines
+    assert (ref.status, ref.passed, ref.triage.kind, ref.triage.step) == ("updated", True, "drift", 2)
+    assert "update mode drift" in ref.message
+    assert [bits(r["loss"]) for r in records.read_csv(ref_path)[1]] == [bits(x) for x in LOSS]
+    assert (other.status, other.passed, other.triage.kind) == ("mismatch", False, "changed")
+    assert other_path.read_bytes() == before
+    assert "update mode drift refused it: the numerics changed" in other.message
+    assert [b.status for b in check_case_baselines(case, run_dir, root)] == ["match", "mismatch"]
+    ref_path.unlink()  # drift mode writes no missing baseline
+    b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update="drift")
+    assert (b.status, b.passed, b.triage) == ("missing", False, None) and not ref_path.exists()
+    assert "update mode drift writes no missing baseline" in b.message and "--update-baselines=new" in b.message
+
+
+def test_drift_is_a_mode_both_front_ends_parse(capsys):
+    from parity import cli, plugin
+
+    args = cli.parser().parse_args(["compare", "out", "demo", "--update-baselines=drift"])
+    assert args.update_baselines == "drift"
+    assert type(plugin._mode_or_path("drift")) is str  # a mode, not a swallowed path
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["run", "--help"])
+    assert "--update-baselines [{failing,new,all,drift}]" in capsys.readouterr().out
+
+
+def test_verdict_json_round_trips_the_triage(runs):
+    case, run_dir, root = runs
+    nudge(root / "demo" / "ref.cpu.csv", step=2, to=one_ulp_up)
+    nudge(root / "demo" / "other.cpu.csv", step=3, factor=1 + 1e-3)
+    verdict = compare_case(case, run_dir, check_case_baselines(case, run_dir, root))
+    path = write_verdict(run_dir, verdict)
+    assert read_verdict(path) == verdict
+    data = records.read_json(path)
+    assert [b["triage"]["kind"] for b in data["baselines"]] == ["drift", "changed"]
+    assert set(data["baselines"][1]["triage"]) == {"kind", "metric", "step", "entry", "max_rel", "where", "line"}
+    assert data["baselines"][1]["triage"]["entry"]["step"] == 3
+    # The report and the PR evidence show it.
+    case_run = load_case_run(run_dir, "demo")
+    assert [r["triage"].split(";")[0] for r in tables.baseline_rows(case_run)] == [
+        verdict.baselines[0].triage.line, verdict.baselines[1].triage.line]
+    text = evidence.evidence(run_dir, "demo")
+    assert "Baseline `ref` (cpu): mismatch, environment drift: not bitwise from step 2 (loss)" in text
+    assert "Baseline `other` (cpu): mismatch, numerics changed: loss beyond tolerance at step 3 (rel 1.0e-03)" in text
+    # A verdict written before triage reads, and says what it has.
+    for b in data["baselines"]:
+        del b["triage"]
+    records.write_json(path, data)
+    old = read_verdict(path)
+    assert old.baselines[0].triage is ABSENT and old.baselines[0].message in format_verdict(old)
 
 
 # ---- unused and lint -----------------------------------------------------------------------

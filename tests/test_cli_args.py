@@ -52,7 +52,7 @@ def test_pytest_keeps_the_path_after_a_bare_update_flag():
 def test_pytest_rejects_a_word_that_is_neither_mode_nor_path():
     proc = _pytest("--parity-update-baselines", "bogus")
     assert proc.returncode == 4
-    assert "--parity-update-baselines: 'bogus' is neither a mode (failing, new, all) nor an existing path" in proc.stderr
+    assert "--parity-update-baselines: 'bogus' is neither a mode (failing, new, all, drift) nor an existing path" in proc.stderr
 
 
 def test_a_reader_that_stops_early_ends_the_command_without_a_traceback(tmp_path):

@@ -135,6 +135,12 @@ def test_a_missing_baselines_folder_is_bad_input_unless_an_update_mode_will_crea
     assert cli.returncode == 2 and cli.stderr == f"parity: error: {message}; allowed: an existing directory, relative to {repo}\n"
     plugin = run([sys.executable, "-m", "pytest", "--pyargs", "parity", "-p", "no:cacheprovider"], repo)
     assert plugin.returncode == 4 and message in plugin.stderr, plugin.stdout + plugin.stderr
+    # drift mode writes no missing baseline, so nothing would ever make the folder: still bad input
+    cli = run([sys.executable, "-m", "parity.cli", "run", "--update-baselines=drift"], repo)
+    assert cli.returncode == 2 and message in cli.stderr, cli.stdout + cli.stderr
+    plugin = run([sys.executable, "-m", "pytest", "--pyargs", "parity", "-p", "no:cacheprovider",
+                  "--parity-update-baselines=drift"], repo)
+    assert plugin.returncode == 4 and message in plugin.stderr, plugin.stdout + plugin.stderr
     (repo / "suite" / "broken.toml").write_text("[train]\nsteps = 0\n")
     for argv in ([sys.executable, "-m", "parity.cli", "run", "--update-baselines=new", "--device", "cpu"],
                  [sys.executable, "-m", "pytest", "--pyargs", "parity", "-p", "no:cacheprovider",

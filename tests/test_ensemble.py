@@ -261,8 +261,9 @@ def test_a_long_runs_step_table_shows_its_first_and_last_steps(tmp_path, monkeyp
     case = statistical_case()
     write_ensemble(tmp_path, case, {"ref": drifting(1), "other": drifting(2)})
     lines = step_table(case, tmp_path).splitlines()
-    steps = [ln.split()[0] for ln in lines[1:-1]]
+    steps = [ln.split()[0] for ln in lines[1:-2]]
     assert steps == [*map(str, range(1, 11)), "...", *map(str, range(36, 41))]
+    assert lines[-2] == "(against ref's value at the step: = bitwise equal, ≈ within tolerance, ≠ beyond tolerance)"
     assert lines[-1].startswith("(15 of 40 steps shown; every step is in ") and "demo/ref/metrics.csv" in lines[-1]
 
 
@@ -318,10 +319,15 @@ def test_a_baseline_from_another_instruction_set_is_judged_by_the_ensembles_spre
     assert not ref.metrics["loss"].within_tolerance  # what tolerance mode would have said
     assert "compared as two draws of the ensemble" in ref.message
     assert not other.passed and "other loss steps 21-30: baseline median" in other.message
+    # Another platform's baseline that fails is a change, never drift, named by the window that left the spread.
+    assert ref.triage is None and (other.triage.kind, other.triage.metric, other.triage.step) == ("changed", "loss", 30)
+    assert other.triage.line.startswith("numerics changed: loss outside the ensemble's spread at steps 21-30 (rel ")
     # with an ensemble member that did not finish there is no spread to judge by
     tb.write_run(out, "ref.member02", tb.rows(*drifting(102)), status="failed", isa="AVX2")
     ref, _ = check_case_baselines(case, out, root)
     assert not ref.passed and "the ensemble did not finish" in ref.message
+    assert (ref.triage.kind, ref.triage.step, ref.triage.entry) == ("changed", None, None)
+    assert ref.triage.line.startswith("not drift: loss could not be judged step for step (the ensemble did not finish")
 
 
 def test_the_report_draws_the_band_and_lists_the_ensemble(tmp_path):

@@ -2,9 +2,9 @@
 (except the png format, which draws a case's figure where it is missing, as `parity report` would).
 
 Two formats. `mermaid` (the default) renders on GitHub as pasted: the summary table, per case its verdict,
-the first divergence of each pair, the loss and grad-norm curves as Mermaid `xychart-beta` charts, the
-provenance and the commands that reproduce it. `png` links the case figure (`<case>/<case>.png`) instead of
-drawing charts: for a report uploaded with its images, as an artifact.
+the first divergence of each pair, each baseline's triage (drift or changed), the loss and grad-norm curves
+as Mermaid `xychart-beta` charts, the provenance and the commands that reproduce it. `png` links the case
+figure (`<case>/<case>.png`) instead of drawing charts: for a report uploaded with its images, as an artifact.
 
 Only the plain subset of xychart-beta is used (Mermaid 10.6 and later, which GitHub renders): a title, a
 numeric x-axis range (or the steps, for a short run), a y-axis range and `line [...]` rows, with the
@@ -21,7 +21,7 @@ import numpy as np
 from parity.report import markdown
 from parity.report.curves import plot_case
 from parity.report.model import LABEL, PLOTTED, CaseRun, baseline_origin, by_step, find_case_runs, load_case_run, number
-from parity.report.tables import SUMMARY_COLUMNS, md_table, provenance, summary_row
+from parity.report.tables import SUMMARY_COLUMNS, md_table, provenance, summary_row, triage_text
 from parity.verdict.formatting import band_text, headline_text, values_text
 
 FORMATS = ("mermaid", "png")
@@ -198,6 +198,16 @@ def mermaid_chart(case: CaseRun, metric: str) -> list[str]:
     return block + ["", " ".join(text + notes), ""]
 
 
+# ----------------------------------------------------------------------------- baselines
+
+
+def baseline_lines(case: CaseRun) -> list[str]:
+    """Per baseline check with a triage, what it says: a failed comparison, or the baseline an update mode
+    rewrote after one (a reviewer of the PR that carries the new file wants to know which it was)."""
+    return [f"Baseline {markdown.code(b.setup)} ({markdown.text(b.platform)}): {markdown.text(b.status)}, "
+            f"{markdown.text(triage_text(b))}" for b in case.baseline_checks if b.triage]
+
+
 # ----------------------------------------------------------------------------- the block
 
 
@@ -215,6 +225,7 @@ def evidence(run_dir, case: str | None = None, block_format: str = "mermaid") ->
     for case_run in case_runs:
         out += [f"**{case_run.name}**: {markdown.text(case_run.words())}", ""]
         out += [line + "  " for line in divergence_lines(case_run)] + ([""] if case_run.verdict is not None else [])
+        out += [line + "  " for line in baseline_lines(case_run)] + ([""] if baseline_lines(case_run) else [])
         if block_format == "mermaid":
             for metric in PLOTTED:
                 out += mermaid_chart(case_run, metric)

@@ -14,14 +14,14 @@ from parity.report import markdown
 from parity.report.model import LABEL, CaseRun, number
 from parity.verdict import localize
 from parity.verdict.formatting import ensemble_lines, headline_text, ran_on, statistical_tests
-from parity.verdict.model import MetricResult, Pair
+from parity.verdict.model import BaselineCheck, MetricResult, Pair
 from parity.verdict.numbers import bitwise_equal
 
 SUMMARY_COLUMNS = ("case", "setups", "mode", "verdict", "ran on", "max rel diff loss", "max rel diff grad norm",
                    "headline")
 PAIR_COLUMNS = ("pair", "passed", "loss max abs", "loss max rel", "grad norm max abs", "grad norm max rel",
                 "exact steps", "probes", "problems")
-BASELINE_COLUMNS = ("setup", "platform", "status", "message")
+BASELINE_COLUMNS = ("setup", "platform", "status", "triage", "message")
 SETUP_COLUMNS = ("setup", "status", "world size", "mesh", "peak memory", "trained as", "started", "ended")
 # run.json "peak_memory": {"measure": one of these, "per_rank_bytes": [int, ...], "max_bytes": int}
 MEMORY_MEASURES = {"host_rss": "host RSS", "cuda_max_allocated": "CUDA max allocated"}
@@ -120,8 +120,15 @@ def ensemble_text(case: CaseRun) -> list[str]:
 
 
 def baseline_rows(case: CaseRun) -> list[dict]:
-    return [{"setup": b.setup, "platform": b.platform, "status": b.status, "message": b.message or "—"}
-            for b in case.baseline_checks]
+    return [{"setup": b.setup, "platform": b.platform, "status": b.status, "triage": triage_text(b),
+             "message": b.message or "—"} for b in case.baseline_checks]
+
+
+def triage_text(b: BaselineCheck) -> str:
+    """Why a baseline comparison failed, and what can localise it: "—" where it did not fail (or the verdict is
+    older than triage)."""
+    t = b.triage
+    return (f"{t.line}; {t.where}" if t.where else t.line) if t else "—"
 
 
 # ----------------------------------------------------------------------------- setups and provenance

@@ -11,15 +11,21 @@ precision. A run is compared with the baseline for its platform (parity.core.fin
 - otherwise within the case's tolerances (case.expect.tolerance), because a torch or hardware
   change legitimately moves the last bits; the message names the fields that differ.
 
+A comparison that fails records its triage (parity.verdict.triage): "drift" (not bitwise, every step
+within tolerance) or "changed" (the numerics moved beyond it).
+
 A baseline is only written from a case that passed (runner.judge). A missing baseline fails
-(never a silent pass) and says which command creates it. Update modes, after the pain points of
-other golden-file tools (pytest-regressions' --force-regen surprise, pytest-mpl overwriting
-everything, syrupy's "new only"):
+(never a silent pass) and says which command creates it. Update modes (parity.verdict.update_modes,
+the one list both front ends parse), after the pain points of other golden-file tools
+(pytest-regressions' --force-regen surprise, pytest-mpl overwriting everything, syrupy's "new only"):
 
     None       never write a baseline
-    "new"      write missing baselines only; a mismatch still fails
     "failing"  write missing and mismatching ones (the default when the flag is given bare)
+    "new"      write missing baselines only; a mismatch still fails
     "all"      rewrite every baseline, matching or not
+    "drift"    rewrite a mismatching baseline whose triage is drift, nothing else: a changed one still
+               fails, and a missing one is not written (accepting drift must not also accept a setup that
+               never had a baseline, which nobody has looked at yet; "new" is the mode for those)
 
 A matching baseline is never rewritten except under "all", so its bytes and mtime stay put.
 
@@ -48,9 +54,11 @@ from parity.core.reproduce import pytest_case, shell
 from parity.case.schema import Case, Setup
 from parity.verdict import ensemble
 from parity.verdict.case_verdict import load_runs
-from parity.verdict.model import BaselineCheck, MetricResult
-from parity.verdict.numbers import ulps_text
+from parity.verdict.model import BaselineCheck, MetricResult, Pair, Triage
+from parity.verdict.numbers import produced_unit, ulps_text
 from parity.verdict.series import compare_series, not_compared
+from parity.verdict.triage import DRIFT, localisation_note, triage
+from parity.verdict.update_modes import REWRITING, UPDATE_MODES, WRITES_MISSING
 
 DEFAULT_ROOT = Path("baselines")
 COLUMNS = ("step", "loss", "grad_norm", "lr", "tokens")
@@ -60,7 +68,6 @@ PROVENANCE = ("torch", "device", "platform", "cpu_capability", "world_size", "me
               "case_sha256", "date", "git_commit")
 # Fingerprint fields recorded when the run has them (the GPU ones only on a GPU).
 FINGERPRINT = ("cpu_model", "threads", "gpu", "gpu_count", "sm_count", "compute_capability", "cuda", "cudnn", "nccl", "driver")
-UPDATE_MODES = (None, "new", "failing", "all")
 # A double written with repr needs ~15-17 significant digits unless it is a short dyadic number
 # (0.5, 2.25). A loss or grad-norm column where *every* value has at most this many digits was
 # almost surely rounded on the way in (Megatron's 5-decimal goldens have 6-7, "%.9g" float32
@@ -146,24 +153,29 @@ class BaselineComparison:
     metrics: dict[str, MetricResult] = field(default_factory=dict)
     shortened: str = ""  # " (its first n of m steps)" where the run made fewer steps than the baseline
     not_exact_because: str = ""  # where not exact, the fields in which baseline and run differ
+    triage: Triage | None = None  # why a compared baseline failed (parity.verdict.triage)
 
     @property
     def passed(self) -> bool:
         return all(m.passed for m in self.metrics.values())
 
+    @property
+    def drift(self) -> bool:
+        """Whether it failed by environment drift only."""
+        return self.triage is not None and self.triage.kind == DRIFT
+
     def difference(self) -> str:
         """The failing metrics' first differences, in one line."""
-        text = "; ".join(_difference(self.setup, m, metric, self.basis)
-                         for metric, m in self.metrics.items() if not m.passed)
-        if self.basis == "exact" and all(m.within_tolerance for m in self.metrics.values()):
-            text += " (every step is within the case tolerance: bit-level drift, not a large change)"
-        return text
+        return "; ".join(_difference(self.setup, m, metric, self.basis)
+                        for metric, m in self.metrics.items() if not m.passed)
 
 
 def compare_baseline(case: Case, name: str, records: dict, root, platform: str, torch_version: str,
-                     members: list[dict]) -> BaselineComparison:
+                     members: list[dict], run_dir, pairs: list[Pair] = ()) -> BaselineComparison:
     """One setup's run (its records, as read_setup_run returns them) against its baseline; writes nothing.
-    `members`: a statistical case's ensemble runs, whose spread judges a baseline made where the bits differ."""
+    `members`: a statistical case's ensemble runs, whose spread judges a baseline made where the bits differ;
+    `run_dir`: where the run is; `pairs`: the case's, named by a changed triage where their probes localised
+    something."""
     path = baseline_path(root, case.name, name, platform)
     found = partial(BaselineComparison, name, path, platform)
     run, columns = records["info"], records["metrics"]
@@ -188,7 +200,8 @@ def compare_baseline(case: Case, name: str, records: dict, root, platform: str, 
     stored = len(base)
     base = [r for r in base if r["step"] <= last]
     metrics = {m: compare_series([r["step"] for r in base], [r[m] for r in base], columns["step"], columns[m],
-                                 case.expect.tolerance[m], "bitwise" if exact else "tolerance", ("baseline", "run"))
+                                 case.expect.tolerance[m], "bitwise" if exact else "tolerance", ("baseline", "run"),
+                                 unit=produced_unit(case.setups))
                for m in COMPARED}
     basis = "exact" if exact else "tolerance"
     if case.expect.statistical and not exact:
@@ -197,23 +210,25 @@ def compare_baseline(case: Case, name: str, records: dict, root, platform: str, 
     because = "" if exact else (" (baseline and run differ in " + ", ".join(
         f"{k}: {header.get(k, 'not recorded')} vs {mine.get(k, 'not recorded')}"
         for k in (differ or ["platform"])) + f": compared {judged})")
+    where = localisation_note(name, records.get("probes") is not None, header.get("git_commit"), list(pairs),
+                              f"`{shell(['parity', 'locate', str(run_dir), case.name])}`")
     return found("compared", provenance=prov, basis=basis, metrics=metrics, not_exact_because=because,
-                 shortened=f" (its first {len(base)} of {stored} steps)" if len(base) < stored else "")
-
-
-REWRITING = ("failing", "all")  # the update modes that replace a mismatching or unreadable baseline
+                 shortened=f" (its first {len(base)} of {stored} steps)" if len(base) < stored else "",
+                 triage=triage(basis, metrics, where))
 
 
 def write_policy(c: BaselineComparison, update: str | None, case: Case, run_dir) -> tuple[str, bool, Path | None, str]:
     """The write policy: (status, passed, the file to write from the run or None, message) for a comparison
-    under an update mode. A matching baseline is rewritten only under "all"; a shortened run never replaces
-    a longer baseline. An unreadable baseline no mode may rewrite is bad input (RecordError)."""
+    under an update mode. A matching baseline is rewritten only under "all"; a mismatching one under "failing"
+    and "all", and under "drift" where its triage is drift; a shortened run never replaces a longer baseline.
+    An unreadable baseline no mode may rewrite is bad input (RecordError)."""
     if c.state == "unjudged":
         return "error", False, None, f"{c.reason}; not compared, nothing written"
     if c.state == "missing":
-        if update is None:
+        if update not in WRITES_MISSING:
+            refused = f"; update mode {update} writes no missing baseline" if update else ""
             return ("missing", False, None,
-                    f"no baseline {c.path} for platform {c.platform}; create it with {create_commands(case)}")
+                    f"no baseline {c.path} for platform {c.platform}{refused}; create it with {create_commands(case)}")
         return "updated", True, c.path, f"wrote new baseline {c.path}"
     if c.state == "unreadable":
         if update in REWRITING:
@@ -223,38 +238,44 @@ def write_policy(c: BaselineComparison, update: str | None, case: Case, run_dir)
         if update == "all" and not c.shortened:
             return "updated", True, c.path, f"matches; rewrote {c.path} (update mode all)"
         return "match", True, None, f"matches {c.path}{c.shortened}{c.not_exact_because}"
-    if update in REWRITING and not c.shortened:
-        return "updated", True, c.path, f"rewrote {c.path}; it differed: {c.difference()}"
+    if (update in REWRITING or (update == "drift" and c.drift)) and not c.shortened:
+        return "updated", True, c.path, f"rewrote {c.path} (update mode {update}); it differed: {c.difference()}"
     obtained = obtained_path(run_dir, case.name, c.setup)
-    accept = ("not rewritten: the run made fewer steps than the baseline; rerun all steps to update it"
-              if c.shortened and update else f"accept them with {create_commands(case, 'failing')}")
+    if c.shortened and update:
+        accept = "not rewritten: the run made fewer steps than the baseline; rerun all steps to update it"
+    elif update == "drift":
+        accept = (f"update mode drift refused it: the numerics changed, not only the environment's last bits; "
+                  f"accept them with {create_commands(case, 'failing')}")
+    else:
+        accept = f"accept them with {create_commands(case, 'drift' if c.drift else 'failing')}"
     return ("mismatch", False, obtained, f"differs from {c.path}{c.shortened}{c.not_exact_because}: "
             f"{c.difference()}; obtained values in {obtained}; {accept}")
 
 
 def check_baseline(case: Case, setup: Setup | str, run_dir, root, platform: str, torch_version: str,
                    update: str | None = None, records: dict | None = None,
-                   members: list[dict] | None = None) -> BaselineCheck:
+                   members: list[dict] | None = None, pairs: list[Pair] = ()) -> BaselineCheck:
     """Compare one setup's run with its baseline (compare_baseline), then write what the update mode allows
     (write_policy): the baseline, or an obtained file beside the run. `records`: the run's records as read_setup_run
-    returns them, where the caller has read them already."""
-    if update not in UPDATE_MODES:
-        raise ValueError(f"update mode {update!r}; allowed: new, failing, all (or none)")
+    returns them, where the caller has read them already; `pairs`: the case's, for a changed triage to point to."""
+    if update is not None and update not in UPDATE_MODES:
+        raise ValueError(f"update mode {update!r}; allowed: {', '.join(UPDATE_MODES)} (or none)")
     name = setup if isinstance(setup, str) else setup.name
     records = records if records is not None else read_setup_run(setup_dir(run_dir, case.name, name))
-    comparison = compare_baseline(case, name, records, root, platform, torch_version, members or [])
+    comparison = compare_baseline(case, name, records, root, platform, torch_version, members or [], run_dir, pairs)
     status, passed, target, message = write_policy(comparison, update, case, run_dir)
     if target is not None:
         write_baseline(target, rows_of(records["metrics"]), comparison.provenance)
     obtained = target if status == "mismatch" else None
     return _check(name, comparison.path, platform, status, comparison.basis, passed, message, comparison.metrics,
-                  obtained)
+                  obtained, comparison.triage)
 
 
-def _check(setup, path, platform, status, basis, passed, message, metrics=None, obtained=None) -> BaselineCheck:
+def _check(setup, path, platform, status, basis, passed, message, metrics=None, obtained=None,
+           triaged: Triage | None = None) -> BaselineCheck:
     return BaselineCheck(setup=setup, path=str(path) if path else None, platform=platform, status=status, basis=basis,
                          passed=passed, metrics=metrics or {m: not_compared(message) for m in COMPARED},
-                         message=message, obtained=str(obtained) if obtained else None)
+                         message=message, obtained=str(obtained) if obtained else None, triage=triaged)
 
 
 def _drift(case: Case, base: list[dict], columns: dict, members: list[dict], metrics: dict) -> dict:
@@ -290,9 +311,10 @@ def _difference(setup: str, m: MetricResult, metric: str, basis: str) -> str:
 
 
 def check_case_baselines(case: Case, run_dir, root=None, update: str | None = None,
-                         runs: dict[str, dict] | None = None) -> list[BaselineCheck]:
+                         runs: dict[str, dict] | None = None, pairs: list[Pair] = ()) -> list[BaselineCheck]:
     """check_baseline for every setup, with platform and torch version from its run.json; `runs`: every
-    setup's records (case_verdict.load_runs), where the caller has read them already."""
+    setup's records (case_verdict.load_runs), where the caller has read them already; `pairs`: the case's
+    verdict between setups, where it has one."""
     runs = runs if runs is not None else load_runs(case, run_dir)
     members = [runs[m.name] for m in case.ensemble]
     results = []
@@ -301,7 +323,7 @@ def check_case_baselines(case: Case, run_dir, root=None, update: str | None = No
         platform = run.get("platform") or platform_key(str(run.get("device", "")))
         try:
             results.append(check_baseline(case, s, run_dir, root, platform, run.get("torch", "unknown"), update,
-                                          runs[s.name], members))
+                                          runs[s.name], members, pairs))
         except OSError as e:  # a read-only or full disk under the baseline root: this setup fails, the rest go on
             path = baseline_path(root, case.name, s.name, platform)
             results.append(_check(s.name, path, platform, "error", "exact", False,
@@ -330,7 +352,7 @@ def check_case_files(case: Case, root, update: str | None) -> None:
 
     Under update modes that rewrite failing baselines, an unreadable one is left to be rewritten.
     """
-    if update in ("failing", "all"):
+    if update in REWRITING:
         return
     folder = Path(root if root is not None else DEFAULT_ROOT) / case.name
     for path in sorted(folder.glob("*.csv")) if folder.is_dir() else ():

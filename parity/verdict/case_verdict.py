@@ -24,7 +24,7 @@ from parity.core.paths import inside
 from parity.core.records import read_setup_run, write_json
 from parity.case.schema import REPEAT_SUFFIX, Case
 from parity.verdict import ensemble
-from parity.verdict.formatting import band_text
+from parity.verdict.formatting import band_text, baseline_text
 from parity.verdict.model import BaselineCheck, Pair, Verdict
 from parity.verdict.pair import compare_pair
 
@@ -133,8 +133,8 @@ def _statistical(case: Case, runs: dict) -> dict | None:
 
 
 def with_baselines(verdict: Verdict, baselines: list[BaselineCheck]) -> Verdict:
-    """The verdict with the baseline checks added: each failing one is a problem of the case."""
-    problems = verdict.problems + [f"baseline {b.setup}: {b.message}" for b in baselines if not b.passed]
+    """The verdict with the baseline checks added: each failing one is a problem of the case, its triage first."""
+    problems = verdict.problems + [f"baseline {b.setup}: {baseline_text(b)}" for b in baselines if not b.passed]
     return replace(verdict, passed=not problems, baselines=list(baselines), problems=problems)
 
 

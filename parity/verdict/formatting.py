@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from parity.core.records import RecordError
-from parity.verdict.model import ABSENT, STEP_METRICS, MetricResult, Pair, StatisticalSummary, StatisticalTest, Verdict, \
-    read_verdict
+from parity.verdict.model import ABSENT, STEP_METRICS, BaselineCheck, MetricResult, Pair, StatisticalSummary, \
+    StatisticalTest, Verdict, read_verdict
 from parity.verdict.headline import size_text
 from parity.verdict.numbers import short, ulps_text
 
@@ -79,8 +79,16 @@ def format_verdict(verdict: Verdict) -> str:
         lines += _pair_lines(p)
     for b in v.baselines:
         lines.append(f"  baseline {b.setup} [{b.platform}, {b.basis}]: {b.status}{'' if b.passed else ' FAIL'}: "
-                     f"{b.message}")
+                     f"{baseline_text(b)}")
+        if b.triage and b.triage.where:
+            lines.append(f"    localisation: {b.triage.where}")
     return "\n".join(lines)
+
+
+def baseline_text(b: BaselineCheck) -> str:
+    """A baseline check in one line: its triage where it failed a comparison (or was rewritten after one), then
+    its message: "numerics changed: loss beyond tolerance at step 3 (rel 1.0e-03); differs from ..."."""
+    return f"{b.triage.line}; {b.message}" if b.triage else b.message  # ABSENT in a verdict from before triage
 
 
 def headline_text(p: Pair) -> str:
@@ -214,6 +222,9 @@ def divergence_table(verdict: Verdict) -> str:
     where = [f"{p.reference} vs {p.other} probes: {p.localization.line}" for p in verdict.pairs
              if not p.passed and p.localization and p.localization.line not in said
              and not (p.headline and p.headline.lane == "probes")]  # the headline named that entry already
+    # A baseline cannot say which module changed; its triage says what can.
+    where += [f"baseline {b.setup}: {b.triage.where}" for b in verdict.baselines
+              if not b.passed and b.triage and b.triage.where]
     text = "\n".join(filter(None, [*told, text, *where]))
     # The problem lines carry what a table row cannot: crashed runs, missing steps, NaN, a negative
     # control that did not diverge, a missing baseline and the command that creates it.

@@ -16,7 +16,16 @@ Records (dataclasses, fields in their JSON order):
 - Localization: where the two runs' probes first part (parity.verdict.localize).
 - Headline: the one first divergence a reader sees, in causal order across the lanes
   (parity.verdict.headline), and the first entry that is not bitwise equal.
-- BaselineCheck: one setup's run against its stored baseline (parity.verdict.baselines).
+- BaselineCheck: one setup's run against its stored baseline (parity.verdict.baselines). `triage` says why a
+  comparison failed (a Triage; null where the baseline matched, was missing or was not compared).
+- Triage: a failed baseline comparison's kind (parity.verdict.triage). "drift": environment drift, not bitwise
+  but every compared step of every metric within the case's tolerance; `metric`/`step`/`entry` are the first
+  entry that is not bitwise. "changed": anything else, the numerics beyond tolerance (or, compared within
+  tolerance or against the ensemble on another platform, failing at all); `metric`/`step`/`entry` are the
+  first failing one (an Entry, or a BandFailure in mode "statistical"), all three null where the run could not
+  be judged step for step (`line` names the problem). `max_rel` is the largest relative
+  difference over every compared step and metric; `where` (changed only) says what can localise the change,
+  which a baseline (loss and grad norm) cannot; `line` is the triage in words.
 - StatisticalTest: one setup's windows against the ensemble's band (parity.verdict.ensemble).
 
 Leaves whose keys vary by kind stay dicts, typed below: Entry (a step, parameter or probe entry),
@@ -132,10 +141,15 @@ def _key(f) -> str:
 
 
 class Record:
-    """A verdict record: to_json gives its JSON value."""
+    """A verdict record: to_json gives its JSON value, from_json reads it back (a record with records in its
+    fields converts them in its own from_json)."""
 
     def to_json(self) -> dict:
         return to_json(self)
+
+    @classmethod
+    def from_json(cls, data: dict):
+        return cls(**_plain(cls, data))
 
 
 def _fields_by_key(cls) -> dict[str, str]:
@@ -160,10 +174,6 @@ class StatisticalTest(Record):
     max_abs_z: float
     failing_windows: int
     first_failure: BandFailure | None
-
-    @classmethod
-    def from_json(cls, data: dict) -> StatisticalTest:
-        return cls(**_plain(cls, data))
 
 
 @dataclass(eq=True)
@@ -220,10 +230,6 @@ class Headline(Record):
     not_bitwise_lane: str | None  # the lane of the first entry not bitwise equal, whether or not it fails
     not_bitwise: Entry | None
 
-    @classmethod
-    def from_json(cls, data: dict) -> Headline:
-        return cls(**_plain(cls, data))
-
 
 def _metrics(data: dict) -> dict[str, MetricResult]:
     return {name: MetricResult.from_json(m) for name, m in data.items()}
@@ -251,6 +257,17 @@ class Pair(Record):
 
 
 @dataclass(eq=True)
+class Triage(Record):
+    kind: str  # "drift" or "changed"
+    metric: str | None
+    step: int | None
+    entry: Entry | BandFailure | None
+    max_rel: float
+    where: str
+    line: str
+
+
+@dataclass(eq=True)
 class BaselineCheck(Record):
     setup: str
     path: str | None
@@ -261,10 +278,11 @@ class BaselineCheck(Record):
     metrics: dict[str, MetricResult]
     message: str
     obtained: str | None
+    triage: Triage | None = None  # ABSENT in a verdict written before triage was recorded
 
     @classmethod
     def from_json(cls, data: dict) -> BaselineCheck:
-        return cls(**_plain(cls, data, metrics=_metrics))
+        return cls(**_plain(cls, data, metrics=_metrics, triage=Triage.from_json))
 
 
 def _summary(data: dict) -> StatisticalSummary:
