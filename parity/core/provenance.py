@@ -33,12 +33,17 @@ def _why(done: subprocess.CompletedProcess) -> str:
 
 
 def repository_root(start: Path) -> Path | None:
-    """The top level of the git repository `start` lies in; None outside one, or where git cannot tell."""
-    try:
-        top = _git(start, "rev-parse", "--show-toplevel")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return Path(top.stdout.strip()) if top.returncode == 0 else None
+    """The top level of the git repository `start` lies in: the nearest folder up from it holding `.git` (a folder
+    in a clone, a file in a worktree), stopping at GIT_CEILING_DIRECTORIES as git does; None outside one. Read
+    from the file system, as git finds it, so that naming paths starts no process before the input is checked."""
+    ceilings = {Path(c).resolve() for c in os.environ.get("GIT_CEILING_DIRECTORIES", "").split(os.pathsep) if c}
+    here = Path(start).resolve()
+    for folder in (here, *here.parents):
+        if folder in ceilings and folder != here:
+            return None
+        if (folder / ".git").exists():
+            return folder
+    return None
 
 
 def project_root(start: Path) -> Path:

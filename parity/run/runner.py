@@ -7,6 +7,7 @@ records is parity.session's.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
@@ -166,11 +167,13 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], options: Ru
     cases = [with_steps(c, options.steps) for c in cases]
     results: dict[str, dict[str, LaunchResult]] = {c.name: {} for c in cases}
     seeds, provenance, jobs = dict(seeds or {}), {}, []
-    started_from = run_origin(Path.cwd(), outputs=(out,))  # the code under test: the repository run from
+    # The code under test, the repository run from: asked of git once, after the first seed checkpoint is found,
+    # so that bad input (a seed cache that is a file) stops the run before any process starts.
+    started_from = functools.cache(lambda: run_origin(Path.cwd(), outputs=(out,)))
     for case in cases:
         seeds[case.name], provenance[case.name], new_jobs = _start_case(
             case, out, devices[case.name], options, seeds.get(case.name),
-            {**started_from, "command": (commands or {}).get(case.name)}, results[case.name])
+            lambda name=case.name: {**started_from(), "command": (commands or {}).get(name)}, results[case.name])
         jobs += new_jobs
     # Lanes (parity.run.plan.lanes) use the cores a launch leaves idle; not across nodes, whose launches go in turn.
     launches = plan(jobs, options.plan,
@@ -184,10 +187,10 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], options: Ru
     return results
 
 
-def _start_case(case: Case, out: Path, device: str, options: RunOptions, seed, origin: dict,
+def _start_case(case: Case, out: Path, device: str, options: RunOptions, seed, origin,
                 results: dict[str, LaunchResult]) -> tuple:
     """A case's seed checkpoint, its fresh folder and provenance, and its jobs; returns (seed, provenance,
-    jobs). `origin`: the code under test, parity's version and the command (recorded as they are). Where a trainer could not make its seed checkpoint, every run of the case fails with why
+    jobs). `origin()`: the code under test, parity's version and the command (recorded as they are). Where a trainer could not make its seed checkpoint, every run of the case fails with why
     (into `results`) and it has no jobs."""
     try:
         seed = seed or seed_for(case, options.cache, device, options.timeout_s)
@@ -197,7 +200,7 @@ def _start_case(case: Case, out: Path, device: str, options: RunOptions, seed, o
     for note in seed.notes if seed else ():
         print(f"parity: {note}", file=sys.stderr, flush=True)
     fresh_case_dir(out, case.name)
-    provenance = _provenance(case, seed, origin)
+    provenance = _provenance(case, seed, origin())
     repeat = wants_repeat(case, device, options.repeat)
     if not unbuilt:
         return seed, provenance, case_jobs(case, device, seed, repeat)
