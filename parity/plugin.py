@@ -139,7 +139,7 @@ class CasePlugin:
             return
         params = []
         for case in self.cases():
-            marks = [getattr(pytest.mark, m) for m in markers_for(case)] + [pytest.mark.parity_case]
+            marks = [getattr(pytest.mark, m) for m in markers_for(case)] + [pytest.mark.parity_case, pytest.mark.slow]
             params.append(pytest.param(case, id=case.name, marks=marks))
         metafunc.parametrize("parity_case", params)
 

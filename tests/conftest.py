@@ -1,7 +1,34 @@
+import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
+
+# What the fast tier (`pytest -m "not slow"`) may not start: torchrun, which starts ranks. A test that runs the `parity` command
+# in a process of its own stays in it when that command stops before launching anything (bad input): its time says
+# so (`--durations`); one that trains is marked slow.
+LAUNCHES = ("torchrun", "torch.distributed.run")
+
+
+def _launches(args) -> bool:
+    words = args if isinstance(args, (str, bytes)) else " ".join(str(a) for a in args)
+    return any(w in str(words) for w in LAUNCHES)
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_starts_no_ranks(request, monkeypatch):
+    """A test not marked `slow` that starts torchrun or a rank fails at once, naming the marker it needs: the fast
+    tier stays a seconds-to-minutes inner loop, and no launching test lands in it by accident."""
+    if request.node.get_closest_marker("slow"):
+        return
+    real = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        if _launches(args):
+            pytest.fail(f"{request.node.nodeid} starts {args!r}: mark it @pytest.mark.slow", pytrace=False)
+        real(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
 
 
 @pytest.fixture(scope="session")

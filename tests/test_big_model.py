@@ -39,6 +39,7 @@ def test_preset_is_what_its_name_says():
     assert round(n_params(PRESETS["llama_134m"]) / 1e6) == 134
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(memory.measure(torch.device("cpu")) is None, reason="the host peak needs Linux's /proc")
 def test_fsdp8_rank_peak_is_far_below_a_full_copy(write_case, tmp_path, seed_cache):
     case = load_case(write_case(CASE, "big"))

@@ -67,6 +67,7 @@ def test_bad_case_exits_2_with_one_line_and_writes_nothing(tmp_path, cache_env):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_lr_one_percent_higher_fails_match_at_step_2_and_passes_diverge(tmp_path, cache_env):
     cases = tmp_path / "cases"
     cases.mkdir()
@@ -90,6 +91,7 @@ def test_lr_one_percent_higher_fails_match_at_step_2_and_passes_diverge(tmp_path
            in diverge.stdout, diverge.stdout
 
 
+@pytest.mark.slow
 def test_collection_ids_and_markers_for_committed_cases(tmp_path):
     def collected(marker: str) -> list[str]:
         # Its own --parity-out: a session that collects the cases first clears the case folders in its out,
@@ -107,6 +109,7 @@ def test_collection_ids_and_markers_for_committed_cases(tmp_path):
     assert not set(eight) & set(titan)  # the torchtitan cases run at 1 or 2 ranks
 
 
+@pytest.mark.slow
 def test_baseline_tamper_fails_then_update_restores_only_that_file(tmp_path, cache_env):
     cases, baselines, out = tmp_path / "cases", tmp_path / "baselines", tmp_path / "out"
     cases.mkdir()
@@ -162,6 +165,7 @@ def test_list_shows_every_case_with_world_size_mode_outcome_markers():
     assert control[1] == "8" and "tolerance" in control and "diverge" in control and control[-2:] == ["cpu", "8gpu"]
 
 
+@pytest.mark.slow
 def test_pytest_cuda_without_gpus_skips_naming_case_or_fails_strict(tmp_path):
     if __import__("torch").cuda.device_count() >= 2:
         pytest.skip("this machine has GPUs")
@@ -178,6 +182,7 @@ def test_pytest_cuda_without_gpus_skips_naming_case_or_fails_strict(tmp_path):
     assert not (tmp_path / "out" / "small").exists()  # never a quiet CPU run
 
 
+@pytest.mark.slow
 def test_pytest_xdist_workers_each_plan_their_own_share(tmp_path, cache_env):
     """Under -n 2 the cases that share a setup reach one worker, which trains it once for both; each
     case is still its own item with its own verdict."""

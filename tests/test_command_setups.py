@@ -98,6 +98,7 @@ def pair(verdict: dict, other: str) -> dict:
 # --- a: each reader against the built-in setup -------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
                     reason='tensorboard not installed: pip install "parity[torchtitan]"')
 def test_every_reader_matches_the_builtin_setup(tmp_path, seed_cache):
@@ -164,6 +165,7 @@ def test_every_reader_matches_the_builtin_setup(tmp_path, seed_cache):
 # --- b: a planted bug is caught where it is planted ------------------------------------------
 
 
+@pytest.mark.slow
 def test_scaled_gradients_are_caught_at_step_1_on_grad_norm(tmp_path, seed_cache):
     """One run, judged by two case files of the same name: the negative control passes, `match` fails."""
     scaled = command_setup("scaled", "jsonl", '{ reader = "jsonl" }', "--scale-grad", "2")
@@ -241,6 +243,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_failing_silent_and_hanging_commands_are_reported(tmp_path, seed_cache):
     cases = tmp_path / "cases"
     cases.mkdir()

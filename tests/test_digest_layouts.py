@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from parity.core.process import process_env
 from parity.trainers.seed import resolve_seed
 
 SCRIPT = Path(__file__).parent / "scripts" / "digest_layouts.py"
 
 
+@pytest.mark.slow
 def test_digest_in_every_layout_is_the_full_tensors_digest(tmp_path, seed_cache):
     seed = resolve_seed("tiny", 42, "float32", cache=seed_cache).path
     out = tmp_path / "differences.txt"

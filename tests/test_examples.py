@@ -12,6 +12,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from test_config import CASE as TINY_CASE  # two identical single-process setups, the smallest case
 
 from parity.core.reproduce import PYTEST
@@ -73,6 +74,7 @@ def first_run_commands() -> list[str]:
     return [line.split("#")[0].strip() for line in blocks[0].splitlines() if line.split("#")[0].strip()]
 
 
+@pytest.mark.slow
 def test_own_repository_recipe_passes_as_copied_into_an_empty_folder(tmp_path, seed_cache):
     """[tool.parity] as written, a tiny case in its cases folder and no baselines folder: the documented first
     run (pytest's, then the CLI's in the comment) creates the baselines and passes; a later run passes on them."""

@@ -54,6 +54,7 @@ def parity(args, cwd, seed_cache):
                           text=True, timeout=600, env=dict(os.environ, PARITY_CACHE=str(seed_cache)))
 
 
+@pytest.mark.slow
 def test_planted_nondeterminism_is_caught_at_its_step(write_case, tmp_path, seed_cache):
     path = write_case(NOISY, "noisy")
     base = ["run", path, "--device", "cpu", "--no-report", "--baselines", tmp_path / "b", "--update-baselines=new"]
@@ -72,6 +73,7 @@ def test_planted_nondeterminism_is_caught_at_its_step(write_case, tmp_path, seed
     assert (tmp_path / "b" / "noisy" / "base.cpu.csv").is_file()
 
 
+@pytest.mark.slow
 def test_repeat_passes_and_run_json_records_determinism_fingerprint_timeout(write_case, tmp_path, seed_cache):
     path = write_case(HEALTHY.format(attention="flash") + "[expect]\nrepeat = true\n", "healthy")
     r = parity(["run", path, "--device", "cpu", "--no-report", "--out", tmp_path / "o", "--timeout", "300",

@@ -14,6 +14,8 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from parity.core import records
 from parity.core.reproduce import PYTEST
 from test_cli_plugin import SMALL_CASE
@@ -68,6 +70,7 @@ def user_repo(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_installed_parity_runs_the_users_cases_from_their_repository(tmp_path, seed_cache):
     python = installed_venv(tmp_path)
     repo = user_repo(tmp_path / "my-trainer")

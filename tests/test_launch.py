@@ -51,6 +51,7 @@ def no_stray_ranks(tmp_path):
     assert parity_ranks(tmp_path) == [], "processes left behind"
 
 
+@pytest.mark.slow
 def test_crashing_rank_fails_the_run_with_its_message(write_case, tmp_path, seed_cache, no_stray_ranks):
     case = load_case(write_case(CASE.format(fault="crash")))
     results = run_case(case, tmp_path / "out", "cpu", cache=seed_cache, timeout_s=120)
@@ -63,6 +64,7 @@ def test_crashing_rank_fails_the_run_with_its_message(write_case, tmp_path, seed
     assert (tmp_path / "out" / case.name / "faulty" / "rank1.log").is_file()
 
 
+@pytest.mark.slow
 def test_hanging_rank_is_killed_after_the_timeout(write_case, tmp_path, seed_cache, no_stray_ranks):
     case = load_case(write_case(CASE.format(fault="hang")))
     results = run_case(case, tmp_path / "out", "cpu", cache=seed_cache, timeout_s=30)
@@ -97,6 +99,7 @@ def test_descendants_finds_grandchildren(tmp_path):
     assert not any(alive(p) for p in found)
 
 
+@pytest.mark.slow
 def test_killing_parity_itself_takes_torchrun_and_ranks_down(write_case, tmp_path, seed_cache, no_stray_ranks):
     """SIGKILL on `parity run` (a cancelled CI job) leaves nothing: PDEATHSIG chains parity -> torchrun -> ranks."""
     import signal
@@ -123,6 +126,7 @@ def test_killing_parity_itself_takes_torchrun_and_ranks_down(write_case, tmp_pat
     assert survivors() == []
 
 
+@pytest.mark.slow
 def test_sigterm_on_parity_records_interrupted_and_cleans_scratch(write_case, tmp_path, seed_cache, no_stray_ranks):
     """SIGTERM (`timeout`, a CI cancel that asks first) unwinds: ranks killed, setups marked interrupted,
     no scratch files left, exit 130."""
@@ -216,6 +220,7 @@ lr = 0.004
 TWO_CORES = "import os, sys; os.sched_getaffinity = lambda pid: {0, 1}; from parity.cli import main; sys.exit(main())"
 
 
+@pytest.mark.slow
 def test_sigterm_while_lanes_run_stops_both_and_leaves_nothing(write_case, tmp_path, seed_cache, no_stray_ranks):
     """The lanes of a split launch run in threads, each waiting on its own torchrun: SIGTERM must still kill
     every rank of both, mark both setups interrupted and exit 130."""

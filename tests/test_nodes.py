@@ -151,6 +151,7 @@ class Forger(threading.Thread):
             pass
 
 
+@pytest.mark.slow
 def test_two_nodes_of_four_ranks_match_one_launch_of_eight_bitwise(write_case, tmp_path, seed_cache,
                                                                     no_stray_processes):
     """The 2-node run is bit-identical to one launch of 8 ranks, with a forger on the rendezvous port
@@ -194,6 +195,7 @@ def test_two_nodes_of_four_ranks_match_one_launch_of_eight_bitwise(write_case, t
     assert foreign_entries(tmp_path / "two") == []  # a next run may use the same --out
 
 
+@pytest.mark.slow
 def test_killing_one_nodes_agent_fails_the_run_on_both_and_leaves_nothing(write_case, tmp_path, seed_cache,
                                                                           no_stray_processes):
     """Rank 1 hangs at step 2 of `faulty`; node 1's torchrun is then SIGKILLed. Node 0 must stop its own part
@@ -226,6 +228,7 @@ def test_killing_one_nodes_agent_fails_the_run_on_both_and_leaves_nothing(write_
     assert not [p for p in everything if alive(p)]
 
 
+@pytest.mark.slow
 def test_slurm_job_script_runs_one_parity_per_node(write_case, tmp_path, seed_cache, no_stray_processes):
     """The script is checked for what it asks of SLURM, then run under stand-ins for scontrol, srun and
     hostname that play a 2-node allocation on localhost (srun starts one task per node with SLURM_NODEID)."""
@@ -303,6 +306,7 @@ def test_bad_node_arguments_are_one_line_and_exit_2(write_case, tmp_path, extra,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_node_given_other_cases_or_a_taken_rank_is_refused(write_case, tmp_path, seed_cache, no_stray_processes):
     """Three nodes (world size 6): a second node claiming --node-rank 1 is refused at once, one line and
     exit 2; then node 1's other case is refused on every node before anything is written."""
@@ -423,6 +427,7 @@ def test_what_a_node_names_is_bounded_and_escaped(store, capsys):
     assert len(capsys.readouterr().err.splitlines()) == MAX_NOTES
 
 
+@pytest.mark.slow
 def test_a_forged_done_is_refused_and_named_by_node_0(tmp_path, capsys):
     """Node 0 and node 1 (threads here, on a real store, with no launch between them): a "done" forged
     before node 0 sends its own, in the old format and then with a made-up MAC, is refused by node 1,

@@ -106,6 +106,7 @@ def test_concurrent_cli_run_into_one_out_is_refused_with_one_line(tmp_path, writ
     assert sorted(before) == [".busy.lock", ".parity-run"]
 
 
+@pytest.mark.slow
 def test_flipped_byte_in_the_seed_cache_is_rebuilt_and_the_run_matches_the_committed_baselines(tmp_path):
     """The committed debugmodel seed, damaged in the cache: found before launch, moved aside, rebuilt; the
     run then matches the stored baselines (bit for bit on the platform that made them)."""
@@ -211,6 +212,7 @@ def _fill(folder: Path) -> None:
             break
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_the_baselines_fails_that_case_in_its_verdict_and_the_suite_goes_on(
         tmp_path, write_case, seed_cache, full_disk):
     """Once training has begun, a baseline that cannot be written fails its setup with one line in the verdict

@@ -181,6 +181,7 @@ def _strip(rows):
     (WORLD_2, [("tp_only", "replicate_1_tp", (["dp_replicate", "tp"], [1, 2])),
                ("pp_only", "replicate_1_pp", (["pp", "dp_replicate"], [2, 1]))], ("tp_only", "replicate_1_tp_half")),
 ], ids=["world_size_1", "tp_2_and_pp_2"])
+@pytest.mark.slow
 def test_replicate_with_one_replica_runs_and_keeps_its_policy(write_case, tmp_path, seed_cache, text, pairs, half):
     case = load_case(write_case(text, "replicate_one"))
     results = run_case(case, tmp_path / "out", "cpu", cache=seed_cache, timeout_s=600)

@@ -146,6 +146,7 @@ def record_bytes(out: Path, case: str, setup: str) -> dict[str, object]:
     return got
 
 
+@pytest.mark.slow
 def test_suite_plan_is_bit_identical_to_each_case_alone(three, tmp_path, seed_cache):
     """The suite plan (shared trainings, one launch per world size, its world-size-1 launch split into two
     lanes that run at once) against each case planned alone (no sharing, no lanes)."""
@@ -174,6 +175,7 @@ def test_suite_plan_is_bit_identical_to_each_case_alone(three, tmp_path, seed_ca
                             "seed_load_s", "steps_s", "digest_s"} and all(v >= 0 for v in timings.values())
 
 
+@pytest.mark.slow
 def test_a_crash_fails_only_the_cases_that_use_that_setup(write_case, tmp_path, seed_cache):
     broken = tiny_case(write_case, "broken", setups(("fsdp", FSDP2), ("crash", FSDP2 + 'fault = "crash"\n')))
     healthy = tiny_case(write_case, "healthy", setups(("replicate", REPLICATE2), ("fsdp_2", FSDP2)))

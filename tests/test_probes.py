@@ -233,6 +233,7 @@ def max_rel(a, b) -> dict[str, float]:
     return worst
 
 
+@pytest.mark.slow
 def test_rows_in_causal_order(runs):
     rows = probes(runs, "single")
     params = param_names(CFG)
@@ -251,6 +252,7 @@ RTOL = 1e-5
 
 # tp_plain: TP without a data-parallel wrapper leaves gradients whose placements differ from their
 # parameters' (the embedding's Replicate, the RMSNorm weights' Partial).
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["single_mb", "replicate", "fsdp", "ddp", "tp", "tp_plain", "pp", "pp_plain",
                                   "pp_interleaved", "fsdp_tp", "hsdp_2x2", "replicate_pp"])
 def test_layouts_agree(runs, name):
@@ -259,11 +261,13 @@ def test_layouts_agree(runs, name):
     assert all(v <= RTOL for v in worst.values()), worst
 
 
+@pytest.mark.slow
 def test_replicate_and_hsdp_agree_bitwise(runs):
     # The same full parameters, the same rows per rank, the same AVG all-reduce: the same bits.
     assert probes(runs, "replicate") == probes(runs, "hsdp")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,module", [("tp_scale_output", OUTPUT_AT), ("tp_scale_logits", "output")])
 def test_scale_output_shows_from_that_module_on(runs, name, module):
     # A sequence shard on each tp rank, or (output) the same full tensor on both: every holder scales it.
@@ -276,6 +280,7 @@ def test_scale_output_shows_from_that_module_on(runs, name, module):
     assert bad[at]["value"] / clean[at]["value"] == pytest.approx(FACTOR**2, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_scale_grad_shows_on_that_parameter_only(runs):
     clean = [r for r in probes(runs, "pp") if r["step"] == 1]
     bad = [r for r in probes(runs, "pp_scale_grad") if r["step"] == 1]
@@ -285,6 +290,7 @@ def test_scale_grad_shows_on_that_parameter_only(runs):
     assert bad[at]["value"] / clean[at]["value"] == pytest.approx(FACTOR**2, rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ON_OFF)
 def test_probes_change_nothing_else(runs, name):
     """metrics.csv (but its step times) and weights.csv bit-identical with probes on and off; step 3,

@@ -450,6 +450,7 @@ def test_train_small_defaults_are_parity_train_defaults():
     assert {k: train[k] for k in vars(module.DEFAULTS)} == vars(module.DEFAULTS)
 
 
+@pytest.mark.slow
 def test_train_small_routes_agree_and_scale_grad_doubles_the_norm(tmp_path, seed_cache):
     """Two short runs of the tiny model: the jsonl and log routes read back; --scale-grad 2 is visible."""
     from parity.trainers.seed import resolve_seed

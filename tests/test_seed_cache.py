@@ -78,6 +78,7 @@ def test_built_once_then_cached_and_private(tmp_path):
     assert not list(cache.glob(".building-*"))
 
 
+@pytest.mark.slow
 def test_build_is_byte_deterministic_across_processes(tmp_path, pristine):
     """A rebuilt entry must keep its hash: baselines record it as seed_checkpoint_sha256."""
     code = BUILD
@@ -268,6 +269,7 @@ def test_verify_after_launch_sees_a_change(built):
     assert not verify(cache / "missing", sha)
 
 
+@pytest.mark.slow
 def test_concurrent_builders_agree(tmp_path, pristine):
     code = BUILD
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "c")], stdout=subprocess.PIPE, text=True)

@@ -48,6 +48,7 @@ def every_kind(tmp_path_factory, seed_cache):
     return case, d / "out", results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_setup_kind_runs_and_agrees_with_single(every_kind, kind):
     case, out, results = every_kind
@@ -66,6 +67,7 @@ def test_setup_kind_runs_and_agrees_with_single(every_kind, kind):
     assert run["status"] == "ok" and run["world_size"] == 4 and run["backend"] == "gloo"
 
 
+@pytest.mark.slow
 def test_mesh_shapes_recorded(every_kind):
     case, out, _ = every_kind
     run = lambda name: records.read_json(out / case.name / name / "run.json")  # noqa: E731
@@ -74,6 +76,7 @@ def test_mesh_shapes_recorded(every_kind):
     assert run("single")["world_size"] == 1
 
 
+@pytest.mark.slow
 def test_batched_launch_equals_separate_launches(every_kind, tmp_path, seed_cache):
     """Setups sharing one torchrun launch give the same bits as each in a launch of its own."""
     case, out, _ = every_kind

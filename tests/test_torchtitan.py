@@ -215,6 +215,7 @@ def test_seed_key_of_a_source_tree_that_is_not_a_git_repository(tmp_path):
     assert torchtitan.identity(live)["torchtitan_commit"] == "not a git tree"
 
 
+@pytest.mark.slow
 @needs_titan
 def test_an_edit_to_a_source_tree_without_ref_builds_a_fresh_seed(tmp_path, source_tree):
     """torchtitan itself, twice: the seed of an edited tree comes from the cache until the edit changes
@@ -235,6 +236,7 @@ def test_an_edit_to_a_source_tree_without_ref_builds_a_fresh_seed(tmp_path, sour
     assert edited.sha256 == first.sha256  # a comment changes no weight, and the build is deterministic
 
 
+@pytest.mark.slow
 @needs_titan
 def test_two_refs_of_a_source_tree(tmp_path, source_tree):
     """loss_compare's workflow as a case: a comment-only commit matches main bitwise; a RoPE change is

@@ -253,6 +253,7 @@ def layouts(tmp_path_factory, seed_cache):
     return case, d / "out", weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", HEALTHY)
 def test_layouts_of_one_training_have_the_same_sketches(layouts, setup):
     _, _, weights = layouts
@@ -264,6 +265,7 @@ def test_layouts_of_one_training_have_the_same_sketches(layouts, setup):
         assert max(abs(r[c]) for c in SKETCH_COLUMNS) > 1e-2 * r["norm"], name  # a real projection, not zeros
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("faulty", list(FAULTY))
 def test_a_corrupted_shard_is_caught_on_that_parameter_only(layouts, faulty):
     case, out, weights = layouts

@@ -18,6 +18,7 @@ MARKERS = {
     "8gpu": "largest setup needs 5-8 ranks",
     "multinode": "largest setup needs more than 8 ranks",
     "parity_case": "a parity case (one item per cases/*.toml)",
+    "slow": "trains or starts ranks: every case item, and such tests (`-m \"not slow\"` is the fast tier)",
 }
 
 
