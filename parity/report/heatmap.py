@@ -83,10 +83,16 @@ def _colour_scale(panels: list) -> LogNorm | None:
     return LogNorm(lo if hi > lo else lo / 10, hi if hi > lo else hi * 10)
 
 
+def _boxed(panels: list) -> str:
+    """What the box marks: the first entry beyond tolerance, or not bitwise equal, as the localization judged."""
+    judged = {"first beyond tolerance" if m["tolerance"] else "first not bitwise" for _, m, _, _ in panels}
+    return " / ".join(sorted(judged))
+
+
 def _legend(fig, panels: list) -> None:
     legend = [Patch(facecolor=EXACT_COLOUR, edgecolor="0.5", label="exact (bitwise equal)"),
               Patch(facecolor=MISSING_COLOUR, edgecolor="0.5", label="missing / not finite"),
-              Patch(facecolor="none", edgecolor=FIRST_COLOUR, linewidth=2, label="first divergence")]
+              Patch(facecolor="none", edgecolor=FIRST_COLOUR, linewidth=2, label=_boxed(panels))]
     if any(m["tolerance"] for _, m, _, _ in panels):
         legend.append(Line2D([], [], linestyle="none", marker="o", markersize=3, color="black",
                              label="beyond tolerance"))
