@@ -1,7 +1,8 @@
 """Speed and scale, measured in one run on this machine: a benchmark to read, not a test to pass.
 
-    python benchmarks/scale.py [--only suite|long] [--cases cases] [--suite-steps N]
+    python benchmarks/scale.py [--only suite|long|floor] [--cases cases] [--suite-steps N]
                                [--long-steps 100000] [--repeats 3]
+                               [--floor-steps 5] [--floor-batch 16] [--floor-processes 2 4 8]
 
 Parts (each prints its lines with the goal it is held to):
 
@@ -16,6 +17,19 @@ Parts (each prints its lines with the goal it is held to):
   process; its wall time and peak RSS are measured from the outside (os.wait4's rusage of that
   child alone), with its CPU seconds beside (on a busy shared machine wall time is mostly waiting).
   Goal: both together at most 3 s, each under 300 MB.
+- floor: (d) what a rank layout costs on CPU against one process training the same global batch of
+  the debugmodel on the same cores (os.sched_getaffinity), with parity's own model, data, loss,
+  optimizer and determinism settings. (i) one process, as many torch threads as cores, the whole
+  batch: compute. (ii) n spawned processes of 1 thread each (as parity's CPU ranks run), each its
+  1/n of the batch, in a gloo group they never use: compute plus oversubscription. (iii) the same
+  processes, the gradients averaged by one all_reduce before each optimizer step: a data-parallel
+  layout. Median seconds per step after 2 warm-up steps (a layout's step ends when its last
+  process's does), the split oversubscription = (ii) - (i), collectives = (iii) - (ii), and
+  (iii)/(i), for each n of --floor-processes. Beside each time, the CPU seconds per step of every
+  thread of the layout's processes (where others' load stretches wall time, the work), and beside
+  (i) one process on one thread (with cores taken by others, a team of threads waits for its
+  descheduled members). No goal: it says what a case's layout costs. Every spawned process is ended
+  on an error, after a timeout and on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -24,11 +38,13 @@ import argparse
 import hashlib
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -264,7 +280,173 @@ def suite_part(cases: list[str], steps: int | None) -> list[str]:
         return lines + startup(naive)
 
 
-PARTS = {"suite": suite_part, "long": long_runs}
+FLOOR_STEPS, FLOOR_BATCH = 5, 16  # about a minute on 2 cores; 16 rows: parity's default global batch
+FLOOR_PROCESSES = [2, 4, 8]  # 8: parity's CPU cases' world size
+FLOOR_WARMUP = 2  # steps trained before the clock starts: first calls allocate and pick their kernels
+FLOOR_TIMEOUT_S = 900  # per launch; past it every process of the launch is ended
+
+
+def floor_step(model, opt, batches, train, step: int, world: int, rank: int, all_reduce: bool) -> None:
+    """One step as parity's ranks take it (parity.rank.train, less probes and faults): this rank's rows of the
+    global batch, forward and backward, the gradients averaged over the ranks if asked, clip, AdamW."""
+    import torch
+    import torch.distributed as dist
+
+    from parity.rank.step import loss_fn, sdpa_context
+
+    inputs, labels = (torch.from_numpy(a) for a in batches.local(step, world, rank))
+    with sdpa_context(train.attention):
+        loss_fn(model(inputs), labels).backward()
+    grads = [p.grad for p in model.parameters()]
+    if all_reduce:
+        # One flat all_reduce, as DDP's single bucket of a model this small; gloo has no AVG, so SUM then divide.
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        for g, reduced in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(reduced.view_as(g))
+    torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def floor_phase(train, steps: int, world: int, rank: int, all_reduce: bool) -> tuple[float, float] | None:
+    """A fresh model trained FLOOR_WARMUP + `steps` steps; to rank 0, the layout's (median wall seconds per
+    timed step, CPU seconds per timed step of all its processes together).
+
+    Each rank stamps the end of each step on the system-wide monotonic clock; a layout's step ends when
+    its last rank's does. Ranks that train alone drift apart, and the latest stamp still says when the
+    layout as a whole had trained that step. The CPU seconds (every thread of every process) are what
+    the layout's work is where others' load stretches the wall time."""
+    import torch.distributed as dist
+
+    from parity.rank.data import Batches
+    from parity.rank.model import build_model
+    from parity.rank.step import make_optimizer
+
+    cfg = train.model_config
+    model = build_model(cfg, train.seq_len, train.seed)
+    opt = make_optimizer(list(model.parameters()), train)
+    batches = Batches(train.seed, train.global_batch, train.seq_len, cfg.vocab_size)
+    for step in range(1, FLOOR_WARMUP + 1):
+        floor_step(model, opt, batches, train, step, world, rank, all_reduce)
+    dist.barrier()  # every rank starts the clock together, whatever its warm-up took
+    stamps, cpu = [time.monotonic()], time.process_time()
+    for step in range(FLOOR_WARMUP + 1, FLOOR_WARMUP + steps + 1):
+        floor_step(model, opt, batches, train, step, world, rank, all_reduce)
+        stamps.append(time.monotonic())
+    cpu = time.process_time() - cpu
+    every = [None] * world
+    dist.all_gather_object(every, (stamps, cpu))  # after the clock stopped
+    if rank != 0:
+        return None
+    ends = [max(column) for column in zip(*(s for s, _ in every))]
+    return statistics.median(b - a for a, b in zip(ends, ends[1:])), sum(c for _, c in every) / steps
+
+
+def floor_rank(rank: int, world: int, threads: int, phases: tuple[bool, ...], train, steps: int, store: str,
+               results) -> None:
+    """One process of a layout: `threads` torch threads and parity's determinism settings, as a parity rank
+    sets them (parity.rank.train.main), a gloo group; one phase per entry of `phases` (all_reduce or not)."""
+    import torch
+    import torch.distributed as dist
+
+    from parity.core.determinism import DETERMINISM, apply_determinism
+
+    try:
+        torch.set_num_threads(threads)
+        apply_determinism(DETERMINISM)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        timings = [floor_phase(train, steps, world, rank, all_reduce) for all_reduce in phases]
+        if rank == 0:
+            results.put(timings)
+            results.close()
+            results.join_thread()  # the result is in the pipe before the process ends
+    except KeyboardInterrupt:  # Ctrl-C reaches every process: the parent alone says so
+        os._exit(130)
+    except BaseException:  # noqa: BLE001 - shown here; the parent sees the exit code and ends the others
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)  # no interpreter teardown, as parity's ranks: destroying a gloo group can hang
+
+
+def launch_layout(world: int, threads: int, phases: tuple[bool, ...], train, steps: int) -> list[tuple[float, float]]:
+    """floor_phase's (wall, CPU) seconds per step of each phase, from `world` spawned processes; none of them
+    outlives this call (an error, a timeout or Ctrl-C ends them all)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="parity-floor-") as tmp:
+        procs = [ctx.Process(target=floor_rank, daemon=True,
+                             args=(r, world, threads, phases, train, steps, f"{tmp}/store", results))
+                 for r in range(world)]
+        started = []
+        try:
+            for proc in procs:
+                proc.start()
+                started.append(proc)
+            return wait_for_result(procs, results, time.monotonic() + FLOOR_TIMEOUT_S)
+        finally:
+            for proc in started:
+                if proc.is_alive():
+                    proc.terminate()
+            for proc in started:
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+
+
+def wait_for_result(procs: list, results, deadline: float):
+    """Rank 0's result, or SystemExit once a process failed or the deadline passed."""
+    while True:
+        try:
+            return results.get(timeout=1)
+        except queue.Empty:
+            pass
+        failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+        if failed:
+            raise SystemExit(f"(d) floor: a process of a {len(procs)}-process layout exited {failed[0]}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"(d) floor: a {len(procs)}-process layout ran past {FLOOR_TIMEOUT_S} s")
+
+
+def floor(steps: int, global_batch: int, processes: list[int]) -> list[str]:
+    """(d): one process on every core against n single-threaded processes, alone and with an all_reduce."""
+    from parity.case.schema import Train
+
+    train = Train(global_batch=global_batch)
+    cores = len(os.sched_getaffinity(0))
+    ((compute, compute_cpu),) = launch_layout(1, cores, (False,), train, steps)
+    # Beside the floor: one thread alone. Where other work holds some of the cores, a team of `cores`
+    # threads waits at every barrier for its descheduled members, and (i) reads slower than this.
+    ((one_thread, one_thread_cpu),) = launch_layout(1, 1, (False,), train, steps)
+    lines = [f"(d) floor: {train.model}, global batch {global_batch} x {train.seq_len} tokens, on {cores} cores: "
+             f"median wall seconds per step of {steps} after {FLOOR_WARMUP} warm-up",
+             "    (CPU: CPU seconds per step, every thread of every process together)",
+             f"    (i) 1 process, {cores} torch threads: {compute:.3f} s (CPU {compute_cpu:.3f}) = compute;  "
+             f"1 process, 1 thread: {one_thread:.3f} s (CPU {one_thread_cpu:.3f})",
+             f"    {'processes':>9}  {'(ii) alone':>10}  {'CPU':>6}  {'(iii) all_reduce':>16}  {'CPU':>6}  "
+             f"{'oversubscription':>16}  {'collectives':>11}  {'(iii)/(i)':>9}"]
+    for n in processes:
+        (alone, alone_cpu), (reduced, reduced_cpu) = launch_layout(n, 1, (False, True), train, steps)
+        lines.append(f"    {n:>9}  {alone:10.3f}  {alone_cpu:6.3f}  {reduced:16.3f}  {reduced_cpu:6.3f}  "
+                     f"{alone - compute:+16.3f}  {reduced - alone:+11.3f}  {reduced / compute:8.2f}x")
+    return lines
+
+
+PARTS = {"suite": suite_part, "long": long_runs, "floor": floor}
+
+
+def check_floor(parser: argparse.ArgumentParser, args) -> None:
+    """Exit 2 with one line where the floor part's options cannot make a layout."""
+    if args.floor_steps < 1 or args.floor_batch < 1:
+        parser.error(f"--floor-steps {args.floor_steps} --floor-batch {args.floor_batch}: allowed: whole numbers >= 1")
+    for n in args.floor_processes:
+        if n < 2 or args.floor_batch % n:
+            parser.error(f"--floor-processes {n}: allowed: a count from 2 up that divides "
+                         f"--floor-batch {args.floor_batch}, so each process trains the same share")
 
 
 def main(argv=None) -> int:
@@ -276,9 +458,16 @@ def main(argv=None) -> int:
     p.add_argument("--suite-steps", type=int, default=None, help="suite part: every case's step count (default: their own)")
     p.add_argument("--long-steps", type=int, default=LONG_STEPS, help="long part: steps per setup")
     p.add_argument("--repeats", type=int, default=3, help="long part: runs per timing; the best is reported")
+    p.add_argument("--floor-steps", type=int, default=FLOOR_STEPS, help="floor part: timed steps per layout")
+    p.add_argument("--floor-batch", type=int, default=FLOOR_BATCH, help="floor part: the global batch (rows)")
+    p.add_argument("--floor-processes", type=int, nargs="+", default=FLOOR_PROCESSES,
+                   help="floor part: the process counts of the layouts (each divides the global batch)")
     args = p.parse_args(argv)
+    check_floor(p, args)
     options = {"suite": {"cases": args.cases, "steps": args.suite_steps},
-               "long": {"steps": args.long_steps, "repeats": args.repeats}}
+               "long": {"steps": args.long_steps, "repeats": args.repeats},
+               "floor": {"steps": args.floor_steps, "global_batch": args.floor_batch,
+                         "processes": args.floor_processes}}
     for name in args.only or PARTS:
         print("\n".join(PARTS[name](**options[name])), flush=True)
     return 0

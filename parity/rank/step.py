@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parity.case.schema import Setup
+from parity.case.schema import Setup, Train
 from parity.rank.parallelize import Parallel
 
 
@@ -26,6 +26,12 @@ def sdpa_context(backend: str):
 def loss_fn(logits, labels):
     # At least float32 (bf16 logits are upcast, as torchtitan does); a float64 oracle stays float64.
     return F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)), labels.flatten())
+
+
+def make_optimizer(params, train: Train) -> torch.optim.AdamW:
+    """The optimizer every parity rank steps; benchmarks/scale.py's floor part steps it too, to cost the same step."""
+    return torch.optim.AdamW(params, lr=train.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=train.weight_decay,
+                             foreach=False)
 
 
 def to_device(array, device: torch.device) -> torch.Tensor:

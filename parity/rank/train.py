@@ -35,7 +35,7 @@ from parity.rank.digest import weight_digest
 from parity.rank.faults import PlantedFault
 from parity.rank.parallelize import Parallel
 from parity.rank.probes import ProbeRecorder
-from parity.rank.step import clip_grads, forward_backward, grad_norm, sdpa_context, to_device
+from parity.rank.step import clip_grads, forward_backward, grad_norm, make_optimizer, sdpa_context, to_device
 
 # The process group's own timeout fires this long after the launcher's: a hung collective is
 # reported by the launcher, with every rank's log tail, not as a bare watchdog abort.
@@ -108,8 +108,7 @@ class Training:
         self.probes = (ProbeRecorder(self.model, self.par, t.model_config, t.global_batch, t.seq_len,
                                      job["probe_steps"], device) if job["probe_steps"] else None)
         params = [p for m in self.par.modules for p in m.parameters()]
-        self.opt = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=t.weight_decay,
-                                     foreach=False)
+        self.opt = make_optimizer(params, t)
         self.batches = Batches(t.seed, t.global_batch, t.seq_len, t.model_config.vocab_size, t.data)
         self.dp_rank = self.fault.data_rank(self.par)
         self.clock = StepClock(device)
