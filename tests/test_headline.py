@@ -14,7 +14,7 @@ from parity.verdict.headline import headline
 from parity.verdict.localize import localize
 from parity.verdict.model import StatisticalTest
 from parity.verdict.numbers import entry, ulps_text
-from parity.verdict.series import compare_series, compare_weights
+from parity.verdict.series import compare_series, compare_weights, not_compared
 
 TOL = {"loss": Tolerance(1e-5, 0.0), "grad_norm": Tolerance(1e-4, 0.0), "weights": Tolerance(1e-4, 0.0),
        "forward": Tolerance(5e-5, 0.0), "backward": Tolerance(2e-4, 0.0), "update": Tolerance(1e-4, 0.0)}
@@ -43,7 +43,7 @@ def weights(scale=1.0) -> list[dict]:
     return [{"param": "layers.0.w", "norm": 2.0 * scale, "sha256": "a" if scale == 1.0 else "b"}]
 
 
-def told(c: Case, loss=LOSS, gnorm=GNORM, w=1.0, change=None, passed=True):
+def told(c: Case, loss=LOSS, gnorm=GNORM, w=1.0, change=None, problems=()):
     """The headline of ref against an other run with these values (the reference's are LOSS, GNORM, weights(),
     probes())."""
     lane = "bitwise" if c.expect.mode == "bitwise" else "tolerance"
@@ -52,7 +52,7 @@ def told(c: Case, loss=LOSS, gnorm=GNORM, w=1.0, change=None, passed=True):
                "weights": compare_weights(weights(), weights(w), TOL["weights"], lane, unit="f32")}
     modes = {name: c.expect.mode for name in metrics}
     loc = localize(probes(), probes(change), lane, TOL, unit="f32")
-    return headline(c, metrics, modes, loc, loc.first_not_bitwise, passed)
+    return headline(c, metrics, modes, loc, loc.first_not_bitwise, list(problems))
 
 
 def test_a_gradient_bug_is_named_at_its_gradient_not_at_the_weights_it_later_moved():
@@ -112,7 +112,7 @@ def test_a_control_says_why_it_passed():
     h = told(case(outcome="diverge", first_divergence=declared), gnorm=[GNORM[0], GNORM[1] * 2, GNORM[2] * 2])
     assert h.text == "declared effect found: grad_norm at step 2 (rel 1.0)"
     # A failed control has no reason to give: its problems say what is wrong; the headline says what was seen.
-    h = told(case(outcome="diverge", localized=localized), change=planted, passed=False)
+    h = told(case(outcome="diverge", localized=localized), change=planted, problems=["expected ... found ..."])
     assert h.text == "first beyond tolerance: step 1, backward, layers.0.w (rel 3.0)"
 
 
@@ -124,8 +124,17 @@ def test_in_statistical_mode_the_probes_do_not_lead_and_a_window_does():
                    statistical=StatisticalTest(False, [1.0], [41.3], 41.3, 1, band))
     metrics = {"loss": loss, "grad_norm": compare_series(STEPS, GNORM, STEPS, GNORM, TOL["grad_norm"])}
     loc = localize(probes(), probes(lambda step, phase, v: v * 2), "tolerance", TOL)
-    h = headline(c, metrics, {"loss": "statistical", "grad_norm": "statistical"}, loc, loc.first_not_bitwise, False)
+    h = headline(c, metrics, {"loss": "statistical", "grad_norm": "statistical"}, loc, loc.first_not_bitwise,
+                 ["loss: 1 of 1 windows outside the ensemble's band"])
     assert h.text == "first outside the band: loss over steps 26-50 (rel 0.037, z 41.3 (limit 7.02))"
+
+
+def test_a_pair_with_nothing_to_compare_says_why_and_never_agrees():
+    c = case()
+    metrics = {"loss": not_compared("metrics.csv unreadable"), "grad_norm": not_compared("metrics.csv unreadable"),
+               "weights": not_compared("weights.csv unreadable")}
+    h = headline(c, metrics, dict.fromkeys(metrics, "tolerance"), None, None, ["other: run failed: rank 1 crashed"])
+    assert h.lane is None and h.text == "other: run failed: rank 1 crashed"
 
 
 def test_ulps_are_counted_in_the_precision_the_values_were_produced_in():

@@ -85,18 +85,19 @@ def _found_text(lane: str, e: dict) -> str:
 
 
 def headline(case: Case, metrics: dict[str, MetricResult], modes: dict[str, str], loc: Localization | None,
-             probes_not_bitwise: dict | None, passed: bool) -> Headline:
-    """The pair's headline (see the module docstring)."""
+             probes_not_bitwise: dict | None, problems: list[str]) -> Headline:
+    """The pair's headline (see the module docstring); `problems`: the pair's, none when it passed."""
     mode = case.expect.mode
     failing = first_failing(metrics, modes, loc, mode)
     exact = first_not_bitwise(metrics, probes_not_bitwise)
     lane, e = failing or (None, None)
     basis = BASIS[modes.get(lane, mode)] if failing else None  # the probes lane is judged in the case's mode
     if failing is None:
-        text = _agreeing_text(mode, exact)
+        # No entry fails, yet a run that crashed or could not be read is no agreement: its first problem says why.
+        text = problems[0] if problems else _agreeing_text(mode, exact)
     else:
         text = f"first {basis}: {_found_text(lane, e)}"
-        if case.expect.outcome == "diverge" and passed:
+        if case.expect.outcome == "diverge" and not problems:
             text = _control_text(case, lane, e, metrics, modes) or f"diverged as a control must: {text}"
     return Headline(text=text, lane=lane, basis=basis, entry=e,
                     not_bitwise_lane=exact[0] if exact else None, not_bitwise=exact[1] if exact else None)

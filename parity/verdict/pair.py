@@ -63,7 +63,7 @@ def compare_pair(ref_name: str, ref_run: dict, other_name: str, other_run: dict,
     if healthy and mode != "statistical":  # probes part at the first rounding difference, which this mode expects
         problems += _probe_problems(localization, case, metrics_passed=not problems)
     told = headline(case, metrics, modes, localization if localization.probed else None,
-                    localization.first_not_bitwise or None, passed=not problems)
+                    localization.first_not_bitwise or None, problems)
     return Pair(reference=ref_name, other=other_name, passed=not problems, problems=problems, diverged=diverged,
                 effect=effect, metrics=metrics, modes=modes, notes=notes, localization=localization, headline=told)
 
