@@ -176,7 +176,7 @@ def test_killing_one_nodes_agent_fails_the_run_on_both_and_leaves_nothing(write_
     hung = out / "case" / "faulty" / "rank1.log"
     deadline = time.monotonic() + 240
     while not (hung.is_file() and "planted fault: rank 1 hangs" in hung.read_text()):
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or leader.poll() is not None:  # a run that failed first fails at once
             pytest.fail(f"rank 1 never reached its planted hang\n{log_of(out, 0)}")
         time.sleep(0.2)
     # torchrun itself (`python -m torch.distributed.run ...`), not the supervisor whose argv holds it
