@@ -1,7 +1,9 @@
 """Runs across nodes, proven on one machine: two `parity run --nnodes 2` processes on localhost, each
 starting a torchrun of its share of the ranks (world size / nodes) that meet in a c10d rendezvous
 hosted by node 0's parity. The runs are as small as their claims allow: the tiny model, 2 steps,
-2 ranks per node where ranks on one node must meet ranks on the other, else 1."""
+2 nodes of 2 ranks for the bit-identity (ranks meet beside them on their node and across), 1 rank
+a node for the kill; one SLURM job, with a forger on its port, serves the script, job and
+bit-identity tests."""
 
 import json
 import math
