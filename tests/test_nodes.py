@@ -1,5 +1,9 @@
 """Runs across nodes, proven on one machine: two `parity run --nnodes 2` processes on localhost, each
-starting a torchrun of 4 ranks that meet in a c10d rendezvous hosted by node 0's parity."""
+starting a torchrun of its share of the ranks (world size / nodes) that meet in a c10d rendezvous
+hosted by node 0's parity. The runs are as small as their claims allow: the tiny model, 2 steps,
+2 nodes of 2 ranks for the bit-identity (ranks meet beside them on their node and across), 1 rank
+a node for the kill; one SLURM job, with a forger on its port, serves the script, job and
+bit-identity tests."""
 
 import json
 import math
@@ -12,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,22 +34,27 @@ from test_launch import parity_ranks
 from test_plan import record_bytes
 
 CASE = """
-description = "two layouts of 8 ranks, for runs across nodes"
+description = "two layouts of {world} ranks, for runs across nodes"
 [train]
 model = "tiny"
 steps = {steps}
-global_batch = 8
+global_batch = {world}
 seq_len = 16
 [setups.replicate]
 dp_api = "replicate"
-dp_replicate = 8
+dp_replicate = {world}
 [setups.hsdp]
 dp_api = "fully_shard"
-dp_replicate = 8
+dp_replicate = {world}
 dp_shard = 1
 {extra}
 """
-HANG = '[setups.faulty]\ndp_api = "replicate"\ndp_replicate = 8\nfault = "hang"\n'
+HANG = '[setups.faulty]\ndp_api = "replicate"\ndp_replicate = {world}\nfault = "hang"\n'
+
+
+def case_text(world: int, steps: int, hang: bool = False) -> str:
+    """The case above at `world` ranks (a batch row per rank); `hang` adds a setup whose rank 1 hangs at step 2."""
+    return CASE.format(world=world, steps=steps, extra=HANG.format(world=world) if hang else "")
 
 
 def free_port() -> int:
@@ -75,21 +85,25 @@ def log_of(out: Path, node: int) -> str:
     return (out.parent / f"{out.name}-node{node}.log").read_text()
 
 
-@pytest.fixture
-def no_stray_processes(tmp_path):
-    """After the test: no torchrun or rank of it is left. A failed test's own processes are killed
+def leave_nothing(scope: Path) -> None:
+    """No torchrun or rank of the runs under `scope` is left. A failed test's own processes are killed
     either way, so they cannot slow down or collide with the tests after it."""
-    yield
     deadline = time.monotonic() + 10
-    while parity_ranks(tmp_path) and time.monotonic() < deadline:
+    while parity_ranks(scope) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = parity_ranks(tmp_path)
-    for pid in left + _parity_clis(tmp_path):
+    left = parity_ranks(scope)
+    for pid in left + _parity_clis(scope):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     assert left == [], "processes left behind"
+
+
+@pytest.fixture
+def no_stray_processes(tmp_path):
+    yield
+    leave_nothing(tmp_path)
 
 
 def _parity_clis(scope: Path) -> list[int]:
@@ -152,61 +166,19 @@ class Forger(threading.Thread):
 
 
 @pytest.mark.slow
-def test_two_nodes_of_four_ranks_match_one_launch_of_eight_bitwise(write_case, tmp_path, seed_cache,
-                                                                    no_stray_processes):
-    """The 2-node run is bit-identical to one launch of 8 ranks, with a forger on the rendezvous port
-    all along: no forged launch, plan, rank count, result or "done" is acted on, and node 0 names them."""
-    case = write_case(CASE.format(steps=3, extra=""))
-    one = parity_run(case, tmp_path / "one", seed_cache, "--update-baselines=new", log=tmp_path / "one.log")
-    assert one.wait(timeout=300) == 0, (tmp_path / "one.log").read_text()
-    port = free_port()
-    forger = Forger(port)
-    forger.start()
-    leader, follower = two_nodes(case, tmp_path / "two", seed_cache, port=port)
-    try:
-        assert leader.wait(timeout=300) == 0, log_of(tmp_path / "two", 0)
-        assert follower.wait(timeout=60) == 0, log_of(tmp_path / "two", 1)
-    finally:
-        forger.stop.set()
-        forger.join(timeout=30)
-    assert forger.listening == ["127.0.0.1"]  # the store's socket: the endpoint's address only
-    said = log_of(tmp_path / "two", 0)
-    # Node 0 names what it refused and put back, and what node 1 refused: forged results on both sides
-    # (each node polls the other's while its own part runs, and the forger planted them first), and the
-    # forged launch (64 ranks, another plan) it put back; both nodes ran 4 ranks (the rank logs above).
-    # Whether node 1 reads a planted "done" or a forged launch before node 0's genuine one is a matter
-    # of timing here; test_a_forged_done_is_refused_and_named_by_node_0 pins that down.
-    for line in ["parity: node 0: refused parity/result/launch1/1 (malformed: not a signed parity message): "
-                 """b'{"status": "failed", "message": "forged"}'""",
-                 "parity: node 0: put back parity/run/launch/1, found overwritten with b'{\"name\": \"launch1\", "
-                 "\"plan\": \"/tmp/evil.json\", \"nproc\": 64",
-                 "parity: node 0: node 1 refused parity/result/launch1/0 (malformed: not a signed parity message)"]:
-        assert line in said, said
-    for setup in ("replicate", "hsdp"):
-        assert record_bytes(tmp_path / "two", "case", setup) == record_bytes(tmp_path / "one", "case", setup), setup
-        run = records.read_json(tmp_path / "two" / "case" / setup / "run.json")
-        assert run["world_size"] == 8 and "--nnodes" in run["command"]
-        assert sorted(p.name for p in (tmp_path / "two" / "case" / setup).glob("rank*.log")) == \
-            sorted(f"rank{r}.log" for r in range(8))  # every rank of both nodes logs into the shared run directory
-    assert "matches" in log_of(tmp_path / "two", 0)  # node 0 judged against the baselines the 8-rank run wrote
-    assert "launch1: ok" in log_of(tmp_path / "two", 1)
-    assert (tmp_path / "two" / ".nodes" / "node1" / "launch1.log").is_file()  # node 1's torchrun log
-    assert not (tmp_path / "two" / ".nodes" / "secret").exists()  # the run's secret ends with the run
-    assert foreign_entries(tmp_path / "two") == []  # a next run may use the same --out
-
-
-@pytest.mark.slow
 def test_killing_one_nodes_agent_fails_the_run_on_both_and_leaves_nothing(write_case, tmp_path, seed_cache,
                                                                           no_stray_processes):
     """Rank 1 hangs at step 2 of `faulty`; node 1's torchrun is then SIGKILLed. Node 0 must stop its own part
-    at once (not after --timeout), name what node 1 saw, and both parity processes exit 1."""
-    case = write_case(CASE.format(steps=3, extra=HANG))
+    at once (not after --timeout), name what node 1 saw, and both parity processes exit 1. One rank per
+    node: the kill and what node 0 makes of it need no more, and world size 2 over 2 nodes is the split
+    where ranks per node (1) and nodes (2) differ."""
+    case = write_case(case_text(world=2, steps=2, hang=True))
     out = tmp_path / "out"
     leader, follower = two_nodes(case, out, seed_cache, "--timeout", "300")
     hung = out / "case" / "faulty" / "rank1.log"
     deadline = time.monotonic() + 240
     while not (hung.is_file() and "planted fault: rank 1 hangs" in hung.read_text()):
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or leader.poll() is not None:  # a run that failed first fails at once
             pytest.fail(f"rank 1 never reached its planted hang\n{log_of(out, 0)}")
         time.sleep(0.2)
     # torchrun itself (`python -m torch.distributed.run ...`), not the supervisor whose argv holds it
@@ -226,28 +198,53 @@ def test_killing_one_nodes_agent_fails_the_run_on_both_and_leaves_nothing(write_
     assert "planted fault: rank 1 hangs at step 2" in faulty["message"]  # the tails of the setup it stopped in
     assert records.read_json(out / "case" / "replicate" / "run.json")["status"] == "ok"  # before the fault: kept
     assert not [p for p in everything if alive(p)]
+    # The run's secret ends with the run, failed or not (node 0 wrote it: none was in the environment).
+    assert not (out / ".nodes" / "secret").exists()
 
 
-@pytest.mark.slow
-def test_slurm_job_script_runs_one_parity_per_node(write_case, tmp_path, seed_cache, no_stray_processes):
-    """The script is checked for what it asks of SLURM, then run under stand-ins for scontrol, srun and
-    hostname that play a 2-node allocation on localhost (srun starts one task per node with SLURM_NODEID)."""
-    case = write_case(CASE.format(steps=2, extra="").replace("= 8", "= 2"))  # 2 ranks: one per node, the cheapest
-    out = tmp_path / "out"
-    argv = [sys.executable, "-m", "parity.cli", "run", str(case), "--device", "cpu", "--out", str(out),
-            "--baselines", str(tmp_path / "baselines"), "--update-baselines=new", "--launcher", "slurm", "--nnodes", "2"]
-    script = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=tmp_path).stdout
-    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script
-    assert "--gpus-per-node" not in script  # a CPU run asks for no GPUs
-    assert f"#SBATCH --chdir={tmp_path}" in script
-    assert "--node-rank \"$SLURM_NODEID\"" in script and "--nnodes 2" in script and str(case) in script
-    # One secret per job, made by the batch script unless the submitter set one; srun passes it to every node.
-    assert 'if [ -z "${PARITY_RDZV_SECRET:-}" ]; then PARITY_RDZV_SECRET=$(' in script
-    assert "secrets.token_hex(32)" in script and "export PARITY_RDZV_SECRET" in script
-    gpu_script = subprocess.run([*argv[:6], "cuda", *argv[7:]], capture_output=True, text=True, check=True).stdout
-    assert "#SBATCH --gpus-per-node=1" in gpu_script  # 2 ranks over 2 nodes
+@dataclass(frozen=True)
+class SlurmRun:
+    root: Path  # case.toml, baselines/, one/ (the single launch), out/ (the job's run), task0.log and task1.log
+    case: Path
+    argv: list[str]  # the command that printed the job script
+    script: str
+    job: subprocess.CompletedProcess
+    forger: Forger
 
-    bin_dir = tmp_path / "bin"
+
+@pytest.fixture(scope="module")
+def slurm_run(tmp_path_factory, seed_cache):
+    """One launch of 4 ranks, writing the baselines; then the SLURM job script for the same case, run under
+    stand-ins for scontrol, srun and hostname that play a 2-node allocation on localhost (srun starts one
+    task per node with SLURM_NODEID), with a forger on the rendezvous port all along: 2 nodes of 2 ranks.
+    The tests below read the script, the job and the bit-identity off these two runs."""
+    root = tmp_path_factory.mktemp("slurm")
+    case = root / "case.toml"
+    case.write_text(case_text(world=4, steps=2))  # 2 steps: the second starts from the first's optimizer state
+    try:
+        one = parity_run(case, root / "one", seed_cache, "--update-baselines=new", log=root / "one.log")
+        assert one.wait(timeout=300) == 0, (root / "one.log").read_text()
+        argv = [sys.executable, "-m", "parity.cli", "run", str(case), "--device", "cpu", "--out", str(root / "out"),
+                "--baselines", str(root / "baselines"), "--update-baselines=new", "--launcher", "slurm", "--nnodes", "2"]
+        script = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=root).stdout
+        port = free_port()
+        forger = Forger(port)
+        forger.start()
+        try:
+            env = dict(os.environ, PATH=f"{slurm_stand_ins(root / 'bin')}:{os.environ['PATH']}",
+                       SLURM_JOB_NODELIST="localhost", PARITY_RDZV_PORT=str(port), PARITY_CACHE=str(seed_cache),
+                       SRUN_LOGS=str(root))
+            job = subprocess.run(["bash", "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                                 timeout=300)
+        finally:
+            forger.stop.set()
+            forger.join(timeout=30)
+        yield SlurmRun(root, case, argv, script, job, forger)
+    finally:
+        leave_nothing(root)
+
+
+def slurm_stand_ins(bin_dir: Path) -> Path:
     bin_dir.mkdir()
     stand_ins = {
         "scontrol": 'echo localhost',
@@ -262,20 +259,70 @@ def test_slurm_job_script_runs_one_parity_per_node(write_case, tmp_path, seed_ca
     for name, body in stand_ins.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(stat.S_IRWXU)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="localhost",
-               PARITY_RDZV_PORT=str(free_port()), PARITY_CACHE=str(seed_cache), SRUN_LOGS=str(tmp_path))
-    job = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    logs = "\n".join((tmp_path / f"task{i}.log").read_text() for i in (0, 1))
+    return bin_dir
+
+
+@pytest.mark.slow
+def test_slurm_job_script_asks_for_one_parity_per_node(slurm_run):
+    script, root = slurm_run.script, slurm_run.root
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert "--gpus-per-node" not in script  # a CPU run asks for no GPUs
+    assert f"#SBATCH --chdir={root}" in script
+    assert "--node-rank \"$SLURM_NODEID\"" in script and "--nnodes 2" in script and str(slurm_run.case) in script
+    # One secret per job, made by the batch script unless the submitter set one; srun passes it to every node.
+    assert 'if [ -z "${PARITY_RDZV_SECRET:-}" ]; then PARITY_RDZV_SECRET=$(' in script
+    assert "secrets.token_hex(32)" in script and "export PARITY_RDZV_SECRET" in script
+    argv = slurm_run.argv
+    gpu_argv = [*argv[:6], "cuda", *argv[7:-1], "4"]  # --nnodes 4: ranks per node (1) and nodes (4) differ
+    gpu_script = subprocess.run(gpu_argv, capture_output=True, text=True, check=True).stdout
+    assert "#SBATCH --nodes=4" in gpu_script and "#SBATCH --gpus-per-node=1" in gpu_script  # 4 ranks over 4 nodes
+
+
+@pytest.mark.slow
+def test_slurm_job_script_runs_one_parity_per_node(slurm_run):
+    root, job = slurm_run.root, slurm_run.job
+    logs = "\n".join((root / f"task{i}.log").read_text() for i in (0, 1))
     assert job.returncode == 0, logs + job.stderr
-    assert "case: PASS" in (tmp_path / "task0.log").read_text()  # node 0 judged
-    assert "launch1: ok" in (tmp_path / "task1.log").read_text()  # node 1 followed
-    assert (tmp_path / "secret-passed").read_text() == "yes\n"  # srun handed the job's secret to the nodes
-    assert records.read_json(out / "case" / "replicate" / "run.json")["world_size"] == 2
+    assert "case: PASS" in (root / "task0.log").read_text()  # node 0 judged
+    assert "launch1: ok" in (root / "task1.log").read_text()  # node 1 followed
+    assert (root / "secret-passed").read_text() == "yes\n"  # srun handed the job's secret to the nodes
+    assert records.read_json(root / "out" / "case" / "replicate" / "run.json")["world_size"] == 4
+
+
+@pytest.mark.slow
+def test_two_nodes_of_two_ranks_match_one_launch_of_four_bitwise(slurm_run):
+    """The job's 2-node run is bit-identical to the one launch of 4 ranks, with a forger on the rendezvous
+    port all along: no forged launch, plan, rank count, result or "done" is acted on, and node 0 names them."""
+    root, two = slurm_run.root, slurm_run.root / "out"
+    assert slurm_run.job.returncode == 0, (root / "task0.log").read_text() + (root / "task1.log").read_text()
+    assert slurm_run.forger.listening == ["127.0.0.1"]  # the store's socket: the endpoint's address only
+    said = (root / "task0.log").read_text()
+    # Node 0 names what it refused and put back, and what node 1 refused: forged results on both sides
+    # (each node polls the other's while its own part runs, and the forger planted them first), and the
+    # forged launch (64 ranks, another plan) it put back; both nodes ran 2 ranks (the rank logs below).
+    # Whether node 1 reads a planted "done" or a forged launch before node 0's genuine one is a matter
+    # of timing here; test_a_forged_done_is_refused_and_named_by_node_0 pins that down.
+    for line in ["parity: node 0: refused parity/result/launch1/1 (malformed: not a signed parity message): "
+                 """b'{"status": "failed", "message": "forged"}'""",
+                 "parity: node 0: put back parity/run/launch/1, found overwritten with b'{\"name\": \"launch1\", "
+                 "\"plan\": \"/tmp/evil.json\", \"nproc\": 64",
+                 "parity: node 0: node 1 refused parity/result/launch1/0 (malformed: not a signed parity message)"]:
+        assert line in said, said
+    for setup in ("replicate", "hsdp"):
+        assert record_bytes(two, "case", setup) == record_bytes(root / "one", "case", setup), setup
+        run = records.read_json(two / "case" / setup / "run.json")
+        assert run["world_size"] == 4 and "--nnodes" in run["command"]
+        assert sorted(p.name for p in (two / "case" / setup).glob("rank*.log")) == \
+            sorted(f"rank{r}.log" for r in range(4))  # every rank of both nodes logs into the shared run directory
+        # node 0 judged against the baselines the single launch wrote (it writes only missing ones)
+        assert f"baseline {setup} [cpu, exact]: match: matches {root / 'baselines'}" in said, said
+    assert (two / ".nodes" / "node1" / "launch1.log").is_file()  # node 1's torchrun log
+    assert foreign_entries(two) == []  # a next run may use the same --out
 
 
 def test_slurm_submit_writes_the_script_and_calls_sbatch(write_case, tmp_path):
     """--submit, against a stand-in sbatch that echoes what it was given (no test submits to a real cluster)."""
-    case = write_case(CASE.format(steps=2, extra=""))
+    case = write_case(case_text(world=8, steps=2))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text('#!/bin/bash\necho "Submitted batch job 42 ($*)"\n')
@@ -299,7 +346,7 @@ def test_slurm_submit_writes_the_script_and_calls_sbatch(write_case, tmp_path):
     (["--launcher", "slurm", "--nnodes", "2", "--node-rank", "0"], "the job script sets --node-rank"),
 ])
 def test_bad_node_arguments_are_one_line_and_exit_2(write_case, tmp_path, extra, message):
-    case = write_case(CASE.format(steps=2, extra=""))
+    case = write_case(case_text(world=8, steps=2))
     done = subprocess.run([sys.executable, "-m", "parity.cli", "run", str(case), "--device", "cpu",
                            "--out", str(tmp_path / "out"), *extra], capture_output=True, text=True)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
@@ -313,8 +360,8 @@ def test_a_node_given_other_cases_or_a_taken_rank_is_refused(write_case, tmp_pat
     from torch.distributed import TCPStore
 
     port = free_port()
-    case = write_case(CASE.format(steps=2, extra="").replace("= 8", "= 6"))
-    other = write_case(CASE.format(steps=3, extra="").replace("= 8", "= 6"), name="other")
+    case = write_case(case_text(world=6, steps=2))
+    other = write_case(case_text(world=6, steps=3), name="other")
     out = tmp_path / "out"
     follower = parity_run(other, out, seed_cache, node=1, port=port, nnodes=3)
     leader = parity_run(case, out, seed_cache, node=0, port=port, nnodes=3)
