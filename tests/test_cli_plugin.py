@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from parity.core import records
+from test_config import CASE as TWIN_CASE  # two identical single-process setups, the smallest case
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -16,7 +17,7 @@ LR_CASE = """
 description = "the second setup trains with a 1% larger learning rate"
 [train]
 model = "tiny"
-steps = 3
+steps = 2
 global_batch = 4
 seq_len = 16
 [setups.base]
@@ -69,26 +70,29 @@ def test_bad_case_exits_2_with_one_line_and_writes_nothing(tmp_path, cache_env):
 
 @pytest.mark.slow
 def test_lr_one_percent_higher_fails_match_at_step_2_and_passes_diverge(tmp_path, cache_env):
+    """Both cases in one run: their setups are the same, so the suite trains them once, and each case is
+    judged on its own expectation."""
     cases = tmp_path / "cases"
     cases.mkdir()
     (cases / "lr_match.toml").write_text(LR_CASE.format(outcome="match"))
     (cases / "lr_diverge.toml").write_text(LR_CASE.format(outcome="diverge"))
-    base = [sys.executable, "-m", "parity.cli", "run", "--device", "cpu", "--baselines", str(tmp_path / "b"),
-            "--update-baselines=new", "--no-report"]
-    match = run(base + [str(cases / "lr_match.toml"), "--out", str(tmp_path / "o1")], tmp_path, cache_env)
-    assert match.returncode == 1, match.stdout + match.stderr
+    both = run([sys.executable, "-m", "parity.cli", "run", "--device", "cpu", "--baselines", str(tmp_path / "b"),
+                "--update-baselines=new", "--no-report", str(cases / "lr_match.toml"), str(cases / "lr_diverge.toml"),
+                "--out", str(tmp_path / "o")], tmp_path, cache_env)
+    assert both.returncode == 1, both.stdout + both.stderr  # lr_match failed
+    match_out, diverge_out = both.stdout.split("\nlr_diverge: ", 1)
     # A failing pair is no baseline: --update-baselines=new writes nothing and says why.
     assert not (tmp_path / "b" / "lr_match").exists()
-    assert "--update-baselines=new wrote nothing: the case failed" in match.stdout
-    verdict = records.read_json(tmp_path / "o1" / "lr_match" / "verdict.json")
+    assert "--update-baselines=new wrote nothing: the case failed" in match_out
+    verdict = records.read_json(tmp_path / "o" / "lr_match" / "verdict.json")
     # step 1 uses the warmup lr on identical seed weights: the loss is equal; step 2 sees the update
     assert verdict["pairs"][0]["diverged"]["metric"] == "loss"
     assert verdict["pairs"][0]["diverged"]["step"] == 2
-    diverge = run(base + [str(cases / "lr_diverge.toml"), "--out", str(tmp_path / "o2")], tmp_path, cache_env)
-    assert diverge.returncode == 0, diverge.stdout + diverge.stderr
+    assert records.read_json(tmp_path / "o" / "lr_diverge" / "verdict.json")["passed"], diverge_out
+    assert (tmp_path / "b" / "lr_diverge").is_dir()  # a passing control makes its baselines
     # What a reader sees first is the earliest entry in causal order: the lr first shows in step 1's weight update.
-    assert "base vs lr_plus_1pct: PASS; diverged as a control must: first not bitwise: step 1, update, " \
-           in diverge.stdout, diverge.stdout
+    assert diverge_out.startswith("PASS") and "base vs lr_plus_1pct: PASS; diverged as a control must: first not " \
+           "bitwise: step 1, update, " in diverge_out, diverge_out
 
 
 @pytest.mark.slow
@@ -113,7 +117,7 @@ def test_collection_ids_and_markers_for_committed_cases(tmp_path):
 def test_baseline_tamper_fails_then_update_restores_only_that_file(tmp_path, cache_env):
     cases, baselines, out = tmp_path / "cases", tmp_path / "baselines", tmp_path / "out"
     cases.mkdir()
-    (cases / "small.toml").write_text(textwrap.dedent(SMALL_CASE))
+    (cases / "small.toml").write_text(TWIN_CASE)  # two identical one-process setups: one rank trains them once
     pytest_cmd = [sys.executable, "-m", "pytest", "parity", "-p", "no:cacheprovider", "--parity-device", "cpu",
                   f"--parity-cases={cases}", f"--parity-baselines={baselines}", f"--parity-out={out}", "-q"]
     created = run(pytest_cmd + ["--parity-update-baselines=new"], REPO, cache_env)
@@ -130,11 +134,11 @@ def test_baseline_tamper_fails_then_update_restores_only_that_file(tmp_path, cac
     assert idle.returncode == 0 and "parity report:" not in idle.stdout and "small PASS" not in idle.stdout, idle.stdout
     assert (out / "report.html").stat().st_mtime_ns == written
     # The reproduce command passes on the case folder given on the command line (no configuration names it).
-    command = records.read_json(out / "small" / "hsdp" / "run.json")["command"]
+    command = records.read_json(out / "small" / "b" / "run.json")["command"]
     assert command[:3] == ["pytest", "--pyargs", "parity.test_parity::test_case[small]"], command
     assert f"--parity-cases={cases}" in command and f"--parity-baselines={baselines}" in command
-    tampered_path = baselines / "small" / "hsdp.cpu.csv"
-    untouched_path = baselines / "small" / "replicate.cpu.csv"
+    tampered_path = baselines / "small" / "b.cpu.csv"
+    untouched_path = baselines / "small" / "a.cpu.csv"
     untouched = untouched_path.read_bytes()
     lines = tampered_path.read_text().splitlines()
     row = next(i for i, l in enumerate(lines) if l.startswith("2,"))
@@ -144,16 +148,18 @@ def test_baseline_tamper_fails_then_update_restores_only_that_file(tmp_path, cac
     tampered_path.write_text("\n".join(lines) + "\n")
     failed = run(pytest_cmd, REPO, cache_env)
     assert failed.returncode == 1
-    assert "small" in failed.stdout and "hsdp" in failed.stdout
-    assert "hsdp loss step 2" in failed.stdout, failed.stdout
-    assert (out / "small" / "hsdp.obtained.csv").is_file()
+    assert "small" in failed.stdout
+    assert "b loss step 2: baseline " in failed.stdout, failed.stdout
+    assert (out / "small" / "b.obtained.csv").is_file()
     fixed = run(pytest_cmd + ["--parity-update-baselines"], REPO, cache_env)
     assert fixed.returncode == 0, fixed.stdout
     assert untouched_path.read_bytes() == untouched
     restored = records.read_csv(tampered_path)[1]
-    assert restored[1]["loss"] == records.read_metrics(out / "small" / "hsdp" / "metrics.csv")[1]["loss"]
-    again = run(pytest_cmd, REPO, cache_env)
-    assert again.returncode == 0, again.stdout
+    assert restored[1]["loss"] == records.read_metrics(out / "small" / "b" / "metrics.csv")[1]["loss"]
+    # The restored baselines pass: the fixed run judged against them again, without training a third time.
+    again = run([sys.executable, "-m", "parity.cli", "compare", str(out), str(cases), f"--baselines={baselines}"],
+                REPO, cache_env)
+    assert again.returncode == 0 and "small: PASS" in again.stdout, again.stdout + again.stderr
 
 
 def test_list_shows_every_case_with_world_size_mode_outcome_markers():

@@ -18,7 +18,7 @@ import pytest
 
 from parity.core import records
 from parity.core.reproduce import PYTEST
-from test_cli_plugin import SMALL_CASE
+from test_config import CASE as TWIN_CASE  # two identical single-process setups, the smallest case
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,7 +66,7 @@ def user_repo(root: Path) -> Path:
     (root / "tests" / "parity" / "cases").mkdir(parents=True)
     (root / "tests" / "parity" / "baselines").mkdir()
     (root / "pyproject.toml").write_text(textwrap.dedent(PYPROJECT))
-    (root / "tests" / "parity" / "cases" / "small.toml").write_text(textwrap.dedent(SMALL_CASE))  # replicate against HSDP (2, 1), bitwise
+    (root / "tests" / "parity" / "cases" / "small.toml").write_text(TWIN_CASE)
     return root
 
 
@@ -89,11 +89,11 @@ def test_installed_parity_runs_the_users_cases_from_their_repository(tmp_path, s
     out = repo / "reports" / "parity"
     assert (out / "report.md").is_file() and f"parity report: {out / 'report.md'}" in first.stdout
     assert sorted(p.name for p in (repo / "tests" / "parity" / "baselines" / "small").iterdir()) == [
-        "hsdp.cpu.csv", "replicate.cpu.csv"]
+        "a.cpu.csv", "b.cpu.csv"]
 
     # The command run.json records reproduces the case from the user's repository (pytest is this
     # venv's, run as `python -m pytest`), now against the baselines the first run stored.
-    command = records.read_json(out / "small" / "hsdp" / "run.json")["command"]
+    command = records.read_json(out / "small" / "b" / "run.json")["command"]
     assert command[0] == "pytest", command
     again = run(["pytest", *command[1:], "-p", "no:cacheprovider"], cwd=repo / "tests")
     assert again.returncode == 0 and "1 passed" in again.stdout, again.stdout + again.stderr

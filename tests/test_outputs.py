@@ -120,7 +120,7 @@ def test_flipped_byte_in_the_seed_cache_is_rebuilt_and_the_run_matches_the_commi
     shard.write_bytes(bytes(data))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "parity.cli", "run", "cases/replicate_vs_hsdp.toml", "--device", "cpu",
-                           "--steps", "2", "--out", str(out), "--no-report"], capture_output=True, text=True, cwd=REPO,
+                           "--steps", "1", "--out", str(out), "--no-report"], capture_output=True, text=True, cwd=REPO,
                           env=dict(os.environ, PARITY_CACHE=str(cache)), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"{built.path} is corrupt (its files hash to" in proc.stderr and "and rebuilt" in proc.stderr
