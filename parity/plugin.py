@@ -161,7 +161,9 @@ class CasePlugin:
         class ShareScheduling(LoadScopeScheduling):
             def _split_scope(self, nodeid: str) -> str:
                 name = nodeid.rpartition("::test_case[")[2][:-1] if nodeid.endswith("]") else None
-                share = shares(len(self.nodes)).get(name) if "test_parity.py::" in nodeid else None
+                # numnodes: the workers asked for (-n), as each worker counts them (workercount). The live
+                # nodes shrink as workers finish, and a share counted over fewer would be one nobody holds.
+                share = shares(self.numnodes).get(name) if "test_parity.py::" in nodeid else None
                 return nodeid if share is None else f"parity-share-{share}"
 
         return ShareScheduling(config, log)
