@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from trained_together import cases_of, train_together
+
 # What the fast tier (`pytest -m "not slow"`) may not start: torchrun, which starts ranks. A test that runs the `parity` command
 # in a process of its own stays in it when that command stops before launching anything (bad input): its time says
 # so (`--durations`); one that trains is marked slow.
@@ -35,6 +37,13 @@ def fast_tier_starts_no_ranks(request, monkeypatch):
 def seed_cache(tmp_path_factory) -> Path:
     """One seed-checkpoint cache for the whole test session, away from the user's cache."""
     return tmp_path_factory.mktemp("seed-cache")
+
+
+@pytest.fixture(scope="session")
+def trained_together(request, tmp_path_factory, seed_cache):
+    """{case name: tests/trained_together.Trained}: the TRAINED_TOGETHER cases of every module whose selected tests
+    read this fixture, trained once for the session as one suite (one launch per world size)."""
+    return train_together(cases_of(request.session.items), tmp_path_factory.mktemp("together"), seed_cache)
 
 
 @pytest.fixture

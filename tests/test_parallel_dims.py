@@ -2,7 +2,7 @@
 
 The table below is read through `load_case`, so a rejection is checked as the user sees it
 (`FILE: setups.NAME.KEY: ...; allowed: ...`), and an accepted combination is checked against the
-mesh and wrapper dims that parity.rank.parallelize builds from the same rules. The real launches at the
+mesh and wrapper dims that parity.rank.parallelize builds from the same rules. The real trainings at the
 end run the combinations that used to crash or drop their wrapper.
 """
 
@@ -14,9 +14,9 @@ import torch
 
 from parity.core import records
 from parity.core.parallel_dims import ParallelDims
-from parity.run.runner import run_case
 from parity.case.loader import load_case
 from parity.case.schema import SpecError
+from trained_together import PROBES, TRAIN
 
 HEAD = """
 description = "one setup against a single process"
@@ -126,25 +126,18 @@ def test_parallelize_reads_the_same_rules():
 
 
 # Combinations that used to crash (replicate at world size 1) or run without their wrapper
-# (replicate with dp_replicate = 1 beside TP or PP), launched for real with torchrun and gloo.
-# All setups of one text share a world size, hence one launch.
-WORLD_1 = HEAD.replace("[setups.s]\n", "") + """
+# (replicate with dp_replicate = 1 beside TP or PP), trained for real with torchrun and gloo in the
+# session's shared launches (tests/trained_together.py) against the same setup without the wrapper.
+TRAINED_TOGETHER = {"replicate_one": '''
+description = "replicate with dp_replicate = 1, alone or beside TP 2 or PP 2, against the same setup unwrapped"
+''' + TRAIN + PROBES + '''
+[setups.ref]
+dp_api = "none"
 [setups.replicate_1]
 dp_api = "replicate"
 [setups.replicate_1_half]
 dp_api = "replicate"
 param_dtype = "bfloat16"
-[expect]
-mode = "tolerance"
-"""
-
-WORLD_2 = """
-description = "replicate with dp_replicate = 1 beside TP 2 or PP 2 against TP or PP alone"
-[train]
-model = "tiny"
-steps = 3
-global_batch = 8
-seq_len = 32
 [setups.tp_only]
 dp_api = "none"
 tp = 2
@@ -165,43 +158,42 @@ pp = 2
 microbatches = 2
 [expect]
 mode = "tolerance"
-"""
+'''}
 
 
-def _metrics(out, case, name):
-    return records.read_metrics(out / case.name / name / "metrics.csv")
+def _metrics(trained, name):
+    return records.read_metrics(trained.dir(name) / "metrics.csv")
 
 
 def _strip(rows):
     return [{k: v for k, v in r.items() if k != "step_time_s"} for r in rows]
 
 
-@pytest.mark.parametrize("text, pairs, half", [
-    (WORLD_1, [("ref", "replicate_1", (["dp_replicate"], [1]))], ("ref", "replicate_1_half")),
-    (WORLD_2, [("tp_only", "replicate_1_tp", (["dp_replicate", "tp"], [1, 2])),
-               ("pp_only", "replicate_1_pp", (["pp", "dp_replicate"], [2, 1]))], ("tp_only", "replicate_1_tp_half")),
+@pytest.mark.parametrize("pairs, half", [
+    ([("ref", "replicate_1", (["dp_replicate"], [1]))], ("ref", "replicate_1_half")),
+    ([("tp_only", "replicate_1_tp", (["dp_replicate", "tp"], [1, 2])),
+      ("pp_only", "replicate_1_pp", (["pp", "dp_replicate"], [2, 1]))], ("tp_only", "replicate_1_tp_half")),
 ], ids=["world_size_1", "tp_2_and_pp_2"])
 @pytest.mark.slow
-def test_replicate_with_one_replica_runs_and_keeps_its_policy(write_case, tmp_path, seed_cache, text, pairs, half):
-    case = load_case(write_case(text, "replicate_one"))
-    results = run_case(case, tmp_path / "out", "cpu", cache=seed_cache, timeout_s=600)
-    for s in case.setups:
-        assert results[s.name].status == "ok", results[s.name].message
-    out = tmp_path / "out"
+def test_replicate_with_one_replica_runs_and_keeps_its_policy(trained_together, pairs, half):
+    trained = trained_together["replicate_one"]
+    for plain, wrapped, _ in pairs:
+        for name in (plain, wrapped, half[1]):
+            assert trained.results[name].status == "ok", trained.results[name].message
     for plain, wrapped, mesh in pairs:
-        run = records.read_json(out / case.name / wrapped / "run.json")
+        run = records.read_json(trained.dir(wrapped) / "run.json")
         assert (run["mesh_dim_names"], run["mesh_shape"]) == mesh  # the wrapper's dim exists, at size 1
         # Averaging over one replica changes nothing: the loss bit for bit the unwrapped setup's. The
         # recorded grad norm is assembled over the wrapped model's 2-D mesh (dp_replicate x tp) rather
         # than the 1-D tp mesh, so its float32 rounding may differ in the last place: on an Intel Xeon
-        # (AVX512, torch 2.13) step 3 of replicate_1_tp reads 0.5313622951507568 against tp_only's
-        # 0.5313623547554016, one float32 ULP; on an AMD EPYC the two were equal.
-        got, want = _strip(_metrics(out, case, wrapped)), _strip(_metrics(out, case, plain))
+        # (AVX512, torch 2.13; global batch 8, sequence 32) step 3 of replicate_1_tp read 0.5313622951507568
+        # against tp_only's 0.5313623547554016, one float32 ULP; on an AMD EPYC the two were equal.
+        got, want = _strip(_metrics(trained, wrapped)), _strip(_metrics(trained, plain))
         assert [{**r, "grad_norm": None} for r in got] == [{**r, "grad_norm": None} for r in want], wrapped
         for g, w in zip(got, want):
             assert abs(g["grad_norm"] - w["grad_norm"]) <= np.spacing(np.float32(w["grad_norm"])), (wrapped, g, w)
     # The bf16 param_dtype is applied, not dropped: the numbers move, by bf16 rounding only.
-    ref, got = _metrics(out, case, half[0]), _metrics(out, case, half[1])
+    ref, got = _metrics(trained, half[0]), _metrics(trained, half[1])
     assert [r["loss"] for r in got] != [r["loss"] for r in ref]
     for a, b in zip(ref, got):
         assert abs(a["loss"] - b["loss"]) <= 2e-2 * abs(a["loss"]), (a, b)

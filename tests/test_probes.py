@@ -1,13 +1,12 @@
 """Logical probes: one training in several layouts records the same logical numbers; planted faults
 that say where show up exactly there; probes never change what else a run records.
 
-Names and case validation in milliseconds; then three real torchrun launches (tiny model, gloo,
-1, 2 and 4 ranks, 3 steps, steps 1 and 2 probed): every layout with probes, and three 2-rank
-layouts again without them.
+Names and case validation in milliseconds; then real trainings (tiny model, gloo, 1, 2 and 4 ranks,
+3 steps, steps 1 and 2 probed), in the session's shared launches (tests/trained_together.py): every
+layout with probes, and three 2-rank layouts again without them.
 """
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
@@ -15,9 +14,9 @@ import torch
 from parity.core import records
 from parity.rank.model import build_model
 from parity.core.presets import PRESETS, param_names, probe_modules
-from parity.run.runner import run_case
 from parity.case.loader import load_case
 from parity.case.schema import Probes, SpecError
+from trained_together import PROBES, TRAIN
 
 CFG = PRESETS["tiny"]
 
@@ -128,99 +127,50 @@ def test_scale_grad_star_names_every_parameter(write_case):
 
 FACTOR = 1.5
 OUTPUT_AT, GRAD_AT = "layers.1.feed_forward", "layers.2.attention.wq.weight"  # layers.2 is on pipeline stage 1
-LAYOUTS = f"""
-description = "one training in several layouts, and two planted faults"
-[train]
-model = "tiny"
-steps = 3
-global_batch = 4
-seq_len = 16
-[probes]
-steps = [1, 2]
-[setups.single]
-dp_api = "none"
-[setups.single_mb]
-dp_api = "none"
-microbatches = 2
-[setups.replicate]
-dp_api = "replicate"
-dp_replicate = 2
-[setups.hsdp]
-dp_api = "fully_shard"
-dp_replicate = 2
-dp_shard = 1
-[setups.fsdp]
-dp_api = "fully_shard"
-dp_shard = 2
-[setups.ddp]
-dp_api = "ddp"
-dp_replicate = 2
-[setups.tp]
-dp_api = "fully_shard"
-tp = 2
-[setups.pp]
-dp_api = "fully_shard"
-pp = 2
-microbatches = 2
-[setups.tp_plain]
-dp_api = "none"
-tp = 2
-[setups.pp_plain]
-dp_api = "none"
-pp = 2
-microbatches = 2
-[setups.pp_interleaved]
-dp_api = "fully_shard"
-pp = 2
-pp_schedule = "interleaved_1f1b"
-microbatches = 2
-[setups.fsdp_tp]
-dp_api = "fully_shard"
-dp_shard = 2
-tp = 2
-[setups.hsdp_2x2]
-dp_api = "fully_shard"
-dp_replicate = 2
-dp_shard = 2
-[setups.replicate_pp]
-dp_api = "replicate"
-dp_replicate = 2
-pp = 2
-microbatches = 2
-[setups.tp_scale_output]
-dp_api = "fully_shard"
-tp = 2
-fault = {{ kind = "scale_output", module = "{OUTPUT_AT}", factor = {FACTOR} }}
-[setups.tp_scale_logits]
-dp_api = "fully_shard"
-tp = 2
-fault = {{ kind = "scale_output", module = "output", factor = {FACTOR} }}
-[setups.pp_scale_grad]
-dp_api = "fully_shard"
-pp = 2
-microbatches = 2
-fault = {{ kind = "scale_grad", param = "{GRAD_AT}", factor = {FACTOR} }}
-"""
-ON_OFF = ("fsdp", "tp", "pp")  # run again with probes off
+LAYOUTS = {
+    "single": 'dp_api = "none"',
+    "single_mb": 'dp_api = "none"\nmicrobatches = 2',
+    "replicate": 'dp_api = "replicate"\ndp_replicate = 2',
+    "hsdp": 'dp_api = "fully_shard"\ndp_replicate = 2\ndp_shard = 1',
+    "fsdp": 'dp_api = "fully_shard"\ndp_shard = 2',
+    "ddp": 'dp_api = "ddp"\ndp_replicate = 2',
+    "tp": 'dp_api = "fully_shard"\ntp = 2',
+    "pp": 'dp_api = "fully_shard"\npp = 2\nmicrobatches = 2',
+    "tp_plain": 'dp_api = "none"\ntp = 2',
+    "pp_plain": 'dp_api = "none"\npp = 2\nmicrobatches = 2',
+    "pp_interleaved": 'dp_api = "fully_shard"\npp = 2\npp_schedule = "interleaved_1f1b"\nmicrobatches = 2',
+    "fsdp_tp": 'dp_api = "fully_shard"\ndp_shard = 2\ntp = 2',
+    "hsdp_2x2": 'dp_api = "fully_shard"\ndp_replicate = 2\ndp_shard = 2',
+    "replicate_pp": 'dp_api = "replicate"\ndp_replicate = 2\npp = 2\nmicrobatches = 2',
+    "tp_scale_output": f'dp_api = "fully_shard"\ntp = 2\nfault = {{ kind = "scale_output", module = "{OUTPUT_AT}", factor = {FACTOR} }}',
+    "tp_scale_logits": f'dp_api = "fully_shard"\ntp = 2\nfault = {{ kind = "scale_output", module = "output", factor = {FACTOR} }}',
+    "pp_scale_grad": (f'dp_api = "fully_shard"\npp = 2\nmicrobatches = 2\n'
+                      f'fault = {{ kind = "scale_grad", param = "{GRAD_AT}", factor = {FACTOR} }}'),
+}
+ON_OFF = ("fsdp", "tp", "pp")  # trained again with probes off
+
+
+def setups(names) -> str:
+    return "".join(f"[setups.{n}]\n{LAYOUTS[n]}\n" for n in names)
+
+
+TRAINED_TOGETHER = {
+    "probes": '\ndescription = "one training in several layouts, and two planted faults"\n' + TRAIN + PROBES + setups(LAYOUTS),
+    "probes_off": ('\ndescription = "three of them again, probes off"\n' + TRAIN + "[probes]\nenabled = false\n"
+                   + setups(ON_OFF)),
+}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, seed_cache):
-    d = tmp_path_factory.mktemp("probes")
-    (d / "layouts.toml").write_text(LAYOUTS)
-    case = load_case(d / "layouts.toml")
-    results = run_case(case, d / "on", "cpu", cache=seed_cache, timeout_s=600)
-    for name, r in results.items():
-        assert r.status == "ok", (name, r.message)
-    off = replace(case, probes=Probes(enabled=False), setups=tuple(case.setup(n) for n in ON_OFF))
-    for name, r in run_case(off, d / "off", "cpu", cache=seed_cache, timeout_s=600).items():
-        assert r.status == "ok", (name, r.message)
-    return case, d
+def runs(trained_together):
+    for name in TRAINED_TOGETHER:
+        for setup, r in trained_together[name].results.items():
+            assert r.status == "ok", (name, setup, r.message)
+    return trained_together
 
 
-def probes(runs, name, out="on"):
-    case, d = runs
-    return records.read_probes(d / out / case.name / name / "probes.csv")
+def probes(runs, name):
+    return records.read_probes(runs["probes"].dir(name) / "probes.csv")
 
 
 def max_rel(a, b) -> dict[str, float]:
@@ -295,8 +245,7 @@ def test_scale_grad_shows_on_that_parameter_only(runs):
 def test_probes_change_nothing_else(runs, name):
     """metrics.csv (but its step times) and weights.csv bit-identical with probes on and off; step 3,
     never probed, included."""
-    case, d = runs
-    on, off = d / "on" / case.name / name, d / "off" / case.name / name
+    on, off = runs["probes"].dir(name), runs["probes_off"].dir(name)
     without_times = lambda path: [line.rsplit(",", 1)[0] for line in path.read_text().splitlines()]  # noqa: E731
     assert (on / "metrics.csv").read_text().splitlines()[0].endswith(",step_time_s")
     assert without_times(on / "metrics.csv") == without_times(off / "metrics.csv")

@@ -457,14 +457,23 @@ def test_train_small_routes_agree_and_scale_grad_doubles_the_norm(tmp_path, seed
 
     seed = resolve_seed("tiny", 42, "float32", cache=seed_cache).path
 
-    def run(out: Path, *extra: str) -> str:
+    def start(out: Path, *extra: str) -> subprocess.Popen:
         cmd = [sys.executable, str(SCRIPT), "--seed-checkpoint", str(seed), "--out", str(out), "--steps", "2",
                "--model", "tiny", "--global-batch", "4", "--seq-len", "16", *extra]
-        return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120).stdout
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    run(tmp_path / "a", "--metrics", "jsonl")
+    # Both at once: each is one process on one thread, and most of its time is imports.
+    procs = [start(tmp_path / "a", "--metrics", "jsonl"), start(tmp_path / "b", "--metrics", "log", "--scale-grad", "2")]
+    try:
+        outputs = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, (_, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, f"exit {proc.returncode}: {stderr[-3000:]}"
     plain = read_metrics({"reader": "jsonl"}, tmp_path / "a", tmp_path / "a.log", 2)
-    (tmp_path / "b.log").write_text(run(tmp_path / "b", "--metrics", "log", "--scale-grad", "2"))
+    (tmp_path / "b.log").write_text(outputs[1][0])
     pattern = LOG_PATTERN + r" lr (?P<lr>\S+) tokens (?P<tokens>\d+)"
     scaled = read_metrics({"reader": "regex", "pattern": pattern, "exact": True}, tmp_path / "b", tmp_path / "b.log", 2)
     assert plain.rows[0]["tokens"] == scaled.rows[0]["tokens"] == 4 * 16

@@ -1,8 +1,9 @@
 """Weight sketches: random projections of each parameter that see what its norm cannot.
 
 The math on hand-made tensors (milliseconds), the weights lane of compare on hand-made rows, and
-one real torchrun launch (tiny model, 4 gloo ranks, 2 steps) of several layouts of the same
-training, two of them with a shard corrupted after the last step.
+real trainings (tiny model, 2 and 4 gloo ranks, 1 step, in the session's shared launches:
+tests/trained_together.py) of several layouts of the same training, two of them with a shard
+corrupted after the last step.
 """
 
 import math
@@ -15,7 +16,6 @@ from parity.core import records
 from parity.verdict.case_verdict import compare_case
 from parity.verdict.series import compare_weights
 from parity.core.records import SKETCH_COLUMNS
-from parity.run.runner import run_case
 from parity.case.loader import load_case
 from parity.case.schema import Tolerance
 from parity.rank.hashing import key64, splitmix64
@@ -186,9 +186,9 @@ LAYOUTS = """
 description = "one training, several layouts, two with a corrupted shard"
 [train]
 model = "tiny"
-steps = 2
-global_batch = 8
-seq_len = 32
+steps = 1
+global_batch = 4
+seq_len = 16
 dtype = "float64"
 [setups.ddp]
 dp_api = "ddp"
@@ -237,20 +237,18 @@ fault = "transpose_shard"
 [expect]
 mode = "tolerance"
 """
+TRAINED_TOGETHER = {"sketch": LAYOUTS}
 HEALTHY = ("fsdp", "hsdp", "fsdp_tp", "tp", "pp_fsdp", "replicate", "replicate_tp", "pp_plain")
 FAULTY = {"fsdp_negate": "fsdp", "fsdp_tp_transpose": "fsdp_tp"}  # each with its healthy twin
 
 
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory, seed_cache):
-    d = tmp_path_factory.mktemp("sketch")
-    (d / "layouts.toml").write_text(LAYOUTS)
-    case = load_case(d / "layouts.toml")
-    results = run_case(case, d / "out", "cpu", cache=seed_cache, timeout_s=600)
-    assert all(r.status == "ok" for r in results.values()), {n: r.message for n, r in results.items()}
-    weights = {s.name: {r["param"]: r for r in records.read_weights(d / "out" / case.name / s.name / "weights.csv")}
-               for s in case.setups}
-    return case, d / "out", weights
+def layouts(trained_together):
+    sketch = trained_together["sketch"]
+    assert all(r.status == "ok" for r in sketch.results.values()), {n: r.message for n, r in sketch.results.items()}
+    weights = {s.name: {r["param"]: r for r in records.read_weights(sketch.dir(s.name) / "weights.csv")}
+               for s in sketch.case.setups}
+    return sketch.case, sketch.out, weights
 
 
 @pytest.mark.slow
