@@ -13,6 +13,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -22,6 +23,9 @@ from parity.case.markers import marker_docs, markers_for
 from parity.options import STEPS, TIMEOUT, UPDATE_HELP, UPDATE_METAVAR, UPDATE_MODES, WRITES_MISSING, names_a_path
 from parity.run.gpupool import GpuPool, pool_dir, visible_gpu_ids
 from parity.trainers import TRAINERS, load_cases
+
+if TYPE_CHECKING:  # for the annotations only: judging loads the verdict package when a case runs
+    from parity.verdict.model import Verdict
 
 
 def pytest_addoption(parser):

@@ -1,6 +1,5 @@
 """What a run may write and delete: only inside its folders, only what it made, one run per case at a time."""
 
-import fcntl
 import os
 import stat
 import subprocess
