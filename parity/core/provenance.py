@@ -78,14 +78,10 @@ def _inside(path: Path, root: Path) -> str | None:
 
 
 def code_commit(start: Path, outputs=()) -> str:
-    """The commit of the code under test: the repository `start` lies in (see commit), or NOT_A_REPOSITORY."""
-    try:
-        top = _git(start, "rev-parse", "--show-toplevel")
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"unknown (git: {e})"
-    if top.returncode != 0:
-        return NOT_A_REPOSITORY if "not a git repository" in top.stderr else _why(top)
-    return commit(Path(top.stdout.strip()), outputs)
+    """The commit of the code under test: the repository `start` lies in (repository_root, the one rule that the
+    recorded paths are relative to as well; see commit), or NOT_A_REPOSITORY."""
+    root = repository_root(start)
+    return NOT_A_REPOSITORY if root is None else commit(root, outputs)
 
 
 def parity_version() -> str:

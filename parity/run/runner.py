@@ -172,8 +172,8 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], options: Ru
     started_from = functools.cache(lambda: run_origin(Path.cwd(), outputs=(out,)))
     for case in cases:
         seeds[case.name], provenance[case.name], new_jobs = _start_case(
-            case, out, devices[case.name], options, seeds.get(case.name),
-            lambda name=case.name: {**started_from(), "command": (commands or {}).get(name)}, results[case.name])
+            case, out, devices[case.name], options, seeds.get(case.name), started_from,
+            (commands or {}).get(case.name), results[case.name])
         jobs += new_jobs
     # Lanes (parity.run.plan.lanes) use the cores a launch leaves idle; not across nodes, whose launches go in turn.
     launches = plan(jobs, options.plan,
@@ -187,11 +187,11 @@ def run_suite(cases: list[Case], out: Path, devices: dict[str, str], options: Ru
     return results
 
 
-def _start_case(case: Case, out: Path, device: str, options: RunOptions, seed, origin,
+def _start_case(case: Case, out: Path, device: str, options: RunOptions, seed, origin, command: list[str] | None,
                 results: dict[str, LaunchResult]) -> tuple:
     """A case's seed checkpoint, its fresh folder and provenance, and its jobs; returns (seed, provenance,
-    jobs). `origin()`: the code under test, parity's version and the command (recorded as they are). Where a trainer could not make its seed checkpoint, every run of the case fails with why
-    (into `results`) and it has no jobs."""
+    jobs). `origin()`: the code under test and parity's version. Where a trainer could not make its seed
+    checkpoint, every run of the case fails with why (into `results`) and it has no jobs."""
     try:
         seed = seed or seed_for(case, options.cache, device, options.timeout_s)
         unbuilt = None
@@ -200,7 +200,7 @@ def _start_case(case: Case, out: Path, device: str, options: RunOptions, seed, o
     for note in seed.notes if seed else ():
         print(f"parity: {note}", file=sys.stderr, flush=True)
     fresh_case_dir(out, case.name)
-    provenance = _provenance(case, seed, origin())
+    provenance = _provenance(case, seed, {**origin(), "command": command})
     repeat = wants_repeat(case, device, options.repeat)
     if not unbuilt:
         return seed, provenance, case_jobs(case, device, seed, repeat)
