@@ -15,7 +15,8 @@ from matplotlib.transforms import blended_transform_factory
 
 from parity.report.canvas import envelope, marked, one_per_column, stride
 from parity.report.model import LABEL, CaseRun, SetupRun, by_step
-from parity.verdict.headline import BASIS, where_text
+from parity.verdict.headline import where_text
+from parity.verdict.model import BASIS
 
 LANE = 10 ** 0.35  # factor between two lanes of the exact band on the log axis
 # How each metric's differences are drawn: line style and marker.
@@ -190,7 +191,7 @@ def _firsts(case: CaseRun, s: DiffSeries, scale: LogScale) -> list[First]:
     if failing and "step" in failing:
         out.append(First(s.setup, s.metric, int(failing["step"]), 0.0, BASIS[mode], True))
     if differing and (not out or differing["step"] < out[0].step):
-        out.append(First(s.setup, s.metric, int(differing["step"]), 0.0, "not bitwise", False))
+        out.append(First(s.setup, s.metric, int(differing["step"]), 0.0, BASIS["bitwise"], False))
     for f in out:
         at = np.flatnonzero(s.steps == f.step)
         value = s.diffs[at[0]] if at.size else math.nan
@@ -221,7 +222,7 @@ def _annotate_firsts(ax, case: CaseRun, firsts: dict[str, list[First]]) -> None:
             lines.append(f"first {f.basis}: {LABEL[f.metric]}, step {f.step}")
         if only:
             g = min(only, key=lambda f: f.step)
-            lines.append(f"first not bitwise: {LABEL[g.metric]}, step {g.step}" + ("" if failing else
+            lines.append(f"first {g.basis}: {LABEL[g.metric]}, step {g.step}" + ("" if failing else
                                                                                     " (within tolerance)"))
         pair = case.pair(name)
         told = pair.headline if pair is not None else None

@@ -27,6 +27,7 @@ from parity.report import probe_rows
 from parity.report.canvas import new_figure, save_figure, title_colour
 from parity.report.model import CaseRun, SetupRun, load_case_run
 from parity.verdict import localize
+from parity.verdict.model import BASIS
 
 EXACT_COLOUR, MISSING_COLOUR, FIRST_COLOUR = "white", "0.72", "crimson"
 # The layout in inches: the phases and the colour bar on the right, the titles above, the legend below.
@@ -85,7 +86,7 @@ def _colour_scale(panels: list) -> LogNorm | None:
 
 def _boxed(panels: list) -> str:
     """What the box marks: the first entry beyond tolerance, or not bitwise equal, as the localization judged."""
-    judged = {"first beyond tolerance" if m["tolerance"] else "first not bitwise" for _, m, _, _ in panels}
+    judged = {f"first {BASIS['tolerance' if m['tolerance'] else 'bitwise']}" for _, m, _, _ in panels}
     return " / ".join(sorted(judged))
 
 

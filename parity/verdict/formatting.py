@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from parity.core.records import RecordError
-from parity.verdict.model import ABSENT, STEP_METRICS, BaselineCheck, MetricResult, Pair, StatisticalSummary, \
+from parity.verdict.model import ABSENT, BASIS, STEP_METRICS, BaselineCheck, MetricResult, Pair, StatisticalSummary, \
     StatisticalTest, Verdict, read_verdict
 from parity.verdict.headline import size_text
 from parity.verdict.numbers import short, ulps_text
@@ -52,8 +52,8 @@ def _metric_line(name: str, m: MetricResult) -> str:
            f"max abs {_three_digits(m.max_abs)}, outside tolerance {m.failing_steps}"
     # Problems are listed once, under the pair.
     e, beyond = m.first_not_bitwise, m.first_beyond_tolerance
-    line += f", first not bitwise {_where(e)} ({size_text(e)})" if e else ", bitwise equal"
-    line += f", first beyond tolerance {_where(beyond)} ({size_text(beyond)})" if beyond else ""
+    line += f", first {BASIS['bitwise']} {_where(e)} ({size_text(e)})" if e else ", bitwise equal"
+    line += f", first {BASIS['tolerance']} {_where(beyond)} ({size_text(beyond)})" if beyond else ""
     t = m.statistical
     if t:
         line += (f"; ensemble: max |z| {_three_digits(t.max_abs_z)}, {t.failing_windows} of {len(t.z)} windows "

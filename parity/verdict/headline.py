@@ -18,12 +18,11 @@ from __future__ import annotations
 import math
 
 from parity.case.schema import Case
-from parity.verdict.model import Headline, Localization, MetricResult
+from parity.verdict.model import BASIS, Headline, Localization, MetricResult
 from parity.verdict.numbers import short, ulps_text
 
 # Position within a step of each lane's numbers; the weights after all steps.
 ORDER = {"forward": 0, "loss": 1, "backward": 2, "grad_norm": 3, "update": 4, "weights": 5}
-BASIS = {"tolerance": "beyond tolerance", "bitwise": "not bitwise", "statistical": "outside the band"}
 
 
 def causal_key(lane: str, e: dict) -> tuple:
@@ -106,8 +105,8 @@ def headline(case: Case, metrics: dict[str, MetricResult], modes: dict[str, str]
 def _agreeing_text(mode: str, exact: tuple[str, dict] | None) -> str:
     if exact is None:
         return "bitwise equal: every compared entry"
-    nothing = "nothing outside the band" if mode == "statistical" else "nothing beyond tolerance"
-    return f"{nothing}; first not bitwise: {_found_text(*exact)}"
+    nothing = f"nothing {BASIS['statistical' if mode == 'statistical' else 'tolerance']}"
+    return f"{nothing}; first {BASIS['bitwise']}: {_found_text(*exact)}"
 
 
 def _control_text(case: Case, lane: str, e: dict, metrics: dict[str, MetricResult],

@@ -30,12 +30,11 @@ import numpy as np
 
 from parity.core.records import PROBE_PHASES, read_setup_run, setup_dir
 from parity.case.schema import Case, Tolerance, default_tolerances
-from parity.verdict.model import Localization
+from parity.verdict.model import BASIS, Localization
 from parity.verdict.numbers import bitwise_equal, entry, span
 
 BEFORE = 3  # how many agreeing entries a localization shows before the first that differs
 TOP = 10  # how many entries `parity locate` lists by size at the first diverging step
-FIRST = {"bitwise": "first not bitwise", "tolerance": "first beyond tolerance"}  # what `first` is, by mode
 
 
 def probe_tolerances(case: Case) -> dict[str, Tolerance]:
@@ -138,7 +137,7 @@ def localize(ref_probes: list[dict] | None, other_probes: list[dict] | None, mod
     before = [] if i is None else [_shown(e) for e in entries[max(0, i - BEFORE):i]]
     agree_until = None if i is None else f"everything before it {same}"
     if first is not None:
-        line = f"{FIRST[mode]}: {_where(_key(first))} (rel {rel_text(first['rel'])}); {agree_until}"
+        line = f"first {BASIS[mode]}: {_where(_key(first))} (rel {rel_text(first['rel'])}); {agree_until}"
     elif entries:
         line = "probes agree (bitwise)" if mode == "bitwise" else "probes agree (within tolerance)"
     else:

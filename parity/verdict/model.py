@@ -52,6 +52,8 @@ class _Absent:
 
 ABSENT: Any = _Absent()  # a key this record's JSON leaves out; None is a key written as null
 STEP_METRICS = ("loss", "grad_norm")  # the metrics recorded per step; a pair's third is its final weights
+# What an entry that fails under each mode is called, wherever a verdict is shown ("first beyond tolerance").
+BASIS = {"tolerance": "beyond tolerance", "bitwise": "not bitwise", "statistical": "outside the band"}
 
 
 class Difference(TypedDict, total=False):
