@@ -1,6 +1,7 @@
 """Stored baselines: paths, bit-exact I/O, check and update modes, unused files, lint."""
 
 import math
+from dataclasses import replace
 import struct
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import pytest
 
 from parity.core import records
 from parity.verdict.baselines import (
-    PROVENANCE, baseline_path, check_baseline, check_case_baselines, check_case_files, lint, unused_baselines,
-    write_baseline,
+    PROVENANCE, baseline_path, check_baseline, check_case_baselines, check_case_files, lint, read_baseline,
+    unused_baselines, write_baseline,
 )
 from parity.report import evidence, tables
 from parity.report.model import load_case_run
@@ -28,7 +29,7 @@ TORCH = "2.13.0+cpu"
 
 
 def make_case(names=("ref", "other"), name="demo") -> Case:
-    setups = tuple(Setup(name=n, train=Train()) for n in names)
+    setups = tuple(Setup(name=n, train=Train(steps=len(LOSS))) for n in names)
     expect = Expect(tolerance=TOL, tolerance_source={m: "default for float32" for m in TOL})
     return Case(name=name, path=Path(f"cases/{name}.toml"), description="d", setups=setups, expect=expect,
                 sha256="c" * 64)
@@ -260,7 +261,7 @@ def test_failed_run_is_an_error_and_writes_nothing(tmp_path):
     assert b.status == "error" and "NaN" in b.message and not (root / "demo").exists()
 
 
-def test_shorter_run_compares_a_prefix_and_never_shortens_a_baseline(runs):
+def test_a_run_cut_short_compares_a_prefix_and_only_a_case_made_shorter_shortens_a_baseline(runs):
     case, run_dir, root = runs
     path = root / "demo" / "ref.cpu.csv"
     write_run(run_dir, "ref", rows()[:3])
@@ -270,11 +271,20 @@ def test_shorter_run_compares_a_prefix_and_never_shortens_a_baseline(runs):
     before = path.read_bytes()
     for mode in ("failing", "all"):
         b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH, update=mode)
-        assert b.status == "mismatch" and path.read_bytes() == before and "fewer steps" in b.message
+        assert b.status == "mismatch" and path.read_bytes() == before
+        assert "fewer steps than its case declares (a --steps override)" in b.message
     write_run(run_dir, "ref", rows() + [dict(rows()[-1], step=6)])
     b = check_baseline(case, "ref", run_dir, root, "cpu", TORCH)  # longer: step 6 is unverified, never drift
     assert b.status == "mismatch" and (b.triage.kind, b.triage.step) == ("changed", None)
     assert b.triage.line == "not drift: loss could not be judged step for step (run has steps 6 that baseline lacks)"
+    # A case made shorter, run in full: its baseline of the old size is replaced (here under "all", matching).
+    shorter = replace(case, setups=tuple(replace(s, train=replace(s.train, steps=3)) for s in case.setups))
+    write_run(run_dir, "ref", rows()[:3])
+    b = check_baseline(shorter, "ref", run_dir, root, "cpu", TORCH, update="all")
+    assert b.status == "updated" and len(read_baseline(path)[1]) == 3
+    write_run(run_dir, "ref", rows(loss=[x * 2 for x in LOSS])[:3])
+    b = check_baseline(shorter, "ref", run_dir, root, "cpu", TORCH, update="failing")
+    assert b.status == "updated" and read_baseline(path)[1][0]["loss"] == 2 * LOSS[0]
 
 
 # ---- triage and the drift mode ---------------------------------------------------------------

@@ -152,6 +152,9 @@ class BaselineComparison:
     basis: str = "exact"  # compared "exact", within "tolerance", or "statistical" (BaselineCheck.basis)
     metrics: dict[str, MetricResult] = field(default_factory=dict)
     shortened: str = ""  # " (its first n of m steps)" where the run made fewer steps than the baseline
+    # The run stopped before its case's last step (a --steps override): what it lacks is unverified, so it
+    # replaces no baseline. A case made shorter, run in full, may replace the longer baseline of its old size.
+    cut_short: bool = False
     not_exact_because: str = ""  # where not exact, the fields in which baseline and run differ
     triage: Triage | None = None  # why a compared baseline failed (parity.verdict.triage)
 
@@ -197,6 +200,7 @@ def compare_baseline(case: Case, name: str, records: dict, root, platform: str, 
     # A run may be shorter than its baseline (pytest --parity-steps): compare the steps it made.
     # It must not be longer: steps the baseline lacks are unverified.
     last = int(columns["step"][-1]) if len(columns["step"]) else 0
+    declared = next((s.train.steps for s in case.setups if s.name == name), last)
     stored = len(base)
     base = [r for r in base if r["step"] <= last]
     metrics = {m: compare_series([r["step"] for r in base], [r[m] for r in base], columns["step"], columns[m],
@@ -214,13 +218,14 @@ def compare_baseline(case: Case, name: str, records: dict, root, platform: str, 
                               f"`{shell(['parity', 'locate', str(run_dir), case.name])}`")
     return found("compared", provenance=prov, basis=basis, metrics=metrics, not_exact_because=because,
                  shortened=f" (its first {len(base)} of {stored} steps)" if len(base) < stored else "",
+                 cut_short=last < declared,
                  triage=triage(basis, metrics, where))
 
 
 def write_policy(c: BaselineComparison, update: str | None, case: Case, run_dir) -> tuple[str, bool, Path | None, str]:
     """The write policy: (status, passed, the file to write from the run or None, message) for a comparison
     under an update mode. A matching baseline is rewritten only under "all"; a mismatching one under "failing"
-    and "all", and under "drift" where its triage is drift; a shortened run never replaces a longer baseline.
+    and "all", and under "drift" where its triage is drift; a run cut short never replaces a baseline.
     An unreadable baseline no mode may rewrite is bad input (RecordError)."""
     if c.state == "unjudged":
         return "error", False, None, f"{c.reason}; not compared, nothing written"
@@ -235,14 +240,15 @@ def write_policy(c: BaselineComparison, update: str | None, case: Case, run_dir)
             return "updated", True, c.path, f"rewrote unreadable baseline {c.path} ({c.reason})"
         raise RecordError(f"{c.reason}; fix or recreate it with {create_commands(case, 'failing')}")
     if c.passed:
-        if update == "all" and not c.shortened:
+        if update == "all" and not c.cut_short:
             return "updated", True, c.path, f"matches; rewrote {c.path} (update mode all)"
         return "match", True, None, f"matches {c.path}{c.shortened}{c.not_exact_because}"
-    if (update in REWRITING or (update == "drift" and c.drift)) and not c.shortened:
+    if (update in REWRITING or (update == "drift" and c.drift)) and not c.cut_short:
         return "updated", True, c.path, f"rewrote {c.path} (update mode {update}); it differed: {c.difference()}"
     obtained = obtained_path(run_dir, case.name, c.setup)
-    if c.shortened and update:
-        accept = "not rewritten: the run made fewer steps than the baseline; rerun all steps to update it"
+    if c.cut_short and update:
+        accept = ("not rewritten: the run made fewer steps than its case declares (a --steps override); "
+                  "rerun all steps to update it")
     elif update == "drift":
         accept = (f"update mode drift refused it: the numerics changed, not only the environment's last bits; "
                   f"accept them with {create_commands(case, 'failing')}")
