@@ -67,10 +67,13 @@ def test_crashing_rank_fails_the_run_with_its_message(write_case, tmp_path, seed
 @pytest.mark.slow
 def test_hanging_rank_is_killed_after_the_timeout(write_case, tmp_path, seed_cache, no_stray_ranks):
     case = load_case(write_case(CASE.format(fault="hang")))
-    results = run_case(case, tmp_path / "out", "cpu", cache=seed_cache, timeout_s=30)
+    # The faulty setup's clock restarts when it starts, a step before its hang: 15 s is its whole wait, and
+    # time enough for the launch's start-up and the healthy setup on a loaded 2-core machine (about 5 s idle).
+    results = run_case(case, tmp_path / "out", "cpu", cache=seed_cache, timeout_s=15)
     faulty = results["faulty"]
+    assert results["healthy"].status == "ok"
     assert faulty.status == "timeout"
-    assert "timed out after 30 s" in faulty.message
+    assert "timed out after 15 s" in faulty.message
     assert "planted fault: rank 1 hangs at step 2" in faulty.message  # the tail of rank 1's log
     assert "rank0.log" in faulty.message and "rank1.log" in faulty.message
     assert records.read_json(tmp_path / "out" / case.name / "faulty" / "run.json")["status"] == "timeout"
