@@ -5,12 +5,16 @@ A test module lists its cases in TRAINED_TOGETHER ({case name: case text}) and r
 parity.run.runner.run_suite: the planner gives them one torchrun launch per world size and trains a setup that
 two cases share once. Each module then pays for its own trainings, but neither for a torchrun start-up of its
 own (process start, imports and process group: 5 to 25 s a launch on 2 shared cores) nor for another module's
-identical setups. Running one module alone trains its cases alone. Under pytest-xdist every worker that runs
-one of these tests trains the cases of all the selected ones (a worker collects every test, whichever it runs).
+identical setups. Running one module alone trains its cases alone. Under pytest-xdist the first worker that
+needs them trains the cases of all the selected tests (a worker collects every test, whichever it runs), and
+the others wait for it and read what it trained.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,3 +71,21 @@ def train_together(texts: dict[str, str], d: Path, seed_cache: Path) -> dict[str
     out = d / "out"
     results = run_suite(cases, out, {c.name: "cpu" for c in cases}, RunOptions(cache=seed_cache, timeout_s=600))
     return {c.name: Trained(c, out, results[c.name]) for c in cases}
+
+
+def train_once(texts: dict[str, str], d: Path, seed_cache: Path) -> dict[str, Trained]:
+    """train_together into `d`, once for every process that asks (pytest-xdist workers): the first trains under
+    an exclusive lock and leaves what it trained in `d`; the others wait on the lock and read it. A first one
+    that failed leaves nothing, and the next tries again."""
+    done = d / "trained.pickle"
+    with open(d / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
+        if done.is_file():
+            trained = pickle.loads(done.read_bytes())
+            assert set(trained) == set(texts), "workers selected different trained-together cases"
+            return trained
+        trained = train_together(texts, d, seed_cache)
+        part = done.with_suffix(".part")
+        part.write_bytes(pickle.dumps(trained))
+        os.replace(part, done)
+        return trained
