@@ -154,3 +154,12 @@ def test_every_relative_link_resolves(page, target):
     if anchor and file.suffix == ".md":
         assert anchor in anchors(file), (f"{page.relative_to(REPO)}: link {target}: no heading #{anchor} in "
                                          f"{file.relative_to(REPO)}; headings: {sorted(anchors(file))}")
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    """.ci/run's command is README's command (b), character for character: the README's promise is what CI checks."""
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"^\(b\).*?```sh\n(.*?)\n```", readme, flags=re.S | re.M)
+    assert block, "README.md has no (b) command block"
+    ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci == block.group(1).strip()
