@@ -208,9 +208,14 @@ with open(os.path.join(out, "metrics.jsonl"), "w") as f:
     for step in range(1, int(sys.argv[2]) + 1):
         f.write(json.dumps({"step": step, "loss": 1.0 / step, "grad_norm": 0.5}) + "\\n")
 """
-CRASH = """import sys
+CRASH = """import sys, traceback
 print("train.py: CUDA out of memory (pretend)", flush=True)
-sys.exit(3)
+try:
+    assert 6 % (2 * 2) == 0, "global batch 6 is not a multiple of local batch 2 x data-parallel degree 2"
+except AssertionError:
+    traceback.print_exc()
+    print("cleaning up", flush=True)
+    sys.exit(3)
 """
 SILENT = """print("trained, but forgot to write metrics", flush=True)
 """
@@ -283,7 +288,10 @@ def test_failing_silent_and_hanging_commands_are_reported(tmp_path, seed_cache):
         assert started_under(out) == {}
 
         runs = {n: records.read_json(out / "broken" / n / "run.json") for n in ("crash", "silent", "hang", "backtrack")}
-        assert runs["crash"]["status"] == "failed" and "exited with code 3" in runs["crash"]["message"]
+        assert runs["crash"]["status"] == "failed"
+        assert runs["crash"]["message"].splitlines()[0] == (  # the cause, from its traceback, in the first line
+            "setup crash's command exited with code 3: AssertionError: global batch 6 is not a multiple of local "
+            "batch 2 x data-parallel degree 2")
         assert "out of memory (pretend)" in runs["crash"]["message"]  # the log tail comes with it
         assert runs["silent"]["status"] == "failed"
         assert "exited 0" in runs["silent"]["message"] and "metrics.jsonl" in runs["silent"]["message"]

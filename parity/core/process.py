@@ -21,6 +21,7 @@ from pathlib import Path
 from parity.core.errors import InputError
 from parity.core.files import read_tail
 from parity.core.lifeline import ERROR_MARK, end_processes, wrapped
+from parity.core.root_cause import root_cause
 
 DEFAULT_TIMEOUT_S = 900.0
 LOG_TAIL_LINES = 15
@@ -140,10 +141,19 @@ def run_process(argv: list[str], env: dict, log_path: Path, timeout_s: float, pr
         return LaunchResult("ok", 0, "", wall, current)
     dirs = _resolved(log_dirs)
     error = first_error(dirs)
-    head = f"a rank failed: {error}" if error else f"{label} exited with code {proc.returncode}"
+    head = f"a rank failed: {error}" if error else f"{label} exited with code {proc.returncode}" + _cause(log_path)
     tails = log_tails(dirs)
     return LaunchResult("failed", proc.returncode, f"{head}\n" + (f"Rank log tails:\n{tails}\n" if tails else "")
                         + _tail(log_path), wall, current)
+
+
+def _cause(log_path: Path) -> str:
+    """': <why>' from the log of a program that reports no parity error mark (parity.core.root_cause), or ''."""
+    try:
+        cause = root_cause(read_tail(log_path, ERROR_SCAN_BYTES))
+    except OSError:
+        return ""  # its tail, shown below the head, says why it cannot be read
+    return f": {cause}" if cause else ""
 
 
 def _resolved(log_dirs) -> list[Path]:
