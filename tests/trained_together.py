@@ -13,13 +13,13 @@ the others wait for it and read what it trained.
 from __future__ import annotations
 
 import fcntl
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 from parity.case.loader import load_case
 from parity.case.schema import Case
+from parity.core import records
 from parity.core.process import LaunchResult
 from parity.run.runner import RunOptions, run_suite
 
@@ -85,7 +85,6 @@ def train_once(texts: dict[str, str], d: Path, seed_cache: Path) -> dict[str, Tr
             assert set(trained) == set(texts), "workers selected different trained-together cases"
             return trained
         trained = train_together(texts, d, seed_cache)
-        part = done.with_suffix(".part")
-        part.write_bytes(pickle.dumps(trained))
-        os.replace(part, done)
+        with records.atomic_open(done, "wb") as f:
+            pickle.dump(trained, f)
         return trained

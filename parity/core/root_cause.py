@@ -61,7 +61,7 @@ def stream_cause(lines: list[str]) -> tuple[str, int] | None:
         line = lines[i]
         terminate = TERMINATE.search(line)
         if terminate:
-            what = next((WHAT.match(ln).group(1) for ln in lines[i + 1:i + 4] if WHAT.match(ln)), "")
+            what = next((m.group(1) for m in map(WHAT.match, lines[i + 1:i + 4]) if m), "")
             return (f"{terminate.group(1)}: {what}" if what else terminate.group(1)), i
         if line.startswith(TRACEBACK):
             start = i

@@ -200,7 +200,7 @@ def compare_baseline(case: Case, name: str, records: dict, root, platform: str, 
     # A run may be shorter than its baseline (pytest --parity-steps): compare the steps it made.
     # It must not be longer: steps the baseline lacks are unverified.
     last = int(columns["step"][-1]) if len(columns["step"]) else 0
-    declared = next((s.train.steps for s in case.setups if s.name == name), last)
+    declared = case.setup(name).train.steps
     stored = len(base)
     base = [r for r in base if r["step"] <= last]
     metrics = {m: compare_series([r["step"] for r in base], [r[m] for r in base], columns["step"], columns[m],
